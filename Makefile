@@ -1,0 +1,29 @@
+# One command installs and runs the stack (`make run`), one runs the tests (`make test`).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install run test lint proto check-proto
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: install
+	$(BIN)/altan up
+
+test: install
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check libs services tests
+	$(BIN)/mypy libs services
+
+# Regenerate libs/altan/v1 from proto/ (the generated code is checked in; tests fail when it drifts).
+proto: install
+	$(BIN)/python scripts/gen_proto.py

@@ -1,0 +1,116 @@
+"""Tenant JWT verification, exactly as API.md's "Authentication" says.
+
+Algorithms come from configuration, never from the token header; ``exp``, ``aud``, ``iss`` and ``tenant_id``
+are required; clock leeway is at most 60 s (enforced by Settings). HS256 with a shared secret is for development;
+production uses RS256/ES256 public keys from a JWKS file or URL.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import jwt
+
+from altan.config import Settings
+from altan.context import RequestContext
+from altan.errors import Unauthenticated
+
+__all__ = ["TokenVerifier", "issue_development_token"]
+
+_ROLES = ("admin", "member")
+
+
+class TokenVerifier:
+    """Verifies bearer tokens and turns their claims into a :class:`RequestContext`."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._algorithms = list(settings.jwt_algorithms)
+        self._audience = settings.jwt_audience
+        self._issuer = settings.jwt_issuer
+        self._leeway = settings.jwt_leeway_seconds
+        self._secret = settings.jwt_secret
+        self._jwks_client = (
+            jwt.PyJWKClient(settings.jwt_jwks_url, cache_keys=True, lifespan=300, timeout=5)
+            if settings.jwt_jwks_url and not self._secret
+            else None
+        )
+        self._jwks: jwt.PyJWKSet | None = None
+        if settings.jwt_jwks_file and not self._secret:
+            self._jwks = jwt.PyJWKSet.from_dict(json.loads(settings.jwt_jwks_file.read_text()))
+
+    def verify(self, authorization: str | None) -> RequestContext:
+        """Check an ``Authorization: Bearer`` value; raise :class:`Unauthenticated` on anything wrong."""
+        if not authorization:
+            raise Unauthenticated("missing bearer token")
+        scheme, _, token = authorization.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("authorization must be 'Bearer <token>'")
+        try:
+            claims = jwt.decode(
+                token,
+                key=self._key_for(token),
+                algorithms=self._algorithms,
+                audience=self._audience,
+                issuer=self._issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "aud", "iss", "tenant_id"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("token expired") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise Unauthenticated("token audience not accepted") from exc
+        except jwt.InvalidIssuerError as exc:
+            raise Unauthenticated("token issuer not accepted") from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise Unauthenticated(f"token lacks the '{exc.claim}' claim") from exc
+        except jwt.InvalidAlgorithmError as exc:
+            raise Unauthenticated("token algorithm not accepted") from exc
+        except (jwt.PyJWTError, ValueError) as exc:
+            raise Unauthenticated("invalid token") from exc
+        return self._context(claims, token)
+
+    def _key_for(self, token: str) -> Any:
+        if self._secret:
+            return self._secret
+        if self._jwks_client is not None:
+            return self._jwks_client.get_signing_key_from_jwt(token).key
+        assert self._jwks is not None
+        kid = jwt.get_unverified_header(token).get("kid")
+        for key in self._jwks.keys:
+            if kid is None or key.key_id == kid:
+                return key.key
+        raise jwt.InvalidKeyError("no key matches the token's kid")
+
+    @staticmethod
+    def _context(claims: dict[str, Any], token: str) -> RequestContext:
+        tenant = claims.get("tenant_id")
+        if not isinstance(tenant, str) or not tenant or len(tenant) > 128 or ":" in tenant:
+            raise Unauthenticated("token has an invalid 'tenant_id' claim")
+        role = claims.get("role", "member")
+        if role not in _ROLES:
+            raise Unauthenticated("token has an invalid 'role' claim")
+        user = claims.get("sub")
+        return RequestContext(tenant_id=tenant, user=str(user) if user else "", role=role, token=token)
+
+
+def issue_development_token(
+    settings: Settings, *, tenant: str, sub: str, role: str = "admin", ttl: int = 3600
+) -> str:
+    """A token signed with the development HS256 secret (``altan token``)."""
+    if not settings.jwt_secret:
+        raise ValueError("ALTAN_JWT_SECRET is not set: development tokens need it")
+    now = int(time.time())
+    claims = {
+        "tenant_id": tenant,
+        "sub": sub,
+        "role": role,
+        "aud": settings.jwt_audience,
+        "iss": settings.jwt_issuer,
+        "iat": now,
+        "nbf": now,
+        "exp": now + ttl,
+    }
+    return jwt.encode(claims, settings.jwt_secret, algorithm="HS256")

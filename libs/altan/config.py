@@ -1,0 +1,130 @@
+"""Settings of every Altan process, read from the environment once at start-up and validated.
+
+Nothing reads the environment at import time: ``Settings()`` is built in ``__main__`` (or by the CLI) and passed
+down. A bad value stops the process at start with a clear message instead of failing on the first request.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+__all__ = ["Settings", "default_data_dir", "development_secret"]
+
+_JWT_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256"}
+
+
+def default_data_dir() -> Path:
+    """Where a development install keeps its generated keys when ``ALTAN_DATA_DIR`` is unset."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "altan"
+
+
+def development_secret(data_dir: Path, name: str, size: int = 32) -> str:
+    """Read, or create on first use, a random base64 secret in the data directory (mode 0600)."""
+    path = data_dir / name
+    if path.exists():
+        return path.read_text().strip()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    value = base64.b64encode(secrets.token_bytes(size)).decode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value
+
+
+class Settings(BaseSettings):
+    """Everything a process may be configured with; each service reads the part it needs."""
+
+    model_config = SettingsConfigDict(env_prefix="ALTAN_", extra="ignore", frozen=True)
+
+    # Authentication (API.md "Authentication").
+    jwt_secret: str | None = None
+    jwt_jwks_url: str | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_algorithms: Annotated[tuple[str, ...], NoDecode] = ()
+    jwt_audience: str = "altan"
+    jwt_issuer: str = "altan-dev"
+    jwt_leeway_seconds: int = Field(default=30, ge=0, le=60)
+
+    # Listening and finding each other.
+    bind_host: str = "127.0.0.1"
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8080, ge=0, le=65535)
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    agent_port: int = Field(default=50061, ge=0, le=65535)
+    tool_port: int = Field(default=50062, ge=0, le=65535)
+    integrator_port: int = Field(default=50063, ge=0, le=65535)
+    agent_addr: str = "127.0.0.1:50061"
+    tool_addr: str = "127.0.0.1:50062"
+    integrator_addr: str = "127.0.0.1:50063"
+
+    # State and secrets.
+    redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "ALTAN_REDIS_URL"))
+    data_dir: Path = Field(default_factory=default_data_dir)
+    master_key: str | None = None
+
+    # Outbound calls and limits.
+    egress_allow: str = ""
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    call_deadline_seconds: float = Field(default=30.0, gt=0, le=600)
+    tool_retry_attempts: int = Field(default=3, ge=1, le=10)
+    retry_after_cap_seconds: float = Field(default=10.0, ge=0, le=300)
+    shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("jwt_algorithms", mode="before")
+    @classmethod
+    def _split_algorithms(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(a.strip() for a in value.split(",") if a.strip())
+        return value
+
+    @field_validator("jwt_algorithms")
+    @classmethod
+    def _known_algorithms(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = set(value) - _JWT_ALGORITHMS
+        if unknown:
+            raise ValueError(f"unsupported JWT algorithms: {sorted(unknown)} ('none' is never accepted)")
+        return value
+
+    @field_validator("master_key")
+    @classmethod
+    def _master_key_is_32_bytes(cls, value: str | None) -> str | None:
+        if value is not None and len(_b64(value)) != 32:
+            raise ValueError("ALTAN_MASTER_KEY must be base64 of exactly 32 bytes")
+        return value
+
+    @model_validator(mode="after")
+    def _algorithms_match_keys(self) -> Settings:
+        if not self.jwt_algorithms:
+            default = ("HS256",) if self.jwt_secret else ("RS256", "ES256")
+            object.__setattr__(self, "jwt_algorithms", default)
+        symmetric = {a for a in self.jwt_algorithms if a.startswith("HS")}
+        if symmetric and not self.jwt_secret:
+            raise ValueError("HS* algorithms need ALTAN_JWT_SECRET")
+        if symmetric and len(symmetric) != len(self.jwt_algorithms):
+            # Mixing would let a public key be used as an HMAC secret (algorithm confusion).
+            raise ValueError("ALTAN_JWT_ALGORITHMS must not mix HS* with asymmetric algorithms")
+        if not symmetric and not (self.jwt_jwks_url or self.jwt_jwks_file):
+            raise ValueError("asymmetric algorithms need ALTAN_JWT_JWKS_URL or ALTAN_JWT_JWKS_FILE")
+        return self
+
+    def master_key_bytes(self) -> bytes:
+        """The 32-byte master key: configured, or generated into the data directory for development."""
+        if self.master_key:
+            return _b64(self.master_key)
+        return _b64(development_secret(self.data_dir, "master.key"))
+
+
+def _b64(value: str) -> bytes:
+    try:
+        return base64.b64decode(value, validate=True)
+    except ValueError as exc:
+        raise ValueError("not valid base64") from exc

@@ -1,0 +1,199 @@
+"""State: one interface, an in-process implementation and a Redis one.
+
+Two shapes cover every service: *collections* (id → JSON document, e.g. agents, tools, tasks) and *streams*
+(append-only JSON events numbered 1, 2, 3…, e.g. task events and the audit trail), with a blocking read so that
+followers wake on new events instead of polling.
+
+Tenancy is applied here and only here: :class:`TenantStore` takes the tenant from the verified request context
+and builds every key from it, so no caller can read or write another tenant's keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections import defaultdict
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+
+from altan import context
+
+__all__ = ["MemoryBackend", "RedisBackend", "StateBackend", "TenantStore", "open_backend"]
+
+Doc = dict[str, Any]
+
+# Atomically number and append an event, so concurrent writers (several replicas) never reorder or collide.
+_APPEND = """
+local n = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'd', ARGV[1])
+return n
+"""
+
+
+class StateBackend(Protocol):
+    """Raw key-addressed storage; only :class:`TenantStore` builds the keys."""
+
+    async def hget(self, key: str, field: str) -> str | None: ...
+    async def hset(self, key: str, field: str, value: str) -> None: ...
+    async def hsetnx(self, key: str, field: str, value: str) -> bool: ...
+    async def hdel(self, key: str, field: str) -> bool: ...
+    async def hgetall(self, key: str) -> dict[str, str]: ...
+    async def append(self, key: str, value: str, maxlen: int) -> int: ...
+    async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
+    async def ping(self) -> bool: ...
+    async def aclose(self) -> None: ...
+
+
+class MemoryBackend:
+    """Embedded state for one process (``REDIS_URL`` unset)."""
+
+    def __init__(self) -> None:
+        self._hashes: dict[str, dict[str, str]] = defaultdict(dict)
+        self._streams: dict[str, list[tuple[int, str]]] = defaultdict(list)
+        self._seq: dict[str, int] = defaultdict(int)
+        self._changed: dict[str, asyncio.Condition] = {}
+
+    async def hget(self, key: str, field: str) -> str | None:
+        return self._hashes.get(key, {}).get(field)
+
+    async def hset(self, key: str, field: str, value: str) -> None:
+        self._hashes[key][field] = value
+
+    async def hsetnx(self, key: str, field: str, value: str) -> bool:
+        table = self._hashes[key]
+        if field in table:
+            return False
+        table[field] = value
+        return True
+
+    async def hdel(self, key: str, field: str) -> bool:
+        return self._hashes.get(key, {}).pop(field, None) is not None
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        return dict(self._hashes.get(key, {}))
+
+    async def append(self, key: str, value: str, maxlen: int) -> int:
+        self._seq[key] += 1
+        seq = self._seq[key]
+        stream = self._streams[key]
+        stream.append((seq, value))
+        if len(stream) > maxlen:
+            del stream[: len(stream) - maxlen]
+        cond = self._changed.get(key)
+        if cond is not None:
+            async with cond:
+                cond.notify_all()
+        return seq
+
+    async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
+        found = self._after(key, after, count)
+        if found or block_seconds <= 0:
+            return found
+        cond = self._changed.setdefault(key, asyncio.Condition())
+        async with cond:
+            try:
+                await asyncio.wait_for(cond.wait_for(lambda: bool(self._after(key, after, 1))), block_seconds)
+            except TimeoutError:
+                return []
+        return self._after(key, after, count)
+
+    def _after(self, key: str, after: int, count: int) -> list[tuple[int, str]]:
+        return [item for item in self._streams.get(key, ()) if item[0] > after][:count]
+
+    async def ping(self) -> bool:
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+class RedisBackend:
+    """Shared state in Redis or Memorystore (``REDIS_URL`` set), for several replicas of a service."""
+
+    def __init__(self, url: str) -> None:
+        # A socket timeout bounds every command; blocking reads ask for less than it.
+        self._redis = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+        self._append = self._redis.register_script(_APPEND)
+
+    async def hget(self, key: str, field: str) -> str | None:
+        return await self._redis.hget(key, field)  # type: ignore[no-any-return,misc]
+
+    async def hset(self, key: str, field: str, value: str) -> None:
+        await self._redis.hset(key, field, value)  # type: ignore[misc]
+
+    async def hsetnx(self, key: str, field: str, value: str) -> bool:
+        return bool(await self._redis.hsetnx(key, field, value))  # type: ignore[misc]
+
+    async def hdel(self, key: str, field: str) -> bool:
+        return bool(await self._redis.hdel(key, field))  # type: ignore[misc]
+
+    async def hgetall(self, key: str) -> dict[str, str]:
+        return await self._redis.hgetall(key)  # type: ignore[no-any-return,misc]
+
+    async def append(self, key: str, value: str, maxlen: int) -> int:
+        return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
+
+    async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
+        if block_seconds > 0:
+            block_ms = int(min(block_seconds, 20) * 1000)
+            answer = await self._redis.xread({key: f"0-{after}"}, count=count, block=block_ms)
+            entries = answer[0][1] if answer else []
+        else:
+            entries = await self._redis.xrange(key, min=f"(0-{after}", count=count)
+        return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in entries]
+
+    async def ping(self) -> bool:
+        return bool(await asyncio.wait_for(self._redis.ping(), 5))  # type: ignore[misc]
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+
+def open_backend(redis_url: str | None) -> StateBackend:
+    """Redis when a URL is configured, else embedded in-process state."""
+    return RedisBackend(redis_url) if redis_url else MemoryBackend()
+
+
+class TenantStore:
+    """A service's view of the state, always inside the current caller's tenant.
+
+    ``namespace`` separates services and kinds of data (``agent``, ``tool``, ``integrator``...).
+    """
+
+    def __init__(self, backend: StateBackend, namespace: str) -> None:
+        self._backend = backend
+        self._namespace = namespace
+
+    def _key(self, name: str) -> str:
+        # The one place a tenant enters a key: from the verified token, never from a caller's argument.
+        return f"altan:{context.current().tenant_id}:{self._namespace}:{name}"
+
+    async def get(self, collection: str, doc_id: str) -> Doc | None:
+        raw = await self._backend.hget(self._key(collection), doc_id)
+        return None if raw is None else json.loads(raw)
+
+    async def put(self, collection: str, doc_id: str, doc: Doc) -> None:
+        await self._backend.hset(self._key(collection), doc_id, json.dumps(doc))
+
+    async def put_new(self, collection: str, doc_id: str, doc: Doc) -> bool:
+        """Store only if absent; False when the id is taken (duplicates, idempotency keys)."""
+        return await self._backend.hsetnx(self._key(collection), doc_id, json.dumps(doc))
+
+    async def delete(self, collection: str, doc_id: str) -> bool:
+        return await self._backend.hdel(self._key(collection), doc_id)
+
+    async def all(self, collection: str) -> dict[str, Doc]:
+        raw = await self._backend.hgetall(self._key(collection))
+        return {doc_id: json.loads(value) for doc_id, value in raw.items()}
+
+    async def append(self, stream: str, event: Doc, maxlen: int = 10_000) -> int:
+        """Append an event; returns its sequence number (1, 2, ...)."""
+        return await self._backend.append(self._key(stream), json.dumps(event), maxlen)
+
+    async def read(
+        self, stream: str, after: int = 0, count: int = 1000, block_seconds: float = 0
+    ) -> list[tuple[int, Doc]]:
+        """Events after ``after``; with ``block_seconds`` waits that long for the first new one."""
+        items = await self._backend.read(self._key(stream), after, count, block_seconds)
+        return [(seq, json.loads(value)) for seq, value in items]

@@ -1,0 +1,58 @@
+"""Small pieces every servicer needs: identifiers, timestamps, JSON fields of protos, and page tokens."""
+
+from __future__ import annotations
+
+import base64
+import json
+import secrets
+import time
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from altan.errors import InvalidArgument
+
+__all__ = ["dump_json", "load_json", "new_id", "now_iso", "paginate"]
+
+T = TypeVar("T")
+
+
+def new_id(prefix: str) -> str:
+    """A time-ordered, unguessable identifier such as ``agt_0189ab..``."""
+    return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def load_json(text: str, what: str, *, default: Any = None) -> Any:
+    """Parse a JSON field of a request; a malformed one is the caller's mistake (400)."""
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidArgument(f"{what}: not valid JSON") from exc
+
+
+def dump_json(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def paginate(items: list[T], page_size: int, page_token: str, *, default: int, maximum: int) -> tuple[list[T], str]:
+    """Cut one page from an ordered list; tokens are opaque offsets."""
+    if page_size < 0:
+        raise InvalidArgument("page_size: must not be negative")
+    size = min(page_size or default, maximum)
+    start = 0
+    if page_token:
+        try:
+            start = int(base64.urlsafe_b64decode(page_token.encode()).decode())
+        except ValueError as exc:
+            raise InvalidArgument("page_token: not a token this service issued") from exc
+        if start < 0:
+            raise InvalidArgument("page_token: not a token this service issued")
+    end = start + size
+    more = end < len(items)
+    token = base64.urlsafe_b64encode(str(end).encode()).decode() if more else ""
+    return items[start:end], token

@@ -1,0 +1,1 @@
+"""Agent Service: agents, tasks, structured plans."""

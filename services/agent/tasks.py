@@ -1,0 +1,180 @@
+"""Tasks: submission (with idempotency keys), execution of structured plans, events and cancellation.
+
+A task runs in the background of the replica that accepted it, in the caller's request context (tenant and token
+travel with it). Every state change is written to the store and announced on the task's event stream, which
+followers read with a blocking read instead of polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from altan import context
+from altan.errors import FailedPrecondition, InvalidArgument, NotFound
+from altan.store import TenantStore
+from altan.wire import new_id, now_iso
+from services.agent.agents import AgentCatalog
+from services.agent.plan import PlanFailed, PlanRun, Step, StepState, error_message, parse_plan
+
+__all__ = ["TERMINAL", "TaskRunner", "ToolInvoker"]
+
+log = logging.getLogger(__name__)
+
+_TASKS = "tasks"
+_IDEMPOTENCY = "idempotency"
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+
+# Runs one tool for an agent's task: (agent, step, arguments, task_id) -> (output, http_status).
+ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable[tuple[Any, int]]]
+# Answers which of the given tool ids do not exist in the tenant.
+MissingTools = Callable[[list[str]], Awaitable[list[str]]]
+
+
+def _events(task_id: str) -> str:
+    return f"events:{task_id}"
+
+
+class TaskRunner:
+    """Submits, runs, reads and cancels the current tenant's tasks."""
+
+    def __init__(
+        self, store: TenantStore, agents: AgentCatalog, missing_tools: MissingTools, invoke: ToolInvoker
+    ) -> None:
+        self._store = store
+        self._agents = agents
+        self._missing_tools = missing_tools
+        self._invoke = invoke
+        self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
+
+    async def submit(self, agent_id: str, task_input: Any, idempotency_key: str) -> tuple[dict[str, Any], bool]:
+        agent = await self._agents.get(agent_id)
+        if len(idempotency_key) > 200:
+            raise InvalidArgument("idempotency_key: at most 200 characters")
+        idem_id = f"{agent_id}:{idempotency_key}"
+        if idempotency_key:
+            earlier = await self._store.get(_IDEMPOTENCY, idem_id)
+            if earlier is not None:
+                return await self.get(earlier["task_id"]), False
+        plan = await self._plan(agent, task_input)
+        now = now_iso()
+        task = {
+            "task_id": new_id("tsk"),
+            "agent_id": agent_id,
+            "status": "queued",
+            "input": task_input,
+            "result": None,
+            "steps": [{"id": s.id, "tool": s.tool, "status": "pending"} for s in plan.steps],
+            "error": None,
+            "usage": {"tool_calls": 0, "llm_calls": 0, "input_tokens": 0, "output_tokens": 0},
+            "created_at": now,
+            "updated_at": now,
+        }
+        await self._store.put(_TASKS, task["task_id"], task)
+        if idempotency_key and not await self._store.put_new(_IDEMPOTENCY, idem_id, {"task_id": task["task_id"]}):
+            # Another request with the same key won the race: theirs is the task.
+            await self._store.delete(_TASKS, task["task_id"])
+            winner = await self._store.get(_IDEMPOTENCY, idem_id)
+            assert winner is not None
+            return await self.get(winner["task_id"]), False
+        await self._emit(task["task_id"], "task.queued", {})
+        key = (context.current().tenant_id, task["task_id"])
+        runner = asyncio.create_task(self._run(agent, plan, task))
+        self._running[key] = runner
+        runner.add_done_callback(lambda _: self._running.pop(key, None))
+        return task, True
+
+    async def _plan(self, agent: dict[str, Any], task_input: Any) -> Any:
+        if not (isinstance(task_input, dict) and "plan" in task_input):
+            raise FailedPrecondition(
+                "this build runs structured plans only: natural-language input needs the LLM loop; "
+                'submit {"plan": [...]}'
+            )
+        steps = task_input["plan"] if isinstance(task_input["plan"], list) else []
+        named = {s["tool"] for s in steps if isinstance(s, dict) and isinstance(s.get("tool"), str)}
+        bound = set(agent.get("tools", []))
+        missing = set(await self._missing_tools(sorted(named | bound))) if named | bound else set()
+        return parse_plan(task_input, known_tools=(named | bound) - missing, bound_tools=bound)
+
+    async def get(self, task_id: str) -> dict[str, Any]:
+        task = await self._store.get(_TASKS, task_id)
+        if task is None:
+            raise NotFound(f"task '{task_id}' not found")
+        return task
+
+    async def cancel(self, task_id: str) -> dict[str, Any]:
+        task = await self.get(task_id)
+        if task["status"] in TERMINAL:
+            raise FailedPrecondition(f"task '{task_id}' already {task['status']}")
+        runner = self._running.get((context.current().tenant_id, task_id))
+        if runner is not None:
+            runner.cancel()
+            await asyncio.gather(runner, return_exceptions=True)
+            return await self.get(task_id)
+        # Not running here (another replica, or a restart lost it): record the cancellation directly.
+        task.update(status="cancelled", error="cancelled", updated_at=now_iso())
+        await self._store.put(_TASKS, task_id, task)
+        await self._emit(task_id, "task.cancelled", {})
+        return task
+
+    async def events(self, task_id: str, after: int) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+        """The task's events after ``after``, ending with the terminal one."""
+        await self.get(task_id)
+        while True:
+            for seq, event in await self._store.read(_events(task_id), after, block_seconds=10):
+                yield seq, event
+                after = seq
+                if event["type"] in {f"task.{s}" for s in TERMINAL}:
+                    return
+
+    async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
+        await self._store.append(_events(task_id), {"type": kind, "task_id": task_id, "time": now_iso(), "data": data})
+
+    async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
+        task_id = task["task_id"]
+        context.with_task(task_id)
+
+        async def execute(step: Step, arguments: dict[str, Any]) -> Any:
+            output, status = await self._invoke(agent, step, arguments, task_id)
+            task["usage"]["tool_calls"] += 1
+            if status >= 400:
+                raise FailedPrecondition(f"tool '{step.tool}' answered HTTP {status}")
+            return output
+
+        async def on_event(kind: str, data: dict[str, Any]) -> None:
+            await self._save(task, run)
+            await self._emit(task_id, kind, data)
+
+        run = PlanRun(plan, execute, on_event)
+        try:
+            await self._save(task, run, status="running")
+            await self._emit(task_id, "task.started", {})
+            outputs = await run.run()
+        except PlanFailed as exc:
+            await self._finish(task, run, "failed", error=f"step {exc.step_id} failed: {error_message(exc.error)}")
+        except asyncio.CancelledError:
+            await asyncio.shield(self._finish(task, run, "cancelled", error="cancelled"))
+            raise
+        except Exception as exc:
+            log.exception("task crashed")
+            await self._finish(task, run, "failed", error=f"internal error: {type(exc).__name__}")
+        else:
+            await self._finish(task, run, "succeeded", result=outputs)
+
+    async def _save(self, task: dict[str, Any], run: PlanRun, **changes: Any) -> None:
+        task.update(changes, steps=[_step(s) for s in run.steps.values()], updated_at=now_iso())
+        await self._store.put(_TASKS, task["task_id"], task)
+
+    async def _finish(self, task: dict[str, Any], run: PlanRun, status: str, **changes: Any) -> None:
+        await self._save(task, run, status=status, **changes)
+        data = {"error": changes["error"]} if "error" in changes else {}
+        await self._emit(task["task_id"], f"task.{status}", data)
+
+
+def _step(state: StepState) -> dict[str, Any]:
+    doc = state.to_dict()
+    doc["id"] = doc.pop("step_id")
+    return doc
+

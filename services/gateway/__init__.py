@@ -1,0 +1,1 @@
+"""Public gateway: REST and gRPC in front of the services."""

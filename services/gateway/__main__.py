@@ -1,0 +1,79 @@
+"""``python -m services.gateway``: the public REST and gRPC ports in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+
+import uvicorn
+
+from altan.auth import TokenVerifier
+from altan.bootstrap import load_settings
+from altan.logging import configure_logging
+from altan.server import serve_until_stopped, shutdown_event
+from services.gateway.backends import Backends
+from services.gateway.grpc_proxy import PublicProxy
+from services.gateway.rest import create_app
+
+
+class _Server(uvicorn.Server):
+    """Uvicorn without its own signal handling: the process-wide shutdown event stops REST and gRPC together."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def main() -> None:
+    settings = load_settings()
+    configure_logging("gateway", settings.log_level)
+
+    async def serve() -> None:
+        stop = shutdown_event()
+        backends = Backends.connect(settings)
+        verifier = TokenVerifier(settings)
+        app = create_app(backends, verifier, settings.max_body_bytes)
+        http = _Server(
+            uvicorn.Config(
+                app,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_config=None,
+                access_log=False,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
+            )
+        )
+        proxy = PublicProxy(
+            {
+                "altan.v1.AgentService": backends.agent,
+                "altan.v1.ToolService": backends.tool,
+                "altan.v1.IntegratorService": backends.integrator,
+            }
+        )
+
+        async def stop_http() -> None:
+            await stop.wait()
+            http.should_exit = True
+
+        try:
+            await asyncio.gather(
+                http.serve(),
+                stop_http(),
+                serve_until_stopped(
+                    [],
+                    verifier=verifier,
+                    address=f"{settings.bind_host}:{settings.grpc_port}",
+                    grace_seconds=settings.shutdown_grace_seconds,
+                    stop=stop,
+                    generic_handlers=[proxy],
+                ),
+            )
+        finally:
+            await backends.aclose()
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

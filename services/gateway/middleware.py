@@ -1,0 +1,139 @@
+"""ASGI middleware of the public REST port: body size limit and Prometheus metrics.
+
+Both are plain ASGI (no per-request objects beyond what is needed) to keep the hot path short.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from altan import context
+from altan.auth import TokenVerifier
+from altan.errors import Unauthenticated
+
+__all__ = ["AuthMiddleware", "BodyLimitMiddleware", "MetricsMiddleware", "error_response_bytes"]
+
+
+def error_response_bytes(code: str, message: str) -> bytes:
+    return json.dumps({"error": {"code": code, "message": message}}).encode()
+
+
+async def _send_error(send: Send, status: int, code: str, message: str, extra: list[tuple[bytes, bytes]]) -> None:
+    body = error_response_bytes(code, message)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *extra]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class AuthMiddleware:
+    """Verifies the bearer token of every ``/v1`` request before anything else reads it (even the body).
+
+    The verified caller is bound to the request context, which the handlers and the gRPC clients read.
+    """
+
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier) -> None:
+        self.app = app
+        self.verifier = verifier
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)
+        try:
+            caller = self.verifier.verify(authorization)
+        except Unauthenticated as exc:
+            await _send_error(send, 401, "UNAUTHENTICATED", exc.message, [(b"www-authenticate", b"Bearer")])
+            return
+        context.bind(caller)
+        await self.app(scope, receive, send)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """Answers 413 to a body over the limit, whether announced by Content-Length or streamed."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                if not value.isdigit() or int(value) > self.max_bytes:
+                    await self._reject(send)
+                    return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send: Send) -> None:
+        message = f"request body larger than {self.max_bytes} bytes"
+        await _send_error(send, 413, "RESOURCE_EXHAUSTED", message, [])
+
+
+class MetricsMiddleware:
+    """Counts requests and their latency by route template (never by raw path: ids would explode cardinality)."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "altan_http_requests", "REST requests", ["method", "route", "status"], registry=registry
+        )
+        self.latency = Histogram(
+            "altan_http_request_duration_seconds", "REST request latency", ["method", "route"], registry=registry
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = {"code": 500}
+
+        async def recording_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:
+            route = _route_of(scope)
+            self.requests.labels(scope["method"], route, str(status["code"])).inc()
+            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+
+
+def _route_of(scope: dict[str, Any]) -> str:
+    route = scope.get("route")
+    return getattr(route, "path", "unmatched")

@@ -1,0 +1,1 @@
+"""Integrator Engine: credentials, tool calls with retries and deadlines, audit."""

@@ -1,0 +1,53 @@
+"""The audit trail: one event per tool call, credential change and refusal, per tenant; never a secret."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from altan import context
+from altan.errors import InvalidArgument
+from altan.store import TenantStore
+from altan.wire import now_iso
+
+__all__ = ["AuditLog"]
+
+_STREAM = "audit"
+_FIELDS = ("tool_id", "task_id", "target", "outcome", "latency_ms", "reason", "credential")
+
+
+class AuditLog:
+    """Appends and reads the current tenant's audit events."""
+
+    def __init__(self, store: TenantStore, max_events: int = 100_000) -> None:
+        self._store = store
+        self._max = max_events
+
+    async def record(self, action: str, **fields: Any) -> None:
+        unknown = set(fields) - set(_FIELDS)
+        if unknown:
+            raise ValueError(f"unknown audit fields {sorted(unknown)}")
+        caller = context.current()
+        event = {
+            "time": now_iso(),
+            "tenant_id": caller.tenant_id,
+            "user": caller.user,
+            "action": action,
+            "tool_id": "",
+            "task_id": caller.task_id,
+            "target": "",
+            "outcome": "ok",
+            "latency_ms": 0,
+            "reason": "",
+            "credential": "",
+        }
+        event.update({k: v for k, v in fields.items() if v is not None})
+        await self._store.append(_STREAM, event, maxlen=self._max)
+
+    async def list(self, task_id: str, limit: int) -> list[dict[str, Any]]:
+        if limit < 0 or limit > 1000:
+            raise InvalidArgument("limit: must be between 1 and 1000")
+        limit = limit or 100
+        events = [event for _, event in await self._store.read(_STREAM, 0, count=self._max)]
+        if task_id:
+            events = [e for e in events if e["task_id"] == task_id]
+        return events[-limit:]

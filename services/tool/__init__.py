@@ -1,0 +1,1 @@
+"""Tool Service: the tool registry and executor, behind the egress guard."""

@@ -1,0 +1,30 @@
+"""``python -m services.tool``: the Tool Service."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+from altan.bootstrap import run_service
+from altan.config import Settings
+from altan.egress import EgressGuard, EgressPolicy, GuardedHttpClient
+from altan.server import GrpcService
+from altan.store import TenantStore, open_backend
+from altan.v1 import tool_pb2_grpc
+from services.tool.executor import ToolExecutor
+from services.tool.registry import ToolRegistry
+from services.tool.schema import ArgumentValidator
+from services.tool.servicer import ToolServicer
+
+
+async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
+    backend = open_backend(settings.redis_url)
+    stack.push_async_callback(backend.aclose)
+    http = GuardedHttpClient(EgressGuard(EgressPolicy.parse(settings.egress_allow)), timeout=settings.call_deadline_seconds)
+    stack.push_async_callback(http.aclose)
+    registry = ToolRegistry(TenantStore(backend, "tool"))
+    servicer = ToolServicer(registry, ToolExecutor(registry, http, ArgumentValidator()))
+    return [GrpcService(tool_pb2_grpc.add_ToolServiceServicer_to_server, servicer, "altan.v1.ToolService")]
+
+
+if __name__ == "__main__":
+    run_service("tool", lambda s: s.tool_port, wire)

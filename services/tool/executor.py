@@ -1,0 +1,109 @@
+"""Runs one tool call: validate the arguments, then run a built-in or call the tool's HTTP endpoint.
+
+Every outbound request goes through the :class:`GuardedHttpClient` (the egress guard). A credential arrives with
+the call from the Integrator Engine and lives only in this call's headers.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from altan.egress import GuardedHttpClient, HttpResult
+from altan.errors import FailedPrecondition, InvalidArgument
+from services.tool.builtins import run_builtin
+from services.tool.registry import ToolRegistry
+from services.tool.schema import ArgumentValidator, build_http_request
+
+__all__ = ["Credential", "Execution", "ToolExecutor"]
+
+
+@dataclass(frozen=True)
+class Credential:
+    """A secret injected for one call: ``header: prefix + value``."""
+
+    name: str
+    header: str
+    prefix: str
+    value: str
+
+    def as_headers(self) -> dict[str, str]:
+        return {self.header: f"{self.prefix}{self.value}"}
+
+
+@dataclass(frozen=True)
+class Execution:
+    """What a tool call produced."""
+
+    output: Any
+    http_status: int = 0
+    target: str = ""
+    retry_after: float | None = None
+
+
+def _decode(result: HttpResult) -> Any:
+    if not result.body:
+        return None
+    if "json" in result.headers.get("content-type", ""):
+        try:
+            return json.loads(result.body)
+        except ValueError:
+            pass
+    return result.body.decode("utf-8", errors="replace")
+
+
+class ToolExecutor:
+    """Executes tools of the current tenant."""
+
+    def __init__(self, registry: ToolRegistry, http: GuardedHttpClient, validator: ArgumentValidator) -> None:
+        self._registry = registry
+        self._http = http
+        self._validator = validator
+
+    async def execute(
+        self, tool_id: str, arguments: Any, credential: Credential | None, timeout: float | None
+    ) -> Execution:
+        tool = await self._registry.get(tool_id)
+        if not isinstance(arguments, dict):
+            raise InvalidArgument("arguments: must be a JSON object")
+        self._validator.validate(tool_id, tool["input_schema"], arguments)
+        if tool["type"] == "builtin" and tool_id != "http_request":
+            return Execution(output=await run_builtin(tool_id, arguments))
+        if tool_id == "http_request":
+            return await self._http_request(arguments, credential, timeout)
+        return await self._custom(tool, arguments, credential, timeout)
+
+    async def _http_request(self, args: dict[str, Any], credential: Credential | None, timeout: float | None) -> Execution:
+        if args.get("credential") and credential is None:
+            raise FailedPrecondition(f"credential '{args['credential']}' was not provided")
+        headers = dict(args.get("headers") or {})
+        if credential is not None:
+            headers.update(credential.as_headers())
+        body = args.get("body")
+        result = await self._http.request(
+            args.get("method", "GET"),
+            args["url"],
+            headers=headers,
+            params=args.get("query"),
+            json=args.get("json"),
+            content=body.encode() if isinstance(body, str) else None,
+            timeout=timeout,
+        )
+        return self._execution(result)
+
+    async def _custom(
+        self, tool: dict[str, Any], args: dict[str, Any], credential: Credential | None, timeout: float | None
+    ) -> Execution:
+        if tool.get("auth", "none") != "none" and credential is None:
+            raise FailedPrecondition(f"tool '{tool['tool_id']}' needs credential '{tool.get('credential')}'")
+        method, url, params, body = build_http_request(tool, args)
+        headers = credential.as_headers() if credential is not None else {}
+        result = await self._http.request(method, url, headers=headers, params=params, json=body, timeout=timeout)
+        return self._execution(result)
+
+    @staticmethod
+    def _execution(result: HttpResult) -> Execution:
+        return Execution(
+            output=_decode(result), http_status=result.status, target=result.target, retry_after=result.retry_after
+        )

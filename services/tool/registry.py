@@ -1,0 +1,52 @@
+"""The tenant's tool registry: built-in tools for everyone, custom tools per tenant."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from altan.context import require_admin
+from altan.errors import AlreadyExists, FailedPrecondition, NotFound
+from altan.store import TenantStore
+from altan.wire import now_iso
+from services.tool.builtins import BUILTIN_TOOLS
+from services.tool.schema import parse_custom_tool
+
+__all__ = ["ToolRegistry"]
+
+_TOOLS = "tools"
+
+
+class ToolRegistry:
+    """Reads and writes tool definitions in the current tenant."""
+
+    def __init__(self, store: TenantStore) -> None:
+        self._store = store
+
+    async def list(self) -> list[dict[str, Any]]:
+        custom = sorted((await self._store.all(_TOOLS)).values(), key=lambda t: (t["created_at"], t["tool_id"]))
+        return [*BUILTIN_TOOLS.values(), *custom]
+
+    async def get(self, tool_id: str) -> dict[str, Any]:
+        if tool_id in BUILTIN_TOOLS:
+            return BUILTIN_TOOLS[tool_id]
+        tool = await self._store.get(_TOOLS, tool_id)
+        if tool is None:
+            raise NotFound(f"tool '{tool_id}' not found")
+        return tool
+
+    async def create(self, body: Any) -> dict[str, Any]:
+        require_admin("creating a tool")
+        tool = parse_custom_tool(body)
+        if tool["tool_id"] in BUILTIN_TOOLS:
+            raise AlreadyExists(f"tool '{tool['tool_id']}' already exists (built-in)")
+        tool["created_at"] = now_iso()
+        if not await self._store.put_new(_TOOLS, tool["tool_id"], tool):
+            raise AlreadyExists(f"tool '{tool['tool_id']}' already exists")
+        return tool
+
+    async def delete(self, tool_id: str) -> None:
+        require_admin("deleting a tool")
+        if tool_id in BUILTIN_TOOLS:
+            raise FailedPrecondition(f"tool '{tool_id}' is built in and cannot be deleted")
+        if not await self._store.delete(_TOOLS, tool_id):
+            raise NotFound(f"tool '{tool_id}' not found")

@@ -1,0 +1,75 @@
+"""Fixtures of the end-to-end suite: the real stack, run twice (embedded state and Redis), and a fake third party."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.e2e.fake_third_party import FakeThirdParty, start_fake_third_party
+from tests.e2e.stack import Stack, free_port, start_stack
+
+
+def _reachable(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """REDIS_URL if set, else the server on 127.0.0.1:6379, else a redis-server of our own on a free port."""
+    url = os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379/0"
+    if _reachable(url):
+        yield url
+        return
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.fail("no Redis: set REDIS_URL, run one on 127.0.0.1:6379, or put redis-server on PATH")
+    port = free_port()
+    proc = subprocess.Popen(
+        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(tmp_path_factory.mktemp("redis"))],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout is not None
+    for line in proc.stdout:  # redis-server says when it accepts connections
+        if "Ready to accept connections" in line:
+            break
+    else:
+        pytest.fail("redis-server exited before it was ready")
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)
+    proc.stdout.close()
+
+
+@pytest.fixture(scope="session")
+def third_party() -> Iterator[FakeThirdParty]:
+    fake = start_fake_third_party()
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+@pytest.fixture(scope="session", params=["embedded", "redis"])
+def stack(request: pytest.FixtureRequest, third_party: FakeThirdParty, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    url = request.getfixturevalue("redis_url") if request.param == "redis" else None
+    data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
+    running = start_stack(data_dir=data_dir, egress_allow=f"127.0.0.1:{third_party.port}", redis_url=url)
+    yield running
+    code = running.stop()
+    assert code == 0, f"altan up did not stop cleanly ({code}):\n{running.logs()[-5000:]}"
+
+
+@pytest.fixture
+def tenant() -> str:
+    """A fresh tenant per test, so tests never see each other's data (even in a shared Redis)."""
+    return f"t-{uuid.uuid4().hex[:12]}"

@@ -1,0 +1,104 @@
+"""Starts the real stack (``altan up``: gateway + three services as separate processes) for end-to-end tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+
+JWT_SECRET = "e2e-development-secret-that-is-long-enough-for-hs256-hs384-and-hs512!"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Stack:
+    process: subprocess.Popen[str]
+    http_port: int
+    grpc_port: int
+    mode: str
+    internal_ports: dict[str, int]
+    lines: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+    reader: threading.Thread = field(init=False)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    def token(self, tenant: str, role: str = "admin", sub: str = "alice", **overrides: Any) -> str:
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "tenant_id": tenant, "sub": sub, "role": role, "aud": "altan", "iss": "altan-dev",
+            "iat": now, "exp": now + 600,
+        }
+        claims.update(overrides)
+        claims = {k: v for k, v in claims.items() if v is not None}
+        return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
+
+    def client(self, tenant: str, role: str = "admin", **overrides: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {self.token(tenant, role, **overrides)}"}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, trust_env=False)
+
+    def logs(self) -> str:
+        return "".join(self.lines)
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            if "altan is up" in line:
+                self.ready.set()
+        self.ready.set()
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        self.reader.join(10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code
+
+
+def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> Stack:
+    http_port, grpc_port = free_port(), free_port()
+    internal = {name: free_port() for name in ("agent", "tool", "integrator")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
+    env.update(
+        ALTAN_JWT_SECRET=JWT_SECRET,
+        ALTAN_DATA_DIR=str(data_dir),
+        ALTAN_EGRESS_ALLOW=egress_allow,
+        ALTAN_AGENT_PORT=str(internal["agent"]),
+        ALTAN_TOOL_PORT=str(internal["tool"]),
+        ALTAN_INTEGRATOR_PORT=str(internal["integrator"]),
+        ALTAN_MAX_BODY_BYTES=str(64 * 1024),
+        ALTAN_CALL_DEADLINE_SECONDS="10",
+        ALTAN_LOG_LEVEL="DEBUG",
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    process = subprocess.Popen(
+        [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal)
+    stack.reader = threading.Thread(target=stack._read, daemon=True)
+    stack.reader.start()
+    if not stack.ready.wait(90) or process.poll() is not None:
+        process.kill()
+        raise RuntimeError("stack did not start:\n" + stack.logs())
+    return stack

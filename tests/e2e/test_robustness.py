@@ -1,0 +1,85 @@
+"""Bad input gets a clear 4xx and changes nothing; never a 500 or a stack trace."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.e2e.stack import Stack
+
+ROUTES = [
+    ("POST", "/v1/agents"),
+    ("PATCH", "/v1/agents/agt_x"),
+    ("POST", "/v1/tools"),
+    ("POST", "/v1/tools/json_extract/invoke"),
+    ("PUT", "/v1/credentials/c"),
+    ("POST", "/v1/agents/agt_x/tasks"),
+]
+
+BODIES = [b"{", b"[]", b'"text"', b"null", b"12", b"\xff\xfe", b'{"a": NaN', b""]
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+@pytest.mark.parametrize("body", BODIES)
+def test_malformed_bodies_are_400(stack: Stack, tenant: str, method: str, path: str, body: bytes) -> None:
+    with stack.client(tenant) as api:
+        answer = api.request(method, path, content=body, headers={"Content-Type": "application/json"})
+        assert answer.status_code in (400, 404), answer.text
+        assert answer.json()["error"]["code"] in ("INVALID_ARGUMENT", "NOT_FOUND")
+        assert "Traceback" not in answer.text
+
+
+@pytest.mark.parametrize(("method", "path"), ROUTES)
+def test_oversized_bodies_are_413(stack: Stack, tenant: str, method: str, path: str) -> None:
+    big = b'{"name": "' + b"x" * (65 * 1024) + b'"}'
+    with stack.client(tenant) as api:
+        answer = api.request(method, path, content=big)
+        assert answer.status_code == 413
+        assert answer.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+
+        def chunks():  # no Content-Length: the limit still holds while streaming
+            for _ in range(70):
+                yield b"x" * 1024
+
+        assert api.request(method, path, content=chunks()).status_code == 413
+        assert api.get("/v1/agents").json()["agents"] == []
+
+
+def test_wrong_types_and_unknown_ids(stack: Stack, tenant: str) -> None:
+    with stack.client(tenant) as api:
+        answers = [
+            api.post("/v1/agents", json={"name": ["list"]}),
+            api.post("/v1/agents", json={"name": "a", "instructions": 5}),
+            api.post("/v1/agents", json={"name": "a", "fallback_llms": {}}),
+            api.post("/v1/tools", json={"tool_id": 5}),
+            api.post("/v1/tools/json_extract/invoke", json={"arguments": "x"}),
+            api.post("/v1/tools/json_extract/invoke", json={"args": {}}),
+            api.get("/v1/agents", params={"page_size": "ten"}),
+            api.get("/v1/agents", params={"page_size": -1}),
+            api.get("/v1/agents", params={"page_token": "%%%"}),
+            api.get("/v1/audit", params={"limit": "lots"}),
+            api.post("/v1/agents/x/tasks", json={"input": {"plan": []}, "idempotency_key": 7}),
+        ]
+        for answer in answers:
+            assert answer.status_code == 400, (answer.request.url, answer.text)
+        for path in ("/v1/agents/nope", "/v1/tools/nope", "/v1/tasks/nope", "/v1/tasks/nope/events", "/v1/nothing"):
+            answer = api.get(path)
+            assert answer.status_code == 404, path
+            assert answer.json()["error"]["code"] == "NOT_FOUND"
+        assert api.post("/v1/tools/nope/invoke", json={"arguments": {}}).status_code == 404
+        assert api.delete("/v1/credentials/nope").status_code == 404
+        assert api.post("/v1/tasks/nope/cancel").status_code == 404
+        assert api.get("/v1/agents").json()["agents"] == []
+
+
+def test_operations_endpoints(stack: Stack) -> None:
+    import httpx
+
+    with httpx.Client(base_url=stack.base_url, trust_env=False) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        assert anonymous.get("/readyz").status_code == 200
+        metrics = anonymous.get("/metrics")
+        assert metrics.status_code == 200 and "altan_http_requests_total" in metrics.text
+        spec = anonymous.get("/openapi.json").json()
+        for path in ("/v1/agents", "/v1/tools/{tool_id}/invoke", "/v1/credentials/{name}",
+                     "/v1/tasks/{task_id}/events", "/v1/audit"):
+            assert path in spec["paths"]
