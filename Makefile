@@ -17,11 +17,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/altan up
 
-test: install
+test: install lint
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check libs services tests
+	$(BIN)/ruff check libs services tests scripts
 	$(BIN)/mypy libs services
 
 # Regenerate libs/altan/v1 from proto/ (the generated code is checked in; tests fail when it drifts).

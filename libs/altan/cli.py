@@ -22,6 +22,7 @@ from altan.config import default_data_dir, development_secret
 __all__ = ["main"]
 
 SERVICES = ("tool", "integrator", "agent", "gateway")
+_DEFAULT_PORTS = {"agent": 50061, "tool": 50062, "integrator": 50063}
 _COLORS = {"tool": "36", "integrator": "35", "agent": "33", "gateway": "32"}
 
 
@@ -40,7 +41,7 @@ def _stack_env(args: argparse.Namespace) -> dict[str, str]:
     env["ALTAN_HTTP_PORT"] = str(args.http_port)
     env["ALTAN_GRPC_PORT"] = str(args.grpc_port)
     for name in ("agent", "tool", "integrator"):
-        port = env.setdefault(f"ALTAN_{name.upper()}_PORT", str({"agent": 50061, "tool": 50062, "integrator": 50063}[name]))
+        port = env.setdefault(f"ALTAN_{name.upper()}_PORT", str(_DEFAULT_PORTS[name]))
         env[f"ALTAN_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -77,8 +78,12 @@ async def _up(args: argparse.Namespace) -> int:
     procs: dict[str, asyncio.subprocess.Process] = {}
     for name in SERVICES:
         procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{name}", env=env,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            sys.executable,
+            "-m",
+            f"services.{name}",
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
     pipes = [asyncio.create_task(_pipe(n, p.stdout, color)) for n, p in procs.items() if p.stdout]
     stop = asyncio.Event()

@@ -113,23 +113,24 @@ class RedisBackend:
 
     def __init__(self, url: str) -> None:
         # A socket timeout bounds every command; blocking reads ask for less than it.
-        self._redis = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+        # Typed loosely: redis-py's sync/async union types do not narrow.
+        self._redis: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
         self._append = self._redis.register_script(_APPEND)
 
     async def hget(self, key: str, field: str) -> str | None:
-        return await self._redis.hget(key, field)  # type: ignore[no-any-return,misc]
+        return await self._redis.hget(key, field)
 
     async def hset(self, key: str, field: str, value: str) -> None:
-        await self._redis.hset(key, field, value)  # type: ignore[misc]
+        await self._redis.hset(key, field, value)
 
     async def hsetnx(self, key: str, field: str, value: str) -> bool:
-        return bool(await self._redis.hsetnx(key, field, value))  # type: ignore[misc]
+        return bool(await self._redis.hsetnx(key, field, value))
 
     async def hdel(self, key: str, field: str) -> bool:
-        return bool(await self._redis.hdel(key, field))  # type: ignore[misc]
+        return bool(await self._redis.hdel(key, field))
 
     async def hgetall(self, key: str) -> dict[str, str]:
-        return await self._redis.hgetall(key)  # type: ignore[no-any-return,misc]
+        return await self._redis.hgetall(key)
 
     async def append(self, key: str, value: str, maxlen: int) -> int:
         return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
@@ -144,7 +145,7 @@ class RedisBackend:
         return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in entries]
 
     async def ping(self) -> bool:
-        return bool(await asyncio.wait_for(self._redis.ping(), 5))  # type: ignore[misc]
+        return bool(await asyncio.wait_for(self._redis.ping(), 5))
 
     async def aclose(self) -> None:
         await self._redis.aclose()

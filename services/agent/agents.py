@@ -82,7 +82,7 @@ class AgentCatalog:
             raise NotFound(f"agent '{agent_id}' not found")
         return agent
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def all(self) -> list[dict[str, Any]]:
         return sorted((await self._store.all(_AGENTS)).values(), key=lambda a: a["id"])
 
     async def update(self, agent_id: str, patch: Any) -> dict[str, Any]:

@@ -72,7 +72,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.GetAgentResponse(agent=_agent(await self._agents.get(request.agent_id)))
 
     async def ListAgents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        page, token = paginate(await self._agents.list(), request.page_size, request.page_token, default=50, maximum=500)
+        agents = await self._agents.all()
+        page, token = paginate(agents, request.page_size, request.page_token, default=50, maximum=500)
         return agent_pb2.ListAgentsResponse(agents=[_agent(a) for a in page], next_page_token=token)
 
     async def UpdateAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:

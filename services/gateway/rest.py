@@ -154,7 +154,9 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
         key = body.get("idempotency_key", idempotency_key) or ""
         if not isinstance(key, str):
             raise RequestValidationError([{"loc": ("body", "idempotency_key"), "msg": "must be a string"}])
-        request = agent_pb2.SubmitTaskRequest(agent_id=agent_id, input_json=dump_json(body["input"]), idempotency_key=key)
+        request = agent_pb2.SubmitTaskRequest(
+            agent_id=agent_id, input_json=dump_json(body["input"]), idempotency_key=key
+        )
         answer = await agent.call("SubmitTask", request)
         return {"task_id": answer.task_id, "status": answer.status}
 

@@ -43,7 +43,7 @@ class AuditLog:
         event.update({k: v for k, v in fields.items() if v is not None})
         await self._store.append(_STREAM, event, maxlen=self._max)
 
-    async def list(self, task_id: str, limit: int) -> list[dict[str, Any]]:
+    async def query(self, task_id: str, limit: int) -> list[dict[str, Any]]:
         if limit < 0 or limit > 1000:
             raise InvalidArgument("limit: must be between 1 and 1000")
         limit = limit or 100

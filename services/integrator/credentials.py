@@ -116,7 +116,7 @@ class CredentialBroker:
         await self._store.put(_CREDENTIALS, name, meta)
         return meta, previous is None
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def all(self) -> list[dict[str, Any]]:
         return sorted((await self._store.all(_CREDENTIALS)).values(), key=lambda m: m["name"])
 
     async def delete(self, name: str) -> None:

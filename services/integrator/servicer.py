@@ -34,7 +34,7 @@ class IntegratorServicer(integrator_pb2_grpc.IntegratorServiceServicer):
 
     async def ListCredentials(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         page, token = paginate(
-            await self._broker.list(), request.page_size, request.page_token, default=100, maximum=500
+            await self._broker.all(), request.page_size, request.page_token, default=100, maximum=500
         )
         return integrator_pb2.ListCredentialsResponse(
             credentials=[_credential(m) for m in page], next_page_token=token
@@ -61,5 +61,5 @@ class IntegratorServicer(integrator_pb2_grpc.IntegratorServiceServicer):
         return integrator_pb2.DescribeToolsResponse(tools=tools, missing=missing)
 
     async def ListAuditEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        events = await self._audit.list(request.task_id, request.limit)
+        events = await self._audit.query(request.task_id, request.limit)
         return integrator_pb2.ListAuditEventsResponse(events=[integrator_pb2.AuditEvent(**e) for e in events])

@@ -6,7 +6,8 @@ from contextlib import AsyncExitStack
 
 from altan.bootstrap import run_service
 from altan.config import Settings
-from altan.egress import EgressGuard, EgressPolicy, GuardedHttpClient
+from altan.egress import EgressGuard, EgressPolicy
+from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
 from altan.v1 import tool_pb2_grpc
@@ -19,7 +20,8 @@ from services.tool.servicer import ToolServicer
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     backend = open_backend(settings.redis_url)
     stack.push_async_callback(backend.aclose)
-    http = GuardedHttpClient(EgressGuard(EgressPolicy.parse(settings.egress_allow)), timeout=settings.call_deadline_seconds)
+    guard = EgressGuard(EgressPolicy.parse(settings.egress_allow))
+    http = GuardedHttpClient(guard, timeout=settings.call_deadline_seconds)
     stack.push_async_callback(http.aclose)
     registry = ToolRegistry(TenantStore(backend, "tool"))
     servicer = ToolServicer(registry, ToolExecutor(registry, http, ArgumentValidator()))

@@ -19,7 +19,6 @@ from html.parser import HTMLParser
 from typing import Any
 
 from altan.errors import InvalidArgument
-
 from services.tool.schema import ArgumentValidator
 
 __all__ = ["BUILTIN_TOOLS", "is_builtin", "json_extract", "parse_email", "run_builtin", "text_template"]

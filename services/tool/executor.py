@@ -10,8 +10,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from altan.egress import GuardedHttpClient, HttpResult
 from altan.errors import FailedPrecondition, InvalidArgument
+from altan.outbound import GuardedHttpClient, HttpResult
 from services.tool.builtins import run_builtin
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator, build_http_request
@@ -74,7 +74,9 @@ class ToolExecutor:
             return await self._http_request(arguments, credential, timeout)
         return await self._custom(tool, arguments, credential, timeout)
 
-    async def _http_request(self, args: dict[str, Any], credential: Credential | None, timeout: float | None) -> Execution:
+    async def _http_request(
+        self, args: dict[str, Any], credential: Credential | None, timeout: float | None
+    ) -> Execution:
         if args.get("credential") and credential is None:
             raise FailedPrecondition(f"credential '{args['credential']}' was not provided")
         headers = dict(args.get("headers") or {})

@@ -22,7 +22,7 @@ class ToolRegistry:
     def __init__(self, store: TenantStore) -> None:
         self._store = store
 
-    async def list(self) -> list[dict[str, Any]]:
+    async def all(self) -> list[dict[str, Any]]:
         custom = sorted((await self._store.all(_TOOLS)).values(), key=lambda t: (t["created_at"], t["tool_id"]))
         return [*BUILTIN_TOOLS.values(), *custom]
 

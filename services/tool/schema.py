@@ -16,12 +16,13 @@ from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from altan.errors import InvalidArgument
 from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError, ValidationError, best_match
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
+
+from altan.errors import InvalidArgument
 
 __all__ = [
     "AUTH_TYPES",

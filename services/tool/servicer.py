@@ -32,7 +32,7 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
 
     async def ListTools(self, request: tool_pb2.ListToolsRequest, context: grpc.aio.ServicerContext) -> Any:
         page, token = paginate(
-            await self._registry.list(), request.page_size, request.page_token, default=100, maximum=500
+            await self._registry.all(), request.page_size, request.page_token, default=100, maximum=500
         )
         return tool_pb2.ListToolsResponse(tools=[tool_to_proto(t) for t in page], next_page_token=token)
 

@@ -35,9 +35,21 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         pytest.fail("no Redis: set REDIS_URL, run one on 127.0.0.1:6379, or put redis-server on PATH")
     port = free_port()
     proc = subprocess.Popen(
-        [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-         "--dir", str(tmp_path_factory.mktemp("redis"))],
-        stdout=subprocess.PIPE, text=True,
+        [
+            binary,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path_factory.mktemp("redis")),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout is not None
     for line in proc.stdout:  # redis-server says when it accepts connections
@@ -60,7 +72,9 @@ def third_party() -> Iterator[FakeThirdParty]:
 
 
 @pytest.fixture(scope="session", params=["embedded", "redis"])
-def stack(request: pytest.FixtureRequest, third_party: FakeThirdParty, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(
+    request: pytest.FixtureRequest, third_party: FakeThirdParty, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
     running = start_stack(data_dir=data_dir, egress_allow=f"127.0.0.1:{third_party.port}", redis_url=url)

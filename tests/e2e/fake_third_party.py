@@ -99,8 +99,13 @@ def _handler(fake: FakeThirdParty) -> type[BaseHTTPRequestHandler]:
                         parsed = body.decode(errors="replace")
                 self._answer(
                     200,
-                    {"method": self.command, "path": path, "query": query, "json": parsed,
-                     "authenticated": "Authorization" in self.headers or "X-Api-Key" in self.headers},
+                    {
+                        "method": self.command,
+                        "path": path,
+                        "query": query,
+                        "json": parsed,
+                        "authenticated": "Authorization" in self.headers or "X-Api-Key" in self.headers,
+                    },
                 )
 
         do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = _handle

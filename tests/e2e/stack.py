@@ -43,8 +43,13 @@ class Stack:
     def token(self, tenant: str, role: str = "admin", sub: str = "alice", **overrides: Any) -> str:
         now = int(time.time())
         claims: dict[str, Any] = {
-            "tenant_id": tenant, "sub": sub, "role": role, "aud": "altan", "iss": "altan-dev",
-            "iat": now, "exp": now + 600,
+            "tenant_id": tenant,
+            "sub": sub,
+            "role": role,
+            "aud": "altan",
+            "iss": "altan-dev",
+            "iat": now,
+            "exp": now + 600,
         }
         claims.update(overrides)
         claims = {k: v for k, v in claims.items() if v is not None}
@@ -93,7 +98,10 @@ def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> 
         env["REDIS_URL"] = redis_url
     process = subprocess.Popen(
         [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal)
     stack.reader = threading.Thread(target=stack._read, daemon=True)

@@ -20,8 +20,13 @@ def test_agent_lifecycle(stack: Stack, tenant: str) -> None:
     with stack.client(tenant) as api:
         created = api.post(
             "/v1/agents",
-            json={"name": "triage", "instructions": "be brief", "llm": LLM, "fallback_llms": [LLM],
-                  "tools": ["parse_email"]},
+            json={
+                "name": "triage",
+                "instructions": "be brief",
+                "llm": LLM,
+                "fallback_llms": [LLM],
+                "tools": ["parse_email"],
+            },
         )
         assert created.status_code == 201, created.text
         agent = created.json()
@@ -85,16 +90,28 @@ def test_builtin_tools_are_listed_with_schemas(stack: Stack, tenant: str) -> Non
 
 def test_custom_tool_forms_and_conflicts(stack: Stack, tenant: str) -> None:
     seed = {
-        "tool_id": "slack_notify", "name": "Send Slack Notification", "description": "posts a message",
-        "parameters": [{"name": "channel_id", "type": "string", "required": True, "description": "where"},
-                       {"name": "text", "type": "string", "required": True}],
-        "endpoint": "https://slack.com/api/chat.postMessage", "method": "POST", "auth": "api_key",
+        "tool_id": "slack_notify",
+        "name": "Send Slack Notification",
+        "description": "posts a message",
+        "parameters": [
+            {"name": "channel_id", "type": "string", "required": True, "description": "where"},
+            {"name": "text", "type": "string", "required": True},
+        ],
+        "endpoint": "https://slack.com/api/chat.postMessage",
+        "method": "POST",
+        "auth": "api_key",
         "credential": "slack",
     }
     schema_form = {
-        "tool_id": "lookup", "name": "Lookup", "endpoint": "https://api.example.com/items/{item}", "method": "GET",
-        "input_schema": {"type": "object", "properties": {"item": {"type": "string"}, "n": {"type": "integer"}},
-                         "required": ["item"]},
+        "tool_id": "lookup",
+        "name": "Lookup",
+        "endpoint": "https://api.example.com/items/{item}",
+        "method": "GET",
+        "input_schema": {
+            "type": "object",
+            "properties": {"item": {"type": "string"}, "n": {"type": "integer"}},
+            "required": ["item"],
+        },
     }
     with stack.client(tenant) as api:
         created = api.post("/v1/tools", json=seed)
@@ -131,14 +148,20 @@ def test_credentials_are_metadata_only(stack: Stack, tenant: str) -> None:
         first = api.put("/v1/credentials/slack", json={"type": "api_key", "value": "xoxb-first-value"})
         assert first.status_code == 201
         assert first.json()["header"] == "Authorization" and first.json()["prefix"] == "Bearer "
-        again = api.put("/v1/credentials/slack",
-                        json={"type": "api_key", "value": "xoxb-second", "header": "X-Api-Key", "prefix": ""})
+        again = api.put(
+            "/v1/credentials/slack",
+            json={"type": "api_key", "value": "xoxb-second", "header": "X-Api-Key", "prefix": ""},
+        )
         assert again.status_code == 200 and again.json()["header"] == "X-Api-Key"
         listed = api.get("/v1/credentials").json()["credentials"]
         assert [c["name"] for c in listed] == ["slack"]
         assert "value" not in json.dumps(listed) and "xoxb" not in json.dumps(listed)
-        for bad in ({"type": "api_key"}, {"type": "password", "value": "x"}, {"type": "api_key", "value": 5},
-                    {"type": "api_key", "value": "x", "header": "bad header"}):
+        for bad in (
+            {"type": "api_key"},
+            {"type": "password", "value": "x"},
+            {"type": "api_key", "value": 5},
+            {"type": "api_key", "value": "x", "header": "bad header"},
+        ):
             answer = api.put("/v1/credentials/other", json=bad)
             assert answer.status_code == 400, answer.text
         assert api.put("/v1/credentials/bad%20name", json={"type": "api_key", "value": "x"}).status_code == 400
@@ -151,12 +174,21 @@ def test_invoke_custom_tool_injects_the_credential(stack: Stack, tenant: str, th
     secret = f"key-{tenant}-do-not-leak"
     with stack.client(tenant) as api:
         api.put("/v1/credentials/crm", json={"type": "api_key", "value": secret, "header": "X-Api-Key", "prefix": ""})
-        api.post("/v1/tools", json={
-            "tool_id": "crm_update", "name": "CRM", "endpoint": f"{third_party.base_url}/crm/{tenant}/{{record}}",
-            "method": "PATCH", "auth": "api_key", "credential": "crm",
-            "parameters": [{"name": "record", "type": "string", "required": True},
-                           {"name": "stage", "type": "string", "required": True}],
-        })
+        api.post(
+            "/v1/tools",
+            json={
+                "tool_id": "crm_update",
+                "name": "CRM",
+                "endpoint": f"{third_party.base_url}/crm/{tenant}/{{record}}",
+                "method": "PATCH",
+                "auth": "api_key",
+                "credential": "crm",
+                "parameters": [
+                    {"name": "record", "type": "string", "required": True},
+                    {"name": "stage", "type": "string", "required": True},
+                ],
+            },
+        )
         answer = api.post("/v1/tools/crm_update/invoke", json={"arguments": {"record": "r/../1?x", "stage": "won"}})
         assert answer.status_code == 200, answer.text
         body = answer.json()
@@ -172,11 +204,16 @@ def test_invoke_custom_tool_injects_the_credential(stack: Stack, tenant: str, th
 
 def test_invoke_get_tool_sends_query_and_validates(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
     with stack.client(tenant) as api:
-        api.post("/v1/tools", json={
-            "tool_id": "search", "name": "Search", "endpoint": f"{third_party.base_url}/search-{tenant}",
-            "method": "GET", "parameters": [{"name": "q", "type": "string", "required": True},
-                                            {"name": "limit", "type": "integer"}],
-        })
+        api.post(
+            "/v1/tools",
+            json={
+                "tool_id": "search",
+                "name": "Search",
+                "endpoint": f"{third_party.base_url}/search-{tenant}",
+                "method": "GET",
+                "parameters": [{"name": "q", "type": "string", "required": True}, {"name": "limit", "type": "integer"}],
+            },
+        )
         ok = api.post("/v1/tools/search/invoke", json={"arguments": {"q": "cats", "limit": 3}})
         assert ok.status_code == 200
         assert ok.json()["output"]["query"] == {"q": ["cats"], "limit": ["3"]}
@@ -193,26 +230,38 @@ def test_invoke_get_tool_sends_query_and_validates(stack: Stack, tenant: str, th
 def test_http_request_builtin_with_credential(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
     with stack.client(tenant) as api:
         api.put("/v1/credentials/svc", json={"type": "api_key", "value": f"tok-{tenant}"})
-        answer = api.post("/v1/tools/http_request/invoke", json={"arguments": {
-            "url": f"{third_party.base_url}/raw-{tenant}", "method": "POST", "json": {"a": [1, 2]},
-            "credential": "svc"}})
+        answer = api.post(
+            "/v1/tools/http_request/invoke",
+            json={
+                "arguments": {
+                    "url": f"{third_party.base_url}/raw-{tenant}",
+                    "method": "POST",
+                    "json": {"a": [1, 2]},
+                    "credential": "svc",
+                }
+            },
+        )
         assert answer.status_code == 200, answer.text
         assert answer.json()["output"]["json"] == {"a": [1, 2]}
         assert third_party.requests_to(f"/raw-{tenant}")[-1].headers["Authorization"] == f"Bearer tok-{tenant}"
-        missing = api.post("/v1/tools/http_request/invoke", json={"arguments": {
-            "url": f"{third_party.base_url}/raw", "credential": "nope"}})
+        missing = api.post(
+            "/v1/tools/http_request/invoke",
+            json={"arguments": {"url": f"{third_party.base_url}/raw", "credential": "nope"}},
+        )
         assert missing.status_code == 400 and "nope" in missing.json()["error"]["message"]
 
 
 def test_transient_failures_are_retried(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
     with stack.client(tenant) as api:
-        answer = api.post("/v1/tools/http_request/invoke",
-                          json={"arguments": {"url": f"{third_party.base_url}/flaky/{tenant}/2"}})
+        answer = api.post(
+            "/v1/tools/http_request/invoke", json={"arguments": {"url": f"{third_party.base_url}/flaky/{tenant}/2"}}
+        )
         assert answer.status_code == 200
         assert answer.json() == {"output": {"attempts": 3}, "status": 200}
         # A non-transient error is answered as the third party gave it, without retries.
-        answer = api.post("/v1/tools/http_request/invoke",
-                          json={"arguments": {"url": f"{third_party.base_url}/status/404"}})
+        answer = api.post(
+            "/v1/tools/http_request/invoke", json={"arguments": {"url": f"{third_party.base_url}/status/404"}}
+        )
         assert answer.json()["status"] == 404
 
 
@@ -221,9 +270,11 @@ def test_builtin_text_tools(stack: Stack, tenant: str) -> None:
     with stack.client(tenant) as api:
         email = api.post("/v1/tools/parse_email/invoke", json={"arguments": {"raw": raw}}).json()["output"]
         assert email["subject"] == "Lunch" and "Noon?" in email["text"]
-        extracted = api.post("/v1/tools/json_extract/invoke",
-                             json={"arguments": {"data": {"a": [{"b": 7}]}, "path": "a[0].b"}}).json()
+        extracted = api.post(
+            "/v1/tools/json_extract/invoke", json={"arguments": {"data": {"a": [{"b": 7}]}, "path": "a[0].b"}}
+        ).json()
         assert extracted["output"]["value"] == 7
-        text = api.post("/v1/tools/text_template/invoke",
-                        json={"arguments": {"template": "hi {{ n }}", "values": {"n": "Ann"}}}).json()
+        text = api.post(
+            "/v1/tools/text_template/invoke", json={"arguments": {"template": "hi {{ n }}", "values": {"n": "Ann"}}}
+        ).json()
         assert text["output"]["text"] == "hi Ann"

@@ -17,8 +17,15 @@ from tests.e2e.stack import JWT_SECRET, Stack
 
 def _claims(tenant: str, **overrides: Any) -> dict[str, Any]:
     now = int(time.time())
-    claims = {"tenant_id": tenant, "sub": "mallory", "role": "admin", "aud": "altan", "iss": "altan-dev",
-              "iat": now, "exp": now + 600}
+    claims = {
+        "tenant_id": tenant,
+        "sub": "mallory",
+        "role": "admin",
+        "aud": "altan",
+        "iss": "altan-dev",
+        "iat": now,
+        "exp": now + 600,
+    }
     claims.update(overrides)
     return {k: v for k, v in claims.items() if v is not None}
 
@@ -33,14 +40,18 @@ BAD_TOKENS = {
     "missing": lambda t: None,
     "not bearer": lambda t: "Basic " + jwt.encode(_claims(t), JWT_SECRET, algorithm="HS256"),
     "garbage": lambda t: "Bearer not-a-jwt",
-    "bad signature": lambda t: "Bearer " + jwt.encode(_claims(t), "another-secret-another-secret-another!", algorithm="HS256"),
+    "bad signature": lambda t: (
+        "Bearer " + jwt.encode(_claims(t), "another-secret-another-secret-another!", algorithm="HS256")
+    ),
     "alg none": lambda t: "Bearer " + _unsigned(_claims(t)),
     "expired": lambda t: "Bearer " + jwt.encode(_claims(t, exp=int(time.time()) - 3600), JWT_SECRET, algorithm="HS256"),
     "wrong aud": lambda t: "Bearer " + jwt.encode(_claims(t, aud="other"), JWT_SECRET, algorithm="HS256"),
     "wrong iss": lambda t: "Bearer " + jwt.encode(_claims(t, iss="evil"), JWT_SECRET, algorithm="HS256"),
     "no tenant": lambda t: "Bearer " + jwt.encode(_claims(t, tenant_id=None), JWT_SECRET, algorithm="HS256"),
     "no exp": lambda t: "Bearer " + jwt.encode(_claims(t, exp=None), JWT_SECRET, algorithm="HS256"),
-    "not yet valid": lambda t: "Bearer " + jwt.encode(_claims(t, nbf=int(time.time()) + 3600), JWT_SECRET, algorithm="HS256"),
+    "not yet valid": lambda t: (
+        "Bearer " + jwt.encode(_claims(t, nbf=int(time.time()) + 3600), JWT_SECRET, algorithm="HS256")
+    ),
     "unknown role": lambda t: "Bearer " + jwt.encode(_claims(t, role="root"), JWT_SECRET, algorithm="HS256"),
     "HS512 not pinned": lambda t: "Bearer " + jwt.encode(_claims(t), JWT_SECRET, algorithm="HS512"),
     "RS256 not pinned": lambda t: "Bearer " + jwt.encode(_claims(t), RSA_KEY, algorithm="RS256"),

@@ -8,7 +8,7 @@ from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack
 
 REFUSED = [
-    "http://127.0.0.1:{port}/",        # loopback, even on the allowed fake's host but another port... see below
+    "http://127.0.0.1:{port}/",  # loopback, even on the allowed fake's host but another port... see below
     "http://localhost/",
     "http://localhost./",
     "http://127.0.0.1./",
@@ -39,7 +39,9 @@ REFUSED = [
 
 
 @pytest.mark.parametrize("url", REFUSED)
-def test_private_destinations_are_refused_and_audited(stack: Stack, tenant: str, url: str, third_party: FakeThirdParty) -> None:
+def test_private_destinations_are_refused_and_audited(
+    stack: Stack, tenant: str, url: str, third_party: FakeThirdParty
+) -> None:
     # The fake listens on an allowed port; any *other* port on loopback stays forbidden.
     url = url.replace("{port}", str(third_party.port + 1 if third_party.port < 65535 else third_party.port - 1))
     with stack.client(tenant) as api:
@@ -62,18 +64,27 @@ def test_allowed_fake_third_party_works(stack: Stack, tenant: str, third_party: 
 def test_redirect_to_a_private_address_is_refused(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
     with stack.client(tenant) as api:
         target = "http://169.254.169.254/latest/meta-data/"
-        answer = api.post("/v1/tools/http_request/invoke",
-                          json={"arguments": {"url": f"{third_party.base_url}/redirect?to={target}"}})
+        answer = api.post(
+            "/v1/tools/http_request/invoke", json={"arguments": {"url": f"{third_party.base_url}/redirect?to={target}"}}
+        )
         assert answer.status_code == 403, answer.text
         assert "egress refused" in answer.json()["error"]["message"]
-        followed = api.post("/v1/tools/http_request/invoke",
-                            json={"arguments": {"url": f"{third_party.base_url}/redirect?to=/landed"}})
+        followed = api.post(
+            "/v1/tools/http_request/invoke", json={"arguments": {"url": f"{third_party.base_url}/redirect?to=/landed"}}
+        )
         assert followed.status_code == 200 and followed.json()["output"]["path"] == "/landed"
 
 
 def test_custom_tool_pointing_at_metadata_is_refused(stack: Stack, tenant: str) -> None:
     with stack.client(tenant) as api:
-        api.post("/v1/tools", json={"tool_id": "meta", "name": "M", "method": "GET",
-                                    "endpoint": "http://169.254.169.254/computeMetadata/v1/"})
+        api.post(
+            "/v1/tools",
+            json={
+                "tool_id": "meta",
+                "name": "M",
+                "method": "GET",
+                "endpoint": "http://169.254.169.254/computeMetadata/v1/",
+            },
+        )
         answer = api.post("/v1/tools/meta/invoke", json={"arguments": {}})
         assert answer.status_code == 403 and "egress refused" in answer.json()["error"]["message"]

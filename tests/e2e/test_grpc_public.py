@@ -19,20 +19,26 @@ def test_public_grpc_serves_the_same_api(stack: Stack, tenant: str) -> None:
         agents = agent_pb2_grpc.AgentServiceStub(channel)
         created = agents.CreateAgent(
             agent_pb2.CreateAgentRequest(spec_json=json.dumps({"name": "via-grpc", "tools": ["json_extract"]})),
-            metadata=metadata, timeout=10,
+            metadata=metadata,
+            timeout=10,
         ).agent
         plan = {"plan": [{"id": "s1", "tool": "json_extract", "arguments": {"data": {"k": "v"}, "path": "k"}}]}
         submitted = agents.SubmitTask(
             agent_pb2.SubmitTaskRequest(agent_id=created.id, input_json=json.dumps(plan)), metadata=metadata, timeout=10
         )
-        events = list(agents.StreamTaskEvents(agent_pb2.StreamTaskEventsRequest(task_id=submitted.task_id),
-                                              metadata=metadata, timeout=10))
+        events = list(
+            agents.StreamTaskEvents(
+                agent_pb2.StreamTaskEventsRequest(task_id=submitted.task_id), metadata=metadata, timeout=10
+            )
+        )
         assert events[-1].type == "task.succeeded"
         task = agents.GetTask(agent_pb2.GetTaskRequest(task_id=submitted.task_id), metadata=metadata, timeout=10).task
         assert json.loads(task.result_json) == {"s1": {"value": "v", "found": True}}
 
         tools = tool_pb2_grpc.ToolServiceStub(channel)
-        assert "json_extract" in [t.tool_id for t in tools.ListTools(tool_pb2.ListToolsRequest(), metadata=metadata).tools]
+        assert "json_extract" in [
+            t.tool_id for t in tools.ListTools(tool_pb2.ListToolsRequest(), metadata=metadata).tools
+        ]
         # The internal RPC that carries credentials is not public.
         with pytest.raises(grpc.RpcError) as err:
             tools.ExecuteTool(tool_pb2.ExecuteToolRequest(tool_id="json_extract"), metadata=metadata, timeout=10)
@@ -52,8 +58,9 @@ def test_health_and_reflection(stack: Stack, service: str) -> None:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-        answers = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                                  timeout=5)
+        answers = reflection.ServerReflectionInfo(
+            iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=5
+        )
         names = {s.name for a in answers for s in a.list_services_response.service}
         assert "grpc.health.v1.Health" in names
         if service != "gateway":

@@ -80,6 +80,11 @@ def test_operations_endpoints(stack: Stack) -> None:
         metrics = anonymous.get("/metrics")
         assert metrics.status_code == 200 and "altan_http_requests_total" in metrics.text
         spec = anonymous.get("/openapi.json").json()
-        for path in ("/v1/agents", "/v1/tools/{tool_id}/invoke", "/v1/credentials/{name}",
-                     "/v1/tasks/{task_id}/events", "/v1/audit"):
+        for path in (
+            "/v1/agents",
+            "/v1/tools/{tool_id}/invoke",
+            "/v1/credentials/{name}",
+            "/v1/tasks/{task_id}/events",
+            "/v1/audit",
+        ):
             assert path in spec["paths"]

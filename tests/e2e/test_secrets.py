@@ -16,16 +16,31 @@ def test_a_secret_appears_nowhere(stack: Stack, tenant: str, third_party: FakeTh
     with stack.client(tenant) as api:
         seen.append(api.put("/v1/credentials/vault", json={"type": "api_key", "value": secret}).text)
         seen.append(api.get("/v1/credentials").text)
-        seen.append(api.post("/v1/tools", json={
-            "tool_id": "secure", "name": "S", "endpoint": f"{third_party.base_url}/secure", "method": "POST",
-            "auth": "api_key", "credential": "vault"}).text)
+        seen.append(
+            api.post(
+                "/v1/tools",
+                json={
+                    "tool_id": "secure",
+                    "name": "S",
+                    "endpoint": f"{third_party.base_url}/secure",
+                    "method": "POST",
+                    "auth": "api_key",
+                    "credential": "vault",
+                },
+            ).text
+        )
         seen.append(api.post("/v1/tools/secure/invoke", json={"arguments": {}}).text)
         agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["secure", "http_request"]}).json()["id"]
-        plan = {"plan": [
-            {"id": "s1", "tool": "secure", "arguments": {}},
-            {"id": "s2", "tool": "http_request",
-             "arguments": {"url": f"{third_party.base_url}/status/401", "credential": "vault"}},
-        ]}
+        plan = {
+            "plan": [
+                {"id": "s1", "tool": "secure", "arguments": {}},
+                {
+                    "id": "s2",
+                    "tool": "http_request",
+                    "arguments": {"url": f"{third_party.base_url}/status/401", "credential": "vault"},
+                },
+            ]
+        }
         task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
         with api.stream("GET", f"/v1/tasks/{task_id}/events") as events:
             seen.append("".join(events.iter_text()))

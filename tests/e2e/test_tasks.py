@@ -38,12 +38,21 @@ def _finished(api: httpx.Client, task_id: str) -> dict[str, Any]:
 
 
 def test_independent_steps_run_in_parallel(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
-    plan = {"plan": [
-        {"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/sleep/1"}},
-        {"id": "s2", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/sleep/1"}},
-        {"id": "s3", "tool": "text_template", "depends_on": ["s1", "s2"],
-         "arguments": {"template": "{{ a }}+{{ b }}", "values": {"a": "${s1.output.slept}", "b": "${s2.output.slept}"}}},
-    ]}
+    plan = {
+        "plan": [
+            {"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/sleep/1"}},
+            {"id": "s2", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/sleep/1"}},
+            {
+                "id": "s3",
+                "tool": "text_template",
+                "depends_on": ["s1", "s2"],
+                "arguments": {
+                    "template": "{{ a }}+{{ b }}",
+                    "values": {"a": "${s1.output.slept}", "b": "${s2.output.slept}"},
+                },
+            },
+        ]
+    }
     with stack.client(tenant) as api:
         agent_id = _agent(api, ["http_request", "text_template"])
         started = time.monotonic()
@@ -63,13 +72,27 @@ def test_independent_steps_run_in_parallel(stack: Stack, tenant: str, third_part
 
 
 def test_references_keep_their_type(stack: Stack, tenant: str) -> None:
-    plan = {"plan": [
-        {"id": "s1", "tool": "json_extract", "arguments": {"data": {"items": [{"n": 41}, {"n": 42}]}, "path": "items"}},
-        {"id": "s2", "tool": "json_extract", "depends_on": ["s1"],
-         "arguments": {"data": {"list": "${s1.output.value}"}, "path": "list[1].n"}},
-        {"id": "s3", "tool": "text_template", "depends_on": ["s2"],
-         "arguments": {"template": "{{ v }}", "values": {"v": "answer=${s2.output.value}"}}},
-    ]}
+    plan = {
+        "plan": [
+            {
+                "id": "s1",
+                "tool": "json_extract",
+                "arguments": {"data": {"items": [{"n": 41}, {"n": 42}]}, "path": "items"},
+            },
+            {
+                "id": "s2",
+                "tool": "json_extract",
+                "depends_on": ["s1"],
+                "arguments": {"data": {"list": "${s1.output.value}"}, "path": "list[1].n"},
+            },
+            {
+                "id": "s3",
+                "tool": "text_template",
+                "depends_on": ["s2"],
+                "arguments": {"template": "{{ v }}", "values": {"v": "answer=${s2.output.value}"}},
+            },
+        ]
+    }
     with stack.client(tenant) as api:
         agent_id = _agent(api, ["json_extract", "text_template"])
         task = _finished(api, api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"])
@@ -84,11 +107,21 @@ def test_references_keep_their_type(stack: Stack, tenant: str) -> None:
         ([{"id": "s1", "tool": "nope"}], "unknown tool"),
         ([{"id": "s1", "tool": "parse_email", "arguments": {"raw": "x"}}], "not bound"),
         ([{"id": "s1", "tool": "json_extract", "depends_on": ["s9"]}], "s9"),
-        ([{"id": "s1", "tool": "json_extract", "depends_on": ["s2"]},
-          {"id": "s2", "tool": "json_extract", "depends_on": ["s1"]}], "cycle"),
+        (
+            [
+                {"id": "s1", "tool": "json_extract", "depends_on": ["s2"]},
+                {"id": "s2", "tool": "json_extract", "depends_on": ["s1"]},
+            ],
+            "cycle",
+        ),
         ([{"id": "s1", "tool": "json_extract"}, {"id": "s1", "tool": "json_extract"}], "s1"),
-        ([{"id": "s1", "tool": "json_extract", "arguments": {"data": "${s2.output}"}},
-          {"id": "s2", "tool": "json_extract"}], "s2"),
+        (
+            [
+                {"id": "s1", "tool": "json_extract", "arguments": {"data": "${s2.output}"}},
+                {"id": "s2", "tool": "json_extract"},
+            ],
+            "s2",
+        ),
         ([], "plan"),
         ("not a list", "plan"),
     ],
@@ -140,11 +173,15 @@ def test_events_stream_in_order_and_resume(stack: Stack, tenant: str) -> None:
         assert [e["seq"] for e in resumed] == [4, 5]
 
 
-def test_failed_step_fails_the_task_and_skips_dependents(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
-    plan = {"plan": [
-        {"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/status/500"}},
-        {"id": "s2", "tool": "json_extract", "depends_on": ["s1"], "arguments": {"data": {}, "path": "a"}},
-    ]}
+def test_failed_step_fails_the_task_and_skips_dependents(
+    stack: Stack, tenant: str, third_party: FakeThirdParty
+) -> None:
+    plan = {
+        "plan": [
+            {"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/status/500"}},
+            {"id": "s2", "tool": "json_extract", "depends_on": ["s1"], "arguments": {"data": {}, "path": "a"}},
+        ]
+    }
     with stack.client(tenant) as api:
         agent_id = _agent(api, ["http_request", "json_extract"])
         task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]

@@ -8,9 +8,9 @@ from email.message import EmailMessage
 from typing import Any
 
 import pytest
-from altan.errors import InvalidArgument
 from jsonschema import Draft202012Validator
 
+from altan.errors import InvalidArgument
 from services.tool.builtins import BUILTIN_TOOLS, is_builtin, json_extract, parse_email, run_builtin, text_template
 from services.tool.schema import ArgumentValidator
 
@@ -156,7 +156,7 @@ def test_parse_email_refuses_non_strings() -> None:
 def test_parse_email_mangled_messages_raise_only_invalid_argument() -> None:
     source = multipart_message()
     alphabet = '<>@,;:"\\()[]=?\n\r\t -_aZ09=/.\x00\udcff\u00e9'
-    rng = random.Random(7)  # noqa: S311 -- reproducible fuzzing, not secrets
+    rng = random.Random(7)
     for _ in range(800):
         chars = list(source)
         for _ in range(rng.randint(1, 25)):

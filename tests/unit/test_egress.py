@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from altan.egress import EgressGuard, EgressPolicy, GuardedHttpClient, HostPort
-from altan.errors import EgressRefused, FailedPrecondition, Unavailable
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
+from altan.egress import EgressGuard, EgressPolicy, HostPort
+from altan.errors import EgressRefused, FailedPrecondition, Unavailable
+from altan.outbound import GuardedHttpClient
 
 Reply = tuple[int, dict[str, str], bytes]
 

@@ -7,8 +7,8 @@ import time
 from typing import Any
 
 import pytest
-from altan.errors import InvalidArgument, Unavailable
 
+from altan.errors import InvalidArgument, Unavailable
 from services.agent.plan import (
     MAX_STEPS,
     Plan,

@@ -7,8 +7,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from altan.errors import InvalidArgument
 
+from altan.errors import InvalidArgument
 from services.tool.schema import ArgumentValidator, build_http_request, parse_custom_tool
 
 

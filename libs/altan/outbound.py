@@ -1,0 +1,264 @@
+"""The one outbound HTTP client of the Tool Service, behind the egress guard.
+
+:class:`GuardedHttpClient` asks the :class:`~altan.egress.EgressGuard` about every URL and then connects to exactly
+the address that was checked, so a DNS answer cannot change between the check and the connection (DNS rebinding).
+It follows redirects itself, re-checking every hop, and drops credentials when a hop changes origin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json as jsonlib
+import ssl
+import time
+from collections.abc import AsyncIterator, Collection, Iterable
+from contextlib import asynccontextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+from urllib.parse import urljoin
+
+import httpcore
+import httpx
+
+from altan.egress import EgressGuard, ResolvedTarget
+from altan.errors import FailedPrecondition, Unavailable
+
+__all__ = ["GuardedHttpClient", "HttpResult"]
+
+
+# The (host, port, ip) the guard checked for the request this task is sending; read by the network backend.
+_PIN: ContextVar[tuple[str, int, str] | None] = ContextVar("altan_egress_pin", default=None)
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Opens TCP connections only to the address pinned for the current request, never resolving a name.
+
+    The URL keeps the real host name, so httpcore pools connections per name and TLS verifies the certificate
+    for that name; rewriting the URL to the IP instead would let a connection verified for one name be reused
+    for another name that resolves to the same address.
+    """
+
+    def __init__(self) -> None:
+        self._inner = httpcore.AnyIOBackend()
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        pin = _PIN.get()
+        if pin is None or pin[:2] != (host, port):
+            raise httpcore.ConnectError("no checked address for this connection")  # fail closed
+        return await self._inner.connect_tcp(pin[2], port, timeout, local_address, socket_options)
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        raise httpcore.ConnectError("unix sockets are not an egress destination")
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    """A fully read response."""
+
+    status: int
+    headers: dict[str, str]  # lowercase names; repeated headers joined with ", "
+    body: bytes
+    target: str  # "host:port" of the final hop
+    retry_after: float | None  # seconds, from Retry-After (delta-seconds or HTTP-date) when present
+
+
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+_ALWAYS_SENSITIVE = frozenset({"authorization", "cookie", "proxy-authorization"})
+_BODY_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding", "content-encoding"})
+
+
+class GuardedHttpClient:
+    """The Tool Service's only way out: every hop is checked by the guard and connected to its checked address.
+
+    Holds one pooled ``httpx.AsyncClient`` for its whole life; call :meth:`aclose` on shutdown.
+    """
+
+    def __init__(
+        self,
+        guard: EgressGuard,
+        *,
+        max_redirects: int = 5,
+        max_response_bytes: int = 10 * 1024 * 1024,
+        timeout: float = 30.0,
+        verify: ssl.SSLContext | bool = True,
+    ) -> None:
+        self._guard = guard
+        self._max_redirects = max_redirects
+        self._max_bytes = max_response_bytes
+        self._timeout = timeout
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        # httpx 0.28 has no public hook for the network backend, so swap the (still empty) pool it built for one
+        # that can only reach pinned addresses. If a future httpx renames this, the pinned-name tests fail.
+        transport._pool = httpcore.AsyncConnectionPool(
+            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=_PinnedBackend(),
+        )
+        self._client = httpx.AsyncClient(
+            transport=transport,
+            trust_env=False,  # proxies from the environment would bypass the pinned address
+            follow_redirects=False,  # each hop must pass the guard first
+            timeout=timeout,
+            # One client serves every tenant: a cookie set for one call must never be replayed on another.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+        )
+
+    async def aclose(self) -> None:
+        """Close pooled connections."""
+        await self._client.aclose()
+
+    async def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        params: dict[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        timeout: float | None = None,
+        sensitive_headers: Collection[str] = (),
+    ) -> HttpResult:
+        """Send a request, following redirects through the guard, and read the whole response.
+
+        ``sensitive_headers`` names headers (a credential, say) that, like Authorization, Cookie and
+        Proxy-Authorization, are dropped when a redirect leads to another host. ``timeout`` bounds the whole
+        call: resolution, every hop and the body. Raises EgressRefused, Unavailable (unreachable or timed out)
+        or FailedPrecondition (too many redirects, response too large).
+        """
+        if json is not None and content is not None:
+            raise ValueError("pass json or content, not both")
+        budget = self._timeout if timeout is None else timeout
+        hdrs = {k: v for k, v in (headers or {}).items() if k.lower() != "host"}  # Host comes from the URL
+        body = content
+        if json is not None:
+            body = jsonlib.dumps(json).encode()
+            if not any(k.lower() == "content-type" for k in hdrs):
+                hdrs["Content-Type"] = "application/json"
+        if params:
+            query = str(httpx.QueryParams(params))
+            base = url.partition("#")[0]
+            url = f"{base}{'&' if '?' in base else '?'}{query}"
+        sensitive = _ALWAYS_SENSITIVE | {h.lower() for h in sensitive_headers}
+        state = {"target": "the destination"}  # for the timeout message
+        try:
+            async with asyncio.timeout(budget):
+                return await self._follow(method.upper(), url, hdrs, body, sensitive, budget, state)
+        except TimeoutError:
+            raise Unavailable(f"could not reach {state['target']}: timed out after {budget:g}s") from None
+
+    async def _follow(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        body: bytes | None,
+        sensitive: frozenset[str],
+        timeout: float,
+        state: dict[str, str],
+    ) -> HttpResult:
+        previous: ResolvedTarget | None = None
+        for _ in range(self._max_redirects + 1):
+            hop = await self._guard.check(url)
+            state["target"] = hop.target
+            # Credentials go to another host, or over plain http after https, only if the caller sends them there.
+            if previous is not None and (
+                (previous.host, previous.port) != (hop.host, hop.port)
+                or (previous.scheme, hop.scheme) == ("https", "http")
+            ):
+                headers = {k: v for k, v in headers.items() if k.lower() not in sensitive}
+            async with self._send(hop, method, headers, body, timeout) as response:
+                location = response.headers.get("location")
+                if response.status_code not in _REDIRECTS or not location:
+                    return await self._read(response, hop)
+            # 303 always, and 301/302 after POST, become a body-less GET, as browsers do.
+            if (response.status_code == 303 and method != "HEAD") or (
+                response.status_code in (301, 302) and method == "POST"
+            ):
+                method, body = "GET", None
+                headers = {k: v for k, v in headers.items() if k.lower() not in _BODY_HEADERS}
+            url, previous = urljoin(url, location), hop
+        raise FailedPrecondition(f"too many redirects (more than {self._max_redirects})")
+
+    @asynccontextmanager
+    async def _send(
+        self, hop: ResolvedTarget, method: str, headers: dict[str, str], body: bytes | None, timeout: float
+    ) -> AsyncIterator[httpx.Response]:
+        request = self._client.build_request(method, hop.url, headers=headers, content=body, timeout=timeout)
+        token = _PIN.set((hop.host, hop.port, hop.ip))
+        try:
+            response = await self._client.send(request, stream=True)
+        except httpx.TimeoutException:
+            raise Unavailable(f"could not reach {hop.target}: timed out") from None
+        except httpx.TransportError as exc:
+            raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
+        finally:
+            _PIN.reset(token)
+        try:
+            yield response
+        finally:
+            await response.aclose()
+
+    async def _read(self, response: httpx.Response, hop: ResolvedTarget) -> HttpResult:
+        too_large = FailedPrecondition(f"response from {hop.target} is larger than {self._max_bytes} bytes")
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_bytes:
+            raise too_large
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            # Decoded bytes are counted, so a compressed body cannot expand past the limit.
+            async for chunk in response.aiter_bytes():
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise too_large
+                chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise Unavailable(f"could not reach {hop.target}: timed out reading the response") from None
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
+        headers = {k.lower(): v for k, v in response.headers.items()}
+        return HttpResult(
+            status=response.status_code,
+            headers=headers,
+            body=b"".join(chunks),
+            target=hop.target,
+            retry_after=_parse_retry_after(headers.get("retry-after")),
+        )
+
+
+def _describe(exc: Exception) -> str:
+    """A short reason for a transport error; these come from the OS or TLS, never from the request."""
+    return f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a Retry-After value (delta-seconds or HTTP-date), or None if absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
