@@ -98,6 +98,13 @@ class TaskRunner:
         missing = set(await self._missing_tools(sorted(named | bound))) if named | bound else set()
         return parse_plan(task_input, known_tools=(named | bound) - missing, bound_tools=bound)
 
+    async def aclose(self) -> None:
+        """On shutdown: cancel what still runs here, so each task ends recorded as cancelled, not stuck running."""
+        runners = list(self._running.values())
+        for runner in runners:
+            runner.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+
     async def get(self, task_id: str) -> dict[str, Any]:
         task = await self._store.get(_TASKS, task_id)
         if task is None:

@@ -71,13 +71,23 @@ def third_party() -> Iterator[FakeThirdParty]:
     fake.server.server_close()
 
 
+@pytest.fixture(scope="session")
+def closed_port() -> int:
+    """An allowed egress destination where nothing listens: connection refused, every time."""
+    return free_port()
+
+
 @pytest.fixture(scope="session", params=["embedded", "redis"])
 def stack(
-    request: pytest.FixtureRequest, third_party: FakeThirdParty, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    third_party: FakeThirdParty,
+    closed_port: int,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
-    running = start_stack(data_dir=data_dir, egress_allow=f"127.0.0.1:{third_party.port}", redis_url=url)
+    allow = f"127.0.0.1:{third_party.port},127.0.0.1:{closed_port}"
+    running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url)
     yield running
     code = running.stop()
     assert code == 0, f"altan up did not stop cleanly ({code}):\n{running.logs()[-5000:]}"

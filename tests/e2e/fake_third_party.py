@@ -76,13 +76,13 @@ def _handler(fake: FakeThirdParty) -> type[BaseHTTPRequestHandler]:
             elif path.startswith("/status/"):
                 self._answer(int(path.split("/")[2]), {"error": "as asked"})
             elif path.startswith("/flaky/"):
-                # /flaky/<key>/<failures>: answers 503 (Retry-After: 0) that many times, then 200.
-                _, _, key, failures = path.split("/")
+                # /flaky/<key>/<failures>[/<retry-after>]: answers 503 that many times, then 200.
+                _, _, key, failures, *wait = path.split("/")
                 with fake.lock:
                     fake.counters[key] = fake.counters.get(key, 0) + 1
                     count = fake.counters[key]
                 if count <= int(failures):
-                    self._answer(503, {"error": "busy"}, {"Retry-After": "0"})
+                    self._answer(503, {"error": "busy"}, {"Retry-After": wait[0] if wait else "0"})
                 else:
                     self._answer(200, {"attempts": count})
             elif path == "/redirect":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack
@@ -263,6 +264,28 @@ def test_transient_failures_are_retried(stack: Stack, tenant: str, third_party: 
             "/v1/tools/http_request/invoke", json={"arguments": {"url": f"{third_party.base_url}/status/404"}}
         )
         assert answer.json()["status"] == 404
+
+
+def test_retry_after_is_honoured(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
+    with stack.client(tenant) as api:
+        started = time.monotonic()
+        answer = api.post(
+            "/v1/tools/http_request/invoke", json={"arguments": {"url": f"{third_party.base_url}/flaky/{tenant}/1/1"}}
+        )
+        elapsed = time.monotonic() - started
+        assert answer.json() == {"output": {"attempts": 2}, "status": 200}
+        assert elapsed >= 0.9, "the retry did not wait the Retry-After the third party asked for"
+
+
+def test_unreachable_destination_is_503_after_retries(stack: Stack, tenant: str, closed_port: int) -> None:
+    with stack.client(tenant) as api:
+        answer = api.post(
+            "/v1/tools/http_request/invoke", json={"arguments": {"url": f"http://127.0.0.1:{closed_port}/"}}
+        )
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["error"]["code"] == "UNAVAILABLE"
+        event = api.get("/v1/audit").json()["events"][-1]
+        assert event["outcome"] == "error" and event["tool_id"] == "http_request"
 
 
 def test_builtin_text_tools(stack: Stack, tenant: str) -> None:
