@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from altan.context import require_admin
 from altan.errors import InvalidArgument, NotFound
 from altan.store import TenantStore
-from altan.wire import new_id, now_iso
+from altan.wire import new_id, now_iso, validate_model
 
 __all__ = ["AgentCatalog", "ToolLookup"]
 
@@ -47,14 +47,7 @@ class AgentSpec(BaseModel):
 
 
 def _validate(body: Any) -> AgentSpec:
-    if not isinstance(body, dict):
-        raise InvalidArgument("agent: must be a JSON object")
-    try:
-        spec = AgentSpec.model_validate(body)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "agent"
-        raise InvalidArgument(f"{where}: {first['msg']}") from None
+    spec = validate_model(AgentSpec, body, "agent")
     if len(set(spec.tools)) != len(spec.tools):
         raise InvalidArgument("tools: a tool is listed twice")
     return spec

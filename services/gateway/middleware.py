@@ -6,6 +6,7 @@ Both are plain ASGI (no per-request objects beyond what is needed) to keep the h
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -14,6 +15,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from altan import context
 from altan.auth import TokenVerifier
 from altan.errors import Unauthenticated
+
+request_log = logging.getLogger("altan.gateway.requests")
 
 __all__ = ["AuthMiddleware", "BodyLimitMiddleware", "MetricsMiddleware", "error_response_bytes"]
 
@@ -129,8 +132,24 @@ class MetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             route = _route_of(scope)
+            elapsed = time.perf_counter() - started
             self.requests.labels(scope["method"], route, str(status["code"])).inc()
-            self.latency.labels(scope["method"], route).observe(time.perf_counter() - started)
+            self.latency.labels(scope["method"], route).observe(elapsed)
+            # Cloud Logging's httpRequest fields; the path only (ids, never secrets), tenant from the context.
+            request_log.info(
+                "%s %s %s",
+                scope["method"],
+                route,
+                status["code"],
+                extra={
+                    "httpRequest": {
+                        "requestMethod": scope["method"],
+                        "requestUrl": scope["path"],
+                        "status": status["code"],
+                        "latency": f"{elapsed:.6f}s",
+                    }
+                },
+            )
 
 
 def _route_of(scope: Scope) -> str:

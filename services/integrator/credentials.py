@@ -10,12 +10,12 @@ import json
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from altan.context import require_admin
 from altan.errors import FailedPrecondition, InvalidArgument, NotFound
 from altan.store import TenantStore
-from altan.wire import now_iso
+from altan.wire import now_iso, validate_model
 from services.integrator.secrets import SecretBackend
 
 __all__ = ["CredentialBroker", "ResolvedCredential"]
@@ -79,13 +79,7 @@ def _parse(spec: Any) -> ApiKeySpec | OAuth2Spec:
         model = OAuth2Spec
     else:
         raise InvalidArgument("type: must be 'api_key' or 'oauth2'")
-    try:
-        return model.model_validate(spec)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "credential"
-        # Never echo the input: it may be the secret itself.
-        raise InvalidArgument(f"{where}: {first['msg']}") from None
+    return validate_model(model, spec, "credential")
 
 
 class CredentialBroker:
