@@ -41,6 +41,7 @@ class StateBackend(Protocol):
     async def hgetall(self, key: str) -> dict[str, str]: ...
     async def append(self, key: str, value: str, maxlen: int) -> int: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
+    async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def ping(self) -> bool: ...
     async def aclose(self) -> None: ...
 
@@ -98,6 +99,9 @@ class MemoryBackend:
                 return []
         return self._after(key, after, count)
 
+    async def tail(self, key: str, count: int) -> list[tuple[int, str]]:
+        return list(self._streams.get(key, ())[-count:])
+
     def _after(self, key: str, after: int, count: int) -> list[tuple[int, str]]:
         return [item for item in self._streams.get(key, ()) if item[0] > after][:count]
 
@@ -143,6 +147,10 @@ class RedisBackend:
         else:
             entries = await self._redis.xrange(key, min=f"(0-{after}", count=count)
         return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in entries]
+
+    async def tail(self, key: str, count: int) -> list[tuple[int, str]]:
+        entries = await self._redis.xrevrange(key, count=count)
+        return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in reversed(entries)]
 
     async def ping(self) -> bool:
         return bool(await asyncio.wait_for(self._redis.ping(), 5))
@@ -198,3 +206,7 @@ class TenantStore:
         """Events after ``after``; with ``block_seconds`` waits that long for the first new one."""
         items = await self._backend.read(self._key(stream), after, count, block_seconds)
         return [(seq, json.loads(value)) for seq, value in items]
+
+    async def tail(self, stream: str, count: int) -> list[Doc]:
+        """The newest ``count`` events, oldest first."""
+        return [json.loads(value) for _, value in await self._backend.tail(self._key(stream), count)]

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 _TASKS = "tasks"
 _IDEMPOTENCY = "idempotency"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+_TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 
 # Runs one tool for an agent's task: (agent, step, arguments, task_id) -> (output, http_status).
 ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable[tuple[Any, int]]]
@@ -133,7 +134,7 @@ class TaskRunner:
             for seq, event in await self._store.read(_events(task_id), after, block_seconds=10):
                 yield seq, event
                 after = seq
-                if event["type"] in {f"task.{s}" for s in TERMINAL}:
+                if event["type"] in _TERMINAL_EVENTS:
                     return
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:

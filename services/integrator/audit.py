@@ -12,7 +12,8 @@ from altan.wire import now_iso
 __all__ = ["AuditLog"]
 
 _STREAM = "audit"
-_FIELDS = ("tool_id", "task_id", "target", "outcome", "latency_ms", "reason", "credential")
+_PER_TASK_MAX = 10_000
+_FIELDS = ("tool_id", "target", "outcome", "latency_ms", "reason", "credential")
 
 
 class AuditLog:
@@ -27,7 +28,7 @@ class AuditLog:
         if unknown:
             raise ValueError(f"unknown audit fields {sorted(unknown)}")
         caller = context.current()
-        event = {
+        event: dict[str, Any] = {
             "time": now_iso(),
             "tenant_id": caller.tenant_id,
             "user": caller.user,
@@ -42,12 +43,15 @@ class AuditLog:
         }
         event.update({k: v for k, v in fields.items() if v is not None})
         await self._store.append(_STREAM, event, maxlen=self._max)
+        if caller.task_id:
+            # A per-task copy makes "the audit of this task" a tail read instead of a scan.
+            await self._store.append(_task_stream(caller.task_id), event, maxlen=_PER_TASK_MAX)
 
     async def query(self, task_id: str, limit: int) -> list[dict[str, Any]]:
         if limit < 0 or limit > 1000:
             raise InvalidArgument("limit: must be between 1 and 1000")
-        limit = limit or 100
-        events = [event for _, event in await self._store.read(_STREAM, 0, count=self._max)]
-        if task_id:
-            events = [e for e in events if e["task_id"] == task_id]
-        return events[-limit:]
+        return await self._store.tail(_task_stream(task_id) if task_id else _STREAM, limit or 100)
+
+
+def _task_stream(task_id: str) -> str:
+    return f"{_STREAM}:task:{task_id}"
