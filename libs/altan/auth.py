@@ -68,20 +68,21 @@ class TokenVerifier:
             raise Unauthenticated(f"token lacks the '{exc.claim}' claim") from exc
         except jwt.InvalidAlgorithmError as exc:
             raise Unauthenticated("token algorithm not accepted") from exc
-        except (jwt.PyJWTError, ValueError) as exc:
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise Unauthenticated("invalid token") from exc
         return self._context(claims, token)
 
     def _key_for(self, token: str) -> Any:
         if self._secret:
             return self._secret
+        # A PyJWK (not its raw key) lets PyJWT refuse a token whose algorithm does not fit the key's type.
         if self._jwks_client is not None:
-            return self._jwks_client.get_signing_key_from_jwt(token).key
+            return self._jwks_client.get_signing_key_from_jwt(token)
         assert self._jwks is not None
         kid = jwt.get_unverified_header(token).get("kid")
         for key in self._jwks.keys:
             if kid is None or key.key_id == kid:
-                return key.key
+                return key
         raise jwt.InvalidKeyError("no key matches the token's kid")
 
     @staticmethod

@@ -17,12 +17,13 @@ from altan import context
 from altan.errors import AltanError, error_from_status
 from altan.v1 import agent_pb2_grpc, integrator_pb2_grpc, tool_pb2_grpc
 
-__all__ = ["ServiceClient", "agent_client", "integrator_client", "tool_client"]
+__all__ = ["ServiceClient", "agent_client", "error_from_rpc", "integrator_client", "tool_client"]
 
 Stub = TypeVar("Stub")
 
 
-def _error(exc: grpc.aio.AioRpcError) -> AltanError:
+def error_from_rpc(exc: grpc.aio.AioRpcError) -> AltanError:
+    """The domain error a callee raised, with its ``retry-after``."""
     retry_after = None
     for key, value in exc.trailing_metadata() or ():
         if key == "retry-after":
@@ -52,7 +53,7 @@ class ServiceClient(Generic[Stub]):
         try:
             return await method(request, metadata=self._metadata(), timeout=timeout or self._deadline)
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
+            raise error_from_rpc(exc) from None
 
     async def stream(self, rpc: str, request: Any, timeout: float | None = None) -> AsyncIterator[Any]:
         """Server-streaming call as the current caller; ``timeout`` bounds the whole stream."""
@@ -61,7 +62,7 @@ class ServiceClient(Generic[Stub]):
             async for item in call:
                 yield item
         except grpc.aio.AioRpcError as exc:
-            raise _error(exc) from None
+            raise error_from_rpc(exc) from None
         finally:
             call.cancel()
 

@@ -29,14 +29,21 @@ def default_data_dir() -> Path:
 def development_secret(data_dir: Path, name: str, size: int = 32) -> str:
     """Read, or create on first use, a random base64 secret in the data directory (mode 0600)."""
     path = data_dir / name
-    if path.exists():
-        return path.read_text().strip()
-    data_dir.mkdir(parents=True, exist_ok=True)
-    value = base64.b64encode(secrets.token_bytes(size)).decode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(value + "\n")
-    return value
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        # Write aside, then link into place: processes starting together never read a half-written file,
+        # and the first link wins.
+        tmp = data_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(base64.b64encode(secrets.token_bytes(size)).decode() + "\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink()
+    return path.read_text().strip()
 
 
 class Settings(BaseSettings):

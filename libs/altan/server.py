@@ -92,7 +92,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
             )
-        return handler
+
+        # No proto has client-streaming RPCs; refuse them rather than ever serving one unauthenticated.
+        async def refuse(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            await ctx.abort(grpc.StatusCode.UNIMPLEMENTED, "client-streaming RPCs are not supported")
+
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                refuse, handler.request_deserializer, handler.response_serializer
+            )
+        return grpc.stream_stream_rpc_method_handler(refuse, handler.request_deserializer, handler.response_serializer)
 
 
 @dataclass
@@ -138,9 +147,7 @@ async def serve_until_stopped(
     if generic_handlers:
         server.add_generic_rpc_handlers(generic_handlers)
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(address)
-    if port == 0:
-        raise RuntimeError(f"cannot listen on {address}")
+    server.add_insecure_port(address)  # raises when the address cannot be bound
     await server.start()
     for name in ["", *(svc.name for svc in services)]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

@@ -100,7 +100,7 @@ class MemoryBackend:
         return self._after(key, after, count)
 
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]:
-        return list(self._streams.get(key, ())[-count:])
+        return list(self._streams.get(key, ())[-count:]) if count > 0 else []
 
     def _after(self, key: str, after: int, count: int) -> list[tuple[int, str]]:
         return [item for item in self._streams.get(key, ()) if item[0] > after][:count]
@@ -141,7 +141,7 @@ class RedisBackend:
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         if block_seconds > 0:
-            block_ms = int(min(block_seconds, 20) * 1000)
+            block_ms = max(1, int(min(block_seconds, 20) * 1000))  # BLOCK 0 would mean "forever"
             answer = await self._redis.xread({key: f"0-{after}"}, count=count, block=block_ms)
             entries = answer[0][1] if answer else []
         else:
@@ -149,6 +149,8 @@ class RedisBackend:
         return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in entries]
 
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]:
+        if count <= 0:
+            return []
         entries = await self._redis.xrevrange(key, count=count)
         return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in reversed(entries)]
 
@@ -197,7 +199,10 @@ class TenantStore:
         return {doc_id: json.loads(value) for doc_id, value in raw.items()}
 
     async def append(self, stream: str, event: Doc, maxlen: int = 10_000) -> int:
-        """Append an event; returns its sequence number (1, 2, ...)."""
+        """Append an event; returns its sequence number (1, 2, ...).
+
+        Redis trims approximately (``MAXLEN ~``, cheap): it may keep somewhat more than ``maxlen`` events.
+        """
         return await self._backend.append(self._key(stream), json.dumps(event), maxlen)
 
     async def read(

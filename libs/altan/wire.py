@@ -49,7 +49,7 @@ def load_json(text: str, what: str, *, default: Any = None) -> Any:
         return default
     try:
         return json.loads(text)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # deep nesting is malformed input, not a crash
         raise InvalidArgument(f"{what}: not valid JSON") from exc
 
 

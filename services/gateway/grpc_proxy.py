@@ -13,8 +13,7 @@ from typing import Any
 import grpc
 
 from altan import context
-from altan.clients import ServiceClient
-from altan.errors import error_from_status
+from altan.clients import ServiceClient, error_from_rpc
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
 
 __all__ = ["PUBLIC_SERVICES", "PublicProxy"]
@@ -63,7 +62,7 @@ class PublicProxy(grpc.GenericRpcHandler):
             try:
                 return await call(request, metadata=self._metadata(), timeout=ctx.time_remaining() or 30)  # type: ignore[no-any-return]
             except grpc.aio.AioRpcError as exc:
-                raise error_from_status(exc.code(), exc.details() or exc.code().name) from None
+                raise error_from_rpc(exc) from None
 
         return forward
 
@@ -76,7 +75,7 @@ class PublicProxy(grpc.GenericRpcHandler):
                 async for item in stream:
                     yield item
             except grpc.aio.AioRpcError as exc:
-                raise error_from_status(exc.code(), exc.details() or exc.code().name) from None
+                raise error_from_rpc(exc) from None
             finally:
                 stream.cancel()
 

@@ -36,7 +36,7 @@ async def _json_object(request: Request) -> dict[str, Any]:
     raw = await request.body()
     try:
         body = json.loads(raw) if raw else None
-    except ValueError:
+    except (ValueError, RecursionError):
         raise InvalidArgument("body: not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body: must be a JSON object")

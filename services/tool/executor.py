@@ -48,7 +48,7 @@ def _decode(result: HttpResult) -> Any:
     if "json" in result.headers.get("content-type", ""):
         try:
             return json.loads(result.body)
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     return result.body.decode("utf-8", errors="replace")
 
