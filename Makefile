@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+CHECKOV := .venv-checkov/bin/checkov
 
 .PHONY: install run test lint proto check-proto
 
@@ -17,7 +18,11 @@ $(STAMP): pyproject.toml
 run: install
 	$(BIN)/altan up
 
-test: install lint
+# checkov (policy checks of the rendered chart) needs its own virtualenv: its pins conflict with ours.
+$(CHECKOV): tests/deploy/checkov-requirements.txt | $(STAMP)
+	PYTHON=$(BIN)/python bash tests/deploy/install-tools.sh
+
+test: install $(CHECKOV) lint
 	$(BIN)/python -m pytest
 
 lint: install

@@ -1,0 +1,234 @@
+"""What every benchmark needs: the stack and the fake API as real processes, their CPU, and bounded load loops.
+
+The stack is started the way a developer starts it (``altan up`` in a subprocess, embedded state unless a Redis
+URL is given) but at the default log level: the end-to-end harness's DEBUG logging would be measured too.
+CPU is read from ``/proc/<pid>/stat`` (utime + stime), so no dependency beyond the project's own is needed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import jwt
+
+__all__ = [
+    "CpuMeter",
+    "Phase",
+    "Processes",
+    "closed_loop",
+    "free_port",
+    "percentile",
+    "start_processes",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds (0 if it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / _TICKS  # fields 14 and 15 of proc(5), counted after the name
+
+
+def _children(pid: int) -> dict[str, int]:
+    """The service processes ``altan up`` started, by service name."""
+    found: dict[str, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"-m" in cmdline:
+            found[cmdline[cmdline.index(b"-m") + 1].decode().removeprefix("services.")] = int(entry.name)
+    return found
+
+
+@dataclass
+class Processes:
+    """The running stack (``altan up`` and its four services) and the fake third-party API."""
+
+    stack: subprocess.Popen[bytes]
+    fake: subprocess.Popen[bytes]
+    http_port: int
+    fake_port: int
+    secret: str
+    workdir: Path
+    pids: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
+
+    @property
+    def fake_url(self) -> str:
+        return f"http://127.0.0.1:{self.fake_port}"
+
+    def token(self, tenant: str) -> str:
+        now = int(time.time())
+        claims = {"tenant_id": tenant, "sub": "bench", "role": "admin", "aud": "altan", "iss": "altan-dev"}
+        return jwt.encode({**claims, "iat": now, "exp": now + 3600}, self.secret, algorithm="HS256")
+
+    def log_tail(self, chars: int = 4000) -> str:
+        return (self.workdir / "stack.log").read_text(errors="replace")[-chars:]
+
+    def stop(self) -> None:
+        for proc in (self.stack, self.fake):
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in (self.stack, self.fake):
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
+
+
+def start_processes(*, redis_url: str | None = None, startup_timeout: float = 60.0) -> Processes:
+    """Start the fake API and ``altan up`` on free ports; return once the gateway answers /readyz."""
+    workdir = Path(tempfile.mkdtemp(prefix="altan-bench-"))
+    fake_port, http_port, grpc_port = free_port(), free_port(), free_port()
+    fake = subprocess.Popen([sys.executable, str(REPO / "bench" / "fake_api.py"), str(fake_port)])
+    secret = base64.b64encode(secrets.token_bytes(48)).decode()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
+    env.update(
+        ALTAN_JWT_SECRET=secret,
+        ALTAN_DATA_DIR=str(workdir / "data"),
+        ALTAN_EGRESS_ALLOW=f"127.0.0.1:{fake_port}",
+        ALTAN_AGENT_PORT=str(free_port()),
+        ALTAN_TOOL_PORT=str(free_port()),
+        ALTAN_INTEGRATOR_PORT=str(free_port()),
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    with (workdir / "stack.log").open("wb") as log:  # the child keeps its own descriptor
+        stack = subprocess.Popen(
+            [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+            env=env,
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    running = Processes(stack, fake, http_port, fake_port, secret, workdir)
+    deadline = time.monotonic() + startup_timeout
+    with httpx.Client(timeout=2, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            if stack.poll() is not None or fake.poll() is not None:
+                break
+            try:
+                ready = client.get(f"{running.base_url}/readyz").status_code == 200
+                if ready and client.get(f"{running.fake_url}/ping").status_code == 200:
+                    running.pids = _children(stack.pid)
+                    return running
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+    log_tail = running.log_tail()
+    running.stop()
+    raise RuntimeError(f"the stack did not become ready:\n{log_tail}")
+
+
+class CpuMeter:
+    """CPU seconds spent by each process of interest between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, processes: Processes) -> None:
+        self._pids = {**processes.pids, "altan up": processes.stack.pid, "fake api": processes.fake.pid}
+        self._before: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        now = {name: _cpu_seconds(pid) for name, pid in self._pids.items()}
+        now["load generator"] = time.process_time()
+        return now
+
+    def start(self) -> None:
+        self._before = self._now()
+
+    def stop(self) -> dict[str, float]:
+        after = self._now()
+        return {name: after[name] - self._before[name] for name in after}
+
+
+@dataclass
+class Phase:
+    """One bounded run of one operation at a fixed number in flight."""
+
+    concurrency: int
+    latencies: list[float]
+    elapsed: float
+    cpu: dict[str, float]
+
+    @property
+    def count(self) -> int:
+        return len(self.latencies)
+
+    @property
+    def throughput(self) -> float:
+        return self.count / self.elapsed
+
+    def p(self, q: float) -> float:
+        return percentile(self.latencies, q)
+
+    def cpu_ms_per_op(self, *names: str) -> float:
+        return 1000 * sum(self.cpu.get(n, 0.0) for n in names) / self.count
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), round(q / 100 * len(ordered) + 0.5)))
+    return ordered[rank - 1]
+
+
+async def closed_loop(
+    operation: Callable[[], Awaitable[None]],
+    *,
+    concurrency: int,
+    max_ops: int,
+    max_seconds: float,
+    meter: CpuMeter | None = None,
+) -> Phase:
+    """Run ``operation`` from ``concurrency`` workers until ``max_ops`` have started or ``max_seconds`` passed."""
+    latencies: list[float] = []
+    started = 0
+    deadline = time.monotonic() + max_seconds
+
+    async def worker() -> None:
+        nonlocal started
+        while started < max_ops and time.monotonic() < deadline:
+            started += 1
+            t0 = time.perf_counter()
+            await operation()
+            latencies.append(time.perf_counter() - t0)
+
+    if meter is not None:
+        meter.start()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - t0
+    cpu = meter.stop() if meter is not None else {}
+    return Phase(concurrency, latencies, elapsed, cpu)

@@ -1,0 +1,31 @@
+# syntax=docker/dockerfile:1
+# Image of the integrator service. Build from the repository root:
+#   docker build -f deploy/docker/integrator.Dockerfile -t altan-integrator .
+
+FROM python:3.11-slim AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+WORKDIR /src
+# Only what the package needs (the rest is in .dockerignore), so unrelated changes keep the layer cache.
+COPY pyproject.toml ./
+COPY libs ./libs
+COPY services ./services
+RUN pip install --no-cache-dir .
+
+FROM python:3.11-slim
+COPY --from=builder /opt/venv /opt/venv
+# Development master key and JWT secret live here when none is configured; Kubernetes mounts an emptyDir over it.
+RUN mkdir -p /var/lib/altan && chown 10001:10001 /var/lib/altan && chmod 0700 /var/lib/altan
+# Servers bind every interface in a container (the default, 127.0.0.1, suits a developer's machine). Bytecode was
+# compiled by pip in the builder; nothing is written at run time, so the root filesystem can be read-only.
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    ALTAN_DATA_DIR=/var/lib/altan \
+    ALTAN_BIND_HOST=0.0.0.0
+# A fixed non-root uid, the one the Helm chart runs as (runAsUser 10001); writable at run time: /tmp and ALTAN_DATA_DIR.
+USER 10001:10001
+EXPOSE 50063
+ENTRYPOINT ["python", "-m", "services.integrator"]

@@ -1,0 +1,381 @@
+{{/*
+Names, labels and shared pieces of the altan chart. Component templates pass a dict:
+  (dict "ctx" $ "component" "agent")
+where "ctx" is the root context and "component" one of gateway, agent, tool, integrator (or tool-<name> for a
+tool container).
+*/}}
+
+{{/* The chart name, or nameOverride. */}}
+{{- define "altan.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/*
+The prefix of every resource name. Kept to 40 characters so that "<fullname>-integrator" and
+"<fullname>-tool-<container>" stay valid DNS labels (63).
+*/}}
+{{- define "altan.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 40 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Name of one component's objects (Deployment, Service, ServiceAccount, HPA, PDB, NetworkPolicy). */}}
+{{- define "altan.componentName" -}}
+{{- printf "%s-%s" (include "altan.fullname" .ctx) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels of every object. */}}
+{{- define "altan.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+app.kubernetes.io/name: {{ include "altan.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: altan
+{{- end -}}
+
+{{/* Labels that select one component's pods; never change them on upgrade (selectors are immutable). */}}
+{{- define "altan.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "altan.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* Labels of one component's objects and pods. */}}
+{{- define "altan.componentLabels" -}}
+{{ include "altan.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The Secret holding ALTAN_JWT_SECRET, ALTAN_MASTER_KEY, REDIS_URL and the bootstrap secrets. */}}
+{{- define "altan.secretName" -}}
+{{- if .Values.secrets.existingSecret -}}
+{{- .Values.secrets.existingSecret -}}
+{{- else -}}
+{{- printf "%s-secrets" (include "altan.fullname" .) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* "host:port" of a component's Service inside the release namespace. */}}
+{{- define "altan.serviceAddr" -}}
+{{- printf "%s.%s.svc:%v" (include "altan.componentName" .) .ctx.Release.Namespace .port -}}
+{{- end -}}
+
+{{/* The image reference of a service: (dict "ctx" $ "image" .Values.agent.image). */}}
+{{- define "altan.image" -}}
+{{- $ctx := .ctx -}}
+{{- $tag := toString (.image.tag | default $ctx.Values.image.tag | default $ctx.Chart.AppVersion) -}}
+{{- if eq (lower $tag) "latest" -}}
+{{- fail (printf "image tag of %s must not be \"latest\": pin a version (default: the chart's appVersion)" .image.repository) -}}
+{{- end -}}
+{{- $repository := .image.repository -}}
+{{- if $ctx.Values.image.registry -}}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $ctx.Values.image.registry) $repository -}}
+{{- end -}}
+{{- if .image.digest -}}
+{{- printf "%s:%s@%s" $repository $tag .image.digest -}}
+{{- else -}}
+{{- printf "%s:%s" $repository $tag -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A tool container's image: a full reference pinned by tag or digest, never "latest". */}}
+{{- define "altan.toolContainerImage" -}}
+{{- $image := toString .image -}}
+{{- $last := last (splitList "/" $image) -}}
+{{- if not (or (contains "@" $last) (contains ":" $last)) -}}
+{{- fail (printf "toolContainers[%s].image %q has no tag: pin a version or a digest" .name $image) -}}
+{{- end -}}
+{{- if and (not (contains "@" $last)) (eq (lower (last (splitList ":" $last))) "latest") -}}
+{{- fail (printf "toolContainers[%s].image %q must not use the tag \"latest\"" .name $image) -}}
+{{- end -}}
+{{- $image -}}
+{{- end -}}
+
+{{/* Is Redis (REDIS_URL) configured? Prints "true" or nothing. */}}
+{{- define "altan.redisEnabled" -}}
+{{- if or .Values.redis.url .Values.redis.urlInExistingSecret -}}true{{- end -}}
+{{- end -}}
+
+{{/* Does a JWKS (URL or inline) verify tokens? Prints "true" or nothing. */}}
+{{- define "altan.jwksEnabled" -}}
+{{- if or .Values.config.jwt.jwksUrl .Values.config.jwt.jwks -}}true{{- end -}}
+{{- end -}}
+
+{{/*
+Guards: values that render but cannot work. Included by the ConfigMap, which every install renders.
+*/}}
+{{- define "altan.validateValues" -}}
+{{- $v := .Values -}}
+{{- if not (or $v.secrets.jwtSecret $v.secrets.existingSecret (include "altan.jwksEnabled" .)) -}}
+{{- fail "no JWT key configured: set secrets.jwtSecret (HS256), config.jwt.jwksUrl or config.jwt.jwks, or secrets.existingSecret holding ALTAN_JWT_SECRET" -}}
+{{- end -}}
+{{- if and $v.secrets.jwtSecret (include "altan.jwksEnabled" .) -}}
+{{- fail "set either secrets.jwtSecret (HS256) or a JWKS (config.jwt.jwksUrl / config.jwt.jwks), not both: HS* and asymmetric algorithms must not be mixed" -}}
+{{- end -}}
+{{- if and $v.config.jwt.jwksUrl $v.config.jwt.jwks -}}
+{{- fail "set config.jwt.jwksUrl or config.jwt.jwks, not both" -}}
+{{- end -}}
+{{- if not (or $v.secrets.masterKey $v.secrets.existingSecret) -}}
+{{- fail "secrets.masterKey is required (openssl rand -base64 32), or secrets.existingSecret holding ALTAN_MASTER_KEY: a generated key would differ per pod and be lost on restart" -}}
+{{- end -}}
+{{- if and $v.secrets.existingSecret (or $v.secrets.jwtSecret $v.secrets.masterKey $v.secrets.bootstrap $v.redis.url) -}}
+{{- fail "secrets.existingSecret is set: put ALTAN_JWT_SECRET, ALTAN_MASTER_KEY, REDIS_URL and the bootstrap secrets into that Secret instead of secrets.jwtSecret, secrets.masterKey, secrets.bootstrap or redis.url" -}}
+{{- end -}}
+{{- if and $v.secrets.bootstrapKeys (not $v.secrets.existingSecret) -}}
+{{- fail "secrets.bootstrapKeys only applies with secrets.existingSecret; use secrets.bootstrap otherwise" -}}
+{{- end -}}
+{{- if and $v.redis.urlInExistingSecret (not $v.secrets.existingSecret) -}}
+{{- fail "redis.urlInExistingSecret needs secrets.existingSecret" -}}
+{{- end -}}
+{{- if and (include "altan.redisEnabled" .) (not $v.redis.cidrs) -}}
+{{- fail "Redis is configured but redis.cidrs is empty: the NetworkPolicies would block it (e.g. redis.cidrs={10.0.0.3/32})" -}}
+{{- end -}}
+{{- range $component := list "agent" "tool" "integrator" -}}
+{{- $c := index $v $component -}}
+{{- if and (not (include "altan.redisEnabled" $)) (or $c.autoscaling.enabled (gt (int $c.replicas) 1)) -}}
+{{- fail (printf "%s: without Redis (redis.url) state lives in each pod, so it must run one replica: set %s.autoscaling.enabled=false and %s.replicas=1, or configure Redis" $component $component $component) -}}
+{{- end -}}
+{{- end -}}
+{{- range $component := list "gateway" "agent" "tool" "integrator" -}}
+{{- $a := (index $v $component).autoscaling -}}
+{{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) -}}
+{{- fail (printf "%s.autoscaling.minReplicas (%v) is greater than maxReplicas (%v)" $component $a.minReplicas $a.maxReplicas) -}}
+{{- end -}}
+{{- end -}}
+{{- if and $v.agent.autoscaling.queueLength.enabled (not $v.agent.autoscaling.enabled) -}}
+{{- fail "agent.autoscaling.queueLength needs agent.autoscaling.enabled" -}}
+{{- end -}}
+{{- if and $v.tool.discovery.enabled (not $v.networkPolicy.kubeApiServer.cidrs) -}}
+{{- fail "tool.discovery.enabled needs networkPolicy.kubeApiServer.cidrs (the addresses from `kubectl get endpoints kubernetes -n default`), or set tool.discovery.enabled=false" -}}
+{{- end -}}
+{{- $names := dict -}}
+{{- range $tc := $v.toolContainers -}}
+{{- if hasKey $names $tc.name -}}
+{{- fail (printf "toolContainers: the name %q is used twice" $tc.name) -}}
+{{- end -}}
+{{- $_ := set $names $tc.name true -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Pod-level security context: Pod Security Standards "restricted". */}}
+{{- define "altan.podSecurityContext" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  fsGroup: 10001
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* Container-level security context: Pod Security Standards "restricted", read-only root filesystem. */}}
+{{- define "altan.containerSecurityContext" -}}
+securityContext:
+  runAsNonRoot: true
+  runAsUser: 10001
+  runAsGroup: 10001
+  allowPrivilegeEscalation: false
+  privileged: false
+  readOnlyRootFilesystem: true
+  capabilities:
+    drop: ["ALL"]
+  seccompProfile:
+    type: RuntimeDefault
+{{- end -}}
+
+{{/* Scheduling fields of a component: (dict "ctx" $ "component" "agent"). */}}
+{{- define "altan.scheduling" -}}
+{{- $c := index .ctx.Values .component -}}
+{{- with $c.nodeSelector }}
+nodeSelector:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.tolerations }}
+tolerations:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.affinity }}
+affinity:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $c.topologySpreadConstraints }}
+topologySpreadConstraints:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .ctx.Values.imagePullSecrets }}
+imagePullSecrets:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end -}}
+
+{{/*
+Pod annotations that roll the pods when the rendered configuration or Secret changes (helm upgrade after a
+rotation). An existing Secret is not seen by the chart: roll with `kubectl rollout restart` after changing it.
+*/}}
+{{- define "altan.podAnnotations" -}}
+checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ctx | sha256sum }}
+{{- if not .ctx.Values.secrets.existingSecret }}
+checksum/secret: {{ include (print .ctx.Template.BasePath "/secret.yaml") .ctx | sha256sum }}
+{{- end }}
+{{- with (index .ctx.Values .component).podAnnotations }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Environment every service container gets: the ConfigMap and the JWT secret. */}}
+{{- define "altan.commonEnvFrom" -}}
+envFrom:
+  - configMapRef:
+      name: {{ include "altan.fullname" . }}-config
+{{- end -}}
+
+{{/*
+Environment from the Secret that a component needs, by secretKeyRef (never envFrom, so that each service sees only
+its own keys): ALTAN_JWT_SECRET for every service unless a JWKS verifies tokens, REDIS_URL for the stateful services,
+ALTAN_MASTER_KEY and the bootstrap secrets for the integrator. Takes (dict "ctx" $ "component" "agent").
+*/}}
+{{- define "altan.secretEnv" -}}
+{{- $ctx := .ctx -}}
+{{- $v := $ctx.Values -}}
+{{- $secret := include "altan.secretName" $ctx -}}
+{{- $env := list -}}
+{{- if or $v.secrets.jwtSecret $v.secrets.existingSecret -}}
+{{- /* An existing Secret may lack the key when a JWKS verifies tokens instead. */ -}}
+{{- $optional := and $v.secrets.existingSecret (include "altan.jwksEnabled" $ctx) | empty | not -}}
+{{- $env = append $env (dict "name" "ALTAN_JWT_SECRET" "optional" $optional) -}}
+{{- end -}}
+{{- if and (has .component (list "agent" "tool" "integrator")) (include "altan.redisEnabled" $ctx) -}}
+{{- $env = append $env (dict "name" "REDIS_URL" "optional" false) -}}
+{{- end -}}
+{{- if eq .component "integrator" -}}
+{{- $env = append $env (dict "name" "ALTAN_MASTER_KEY" "optional" false) -}}
+{{- range $name := concat (keys $v.secrets.bootstrap | sortAlpha) $v.secrets.bootstrapKeys -}}
+{{- $env = append $env (dict "name" $name "optional" false) -}}
+{{- end -}}
+{{- end -}}
+{{- range $env }}
+- name: {{ .name }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $secret }}
+      key: {{ .name }}
+      optional: {{ .optional }}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Volume mounts every service container has: a writable /tmp, the JWKS file when configured, and the CA of a TLS Redis
+for the services that use Redis. Takes (dict "ctx" $ "component" "agent").
+*/}}
+{{- define "altan.commonVolumeMounts" -}}
+- name: tmp
+  mountPath: /tmp
+{{- if .ctx.Values.config.jwt.jwks }}
+- name: jwks
+  mountPath: /etc/altan/jwks
+  readOnly: true
+{{- end }}
+{{- if and .ctx.Values.redis.caCert (has .component (list "agent" "tool" "integrator")) }}
+- name: redis-ca
+  mountPath: /etc/altan/redis-ca
+  readOnly: true
+{{- end -}}
+{{- end -}}
+
+{{/* The volumes behind altan.commonVolumeMounts. */}}
+{{- define "altan.commonVolumes" -}}
+- name: tmp
+  emptyDir:
+    sizeLimit: 64Mi
+{{- if .ctx.Values.config.jwt.jwks }}
+- name: jwks
+  configMap:
+    name: {{ include "altan.fullname" .ctx }}-jwks
+{{- end }}
+{{- if and .ctx.Values.redis.caCert (has .component (list "agent" "tool" "integrator")) }}
+- name: redis-ca
+  configMap:
+    name: {{ include "altan.fullname" .ctx }}-redis-ca
+{{- end -}}
+{{- end -}}
+
+{{/* gRPC probes of a service listening on a port. */}}
+{{- define "altan.grpcProbes" -}}
+startupProbe:
+  grpc:
+    port: {{ . }}
+  periodSeconds: 2
+  failureThreshold: 30
+livenessProbe:
+  grpc:
+    port: {{ . }}
+  periodSeconds: 10
+  timeoutSeconds: 3
+  failureThreshold: 3
+readinessProbe:
+  grpc:
+    port: {{ . }}
+  periodSeconds: 5
+  timeoutSeconds: 3
+  failureThreshold: 2
+{{- end -}}
+
+{{/* NetworkPolicy egress rule to the cluster DNS (UDP and TCP 53). */}}
+{{- define "altan.dnsEgressRule" -}}
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ .Values.networkPolicy.dns.namespace }}
+      {{- with .Values.networkPolicy.dns.podLabels }}
+      podSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+  ports:
+    - protocol: UDP
+      port: 53
+    - protocol: TCP
+      port: 53
+{{- end -}}
+
+{{/* NetworkPolicy egress rule to Redis, when configured. */}}
+{{- define "altan.redisEgressRule" -}}
+{{- if include "altan.redisEnabled" . }}
+- to:
+    {{- range .Values.redis.cidrs }}
+    - ipBlock:
+        cidr: {{ . }}
+    {{- end }}
+  ports:
+    - protocol: TCP
+      port: {{ .Values.redis.port }}
+{{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy egress rule to the public internet on one port, private and metadata ranges excluded. */}}
+{{- define "altan.internetEgressRule" -}}
+- to:
+    - ipBlock:
+        cidr: 0.0.0.0/0
+        except:
+          {{- toYaml .Values.networkPolicy.internet.except | nindent 10 }}
+  ports:
+    - protocol: TCP
+      port: {{ .Values.networkPolicy.internet.port }}
+{{- end -}}
+
+{{/* NetworkPolicy peer: the pods of one component. */}}
+{{- define "altan.componentPeer" -}}
+- podSelector:
+    matchLabels:
+      {{- include "altan.selectorLabels" . | nindent 6 }}
+{{- end -}}

@@ -1,0 +1,63 @@
+"""The four Dockerfiles (no docker engine here): multi-stage, a venv built by pip in the builder and copied into a
+python:3.11-slim final stage, a fixed non-root uid, bind addresses for a container, and the service's entry point."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from .manifests import CHART, REPO, SERVICES
+
+PORTS = {"gateway": ("httpPort", "grpcPort"), "agent": ("port",), "tool": ("port",), "integrator": ("port",)}
+
+
+def instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) with line continuations joined and comments dropped."""
+    joined = re.sub(r"\\\n", " ", "\n".join(ln for ln in text.splitlines() if not ln.lstrip().startswith("#")))
+    out = []
+    for line in joined.splitlines():
+        if line.strip():
+            word, _, rest = line.strip().partition(" ")
+            out.append((word.upper(), " ".join(rest.split())))
+    return out
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_dockerfile(service: str) -> None:
+    path = REPO / "deploy" / "docker" / f"{service}.Dockerfile"
+    steps = instructions(path.read_text())
+    stages = [args for word, args in steps if word == "FROM"]
+    assert stages == ["python:3.11-slim AS builder", "python:3.11-slim"]
+    final = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM") :]
+    builder = steps[: len(steps) - len(final)]
+
+    assert ("RUN", "pip install --no-cache-dir .") in builder
+    assert any(w == "RUN" and "python -m venv /opt/venv" in a for w, a in builder)
+    for word, args in builder:
+        if word == "COPY":
+            *sources, _ = args.split()
+            for source in sources:
+                assert (REPO / source).exists(), source
+
+    assert ("COPY", "--from=builder /opt/venv /opt/venv") in final
+    assert not any(w == "RUN" and "pip" in a for w, a in final), "nothing is installed in the final stage"
+    users = [a for w, a in final if w == "USER"]
+    assert users and users[-1] in {"10001", "10001:10001"}
+    env = " ".join(a for w, a in final if w == "ENV")
+    assert "ALTAN_BIND_HOST=0.0.0.0" in env
+    assert "PATH=/opt/venv/bin:$PATH" in env
+    if service == "gateway":
+        assert "ALTAN_HTTP_HOST=0.0.0.0" in env
+    if service == "integrator":
+        assert "ALTAN_DATA_DIR=/var/lib/altan" in env
+
+    (entrypoint,) = [a for w, a in final if w == "ENTRYPOINT"]
+    assert json.loads(entrypoint) == ["python", "-m", f"services.{service}"]
+    assert (REPO / "services" / service / "__init__.py").is_file()
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())[service]
+    (exposed,) = [a for w, a in final if w == "EXPOSE"]
+    assert sorted(map(int, exposed.split())) == sorted(values[p] for p in PORTS[service])

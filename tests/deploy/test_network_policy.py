@@ -1,0 +1,178 @@
+"""The NetworkPolicies allow exactly the expected graph: computed from the rendered policies, compared with what the
+architecture needs (docs/architecture.md), edge for edge, for every scenario and tenant."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from .manifests import SERVICES, TENANTS, Doc, Render, RenderCache, env_of, pod_spec
+from .netpol import Edge, allowed_edges, cidr_peer, default_deny_problems, namespace_peer, port_name
+
+# Ranges that the internet rule must never reach, whatever the values say.
+NEVER_REACHABLE = {
+    "10.0.0.0/8",
+    "172.16.0.0/12",
+    "192.168.0.0/16",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "169.254.169.254/32",
+}
+CALLS = {"gateway": ("agent", "tool", "integrator"), "agent": ("integrator",), "integrator": ("tool",)}
+
+
+def _tcp(port: int) -> str:
+    return port_name("TCP", port)
+
+
+def _name_selector(namespace: str) -> Doc:
+    return {"matchLabels": {"kubernetes.io/metadata.name": namespace}}
+
+
+def expected_edges(render: Render) -> set[Edge]:
+    """The connections the platform needs, and no others."""
+    v = render.values
+    net = v["networkPolicy"]
+    ports = {c: v[c]["port"] for c in ("agent", "tool", "integrator")}
+    edges: set[Edge] = set()
+
+    ingress_pods = {"matchLabels": net["ingress"]["podLabels"]} if net["ingress"]["podLabels"] else None
+    sources = [namespace_peer(_name_selector(net["ingress"]["namespace"]), ingress_pods)]
+    sources += [cidr_peer(c) for c in net["ingress"]["cidrs"]]
+    edges |= {(s, "gateway", _tcp(v["gateway"][p])) for s in sources for p in ("httpPort", "grpcPort")}
+
+    edges |= {(src, dst, _tcp(ports[dst])) for src, dsts in CALLS.items() for dst in dsts}
+
+    dns_pods = {"matchLabels": net["dns"]["podLabels"]} if net["dns"]["podLabels"] else None
+    dns = namespace_peer(_name_selector(net["dns"]["namespace"]), dns_pods)
+    edges |= {(c, dns, port_name(proto, 53)) for c in SERVICES for proto in ("UDP", "TCP")}
+
+    if v["redis"]["url"] or v["redis"]["urlInExistingSecret"]:
+        redis = [cidr_peer(c) for c in v["redis"]["cidrs"]]
+        edges |= {(c, r, _tcp(v["redis"]["port"])) for c in ("agent", "tool", "integrator") for r in redis}
+
+    internet = cidr_peer("0.0.0.0/0", net["internet"]["except"])
+    callers = {"tool", "integrator"} | ({"gateway", "agent"} if v["config"]["jwt"]["jwksUrl"] else set())
+    edges |= {(c, internet, _tcp(net["internet"]["port"])) for c in callers}
+
+    if v["tool"]["discovery"]["enabled"]:
+        api = net["kubeApiServer"]
+        edges |= {("tool", cidr_peer(c), _tcp(p)) for c in api["cidrs"] for p in api["ports"]}
+
+    edges |= {("tool", f"tool-{tc['name']}", _tcp(tc["port"])) for tc in v["toolContainers"]}
+    return edges
+
+
+def _diff(actual: set[Edge], expected: set[Edge]) -> dict[str, list[Edge]]:
+    return {"unexpected": sorted(actual - expected), "missing": sorted(expected - actual)}
+
+
+def test_policies_allow_exactly_the_expected_graph(rendered: Render) -> None:
+    actual = allowed_edges(rendered.docs, rendered.namespace)
+    expected = expected_edges(rendered)
+    assert len(expected) >= 15
+    assert _diff(actual, expected) == {"unexpected": [], "missing": []}
+
+
+def test_every_pod_is_under_the_default_deny(rendered: Render) -> None:
+    assert default_deny_problems(rendered.docs, rendered.namespace) == []
+    # and so no pod is open in either direction
+    open_edges = {e for e in allowed_edges(rendered.docs, rendered.namespace) if "*" in e[:2]}
+    assert open_edges == set()
+
+
+def test_internet_rule_excludes_private_and_metadata_ranges(rendered: Render) -> None:
+    blocks = [
+        peer["ipBlock"]
+        for np in rendered.of_kind("NetworkPolicy")
+        for rule in np["spec"].get("egress", [])
+        for peer in rule.get("to", [])
+        if "ipBlock" in peer and peer["ipBlock"]["cidr"] == "0.0.0.0/0"
+    ]
+    assert blocks, "no internet egress rule rendered"
+    for block in blocks:
+        assert NEVER_REACHABLE <= set(block.get("except", [])), block
+    ports = {
+        p["port"]
+        for np in rendered.of_kind("NetworkPolicy")
+        for rule in np["spec"].get("egress", [])
+        if any(peer.get("ipBlock", {}).get("cidr") == "0.0.0.0/0" for peer in rule.get("to", []))
+        for p in rule["ports"]
+    }
+    assert ports == {443}
+
+
+def test_every_configured_address_is_reachable(rendered: Render) -> None:
+    """The ALTAN_*_ADDR a service is given (what it will dial) is an allowed edge of the graph."""
+    edges = allowed_edges(rendered.docs, rendered.namespace)
+    needed = 0
+    for component in SERVICES:
+        env = env_of(pod_spec(rendered.workload(component))["containers"][0])
+        for key, var in env.items():
+            if key.endswith("_ADDR"):
+                target = key.removeprefix("ALTAN_").removesuffix("_ADDR").lower()
+                port = var["value"].rsplit(":", 1)[1]
+                assert (component, target, f"TCP/{port}") in edges, (component, key)
+                needed += 1
+    assert needed == 5
+
+
+# The checker itself must be able to fail: feed it policies with one change each.
+
+
+@pytest.fixture
+def baseline(renders: RenderCache) -> Render:
+    return renders.get("tool-containers", *TENANTS[0])
+
+
+def _policy(docs: list[Doc], suffix: str) -> Doc:
+    return next(d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"].endswith(suffix))
+
+
+def test_checker_flags_an_extra_allow(baseline: Render) -> None:
+    docs = copy.deepcopy(baseline.docs)
+    tool = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "tool"}}}
+    agent = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "agent"}}}
+    port = [{"protocol": "TCP", "port": baseline.values["tool"]["port"]}]
+    _policy(docs, "-agent")["spec"]["egress"].append({"to": [tool], "ports": port})
+    _policy(docs, "-tool")["spec"]["ingress"].append({"from": [agent], "ports": port})
+    diff = _diff(allowed_edges(docs, baseline.namespace), expected_edges(baseline))
+    assert diff == {"unexpected": [("agent", "tool", f"TCP/{baseline.values['tool']['port']}")], "missing": []}
+
+
+def test_checker_needs_both_ends_of_a_connection(baseline: Render) -> None:
+    """An egress rule alone (without the destination's ingress) opens nothing inside the namespace."""
+    docs = copy.deepcopy(baseline.docs)
+    tool = {"podSelector": {"matchLabels": {"app.kubernetes.io/component": "tool"}}}
+    _policy(docs, "-agent")["spec"]["egress"].append({"to": [tool]})
+    assert _diff(allowed_edges(docs, baseline.namespace), expected_edges(baseline)) == {"unexpected": [], "missing": []}
+
+
+def test_checker_flags_a_missing_default_deny(baseline: Render) -> None:
+    docs = [d for d in copy.deepcopy(baseline.docs) if not d["metadata"]["name"].endswith("-default-deny")]
+    assert default_deny_problems(docs, baseline.namespace)
+    # A pod that no remaining policy restricts in a direction is open in that direction.
+    _policy(docs, "-tool-ocr")["spec"]["policyTypes"] = ["Ingress"]
+    diff = _diff(allowed_edges(docs, baseline.namespace), expected_edges(baseline))
+    assert diff == {"unexpected": [("tool-ocr", "*", "*")], "missing": []}
+
+
+def test_checker_flags_a_widened_internet_rule(baseline: Render) -> None:
+    docs = copy.deepcopy(baseline.docs)
+    for rule in _policy(docs, "-integrator")["spec"]["egress"]:
+        for peer in rule["to"]:
+            if peer.get("ipBlock", {}).get("cidr") == "0.0.0.0/0":
+                peer["ipBlock"]["except"].remove("169.254.169.254/32")
+                peer["ipBlock"]["except"].remove("169.254.0.0/16")
+    diff = _diff(allowed_edges(docs, baseline.namespace), expected_edges(baseline))
+    assert len(diff["unexpected"]) == 1 and diff["unexpected"][0][0] == "integrator"
+    assert len(diff["missing"]) == 1 and diff["missing"][0][0] == "integrator"
+
+
+def test_checker_flags_any_namespace_ingress(baseline: Render) -> None:
+    docs = copy.deepcopy(baseline.docs)
+    _policy(docs, "-agent")["spec"]["ingress"].append({"from": [{"namespaceSelector": {}}]})
+    diff = _diff(allowed_edges(docs, baseline.namespace), expected_edges(baseline))
+    assert diff == {"unexpected": [("ns(*)/pods(*)", "agent", "*")], "missing": []}
