@@ -7,6 +7,7 @@ gRPC errors come back as the same domain errors the callee raised.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 from typing import Any, Generic, TypeVar
 
@@ -20,6 +21,13 @@ from altan.v1 import agent_pb2_grpc, integrator_pb2_grpc, tool_pb2_grpc
 __all__ = ["ServiceClient", "agent_client", "error_from_rpc", "integrator_client", "tool_client"]
 
 Stub = TypeVar("Stub")
+
+# Round robin over every address the target resolves to: with a headless Service (``dns:///name:port``) calls
+# spread across all replicas; servers cap connection age so clients re-resolve and find new replicas.
+_CHANNEL_OPTIONS = (
+    ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+)
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> AltanError:
@@ -36,9 +44,7 @@ class ServiceClient(Generic[Stub]):
 
     def __init__(self, target: str, stub_class: type[Stub], deadline_seconds: float) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)]
-        )
+        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
         self.stub: Stub = stub_class(self.channel)  # type: ignore[call-arg]
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._deadline = deadline_seconds

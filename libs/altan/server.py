@@ -136,7 +136,13 @@ async def serve_until_stopped(
     """Serve until ``stop`` is set, then drain: report NOT_SERVING, stop with grace, return."""
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(verifier), *(interceptors or [])],
-        options=[("grpc.max_receive_message_length", 8 * 1024 * 1024)],
+        options=[
+            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            # Clients reconnect (and re-resolve DNS, finding new replicas) every few minutes; long event streams
+            # keep their connection for up to an hour after the GOAWAY.
+            ("grpc.max_connection_age_ms", 5 * 60 * 1000),
+            ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
+        ],
     )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -327,12 +327,15 @@ def test_services_find_each_other_by_service_dns(rendered: Render) -> None:
         }
         assert set(addrs) == targets, component
         for target, addr in addrs.items():
-            host, port = addr.rsplit(":", 1)
+            # dns:/// makes gRPC resolve every pod of the headless Service and balance across them.
+            assert addr.startswith("dns:///"), addr
+            host, port = addr.removeprefix("dns:///").rsplit(":", 1)
             name, namespace, suffix = host.split(".", 2)
             assert (namespace, suffix, int(port)) == (rendered.namespace, "svc", ports[target]), addr
             service = services[name]
             assert int(port) in {p["port"] for p in service["spec"]["ports"]}
             assert service["spec"]["selector"]["app.kubernetes.io/component"] == target
+            assert service["spec"].get("clusterIP") == "None", f"{name} must be headless for gRPC balancing"
         # The port a service listens on is the one its container declares and its Service forwards to.
         if component != "gateway":
             assert env[f"ALTAN_{component.upper()}_PORT"]["value"] == str(ports[component])

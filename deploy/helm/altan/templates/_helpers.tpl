@@ -66,7 +66,7 @@ app.kubernetes.io/component: {{ .component }}
 
 {{/* "host:port" of a component's Service inside the release namespace. */}}
 {{- define "altan.serviceAddr" -}}
-{{- printf "%s.%s.svc:%v" (include "altan.componentName" .) .ctx.Release.Namespace .port -}}
+{{- printf "dns:///%s.%s.svc:%v" (include "altan.componentName" .) .ctx.Release.Namespace .port -}}
 {{- end -}}
 
 {{/* The image reference of a service: (dict "ctx" $ "image" .Values.agent.image). */}}

@@ -32,6 +32,11 @@ metadata:
     {{- include "altan.componentLabels" . | nindent 4 }}
 spec:
   type: ClusterIP
+  {{- if .headless }}
+  # Headless: clients resolve every pod and balance gRPC calls across them (round robin), instead of pinning
+  # one long-lived HTTP/2 connection to a single pod behind a virtual IP.
+  clusterIP: None
+  {{- end }}
   selector:
     {{- include "altan.selectorLabels" . | nindent 4 }}
   ports:

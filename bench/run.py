@@ -1,0 +1,208 @@
+"""Benchmarks of the whole stack against a baseline measured in the same run: ``python bench/run.py``.
+
+Starts the fake API and ``altan up`` on free ports (everything on 127.0.0.1), then for each path runs a warm-up,
+a phase at 1 in flight (latency) and a phase at many in flight (throughput and CPU per request), each bounded by
+a count and a time. Prints a markdown table and writes it into docs/benchmarks.md between the result markers
+(the rest of that file, such as profiling notes, is kept). One run takes about a minute and a half; ``--quick``
+takes about a quarter of that. Absolute numbers drift between runs and machines; ratios and CPU per request
+carry over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import importlib.util
+import os
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run.py` from anywhere
+
+from bench.harness import CpuMeter, Phase, Processes, closed_loop, start_processes  # noqa: E402
+from bench.scenarios import prepare  # noqa: E402
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
+SERVICES = ("gateway", "integrator", "tool", "agent")
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """How long each phase of one path may run: at most ``*_ops`` operations and ``*_seconds`` seconds."""
+
+    warmup: int
+    single_ops: int
+    single_seconds: float
+    busy: int
+    busy_ops: int
+    busy_seconds: float
+
+
+BOUNDS = {
+    "baseline": Bounds(warmup=200, single_ops=1000, single_seconds=4, busy=32, busy_ops=20000, busy_seconds=6),
+    "builtin": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
+    "custom": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
+    "task": Bounds(warmup=30, single_ops=200, single_seconds=5, busy=16, busy_ops=3000, busy_seconds=12),
+}
+LABELS = {
+    "baseline": "baseline: httpx → fake API, direct",
+    "builtin": "tool invoke, builtin `json_extract`",
+    "custom": "tool invoke, custom HTTP tool + API key",
+    "task": "task: 3-step plan, submit → SSE terminal",
+}
+
+
+@dataclass
+class Result:
+    single: Phase
+    busy: Phase
+
+
+async def measure(processes: Processes, paths: list[str], scale: float) -> dict[str, Result]:
+    scenarios = await prepare(processes)
+    meter = CpuMeter(processes)
+    results: dict[str, Result] = {}
+    try:
+        operations = scenarios.operations()
+        for path in paths:
+            b, op = BOUNDS[path], operations[path]
+            print(f"  {path}: warm-up, 1 in flight, {b.busy} in flight", file=sys.stderr, flush=True)
+            await closed_loop(op, concurrency=8, max_ops=b.warmup, max_seconds=10 * scale)
+            single = await closed_loop(
+                op, concurrency=1, max_ops=b.single_ops, max_seconds=b.single_seconds * scale, meter=meter
+            )
+            busy = await closed_loop(
+                op, concurrency=b.busy, max_ops=b.busy_ops, max_seconds=b.busy_seconds * scale, meter=meter
+            )
+            results[path] = Result(single, busy)
+    finally:
+        await scenarios.aclose()
+    return results
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def _machine(state: str) -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    servers = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is not None]
+    return (
+        f"{os.cpu_count()} vCPU ({model}), Linux {platform.release()}, Python {platform.python_version()}; "
+        f"everything on 127.0.0.1, {state}, log level INFO; "
+        f"uvicorn extras installed: {', '.join(servers) or 'none (asyncio loop, h11)'}"
+    )
+
+
+def report(results: dict[str, Result], state: str) -> str:
+    base = results.get("baseline")
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Run of {now} on {_machine(state)}.",
+        "",
+        "| path | p50 @1 (ms) | p95 @1 (ms) | added p50 / p95 vs baseline (ms) | × baseline p50 "
+        "| in flight | throughput (/s) | p50 (ms) | p95 (ms) | stack CPU per op (ms) |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for path, r in results.items():
+        added, ratio = "–", "–"
+        if base is not None and path != "baseline":
+            added = f"+{_ms(r.single.p(50) - base.single.p(50))} / +{_ms(r.single.p(95) - base.single.p(95))}"
+            ratio = f"{r.single.p(50) / base.single.p(50):.1f}×"
+        stack_cpu = f"{r.busy.cpu_ms_per_op(*SERVICES):.2f}" if path != "baseline" else "–"
+        lines.append(
+            f"| {LABELS[path]} | {_ms(r.single.p(50))} | {_ms(r.single.p(95))} | {added} | {ratio} "
+            f"| {r.busy.concurrency} | {r.busy.throughput:,.0f} | {_ms(r.busy.p(50))} | {_ms(r.busy.p(95))} "
+            f"| {stack_cpu} |"
+        )
+    lines += [
+        "",
+        "CPU per operation by process, in ms, over the many-in-flight phase (from /proc/<pid>/stat; `altan up` "
+        "only relays log lines, and runs on a laptop, not in a cluster):",
+        "",
+        "| path | ops | " + " | ".join(SERVICES) + " | altan up | fake API | load generator | cores busy |",
+        "| --- | ---: | " + " | ".join("---:" for _ in SERVICES) + " | ---: | ---: | ---: | ---: |",
+    ]
+    for path, r in results.items():
+        per = [f"{r.busy.cpu_ms_per_op(name):.2f}" for name in (*SERVICES, "altan up", "fake api", "load generator")]
+        busy = sum(r.busy.cpu.values()) / r.busy.elapsed
+        lines.append(f"| {path} | {r.busy.count} | " + " | ".join(per) + f" | {busy:.2f} |")
+    lines += [
+        "",
+        "1 in flight: " + ", ".join(f"{p} {r.single.count} ops in {r.single.elapsed:.1f}s" for p, r in results.items())
+        + "; many in flight: "
+        + ", ".join(f"{p} {r.busy.count} ops in {r.busy.elapsed:.1f}s" for p, r in results.items())
+        + ".",
+    ]
+    return "\n".join(lines)
+
+
+_DOC_HEAD = """# Benchmarks
+
+What one tool call and one small task cost through the whole stack, next to a baseline measured in the same run.
+How to run, from the repository root after `make install`:
+
+```sh
+.venv/bin/python bench/run.py            # about a minute and a half; --quick for a quarter of that
+.venv/bin/python bench/run.py --no-write # print only, leave this file alone
+```
+
+The benchmark starts the fake API (`bench/fake_api.py`, a bare asyncio server) and `altan up` on free ports,
+then measures each path at 1 in flight and at many in flight, each phase bounded by a count and a time. Absolute
+numbers drift between runs and machines; the ratios and CPU per request carry over. The load generator shares the
+machine's cores with the stack, so throughput is a floor, not a ceiling.
+
+"""
+
+
+def write_doc(table: str) -> None:
+    block = f"{START}\n{table}\n{END}"
+    text = DOC.read_text() if DOC.exists() else _DOC_HEAD + f"## Latest results\n\n{START}\n{END}\n"
+    if START not in text or END not in text:
+        text = text.rstrip("\n") + f"\n\n## Latest results\n\n{START}\n{END}\n"
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    DOC.write_text(head + block + tail)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", metavar="PATH", help=f"paths to run (default: all of {', '.join(BOUNDS)})")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the time bounds, for a smoke run")
+    parser.add_argument("--redis-url", help="run the stack on this Redis instead of embedded state")
+    parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(DOC.parents[1])}")
+    args = parser.parse_args()
+    unknown = set(args.paths) - set(BOUNDS)
+    if unknown:
+        parser.error(f"unknown paths {sorted(unknown)}; choose from {', '.join(BOUNDS)}")
+    paths = [p for p in BOUNDS if p in args.paths] if args.paths else list(BOUNDS)
+    print("starting the fake API and altan up ...", file=sys.stderr, flush=True)
+    processes = start_processes(redis_url=args.redis_url)
+    try:
+        results = asyncio.run(measure(processes, paths, 0.25 if args.quick else 1.0))
+    except Exception:
+        print(processes.log_tail(), file=sys.stderr)
+        raise
+    finally:
+        processes.stop()
+    table = report(results, "Redis state" if args.redis_url else "embedded state")
+    print(table)
+    if not args.no_write and not args.quick:
+        write_doc(table)
+        print(f"\nwritten to {DOC}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The paths measured, each as one async operation that raises unless the answer is the expected one.
+
+``baseline``: the benchmark process calls the fake API itself with httpx (what a tool call costs at the least).
+``builtin``: ``json_extract`` invoked through REST → gateway → integrator → tool and back.
+``custom``: a custom HTTP tool with an API-key credential (the README's ``crm_lookup``), which adds the
+credential lookup, the egress guard and the outbound call to the fake API.
+``task``: the README's 3-step structured plan, submitted and followed on its Server-Sent Events to the end.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from bench.harness import Processes
+
+__all__ = ["PLAN", "Scenarios", "prepare"]
+
+Operation = Callable[[], Awaitable[None]]
+
+RECORD = {"customer": "Ada", "tier": "gold"}
+EMAIL = "From: Ada <ada@example.com>\nSubject: Where is my order?\n\nHi!"
+PLAN: list[dict[str, Any]] = [
+    {"id": "s1", "tool": "parse_email", "arguments": {"raw": EMAIL}},
+    {"id": "s2", "tool": "crm_lookup", "arguments": {"customer": "ada"}},
+    {
+        "id": "s3",
+        "tool": "text_template",
+        "depends_on": ["s1", "s2"],
+        "arguments": {
+            "template": 'Dear {{ name }} ({{ tier }}), about "{{ subject }}": we are on it.',
+            "values": {"name": "${s2.output.customer}", "tier": "${s2.output.tier}", "subject": "${s1.output.subject}"},
+        },
+    },
+]
+_TERMINAL = ("event: task.succeeded", "event: task.failed", "event: task.cancelled")
+
+
+class UnexpectedAnswer(RuntimeError):
+    """A benchmarked call did not answer what it should: the numbers would mean nothing."""
+
+
+def _check(response: httpx.Response, status: int) -> Any:
+    if response.status_code != status:
+        raise UnexpectedAnswer(f"{response.request.method} {response.request.url}: {response.status_code} {response.text}")
+    return response.json()
+
+
+@dataclass
+class Scenarios:
+    """Clients and ids set up once; the operations reuse them (one pooled client per target, as a caller would)."""
+
+    api: httpx.AsyncClient
+    direct: httpx.AsyncClient
+    fake_url: str
+    agent_id: str
+
+    async def baseline(self) -> None:
+        answer = _check(await self.direct.get(f"{self.fake_url}/v1/ada.json", headers={"X-Api-Key": "sk-test-123"}), 200)
+        if answer != RECORD:
+            raise UnexpectedAnswer(f"fake api answered {answer}")
+
+    async def builtin(self) -> None:
+        body = {"arguments": {"data": {"customer": RECORD}, "path": "customer.tier"}}
+        answer = _check(await self.api.post("/v1/tools/json_extract/invoke", json=body), 200)
+        if answer["output"] != {"value": "gold", "found": True}:
+            raise UnexpectedAnswer(f"json_extract answered {answer}")
+
+    async def custom(self) -> None:
+        answer = _check(await self.api.post("/v1/tools/crm_lookup/invoke", json={"arguments": {"customer": "ada"}}), 200)
+        if answer != {"output": RECORD, "status": 200}:
+            raise UnexpectedAnswer(f"crm_lookup answered {answer}")
+
+    async def task(self) -> None:
+        submitted = _check(await self.api.post(f"/v1/agents/{self.agent_id}/tasks", json={"input": {"plan": PLAN}}), 202)
+        terminal = ""
+        async with self.api.stream("GET", f"/v1/tasks/{submitted['task_id']}/events") as stream:
+            if stream.status_code != 200:
+                raise UnexpectedAnswer(f"events: {stream.status_code}")
+            async for line in stream.aiter_lines():  # read to the end: the server closes after the last event
+                if line.startswith(_TERMINAL):
+                    terminal = line
+        if terminal != "event: task.succeeded":
+            raise UnexpectedAnswer(f"task {submitted['task_id']} ended with {terminal or 'no terminal event'}")
+
+    def operations(self) -> dict[str, Operation]:
+        return {"baseline": self.baseline, "builtin": self.builtin, "custom": self.custom, "task": self.task}
+
+    async def aclose(self) -> None:
+        await self.api.aclose()
+        await self.direct.aclose()
+
+
+async def prepare(processes: Processes, max_connections: int = 64) -> Scenarios:
+    """A fresh tenant with the README's credential, custom tool and agent; clients pooled for the whole run."""
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    token = processes.token(f"bench-{uuid.uuid4().hex[:8]}")
+    api = httpx.AsyncClient(
+        base_url=processes.base_url,
+        headers={"Authorization": f"Bearer {token}"},
+        limits=limits,
+        timeout=30,
+        trust_env=False,
+    )
+    direct = httpx.AsyncClient(limits=limits, timeout=30, trust_env=False)
+    credential = {"type": "api_key", "value": "sk-test-123", "header": "X-Api-Key", "prefix": ""}
+    _check(await api.put("/v1/credentials/crm", json=credential), 201)
+    tool = {
+        "tool_id": "crm_lookup",
+        "name": "CRM lookup",
+        "description": "Reads a customer record",
+        "parameters": [{"name": "customer", "type": "string", "required": True}],
+        "endpoint": f"{processes.fake_url}/v1/{{customer}}.json",
+        "method": "GET",
+        "auth": "api_key",
+        "credential": "crm",
+    }
+    _check(await api.post("/v1/tools", json=tool), 201)
+    agent = {"name": "support", "instructions": "Answer customers.", "tools": ["crm_lookup", "parse_email", "text_template"]}
+    agent_id = _check(await api.post("/v1/agents", json=agent), 201)["id"]
+    return Scenarios(api, direct, processes.fake_url, agent_id)
