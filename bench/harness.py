@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -205,19 +205,21 @@ def percentile(values: list[float], q: float) -> float:
 
 
 async def closed_loop(
-    operation: Callable[[], Awaitable[None]],
+    operations: Sequence[Callable[[], Awaitable[None]]],
     *,
-    concurrency: int,
     max_ops: int,
     max_seconds: float,
     meter: CpuMeter | None = None,
 ) -> Phase:
-    """Run ``operation`` from ``concurrency`` workers until ``max_ops`` have started or ``max_seconds`` passed."""
+    """Run each operation in a loop of its own, all at once, until ``max_ops`` started or ``max_seconds`` passed.
+
+    One operation per in-flight slot, so each may own its connections; the concurrency is their number.
+    """
     latencies: list[float] = []
     started = 0
     deadline = time.monotonic() + max_seconds
 
-    async def worker() -> None:
+    async def worker(operation: Callable[[], Awaitable[None]]) -> None:
         nonlocal started
         while started < max_ops and time.monotonic() < deadline:
             started += 1
@@ -228,7 +230,7 @@ async def closed_loop(
     if meter is not None:
         meter.start()
     t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    await asyncio.gather(*(worker(op) for op in operations))
     elapsed = time.perf_counter() - t0
     cpu = meter.stop() if meter is not None else {}
-    return Phase(concurrency, latencies, elapsed, cpu)
+    return Phase(len(operations), latencies, elapsed, cpu)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run.py` from anywhere
 
-from bench.harness import CpuMeter, Phase, Processes, closed_loop, start_processes  # noqa: E402
-from bench.scenarios import prepare  # noqa: E402
+from bench.harness import CpuMeter, Phase, Processes, closed_loop, start_processes
+from bench.scenarios import Worker, prepare
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
 START, END = "<!-- bench:results:start -->", "<!-- bench:results:end -->"
@@ -63,24 +63,21 @@ class Result:
 
 
 async def measure(processes: Processes, paths: list[str], scale: float) -> dict[str, Result]:
-    scenarios = await prepare(processes)
+    target = await prepare(processes)
+    workers = [Worker(target) for _ in range(max(BOUNDS[p].busy for p in paths))]
     meter = CpuMeter(processes)
     results: dict[str, Result] = {}
     try:
-        operations = scenarios.operations()
         for path in paths:
-            b, op = BOUNDS[path], operations[path]
+            b = BOUNDS[path]
+            ops = [w.operation(path) for w in workers[: b.busy]]
             print(f"  {path}: warm-up, 1 in flight, {b.busy} in flight", file=sys.stderr, flush=True)
-            await closed_loop(op, concurrency=8, max_ops=b.warmup, max_seconds=10 * scale)
-            single = await closed_loop(
-                op, concurrency=1, max_ops=b.single_ops, max_seconds=b.single_seconds * scale, meter=meter
-            )
-            busy = await closed_loop(
-                op, concurrency=b.busy, max_ops=b.busy_ops, max_seconds=b.busy_seconds * scale, meter=meter
-            )
+            await closed_loop(ops, max_ops=b.warmup, max_seconds=10 * scale)  # also opens every connection
+            single = await closed_loop(ops[:1], max_ops=b.single_ops, max_seconds=b.single_seconds * scale, meter=meter)
+            busy = await closed_loop(ops, max_ops=b.busy_ops, max_seconds=b.busy_seconds * scale, meter=meter)
             results[path] = Result(single, busy)
     finally:
-        await scenarios.aclose()
+        await asyncio.gather(*(w.aclose() for w in workers))
     return results
 
 
@@ -111,16 +108,16 @@ def report(results: dict[str, Result], state: str) -> str:
     lines = [
         f"Run of {now} on {_machine(state)}.",
         "",
-        "| path | p50 @1 (ms) | p95 @1 (ms) | added p50 / p95 vs baseline (ms) | × baseline p50 "
+        "| path | p50 @1 (ms) | p95 @1 (ms) | added p50 / p95 vs baseline (ms) | x baseline p50 "
         "| in flight | throughput (/s) | p50 (ms) | p95 (ms) | stack CPU per op (ms) |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for path, r in results.items():
-        added, ratio = "–", "–"
+        added, ratio = "-", "-"
         if base is not None and path != "baseline":
             added = f"+{_ms(r.single.p(50) - base.single.p(50))} / +{_ms(r.single.p(95) - base.single.p(95))}"
-            ratio = f"{r.single.p(50) / base.single.p(50):.1f}×"
-        stack_cpu = f"{r.busy.cpu_ms_per_op(*SERVICES):.2f}" if path != "baseline" else "–"
+            ratio = f"{r.single.p(50) / base.single.p(50):.1f}x"
+        stack_cpu = f"{r.busy.cpu_ms_per_op(*SERVICES):.2f}" if path != "baseline" else "-"
         lines.append(
             f"| {LABELS[path]} | {_ms(r.single.p(50))} | {_ms(r.single.p(95))} | {added} | {ratio} "
             f"| {r.busy.concurrency} | {r.busy.throughput:,.0f} | {_ms(r.busy.p(50))} | {_ms(r.busy.p(95))} "
@@ -140,7 +137,8 @@ def report(results: dict[str, Result], state: str) -> str:
         lines.append(f"| {path} | {r.busy.count} | " + " | ".join(per) + f" | {busy:.2f} |")
     lines += [
         "",
-        "1 in flight: " + ", ".join(f"{p} {r.single.count} ops in {r.single.elapsed:.1f}s" for p, r in results.items())
+        "1 in flight: "
+        + ", ".join(f"{p} {r.single.count} ops in {r.single.elapsed:.1f}s" for p, r in results.items())
         + "; many in flight: "
         + ", ".join(f"{p} {r.busy.count} ops in {r.busy.elapsed:.1f}s" for p, r in results.items())
         + ".",

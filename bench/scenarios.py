@@ -18,7 +18,7 @@ import httpx
 
 from bench.harness import Processes
 
-__all__ = ["PLAN", "Scenarios", "prepare"]
+__all__ = ["PLAN", "Target", "UnexpectedAnswer", "Worker", "prepare"]
 
 Operation = Callable[[], Awaitable[None]]
 
@@ -46,21 +46,44 @@ class UnexpectedAnswer(RuntimeError):
 
 def _check(response: httpx.Response, status: int) -> Any:
     if response.status_code != status:
-        raise UnexpectedAnswer(f"{response.request.method} {response.request.url}: {response.status_code} {response.text}")
+        request = response.request
+        raise UnexpectedAnswer(f"{request.method} {request.url}: {response.status_code} {response.text[:500]}")
     return response.json()
 
 
-@dataclass
-class Scenarios:
-    """Clients and ids set up once; the operations reuse them (one pooled client per target, as a caller would)."""
+@dataclass(frozen=True)
+class Target:
+    """What the operations talk to: set up once per run."""
 
-    api: httpx.AsyncClient
-    direct: httpx.AsyncClient
+    base_url: str
+    token: str
     fake_url: str
     agent_id: str
 
+
+class Worker:
+    """One in-flight slot of the load: its own clients, so one keep-alive connection per target.
+
+    httpx's pool costs the caller more CPU per request the more requests share it (at 32 in flight through one
+    client, the load generator's CPU per request doubled and it became the bottleneck); one client per worker
+    keeps the load generator's cost flat, for the baseline and the stack alike.
+    """
+
+    def __init__(self, target: Target) -> None:
+        limits = httpx.Limits(max_connections=2, max_keepalive_connections=2)
+        self.target = target
+        self.api = httpx.AsyncClient(
+            base_url=target.base_url,
+            headers={"Authorization": f"Bearer {target.token}"},
+            limits=limits,
+            timeout=30,
+            trust_env=False,
+        )
+        self.direct = httpx.AsyncClient(limits=limits, timeout=30, trust_env=False)
+
     async def baseline(self) -> None:
-        answer = _check(await self.direct.get(f"{self.fake_url}/v1/ada.json", headers={"X-Api-Key": "sk-test-123"}), 200)
+        url = f"{self.target.fake_url}/v1/ada.json"
+        answer = _check(await self.direct.get(url, headers={"X-Api-Key": "sk-test-123"}), 200)
         if answer != RECORD:
             raise UnexpectedAnswer(f"fake api answered {answer}")
 
@@ -71,12 +94,14 @@ class Scenarios:
             raise UnexpectedAnswer(f"json_extract answered {answer}")
 
     async def custom(self) -> None:
-        answer = _check(await self.api.post("/v1/tools/crm_lookup/invoke", json={"arguments": {"customer": "ada"}}), 200)
+        body = {"arguments": {"customer": "ada"}}
+        answer = _check(await self.api.post("/v1/tools/crm_lookup/invoke", json=body), 200)
         if answer != {"output": RECORD, "status": 200}:
             raise UnexpectedAnswer(f"crm_lookup answered {answer}")
 
     async def task(self) -> None:
-        submitted = _check(await self.api.post(f"/v1/agents/{self.agent_id}/tasks", json={"input": {"plan": PLAN}}), 202)
+        url = f"/v1/agents/{self.target.agent_id}/tasks"
+        submitted = _check(await self.api.post(url, json={"input": {"plan": PLAN}}), 202)
         terminal = ""
         async with self.api.stream("GET", f"/v1/tasks/{submitted['task_id']}/events") as stream:
             if stream.status_code != 200:
@@ -87,39 +112,39 @@ class Scenarios:
         if terminal != "event: task.succeeded":
             raise UnexpectedAnswer(f"task {submitted['task_id']} ended with {terminal or 'no terminal event'}")
 
-    def operations(self) -> dict[str, Operation]:
-        return {"baseline": self.baseline, "builtin": self.builtin, "custom": self.custom, "task": self.task}
+    def operation(self, path: str) -> Operation:
+        operations: dict[str, Operation] = {
+            "baseline": self.baseline,
+            "builtin": self.builtin,
+            "custom": self.custom,
+            "task": self.task,
+        }
+        return operations[path]
 
     async def aclose(self) -> None:
         await self.api.aclose()
         await self.direct.aclose()
 
 
-async def prepare(processes: Processes, max_connections: int = 64) -> Scenarios:
-    """A fresh tenant with the README's credential, custom tool and agent; clients pooled for the whole run."""
-    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+async def prepare(processes: Processes) -> Target:
+    """A fresh tenant with the README's credential, custom tool and agent."""
     token = processes.token(f"bench-{uuid.uuid4().hex[:8]}")
-    api = httpx.AsyncClient(
-        base_url=processes.base_url,
-        headers={"Authorization": f"Bearer {token}"},
-        limits=limits,
-        timeout=30,
-        trust_env=False,
-    )
-    direct = httpx.AsyncClient(limits=limits, timeout=30, trust_env=False)
-    credential = {"type": "api_key", "value": "sk-test-123", "header": "X-Api-Key", "prefix": ""}
-    _check(await api.put("/v1/credentials/crm", json=credential), 201)
-    tool = {
-        "tool_id": "crm_lookup",
-        "name": "CRM lookup",
-        "description": "Reads a customer record",
-        "parameters": [{"name": "customer", "type": "string", "required": True}],
-        "endpoint": f"{processes.fake_url}/v1/{{customer}}.json",
-        "method": "GET",
-        "auth": "api_key",
-        "credential": "crm",
-    }
-    _check(await api.post("/v1/tools", json=tool), 201)
-    agent = {"name": "support", "instructions": "Answer customers.", "tools": ["crm_lookup", "parse_email", "text_template"]}
-    agent_id = _check(await api.post("/v1/agents", json=agent), 201)["id"]
-    return Scenarios(api, direct, processes.fake_url, agent_id)
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=processes.base_url, headers=headers, timeout=30, trust_env=False) as api:
+        credential = {"type": "api_key", "value": "sk-test-123", "header": "X-Api-Key", "prefix": ""}
+        _check(await api.put("/v1/credentials/crm", json=credential), 201)
+        tool = {
+            "tool_id": "crm_lookup",
+            "name": "CRM lookup",
+            "description": "Reads a customer record",
+            "parameters": [{"name": "customer", "type": "string", "required": True}],
+            "endpoint": f"{processes.fake_url}/v1/{{customer}}.json",
+            "method": "GET",
+            "auth": "api_key",
+            "credential": "crm",
+        }
+        _check(await api.post("/v1/tools", json=tool), 201)
+        tools = ["crm_lookup", "parse_email", "text_template"]
+        agent = {"name": "support", "instructions": "Answer customers.", "tools": tools}
+        agent_id = _check(await api.post("/v1/agents", json=agent), 201)["id"]
+    return Target(processes.base_url, token, processes.fake_url, agent_id)

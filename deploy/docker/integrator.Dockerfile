@@ -11,7 +11,7 @@ WORKDIR /src
 COPY pyproject.toml ./
 COPY libs ./libs
 COPY services ./services
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir ".[integrator]"
 
 FROM python:3.11-slim
 COPY --from=builder /opt/venv /opt/venv

@@ -34,7 +34,7 @@ def test_dockerfile(service: str) -> None:
     final = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM") :]
     builder = steps[: len(steps) - len(final)]
 
-    assert ("RUN", "pip install --no-cache-dir .") in builder
+    assert ("RUN", f'pip install --no-cache-dir ".[{service}]"') in builder  # only this service's extra
     assert any(w == "RUN" and "python -m venv /opt/venv" in a for w, a in builder)
     for word, args in builder:
         if word == "COPY":

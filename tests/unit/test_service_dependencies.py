@@ -1,0 +1,58 @@
+"""Each service's image installs only its own extra (pyproject.toml): prove each service imports with just that.
+
+A service is imported in a fresh interpreter where the packages of the *other* extras cannot be imported. A new
+import of, say, httpx in the agent service fails here before it fails in the agent's image.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Import names of each extra's packages (and of what they bring along that our code could import directly).
+MODULES = {
+    "fastapi": ["fastapi", "starlette"],
+    "uvicorn": ["uvicorn"],
+    "sse-starlette": ["sse_starlette"],
+    "prometheus-client": ["prometheus_client"],
+    "httpx": ["httpx", "httpcore"],
+    "jsonschema": ["jsonschema", "referencing"],
+    "tenacity": ["tenacity"],
+}
+
+BLOCKER = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is not in this service's extra")
+sys.meta_path.insert(0, Block())
+import services.%s.__main__
+"""
+
+
+def _extra(name: str) -> set[str]:
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    return {req.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip() for req in extras[name]}
+
+
+@pytest.mark.parametrize("service", ["gateway", "agent", "tool", "integrator"])
+def test_service_imports_with_only_its_extra(service: str) -> None:
+    allowed = _extra(service)
+    blocked = sorted({m for dist, mods in MODULES.items() if dist not in allowed for m in mods})
+    assert blocked, "nothing to block: the check would prove nothing"
+    code = f"BLOCKED = {set(blocked)!r}\n" + BLOCKER % service
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_blocker_catches_a_forbidden_import() -> None:
+    code = "BLOCKED = {'fastapi', 'starlette'}\n" + BLOCKER % "gateway"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode != 0 and "not in this service's extra" in result.stderr
