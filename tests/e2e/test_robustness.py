@@ -88,3 +88,5 @@ def test_operations_endpoints(stack: Stack) -> None:
             "/v1/audit",
         ):
             assert path in spec["paths"]
+        assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+        assert spec["paths"]["/v1/agents"]["post"]["security"] == [{"bearer": []}]
