@@ -59,6 +59,21 @@ class Stack:
         headers = {"Authorization": f"Bearer {self.token(tenant, role, **overrides)}"}
         return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, trust_env=False)
 
+    def service_pids(self) -> dict[str, int]:
+        """The service processes ``altan up`` started, by service name."""
+        found = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid and b"-m" in cmdline:
+                found[cmdline[cmdline.index(b"-m") + 1].decode().removeprefix("services.")] = int(entry.name)
+        return found
+
     def logs(self) -> str:
         return "".join(self.lines)
 

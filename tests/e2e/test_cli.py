@@ -13,22 +13,6 @@ import jwt
 from tests.e2e.stack import JWT_SECRET, free_port, start_stack
 
 
-def _children(pid: int) -> dict[str, int]:
-    """The service processes ``altan up`` started, by service name."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"-m" in cmdline:
-            found[cmdline[cmdline.index(b"-m") + 1].decode().removeprefix("services.")] = int(entry.name)
-    return found
-
-
 def test_token_prints_a_verifiable_development_token(tmp_path: Path) -> None:
     env = {**os.environ, "ALTAN_JWT_SECRET": JWT_SECRET, "ALTAN_DATA_DIR": str(tmp_path)}
     out = subprocess.run(
@@ -67,7 +51,7 @@ def test_token_without_a_secret_uses_the_generated_development_secret(tmp_path: 
 
 def test_up_exits_nonzero_when_a_service_dies(tmp_path: Path) -> None:
     stack = start_stack(data_dir=tmp_path, egress_allow="", redis_url=None)
-    children = _children(stack.process.pid)
+    children = stack.service_pids()
     assert set(children) == {"gateway", "agent", "tool", "integrator"}
     os.kill(children["tool"], signal.SIGKILL)
     code = stack.process.wait(timeout=60)
