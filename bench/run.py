@@ -3,8 +3,8 @@
 Starts the fake API and ``altan up`` on free ports (everything on 127.0.0.1), then for each path runs a warm-up,
 a phase at 1 in flight (latency) and a phase at many in flight (throughput and CPU per request), each bounded by
 a count and a time. Prints a markdown table and writes it into docs/benchmarks.md between the result markers
-(the rest of that file, such as profiling notes, is kept). One run takes about a minute and a half; ``--quick``
-takes about a quarter of that. Absolute numbers drift between runs and machines; ratios and CPU per request
+(the rest of that file, such as profiling notes, is kept). One run takes about 50 seconds; ``--quick`` takes
+about a quarter of that. Absolute numbers drift between runs and machines; ratios and CPU per request
 carry over.
 """
 
@@ -16,6 +16,7 @@ import datetime
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,12 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
+def _cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot, from /proc/stat: a VM's neighbours show up as steal."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
 def _machine(state: str) -> str:
     model = "unknown CPU"
     try:
@@ -102,11 +109,11 @@ def _machine(state: str) -> str:
     )
 
 
-def report(results: dict[str, Result], state: str) -> str:
+def report(results: dict[str, Result], state: str, steal: float) -> str:
     base = results.get("baseline")
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        f"Run of {now} on {_machine(state)}.",
+        f"Run of {now} on {_machine(state)}; CPU stolen by the hypervisor during the run: {steal:.1%}.",
         "",
         "| path | p50 @1 (ms) | p95 @1 (ms) | added p50 / p95 vs baseline (ms) | x baseline p50 "
         "| in flight | throughput (/s) | p50 (ms) | p95 (ms) | stack CPU per op (ms) |",
@@ -135,6 +142,12 @@ def report(results: dict[str, Result], state: str) -> str:
         per = [f"{r.busy.cpu_ms_per_op(name):.2f}" for name in (*SERVICES, "altan up", "fake api", "load generator")]
         busy = sum(r.busy.cpu.values()) / r.busy.elapsed
         lines.append(f"| {path} | {r.busy.count} | " + " | ".join(per) + f" | {busy:.2f} |")
+    if base is not None:
+        lines += [
+            "",
+            "The baseline's many-in-flight throughput is the load generator's own limit (one Python process, one "
+            "core), not the fake API's.",
+        ]
     lines += [
         "",
         "1 in flight: "
@@ -152,7 +165,7 @@ What one tool call and one small task cost through the whole stack, next to a ba
 How to run, from the repository root after `make install`:
 
 ```sh
-.venv/bin/python bench/run.py            # about a minute and a half; --quick for a quarter of that
+.venv/bin/python bench/run.py            # about 50 s; --quick for a quarter of that
 .venv/bin/python bench/run.py --no-write # print only, leave this file alone
 ```
 
@@ -187,6 +200,7 @@ def main() -> int:
     paths = [p for p in BOUNDS if p in args.paths] if args.paths else list(BOUNDS)
     print("starting the fake API and altan up ...", file=sys.stderr, flush=True)
     processes = start_processes(redis_url=args.redis_url)
+    steal_before, total_before = _cpu_ticks()
     try:
         results = asyncio.run(measure(processes, paths, 0.25 if args.quick else 1.0))
     except Exception:
@@ -194,7 +208,10 @@ def main() -> int:
         raise
     finally:
         processes.stop()
-    table = report(results, "Redis state" if args.redis_url else "embedded state")
+    shutil.rmtree(processes.workdir, ignore_errors=True)  # kept only when something failed, for its logs
+    steal_after, total_after = _cpu_ticks()
+    steal = (steal_after - steal_before) / max(1, total_after - total_before)
+    table = report(results, "Redis state" if args.redis_url else "embedded state", steal)
     print(table)
     if not args.no_write and not args.quick:
         write_doc(table)

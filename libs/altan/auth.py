@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import OrderedDict
 from typing import Any
 
 import jwt
@@ -20,6 +21,7 @@ from altan.errors import Unauthenticated
 __all__ = ["TokenVerifier", "issue_development_token"]
 
 _ROLES = ("admin", "member")
+_CACHE_SIZE = 10_000
 
 
 class TokenVerifier:
@@ -37,6 +39,8 @@ class TokenVerifier:
             else None
         )
         self._jwks: jwt.PyJWKSet | None = None
+        # token -> (expiry, caller): a token verified once is not re-verified on every hop until it expires.
+        self._verified: OrderedDict[str, tuple[float, RequestContext]] = OrderedDict()
         if settings.jwt_jwks_file and not self._secret:
             self._jwks = jwt.PyJWKSet.from_dict(json.loads(settings.jwt_jwks_file.read_text()))
 
@@ -48,6 +52,11 @@ class TokenVerifier:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization must be 'Bearer <token>'")
+        cached = self._verified.get(token)
+        if cached is not None:
+            if time.time() < cached[0]:
+                return cached[1]
+            del self._verified[token]
         try:
             claims = jwt.decode(
                 token,
@@ -70,7 +79,14 @@ class TokenVerifier:
             raise Unauthenticated("token algorithm not accepted") from exc
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise Unauthenticated("invalid token") from exc
-        return self._context(claims, token)
+        caller = self._context(claims, token)
+        self._remember(token, float(claims["exp"]) + self._leeway, caller)
+        return caller
+
+    def _remember(self, token: str, expires: float, caller: RequestContext) -> None:
+        self._verified[token] = (expires, caller)
+        if len(self._verified) > _CACHE_SIZE:
+            self._verified.popitem(last=False)  # the oldest entry
 
     def _key_for(self, token: str) -> Any:
         if self._secret:

@@ -92,6 +92,7 @@ def is_builtin(tool_id: str) -> bool:
 
 
 _validator = ArgumentValidator()
+_CPU_BOUND = frozenset({"parse_email"})
 
 
 async def run_builtin(tool_id: str, arguments: dict[str, Any]) -> Any:
@@ -102,8 +103,10 @@ async def run_builtin(tool_id: str, arguments: dict[str, Any]) -> Any:
             raise InvalidArgument(f"tool {tool_id!r} is not run in-process; the tool executor runs it")
         raise InvalidArgument(f"tool {tool_id!r} is not a built-in tool")
     _validator.validate(tool_id, BUILTIN_TOOLS[tool_id]["input_schema"], arguments)
-    # Parsing a large message is CPU work; a worker thread keeps the event loop answering meanwhile.
-    return await asyncio.to_thread(implementation, arguments)
+    if tool_id in _CPU_BOUND:
+        # Parsing a large message is CPU work; a worker thread keeps the event loop answering meanwhile.
+        return await asyncio.to_thread(implementation, arguments)
+    return implementation(arguments)  # microseconds: a thread hop would cost more than the work
 
 
 # --- parse_email ------------------------------------------------------------------------------------------

@@ -67,9 +67,9 @@ class ToolExecutor:
         tool = await self._registry.get(tool_id)
         if not isinstance(arguments, dict):
             raise InvalidArgument("arguments: must be a JSON object")
-        self._validator.validate(tool_id, tool["input_schema"], arguments)
         if tool["type"] == "builtin" and tool_id != "http_request":
-            return Execution(output=await run_builtin(tool_id, arguments))
+            return Execution(output=await run_builtin(tool_id, arguments))  # validates the arguments itself
+        self._validator.validate(tool_id, tool["input_schema"], arguments)
         if tool_id == "http_request":
             return await self._http_request(arguments, credential, timeout)
         return await self._custom(tool, arguments, credential, timeout)
