@@ -14,7 +14,11 @@ from altan.config import Settings
 from altan.logging import configure_logging
 from altan.server import GrpcService, serve_until_stopped, shutdown_event
 
-__all__ = ["Wiring", "run_service"]
+__all__ = ["ConfigurationError", "Wiring", "run_service"]
+
+
+class ConfigurationError(Exception):
+    """A setting that passed type checks but that a service cannot use; stops the process with a clear message."""
 
 # Builds a service's servicers from settings; resources that need closing go on the exit stack.
 Wiring = Callable[[Settings, AsyncExitStack], Awaitable[list[GrpcService]]]
@@ -45,4 +49,8 @@ def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> N
                 stop=shutdown_event(),
             )
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except ConfigurationError as exc:
+        sys.stderr.write(f"invalid configuration: {exc}\n")
+        raise SystemExit(2) from None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-from altan.bootstrap import run_service
+from altan.bootstrap import ConfigurationError, run_service
 from altan.config import Settings
 from altan.egress import EgressGuard, EgressPolicy
 from altan.outbound import GuardedHttpClient
@@ -18,9 +18,13 @@ from services.tool.servicer import ToolServicer
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
+    try:
+        policy = EgressPolicy.parse(settings.egress_allow)
+    except ValueError as exc:
+        raise ConfigurationError(f"ALTAN_EGRESS_ALLOW: {exc}") from None
     backend = open_backend(settings.redis_url)
     stack.push_async_callback(backend.aclose)
-    guard = EgressGuard(EgressPolicy.parse(settings.egress_allow))
+    guard = EgressGuard(policy)
     http = GuardedHttpClient(guard, timeout=settings.call_deadline_seconds)
     stack.push_async_callback(http.aclose)
     registry = ToolRegistry(TenantStore(backend, "tool"))

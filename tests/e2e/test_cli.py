@@ -87,3 +87,30 @@ def test_up_refuses_bad_configuration(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "invalid configuration" in result.stdout + result.stderr
     assert "jwt_leeway_seconds" in result.stdout + result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_up_refuses_a_bad_egress_allow_list(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "ALTAN_JWT_SECRET": JWT_SECRET,
+        "ALTAN_DATA_DIR": str(tmp_path),
+        "ALTAN_EGRESS_ALLOW": "not a destination",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "altan.cli",
+        "up",
+        "--http-port",
+        str(free_port()),
+        "--grpc-port",
+        str(free_port()),
+        "--startup-timeout",
+        "30",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "invalid configuration: ALTAN_EGRESS_ALLOW" in output
+    assert "Traceback" not in output
