@@ -39,6 +39,7 @@ class StateBackend(Protocol):
     async def hsetnx(self, key: str, field: str, value: str) -> bool: ...
     async def hdel(self, key: str, field: str) -> bool: ...
     async def hgetall(self, key: str) -> dict[str, str]: ...
+    async def hmget(self, key: str, fields: list[str]) -> list[str | None]: ...
     async def append(self, key: str, value: str, maxlen: int) -> int: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
@@ -73,6 +74,10 @@ class MemoryBackend:
 
     async def hgetall(self, key: str) -> dict[str, str]:
         return dict(self._hashes.get(key, {}))
+
+    async def hmget(self, key: str, fields: list[str]) -> list[str | None]:
+        table = self._hashes.get(key, {})
+        return [table.get(f) for f in fields]
 
     async def append(self, key: str, value: str, maxlen: int) -> int:
         self._seq[key] += 1
@@ -136,6 +141,9 @@ class RedisBackend:
     async def hgetall(self, key: str) -> dict[str, str]:
         return await self._redis.hgetall(key)
 
+    async def hmget(self, key: str, fields: list[str]) -> list[str | None]:
+        return await self._redis.hmget(key, fields) if fields else []
+
     async def append(self, key: str, value: str, maxlen: int) -> int:
         return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
 
@@ -190,6 +198,11 @@ class TenantStore:
     async def put_new(self, collection: str, doc_id: str, doc: Doc) -> bool:
         """Store only if absent; False when the id is taken (duplicates, idempotency keys)."""
         return await self._backend.hsetnx(self._key(collection), doc_id, json.dumps(doc))
+
+    async def get_many(self, collection: str, doc_ids: list[str]) -> dict[str, Doc]:
+        """The documents that exist among ``doc_ids``, in one round trip."""
+        raw = await self._backend.hmget(self._key(collection), doc_ids)
+        return {doc_id: json.loads(value) for doc_id, value in zip(doc_ids, raw, strict=True) if value is not None}
 
     async def delete(self, collection: str, doc_id: str) -> bool:
         return await self._backend.hdel(self._key(collection), doc_id)

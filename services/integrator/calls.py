@@ -63,11 +63,10 @@ class ToolCaller:
         self._backoff = wait_exponential_jitter(initial=0.2, max=retry_after_cap)
 
     async def describe(self, tool_ids: list[str]) -> tuple[list[tool_pb2.Tool], list[str]]:
-        answer = await self._tools.call("ListTools", tool_pb2.ListToolsRequest(page_size=500))
-        tools = {t.tool_id: t for t in answer.tools}
-        if not tool_ids:
-            return list(tools.values()), []
-        return [tools[t] for t in tool_ids if t in tools], [t for t in tool_ids if t not in tools]
+        wanted = list(dict.fromkeys(tool_ids))[:500]
+        answer = await self._tools.call("ListTools", tool_pb2.ListToolsRequest(page_size=500, tool_ids=wanted))
+        found = {t.tool_id for t in answer.tools}
+        return list(answer.tools), [t for t in tool_ids if t not in found]
 
     async def invoke(
         self, tool_id: str, arguments: Any, *, agent_id: str, bound: list[str], task_id: str, step_id: str

@@ -26,6 +26,12 @@ class ToolRegistry:
         custom = sorted((await self._store.all(_TOOLS)).values(), key=lambda t: (t["created_at"], t["tool_id"]))
         return [*BUILTIN_TOOLS.values(), *custom]
 
+    async def some(self, tool_ids: list[str]) -> list[dict[str, Any]]:
+        """The tools that exist among ``tool_ids``, in that order."""
+        custom = await self._store.get_many(_TOOLS, [t for t in tool_ids if t not in BUILTIN_TOOLS])
+        found = [BUILTIN_TOOLS.get(t) or custom.get(t) for t in tool_ids]
+        return [tool for tool in found if tool is not None]
+
     async def get(self, tool_id: str) -> dict[str, Any]:
         if tool_id in BUILTIN_TOOLS:
             return BUILTIN_TOOLS[tool_id]

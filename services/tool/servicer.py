@@ -31,9 +31,8 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         self._executor = executor
 
     async def ListTools(self, request: tool_pb2.ListToolsRequest, context: grpc.aio.ServicerContext) -> Any:
-        page, token = paginate(
-            await self._registry.all(), request.page_size, request.page_token, default=100, maximum=500
-        )
+        tools = await self._registry.some(list(request.tool_ids)) if request.tool_ids else await self._registry.all()
+        page, token = paginate(tools, request.page_size, request.page_token, default=100, maximum=500)
         return tool_pb2.ListToolsResponse(tools=[tool_to_proto(t) for t in page], next_page_token=token)
 
     async def GetTool(self, request: tool_pb2.GetToolRequest, context: grpc.aio.ServicerContext) -> Any:

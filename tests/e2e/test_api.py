@@ -301,3 +301,13 @@ def test_builtin_text_tools(stack: Stack, tenant: str) -> None:
             "/v1/tools/text_template/invoke", json={"arguments": {"template": "hi {{ n }}", "values": {"n": "Ann"}}}
         ).json()
         assert text["output"]["text"] == "hi Ann"
+
+
+def test_describe_by_ids_answers_unknown_tools(stack: Stack, tenant: str) -> None:
+    """Agents learn which tools exist through the integrator's by-id lookup; the unknown one is named."""
+    with stack.client(tenant) as api:
+        api.post("/v1/tools", json={"tool_id": "exists", "name": "E", "endpoint": "https://example.com/e"})
+        ok = api.post("/v1/agents", json={"name": "a", "tools": ["exists", "json_extract"]})
+        assert ok.status_code == 201
+        bad = api.post("/v1/agents", json={"name": "a", "tools": ["exists", "ghost", "json_extract"]})
+        assert bad.status_code == 400 and "'ghost'" in bad.json()["error"]["message"]

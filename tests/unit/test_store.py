@@ -98,6 +98,14 @@ async def test_get_put_delete_all(harness: Harness, tenant: str) -> None:
     assert await store.all("agents") == {"a2": {"name": "second"}}
 
 
+async def test_get_many_returns_only_what_exists(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    assert await store.get_many("tools", []) == {}
+    await store.put("tools", "t1", {"n": 1})
+    await store.put("tools", "t3", {"n": 3})
+    assert await store.get_many("tools", ["t3", "t2", "t1"]) == {"t3": {"n": 3}, "t1": {"n": 1}}
+
+
 async def test_put_new_refuses_a_taken_id_and_keeps_the_first(harness: Harness, tenant: str) -> None:
     store = harness.store()
     assert await store.put_new("keys", "k", {"v": 1}) is True

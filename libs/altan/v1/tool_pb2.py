@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ltan/v1/tool.proto\x12\x08\x61ltan.v1\"|\n\x04Tool\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x19\n\x11input_schema_json\x18\x05 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x06 \x01(\t\"9\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"K\n\x11ListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"/\n\x0fGetToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"&\n\x11\x43reateToolRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"2\n\x12\x43reateToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"$\n\x11\x44\x65leteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteToolResponse\"Q\n\x12InjectedCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\"\x88\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x30\n\ncredential\x18\x03 \x01(\x0b\x32\x1c.altan.v1.InjectedCredential\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\"l\n\x13\x45xecuteToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\t\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x04 \x01(\x01\x32\xf1\x02\n\x0bToolService\x12\x44\n\tListTools\x12\x1a.altan.v1.ListToolsRequest\x1a\x1b.altan.v1.ListToolsResponse\x12>\n\x07GetTool\x12\x18.altan.v1.GetToolRequest\x1a\x19.altan.v1.GetToolResponse\x12G\n\nCreateTool\x12\x1b.altan.v1.CreateToolRequest\x1a\x1c.altan.v1.CreateToolResponse\x12G\n\nDeleteTool\x12\x1b.altan.v1.DeleteToolRequest\x1a\x1c.altan.v1.DeleteToolResponse\x12J\n\x0b\x45xecuteTool\x12\x1c.altan.v1.ExecuteToolRequest\x1a\x1d.altan.v1.ExecuteToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ltan/v1/tool.proto\x12\x08\x61ltan.v1\"|\n\x04Tool\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x19\n\x11input_schema_json\x18\x05 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x06 \x01(\t\"K\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08tool_ids\x18\x03 \x03(\t\"K\n\x11ListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"/\n\x0fGetToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"&\n\x11\x43reateToolRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"2\n\x12\x43reateToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"$\n\x11\x44\x65leteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteToolResponse\"Q\n\x12InjectedCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\"\x88\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x30\n\ncredential\x18\x03 \x01(\x0b\x32\x1c.altan.v1.InjectedCredential\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\"l\n\x13\x45xecuteToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\t\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x04 \x01(\x01\x32\xf1\x02\n\x0bToolService\x12\x44\n\tListTools\x12\x1a.altan.v1.ListToolsRequest\x1a\x1b.altan.v1.ListToolsResponse\x12>\n\x07GetTool\x12\x18.altan.v1.GetToolRequest\x1a\x19.altan.v1.GetToolResponse\x12G\n\nCreateTool\x12\x1b.altan.v1.CreateToolRequest\x1a\x1c.altan.v1.CreateToolResponse\x12G\n\nDeleteTool\x12\x1b.altan.v1.DeleteToolRequest\x1a\x1c.altan.v1.DeleteToolResponse\x12J\n\x0b\x45xecuteTool\x12\x1c.altan.v1.ExecuteToolRequest\x1a\x1d.altan.v1.ExecuteToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,27 +34,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOOL']._serialized_start=33
   _globals['_TOOL']._serialized_end=157
   _globals['_LISTTOOLSREQUEST']._serialized_start=159
-  _globals['_LISTTOOLSREQUEST']._serialized_end=216
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=218
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=293
-  _globals['_GETTOOLREQUEST']._serialized_start=295
-  _globals['_GETTOOLREQUEST']._serialized_end=328
-  _globals['_GETTOOLRESPONSE']._serialized_start=330
-  _globals['_GETTOOLRESPONSE']._serialized_end=377
-  _globals['_CREATETOOLREQUEST']._serialized_start=379
-  _globals['_CREATETOOLREQUEST']._serialized_end=417
-  _globals['_CREATETOOLRESPONSE']._serialized_start=419
-  _globals['_CREATETOOLRESPONSE']._serialized_end=469
-  _globals['_DELETETOOLREQUEST']._serialized_start=471
-  _globals['_DELETETOOLREQUEST']._serialized_end=507
-  _globals['_DELETETOOLRESPONSE']._serialized_start=509
-  _globals['_DELETETOOLRESPONSE']._serialized_end=529
-  _globals['_INJECTEDCREDENTIAL']._serialized_start=531
-  _globals['_INJECTEDCREDENTIAL']._serialized_end=612
-  _globals['_EXECUTETOOLREQUEST']._serialized_start=615
-  _globals['_EXECUTETOOLREQUEST']._serialized_end=751
-  _globals['_EXECUTETOOLRESPONSE']._serialized_start=753
-  _globals['_EXECUTETOOLRESPONSE']._serialized_end=861
-  _globals['_TOOLSERVICE']._serialized_start=864
-  _globals['_TOOLSERVICE']._serialized_end=1233
+  _globals['_LISTTOOLSREQUEST']._serialized_end=234
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=236
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=311
+  _globals['_GETTOOLREQUEST']._serialized_start=313
+  _globals['_GETTOOLREQUEST']._serialized_end=346
+  _globals['_GETTOOLRESPONSE']._serialized_start=348
+  _globals['_GETTOOLRESPONSE']._serialized_end=395
+  _globals['_CREATETOOLREQUEST']._serialized_start=397
+  _globals['_CREATETOOLREQUEST']._serialized_end=435
+  _globals['_CREATETOOLRESPONSE']._serialized_start=437
+  _globals['_CREATETOOLRESPONSE']._serialized_end=487
+  _globals['_DELETETOOLREQUEST']._serialized_start=489
+  _globals['_DELETETOOLREQUEST']._serialized_end=525
+  _globals['_DELETETOOLRESPONSE']._serialized_start=527
+  _globals['_DELETETOOLRESPONSE']._serialized_end=547
+  _globals['_INJECTEDCREDENTIAL']._serialized_start=549
+  _globals['_INJECTEDCREDENTIAL']._serialized_end=630
+  _globals['_EXECUTETOOLREQUEST']._serialized_start=633
+  _globals['_EXECUTETOOLREQUEST']._serialized_end=769
+  _globals['_EXECUTETOOLRESPONSE']._serialized_start=771
+  _globals['_EXECUTETOOLRESPONSE']._serialized_end=879
+  _globals['_TOOLSERVICE']._serialized_start=882
+  _globals['_TOOLSERVICE']._serialized_end=1251
 # @@protoc_insertion_point(module_scope)
