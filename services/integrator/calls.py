@@ -16,7 +16,7 @@ from tenacity.wait import wait_exponential_jitter
 
 from altan import context
 from altan.clients import ServiceClient
-from altan.errors import AltanError, NotFound, PermissionDenied, Unavailable
+from altan.errors import AltanError, DeadlineExceeded, NotFound, PermissionDenied, Unavailable
 from altan.v1 import tool_pb2, tool_pb2_grpc
 from altan.wire import dump_json, load_json
 from services.integrator.audit import AuditLog
@@ -71,8 +71,24 @@ class ToolCaller:
     async def invoke(
         self, tool_id: str, arguments: Any, *, agent_id: str, bound: list[str], task_id: str, step_id: str
     ) -> CallResult:
+        """Run the tool; when it stays unreachable or answers 5xx, run its ``fallback_tool_id`` once instead."""
         if task_id:
             context.with_task(task_id)
+        definition: dict[str, Any] = {}
+        try:
+            result = await self._call(tool_id, arguments, agent_id, bound, definition)
+        except (Unavailable, DeadlineExceeded):
+            if not definition.get("fallback_tool_id"):
+                raise
+            return await self._call(definition["fallback_tool_id"], arguments, agent_id, bound, {})
+        if result.http_status >= 500 and definition.get("fallback_tool_id"):
+            return await self._call(definition["fallback_tool_id"], arguments, agent_id, bound, {})
+        return result
+
+    async def _call(
+        self, tool_id: str, arguments: Any, agent_id: str, bound: list[str], definition: dict[str, Any]
+    ) -> CallResult:
+        """One tool, audited; ``definition`` is filled with the tool's definition as soon as it is known."""
         started = time.monotonic()
         target = ""
         credential_name = ""
@@ -80,7 +96,8 @@ class ToolCaller:
             if agent_id and tool_id not in bound:
                 raise PermissionDenied(f"tool '{tool_id}' is not bound to agent '{agent_id}'")
             tool = (await self._tools.call("GetTool", tool_pb2.GetToolRequest(tool_id=tool_id))).tool
-            credential_name = _credential_name(json.loads(tool.definition_json), arguments)
+            definition.update(json.loads(tool.definition_json))
+            credential_name = _credential_name(definition, arguments)
             credential = await self._broker.resolve(credential_name) if credential_name else None
             response = await self._execute(tool_id, arguments, credential, started)
             target = response.target

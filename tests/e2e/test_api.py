@@ -311,3 +311,62 @@ def test_describe_by_ids_answers_unknown_tools(stack: Stack, tenant: str) -> Non
         assert ok.status_code == 201
         bad = api.post("/v1/agents", json={"name": "a", "tools": ["exists", "ghost", "json_extract"]})
         assert bad.status_code == 400 and "'ghost'" in bad.json()["error"]["message"]
+
+
+def test_fallback_tool_runs_when_the_primary_stays_down(
+    stack: Stack, tenant: str, third_party: FakeThirdParty, closed_port: int
+) -> None:
+    with stack.client(tenant) as api:
+        api.post(
+            "/v1/tools",
+            json={
+                "tool_id": "backup",
+                "name": "B",
+                "method": "GET",
+                "endpoint": f"{third_party.base_url}/backup-{tenant}",
+            },
+        )
+        api.post(
+            "/v1/tools",
+            json={
+                "tool_id": "primary",
+                "name": "P",
+                "method": "GET",
+                "fallback_tool_id": "backup",
+                "endpoint": f"http://127.0.0.1:{closed_port}/primary",
+            },
+        )
+        api.post(
+            "/v1/tools",
+            json={
+                "tool_id": "flaky5xx",
+                "name": "F",
+                "method": "GET",
+                "fallback_tool_id": "backup",
+                "endpoint": f"{third_party.base_url}/status/500",
+            },
+        )
+        api.post(
+            "/v1/tools",
+            json={
+                "tool_id": "lonely",
+                "name": "L",
+                "method": "GET",
+                "endpoint": f"http://127.0.0.1:{closed_port}/lonely",
+            },
+        )
+        for tool in ("primary", "flaky5xx"):
+            answer = api.post(f"/v1/tools/{tool}/invoke", json={"arguments": {}})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["output"]["path"] == f"/backup-{tenant}"
+        assert api.post("/v1/tools/lonely/invoke", json={"arguments": {}}).status_code == 503
+        audited = [(e["tool_id"], e["outcome"]) for e in api.get("/v1/audit").json()["events"]]
+        assert audited[:4] == [("primary", "error"), ("backup", "ok"), ("flaky5xx", "error"), ("backup", "ok")]
+        # For an agent, the fallback must be bound too.
+        agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["primary"]}).json()["id"]
+        plan = {"plan": [{"id": "s1", "tool": "primary", "arguments": {}}]}
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
+        with api.stream("GET", f"/v1/tasks/{task_id}/events") as events:
+            "".join(events.iter_text())
+        task = api.get(f"/v1/tasks/{task_id}").json()
+        assert task["status"] == "failed" and "not bound" in task["error"]
