@@ -8,51 +8,50 @@ from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack
 
 REFUSED = [
-    "http://127.0.0.1:{port}/",  # loopback, even on the allowed fake's host but another port... see below
-    "http://localhost/",
-    "http://localhost./",
-    "http://127.0.0.1./",
-    "http://[::1]/",
-    "http://[::ffff:127.0.0.1]/",
-    "http://[::ffff:7f00:1]/",
-    "http://2130706433/",
-    "http://0177.0.0.1/",
-    "http://0x7f000001/",
-    "http://0x7f.0.0.1/",
-    "http://127.1/",
-    "http://0.0.0.0/",
-    "http://10.0.0.1/",
-    "http://172.16.0.1/",
-    "http://192.168.1.1/",
-    "http://100.64.0.1/",
-    "http://169.254.169.254/latest/meta-data/",
-    "http://[fe80::1]/",
-    "http://[fd00::1]/",
-    "http://224.0.0.1/",
-    "http://240.0.0.1/",
-    "http://user:pw@127.0.0.1/",
-    "http://example.com@127.0.0.1/",
-    "ftp://example.com/",
-    "file:///etc/passwd",
-    "gopher://127.0.0.1/",
+    ("http://127.0.0.1:{port}/", "loopback"),  # loopback on a port the allow list does not name
+    ("http://localhost/", "loopback"),
+    ("http://localhost./", "loopback"),
+    ("http://127.0.0.1./", "loopback"),
+    ("http://[::1]/", "loopback"),
+    ("http://[::ffff:127.0.0.1]/", "loopback"),
+    ("http://[::ffff:7f00:1]/", "loopback"),
+    ("http://2130706433/", "loopback"),
+    ("http://0177.0.0.1/", "loopback"),
+    ("http://0x7f000001/", "loopback"),
+    ("http://0x7f.0.0.1/", "loopback"),
+    ("http://127.1/", "loopback"),
+    ("http://0.0.0.0/", "unspecified"),
+    ("http://10.0.0.1/", "private"),
+    ("http://172.16.0.1/", "private"),
+    ("http://192.168.1.1/", "private"),
+    ("http://100.64.0.1/", "CGNAT"),
+    ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    ("http://[fe80::1]/", "link-local"),
+    ("http://[fd00::1]/", "private"),
+    ("http://224.0.0.1/", "multicast"),
+    ("http://240.0.0.1/", "reserved"),
+    ("http://user:pw@127.0.0.1/", "loopback"),
+    ("http://example.com@127.0.0.1/", "loopback"),
+    ("ftp://example.com/", "scheme 'ftp'"),
+    ("file:///etc/passwd", "scheme 'file'"),
+    ("gopher://127.0.0.1/", "scheme 'gopher'"),
 ]
 
 
-@pytest.mark.parametrize("url", REFUSED)
+@pytest.mark.parametrize(("url", "reason"), REFUSED)
 def test_private_destinations_are_refused_and_audited(
-    stack: Stack, tenant: str, url: str, third_party: FakeThirdParty
+    stack: Stack, tenant: str, url: str, reason: str, third_party: FakeThirdParty
 ) -> None:
-    # The fake listens on an allowed port; any *other* port on loopback stays forbidden.
     url = url.replace("{port}", str(third_party.port + 1 if third_party.port < 65535 else third_party.port - 1))
     with stack.client(tenant) as api:
         answer = api.post("/v1/tools/http_request/invoke", json={"arguments": {"url": url}})
-        assert answer.status_code in (400, 403), answer.text
+        assert answer.status_code == 403, answer.text
+        assert answer.json()["error"]["code"] == "PERMISSION_DENIED"
         message = answer.json()["error"]["message"]
-        assert "egress refused" in message or "url" in message
+        assert message.startswith("egress refused") and reason in message
         assert "pw" not in message
-        if answer.status_code == 403:
-            events = api.get("/v1/audit").json()["events"]
-            assert events[-1]["outcome"] == "denied" and "egress refused" in events[-1]["reason"]
+        (event,) = api.get("/v1/audit").json()["events"]
+        assert event["outcome"] == "denied" and event["reason"] == message and event["tool_id"] == "http_request"
 
 
 def test_allowed_fake_third_party_works(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
