@@ -96,6 +96,8 @@ async def _up(args: argparse.Namespace) -> int:
     ready_url = f"http://127.0.0.1:{args.http_port}/readyz"
     if await _wait_ready(ready_url, procs, args.startup_timeout):
         print(f"altan is up: REST http://127.0.0.1:{args.http_port}  gRPC 127.0.0.1:{args.grpc_port}", flush=True)
+        if "ALTAN_JWT_SECRET" in env and not os.environ.get("ALTAN_JWT_SECRET"):
+            print("a development token: altan token --tenant <tenant> --sub <user> --role admin", flush=True)
     elif not stop.is_set():
         print("altan: the stack did not become ready", file=sys.stderr, flush=True)
         stop.set()
