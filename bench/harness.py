@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import jwt
 
+from tests.e2e.stack import service_pids
+
 __all__ = [
     "CpuMeter",
     "Phase",
@@ -51,22 +53,6 @@ def _cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS  # fields 14 and 15 of proc(5), counted after the name
-
-
-def _children(pid: int) -> dict[str, int]:
-    """The service processes ``altan up`` started, by service name."""
-    found: dict[str, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"-m" in cmdline:
-            found[cmdline[cmdline.index(b"-m") + 1].decode().removeprefix("services.")] = int(entry.name)
-    return found
 
 
 @dataclass
@@ -143,7 +129,7 @@ def start_processes(*, redis_url: str | None = None, startup_timeout: float = 60
             try:
                 ready = client.get(f"{running.base_url}/readyz").status_code == 200
                 if ready and client.get(f"{running.fake_url}/ping").status_code == 200:
-                    running.pids = _children(stack.pid)
+                    running.pids = service_pids(stack.pid)
                     return running
             except httpx.HTTPError:
                 pass

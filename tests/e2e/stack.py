@@ -19,6 +19,22 @@ import jwt
 JWT_SECRET = "e2e-development-secret-that-is-long-enough-for-hs256-hs384-and-hs512!"
 
 
+def service_pids(parent: int) -> dict[str, int]:
+    """The ``python -m services.<name>`` children of process ``parent``, by service name."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"-m" in cmdline:
+            found[cmdline[cmdline.index(b"-m") + 1].decode().removeprefix("services.")] = int(entry.name)
+    return found
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -61,18 +77,7 @@ class Stack:
 
     def service_pids(self) -> dict[str, int]:
         """The service processes ``altan up`` started, by service name."""
-        found = {}
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-                cmdline = (entry / "cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == self.process.pid and b"-m" in cmdline:
-                found[cmdline[cmdline.index(b"-m") + 1].decode().removeprefix("services.")] = int(entry.name)
-        return found
+        return service_pids(self.process.pid)
 
     def logs(self) -> str:
         return "".join(self.lines)

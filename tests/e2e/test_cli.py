@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jwt
+import pytest
 
 from tests.e2e.stack import JWT_SECRET, free_port, start_stack
 
@@ -64,53 +65,19 @@ def test_up_exits_nonzero_when_a_service_dies(tmp_path: Path) -> None:
     stack.process.stdout.close()
 
 
-def test_up_refuses_bad_configuration(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "ALTAN_JWT_SECRET": JWT_SECRET,
-        "ALTAN_DATA_DIR": str(tmp_path),
-        "ALTAN_JWT_LEEWAY_SECONDS": "600",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "altan.cli",
-        "up",
-        "--http-port",
-        str(free_port()),
-        "--grpc-port",
-        str(free_port()),
-        "--startup-timeout",
-        "30",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    assert result.returncode != 0
-    assert "invalid configuration" in result.stdout + result.stderr
-    assert "jwt_leeway_seconds" in result.stdout + result.stderr
-    assert "Traceback" not in result.stdout + result.stderr
-
-
-def test_up_refuses_a_bad_egress_allow_list(tmp_path: Path) -> None:
-    env = {
-        **os.environ,
-        "ALTAN_JWT_SECRET": JWT_SECRET,
-        "ALTAN_DATA_DIR": str(tmp_path),
-        "ALTAN_EGRESS_ALLOW": "not a destination",
-    }
-    command = [
-        sys.executable,
-        "-m",
-        "altan.cli",
-        "up",
-        "--http-port",
-        str(free_port()),
-        "--grpc-port",
-        str(free_port()),
-        "--startup-timeout",
-        "30",
-    ]
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("ALTAN_JWT_LEEWAY_SECONDS", "600", "jwt_leeway_seconds"),
+        ("ALTAN_EGRESS_ALLOW", "not a destination", "invalid configuration: ALTAN_EGRESS_ALLOW"),
+    ],
+)
+def test_up_refuses_bad_configuration(tmp_path: Path, variable: str, value: str, message: str) -> None:
+    env = {**os.environ, "ALTAN_JWT_SECRET": JWT_SECRET, "ALTAN_DATA_DIR": str(tmp_path), variable: value}
+    command = [sys.executable, "-m", "altan.cli", "up", "--http-port", str(free_port()),
+               "--grpc-port", str(free_port()), "--startup-timeout", "30"]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert "invalid configuration: ALTAN_EGRESS_ALLOW" in output
+    assert "invalid configuration" in output and message in output
     assert "Traceback" not in output
