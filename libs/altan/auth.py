@@ -22,6 +22,7 @@ __all__ = ["TokenVerifier", "issue_development_token"]
 
 _ROLES = ("admin", "member")
 _CACHE_SIZE = 10_000
+_MAX_TOKEN_CHARS = 8 * 1024
 
 
 class TokenVerifier:
@@ -52,6 +53,8 @@ class TokenVerifier:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("authorization must be 'Bearer <token>'")
+        if len(token) > _MAX_TOKEN_CHARS:
+            raise Unauthenticated("token too large")  # it would not fit in gRPC metadata on the next hop
         cached = self._verified.get(token)
         if cached is not None:
             if time.time() < cached[0]:
@@ -110,6 +113,11 @@ class TokenVerifier:
         if role not in _ROLES:
             raise Unauthenticated("token has an invalid 'role' claim")
         user = claims.get("sub")
+        try:
+            tenant.encode()
+            str(user or "").encode()
+        except UnicodeEncodeError:
+            raise Unauthenticated("token claims must be valid Unicode") from None
         return RequestContext(tenant_id=tenant, user=str(user) if user else "", role=role, token=token)
 
 

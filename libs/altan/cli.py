@@ -22,6 +22,7 @@ from altan.config import default_data_dir, development_secret
 __all__ = ["main"]
 
 SERVICES = ("tool", "integrator", "agent", "gateway")
+_PIPE_LIMIT = 1024 * 1024
 _DEFAULT_PORTS = {"agent": 50061, "tool": 50062, "integrator": 50063}
 _COLORS = {"tool": "36", "integrator": "35", "agent": "33", "gateway": "32"}
 
@@ -49,7 +50,13 @@ def _stack_env(args: argparse.Namespace) -> dict[str, str]:
 
 async def _pipe(name: str, stream: asyncio.StreamReader, color: bool) -> None:
     label = f"\x1b[{_COLORS[name]}m{name:>10} |\x1b[0m " if color else f"{name:>10} | "
-    while line := await stream.readline():
+    while True:
+        try:
+            line = await stream.readline()
+        except ValueError:  # a line over the reader's limit: pass on what there is, keep draining
+            line = await stream.read(_PIPE_LIMIT)
+        if not line:
+            return
         sys.stdout.write(label + line.decode(errors="replace"))
         sys.stdout.flush()
 
@@ -84,6 +91,7 @@ async def _up(args: argparse.Namespace) -> int:
             env=env,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            limit=_PIPE_LIMIT,
         )
     pipes = [asyncio.create_task(_pipe(n, p.stdout, color)) for n, p in procs.items() if p.stdout]
     stop = asyncio.Event()

@@ -246,8 +246,11 @@ class GuardedHttpClient:
 
 
 def _describe(exc: Exception) -> str:
-    """A short reason for a transport error; these come from the OS or TLS, never from the request."""
-    return f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+    """A short reason for a transport error. Only connection-level errors quote their text (from the OS or TLS);
+    a protocol error's text can quote the request's headers, which may hold a credential."""
+    if isinstance(exc, httpx.ConnectError | httpx.NetworkError) and not isinstance(exc, httpx.LocalProtocolError):
+        return f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
+    return type(exc).__name__
 
 
 def _parse_retry_after(value: str | None) -> float | None:

@@ -13,9 +13,23 @@ from pydantic import BaseModel, ValidationError
 
 from altan.errors import InvalidArgument
 
-__all__ = ["dump_json", "load_json", "new_id", "now_iso", "paginate", "validate_model"]
+__all__ = ["MAX_JSON_DEPTH", "dump_json", "json_depth", "load_json", "new_id", "now_iso", "paginate", "validate_model"]
 
 T = TypeVar("T")
+
+# Deeper documents are refused: recursive code (copying, schema validation, serialization) would overflow on them.
+MAX_JSON_DEPTH = 64
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, without recursion (deep input must not crash the checker itself)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -48,9 +62,12 @@ def load_json(text: str, what: str, *, default: Any = None) -> Any:
     if not text:
         return default
     try:
-        return json.loads(text)
+        value = json.loads(text)
     except (ValueError, RecursionError) as exc:  # deep nesting is malformed input, not a crash
         raise InvalidArgument(f"{what}: not valid JSON") from exc
+    if json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
 def dump_json(value: Any) -> str:

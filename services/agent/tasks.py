@@ -128,8 +128,13 @@ class TaskRunner:
         return task
 
     async def events(self, task_id: str, after: int) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """The task's events after ``after``, ending with the terminal one."""
-        await self.get(task_id)
+        """The task's events after ``after``, ending with the terminal one (at once if that was already sent)."""
+        task = await self.get(task_id)
+        after = max(after, 0)
+        if task["status"] in TERMINAL:
+            for seq, event in await self._store.read(_events(task_id), after):
+                yield seq, event
+            return
         while True:
             for seq, event in await self._store.read(_events(task_id), after, block_seconds=10):
                 yield seq, event

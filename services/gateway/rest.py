@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -23,7 +24,7 @@ from altan import context
 from altan.auth import TokenVerifier
 from altan.errors import AltanError, InvalidArgument, http_status_for
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
-from altan.wire import dump_json
+from altan.wire import MAX_JSON_DEPTH, dump_json, json_depth
 from services.gateway.backends import Backends
 from services.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from services.gateway.views import agent_json, audit_json, credential_json, event_json, task_json, tool_json
@@ -41,11 +42,19 @@ async def _json_object(request: Request) -> dict[str, Any]:
         raise InvalidArgument("body: not valid JSON") from None
     if not isinstance(body, dict):
         raise InvalidArgument("body: must be a JSON object")
+    if json_depth(body) > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"body: nested deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        dump_json(body).encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument("body: strings must be valid Unicode (no lone surrogates)") from None
     return body
+
 
 
 JsonObject = Annotated[dict[str, Any], Depends(_json_object)]
 PageSize = Annotated[int, Query(ge=0, le=500)]
+_EVENT_ID = re.compile(r"[0-9]{1,18}")
 _HTTP_CODE_NAMES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 401: "UNAUTHENTICATED"}
 
 
@@ -174,7 +183,7 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
         task_id: str, last_event_id: Annotated[str | None, Header()] = None
     ) -> EventSourceResponse:
         await agent.call("GetTask", agent_pb2.GetTaskRequest(task_id=task_id))  # 404 before the stream starts
-        after = int(last_event_id) if last_event_id and last_event_id.isdigit() else 0
+        after = int(last_event_id) if last_event_id and _EVENT_ID.fullmatch(last_event_id) else 0
         caller = context.current()
 
         async def stream() -> AsyncIterator[dict[str, Any]]:

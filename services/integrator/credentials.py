@@ -42,8 +42,12 @@ class ApiKeySpec(BaseModel):
     @field_validator("value", "prefix")
     @classmethod
     def _no_line_breaks(cls, value: str) -> str:
+        # Only what an HTTP header value may hold (RFC 9110 field-vchar, space, tab): anything else would fail at
+        # send time, and the HTTP library's error would quote the value.
         if "\r" in value or "\n" in value:
             raise ValueError("must not contain line breaks")
+        if any(not (ch == "\t" or " " <= ch <= "~") for ch in value):
+            raise ValueError("must hold only printable ASCII characters")
         return value
 
 

@@ -42,6 +42,11 @@ class Execution:
     retry_after: float | None = None
 
 
+def _sensitive(credential: Credential | None) -> tuple[str, ...]:
+    """The credential's header, like Authorization, is dropped when a redirect leaves the origin."""
+    return (credential.header,) if credential is not None else ()
+
+
 def _decode(result: HttpResult) -> Any:
     if not result.body:
         return None
@@ -91,6 +96,7 @@ class ToolExecutor:
             json=args.get("json"),
             content=body.encode() if isinstance(body, str) else None,
             timeout=timeout,
+            sensitive_headers=_sensitive(credential),
         )
         return self._execution(result)
 
@@ -101,7 +107,10 @@ class ToolExecutor:
             raise FailedPrecondition(f"tool '{tool['tool_id']}' needs credential '{tool.get('credential')}'")
         method, url, params, body = build_http_request(tool, args)
         headers = credential.as_headers() if credential is not None else {}
-        result = await self._http.request(method, url, headers=headers, params=params, json=body, timeout=timeout)
+        sensitive = _sensitive(credential)
+        result = await self._http.request(
+            method, url, headers=headers, params=params, json=body, timeout=timeout, sensitive_headers=sensitive
+        )
         return self._execution(result)
 
     @staticmethod

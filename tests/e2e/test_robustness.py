@@ -90,3 +90,18 @@ def test_operations_endpoints(stack: Stack) -> None:
             assert path in spec["paths"]
         assert spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
         assert spec["paths"]["/v1/agents"]["post"]["security"] == [{"bearer": []}]
+
+
+def test_deep_nesting_and_broken_unicode_are_400(stack: Stack, tenant: str) -> None:
+    deep: object = "x"
+    for _ in range(600):
+        deep = [deep]
+    with stack.client(tenant) as api:
+        agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["json_extract"]}).json()["id"]
+        plan = {"plan": [{"id": "s1", "tool": "json_extract", "arguments": {"data": deep, "path": "x"}}]}
+        for _ in range(3):  # repeated: the service must stay up
+            answer = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan})
+            assert answer.status_code == 400 and "nested deeper" in answer.json()["error"]["message"]
+        lone = api.post("/v1/agents", content=b'{"name": "\\ud800"}')
+        assert lone.status_code == 400 and "Unicode" in lone.json()["error"]["message"]
+        assert api.get("/readyz").status_code == 200

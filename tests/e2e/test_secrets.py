@@ -72,3 +72,11 @@ def test_secrets_are_encrypted_in_redis(stack: Stack, tenant: str, redis_url: st
         if client.type(key) == b"hash":
             for value in client.hgetall(key).values():
                 assert secret.encode() not in value
+
+
+def test_credential_values_must_be_header_safe(stack: Stack, tenant: str) -> None:
+    with stack.client(tenant) as api:
+        for value in ("sk-\u0000abc", "sk-\u000babc", "sk-é"):
+            answer = api.put("/v1/credentials/c", json={"type": "api_key", "value": value})
+            assert answer.status_code == 400 and value not in answer.text
+
