@@ -24,7 +24,7 @@ import httpcore
 import httpx
 
 from altan.egress import EgressGuard, ResolvedTarget
-from altan.errors import FailedPrecondition, Unavailable
+from altan.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 __all__ = ["GuardedHttpClient", "HttpResult"]
 
@@ -202,14 +202,22 @@ class GuardedHttpClient:
     async def _send(
         self, hop: ResolvedTarget, method: str, headers: dict[str, str], body: bytes | None, timeout: float
     ) -> AsyncIterator[httpx.Response]:
-        request = self._client.build_request(method, hop.url, headers=headers, content=body, timeout=timeout)
+        try:
+            request = self._client.build_request(method, hop.url, headers=headers, content=body, timeout=timeout)
+        except (httpx.InvalidURL, UnicodeError, ValueError) as exc:
+            # Never quote the value: a header may hold a credential.
+            raise InvalidArgument(f"the request to {hop.target} cannot be sent ({type(exc).__name__})") from None
         token = _PIN.set((hop.host, hop.port, hop.ip))
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException:
             raise Unavailable(f"could not reach {hop.target}: timed out") from None
+        except httpx.LocalProtocolError as exc:
+            raise InvalidArgument(f"the request to {hop.target} cannot be sent ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
+        except (httpx.HTTPError, ValueError) as exc:  # e.g. a Location httpx itself cannot parse
+            raise FailedPrecondition(f"{hop.target} answered something unusable ({type(exc).__name__})") from None
         finally:
             _PIN.reset(token)
         try:

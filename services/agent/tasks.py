@@ -174,7 +174,8 @@ class TaskRunner:
             log.exception("task crashed")
             await self._finish(task, run, "failed", error=f"internal error: {type(exc).__name__}")
         else:
-            await self._finish(task, run, "succeeded", result=outputs)
+            # Shielded like the other endings: a cancel arriving now must not leave the task without its end.
+            await asyncio.shield(self._finish(task, run, "succeeded", result=outputs))
 
     async def _save(self, task: dict[str, Any], run: PlanRun, **changes: Any) -> None:
         task.update(changes, steps=[_step(s) for s in run.steps.values()], updated_at=now_iso())

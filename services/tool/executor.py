@@ -84,6 +84,8 @@ class ToolExecutor:
     ) -> Execution:
         if args.get("credential") and credential is None:
             raise FailedPrecondition(f"credential '{args['credential']}' was not provided")
+        if args.get("json") is not None and args.get("body") is not None:
+            raise InvalidArgument("arguments: give 'json' or 'body', not both")
         headers = dict(args.get("headers") or {})
         if credential is not None:
             headers.update(credential.as_headers())

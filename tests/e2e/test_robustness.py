@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack
 
 ROUTES = [
@@ -105,3 +106,14 @@ def test_deep_nesting_and_broken_unicode_are_400(stack: Stack, tenant: str) -> N
         lone = api.post("/v1/agents", content=b'{"name": "\\ud800"}')
         assert lone.status_code == 400 and "Unicode" in lone.json()["error"]["message"]
         assert api.get("/readyz").status_code == 200
+
+
+def test_unsendable_http_requests_are_400(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
+    url = f"{third_party.base_url}/unsendable"
+    with stack.client(tenant) as api:
+        for arguments in (
+            {"url": url, "json": {"a": 1}, "body": "x"},
+            {"url": url, "headers": {"X-Name": "é\u2603"}},
+        ):
+            answer = api.post("/v1/tools/http_request/invoke", json={"arguments": arguments})
+            assert answer.status_code == 400, answer.text
