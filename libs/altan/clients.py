@@ -31,12 +31,13 @@ _CHANNEL_OPTIONS = (
 
 
 def error_from_rpc(exc: grpc.aio.AioRpcError) -> AltanError:
-    """The domain error a callee raised, with its ``retry-after``."""
-    retry_after = None
-    for key, value in exc.trailing_metadata() or ():
-        if key == "retry-after":
-            retry_after = float(value)
-    return error_from_status(exc.code(), exc.details() or exc.code().name, retry_after)
+    """The domain error a callee raised, with its ``retry-after`` and, for egress refusals, its ``target``."""
+    trailers = dict(exc.trailing_metadata() or ())
+    retry_after = float(trailers["retry-after"]) if "retry-after" in trailers else None
+    error = error_from_status(exc.code(), exc.details() or exc.code().name, retry_after)
+    if "altan-target" in trailers:
+        error.target = str(trailers["altan-target"])  # type: ignore[attr-defined]
+    return error
 
 
 class ServiceClient(Generic[Stub]):

@@ -137,4 +137,4 @@ def error_from_status(code: grpc.StatusCode, message: str, retry_after: float | 
         err = AltanError(message, retry_after=retry_after)
         err.code = code  # type: ignore[misc]
         return err
-    return cls(message, retry_after=retry_after) if cls is not EgressRefused else cls(message)
+    return cls(message, retry_after=retry_after)

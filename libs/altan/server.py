@@ -38,8 +38,13 @@ def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str
 
 async def _abort(ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
     if isinstance(exc, AltanError):
+        trailers = []
         if exc.retry_after is not None:
-            ctx.set_trailing_metadata((("retry-after", str(int(exc.retry_after + 0.999))),))
+            trailers.append(("retry-after", str(int(exc.retry_after + 0.999))))
+        if getattr(exc, "target", ""):
+            trailers.append(("altan-target", exc.target))  # type: ignore[attr-defined]
+        if trailers:
+            ctx.set_trailing_metadata(tuple(trailers))
         await ctx.abort(exc.code, exc.message)
     log.error("unhandled error in RPC", exc_info=exc)
     await ctx.abort(grpc.StatusCode.INTERNAL, "internal error")

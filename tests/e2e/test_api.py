@@ -304,7 +304,7 @@ def test_builtin_text_tools(stack: Stack, tenant: str) -> None:
 
 
 def test_describe_by_ids_answers_unknown_tools(stack: Stack, tenant: str) -> None:
-    """Agents learn which tools exist through the integrator's by-id lookup; the unknown one is named."""
+    """An agent naming a tool that does not exist is refused, and the message names that tool."""
     with stack.client(tenant) as api:
         api.post("/v1/tools", json={"tool_id": "exists", "name": "E", "endpoint": "https://example.com/e"})
         ok = api.post("/v1/agents", json={"name": "a", "tools": ["exists", "json_extract"]})

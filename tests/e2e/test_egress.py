@@ -52,6 +52,8 @@ def test_private_destinations_are_refused_and_audited(
         assert "pw" not in message
         (event,) = api.get("/v1/audit").json()["events"]
         assert event["outcome"] == "denied" and event["reason"] == message and event["tool_id"] == "http_request"
+        if not reason.startswith("scheme"):  # the destination that was refused is audited as host:port
+            assert event["target"] and event["target"].rsplit(":", 1)[1].isdigit(), event
 
 
 def test_allowed_fake_third_party_works(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
