@@ -1,17 +1,20 @@
-"""Domain errors and their one mapping to gRPC status codes and to the public REST error shape.
+"""Domain errors and their one mapping: domain error ↔ gRPC status (with trailers) ↔ HTTP status, headers and body.
 
-Business logic raises these; servicers turn them into gRPC status, clients turn gRPC status back into them,
-and the gateway turns them into ``{"error": {"code", "message"}}`` with the matching HTTP status. A message is
-always safe to show the caller: it never carries a secret or a stack trace.
+Business logic raises these. A servicer's error becomes a gRPC status here (:func:`abort`), a client turns the status
+back into the same domain error here (:func:`from_rpc_error`), and the gateway turns it into
+``{"error": {"code", "message"}}`` with the matching HTTP status and headers here (:func:`http_response`). A message
+is always safe to show the caller: it never carries a secret or a stack trace.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+import logging
+from typing import Any, ClassVar, NoReturn
 
 import grpc
 
 __all__ = [
+    "ERROR_STATUSES",
     "AlreadyExists",
     "AltanError",
     "DeadlineExceeded",
@@ -24,9 +27,21 @@ __all__ = [
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
+    "abort",
+    "code_for_http_status",
+    "error_body",
     "error_from_status",
+    "from_rpc_error",
+    "http_response",
     "http_status_for",
+    "trailers_for",
 ]
+
+log = logging.getLogger(__name__)
+
+# Trailing metadata that carries what a status code alone cannot.
+_RETRY_AFTER = "retry-after"  # seconds, as in HTTP
+_TARGET = "altan-target"  # host:port of a refused outbound destination, for the audit trail
 
 
 class AltanError(Exception):
@@ -41,7 +56,7 @@ class AltanError(Exception):
 
     def to_body(self) -> dict[str, Any]:
         """The public REST error body."""
-        return {"error": {"code": self.code.name, "message": self.message}}
+        return error_body(self.code.name, self.message)
 
 
 class InvalidArgument(AltanError):
@@ -124,10 +139,45 @@ _HTTP_STATUS: dict[grpc.StatusCode, int] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: 504,
 }
 
+# What the public REST API answers besides success, and what each means (the OpenAPI document lists them).
+ERROR_STATUSES: dict[int, str] = {
+    400: "The request is malformed or breaks a rule (INVALID_ARGUMENT, FAILED_PRECONDITION)",
+    401: "No valid bearer token (UNAUTHENTICATED)",
+    403: "The caller's role may not do this, or the destination is refused (PERMISSION_DENIED)",
+    404: "No such resource in the caller's tenant (NOT_FOUND)",
+    409: "The resource already exists (ALREADY_EXISTS)",
+    413: "The request body is over the size limit (RESOURCE_EXHAUSTED)",
+    429: "Over a rate limit; Retry-After says when to try again (RESOURCE_EXHAUSTED)",
+    503: "A service or the state store is unreachable; Retry-After says when to try again (UNAVAILABLE)",
+    504: "The call did not finish within its deadline (DEADLINE_EXCEEDED)",
+}
+
+# Starlette's own HTTP errors (routing, methods) in the same shape.
+_CODE_FOR_HTTP = {
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    409: "ALREADY_EXISTS",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    503: "UNAVAILABLE",
+}
+
 
 def http_status_for(code: grpc.StatusCode) -> int:
     """HTTP status for a gRPC status code, by the usual gRPC-HTTP mapping."""
     return _HTTP_STATUS.get(code, 500)
+
+
+def code_for_http_status(status: int) -> str:
+    """The gRPC status name an HTTP error of the web framework itself (404, 405, ...) is reported as."""
+    return _CODE_FOR_HTTP.get(status, "INVALID_ARGUMENT" if status < 500 else "INTERNAL")
+
+
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """``{"error": {"code", "message"}}``: the one shape of every REST error."""
+    return {"error": {"code": code, "message": message}}
 
 
 def error_from_status(code: grpc.StatusCode, message: str, retry_after: float | None = None) -> AltanError:
@@ -138,3 +188,53 @@ def error_from_status(code: grpc.StatusCode, message: str, retry_after: float | 
         err.code = code  # type: ignore[misc]
         return err
     return cls(message, retry_after=retry_after)
+
+
+def _retry_after_seconds(value: float) -> str:
+    return str(max(1, int(value + 0.999)))  # whole seconds, rounded up, never 0 ("now" invites a stampede)
+
+
+def trailers_for(exc: AltanError) -> tuple[tuple[str, str], ...]:
+    """The trailing metadata that goes with an error's status."""
+    trailers: list[tuple[str, str]] = []
+    if exc.retry_after is not None:
+        trailers.append((_RETRY_AFTER, _retry_after_seconds(exc.retry_after)))
+    target = getattr(exc, "target", "")
+    if target:
+        trailers.append((_TARGET, target))
+    return tuple(trailers)
+
+
+def from_rpc_error(exc: grpc.aio.AioRpcError) -> AltanError:
+    """The domain error a callee raised, with its ``retry-after`` and, for egress refusals, its ``target``."""
+    trailers = {key: value for key, value in (exc.trailing_metadata() or ()) if isinstance(value, str)}
+    retry_after = None
+    if trailers.get(_RETRY_AFTER, "").isdigit():
+        retry_after = float(trailers[_RETRY_AFTER])
+    error = error_from_status(exc.code(), exc.details() or exc.code().name, retry_after)
+    if _TARGET in trailers:
+        error.target = trailers[_TARGET]  # type: ignore[attr-defined]
+    return error
+
+
+async def abort(ctx: grpc.aio.ServicerContext[Any, Any], exc: BaseException) -> NoReturn:
+    """End an RPC with the status of ``exc``; anything but a domain error is logged and becomes INTERNAL."""
+    if isinstance(exc, AltanError):
+        trailers = trailers_for(exc)
+        if trailers:
+            ctx.set_trailing_metadata(trailers)
+        await ctx.abort(exc.code, exc.message)
+    log.error("unhandled error in RPC", exc_info=exc)
+    await ctx.abort(grpc.StatusCode.INTERNAL, "internal error")
+
+
+def http_response(exc: AltanError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """``(status, body, headers)`` of the REST answer to a domain error."""
+    headers: dict[str, str] = {}
+    if exc.retry_after is not None:
+        headers["Retry-After"] = _retry_after_seconds(exc.retry_after)
+    elif exc.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+        headers["Retry-After"] = "1"  # API.md: 429 and 503 always say when to come back
+    if exc.code == grpc.StatusCode.UNAUTHENTICATED:
+        headers["WWW-Authenticate"] = "Bearer"
+    return http_status_for(exc.code), exc.to_body(), headers

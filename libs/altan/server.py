@@ -11,22 +11,50 @@ import asyncio
 import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import grpc
+from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from altan import context
 from altan.auth import TokenVerifier
-from altan.errors import AltanError
+from altan.errors import InvalidArgument, abort
 
-__all__ = ["AuthInterceptor", "GrpcService", "serve_until_stopped", "shutdown_event"]
+__all__ = ["AuthInterceptor", "Context", "GrpcService", "serve_until_stopped", "shutdown_event"]
 
 log = logging.getLogger(__name__)
 
+if TYPE_CHECKING:
+    # What a servicer method receives next to its request (generic only in the type stubs).
+    Context = grpc.aio.ServicerContext[Any, Any]
+else:
+    Context = grpc.aio.ServicerContext
+
 _UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+_UNDECODABLE = object()
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that marks a malformed message instead of failing the call with INTERNAL."""
+    if deserialize is None:  # raw bytes (the gateway's proxy)
+        return None
+    inner = deserialize
+
+    def parse(data: bytes) -> Any:
+        try:
+            return inner(data)
+        except Exception:  # DecodeError, invalid UTF-8 in a string field, ...: the caller's malformed message
+            return _UNDECODABLE
+
+    return parse
+
+
+def _check_decoded(request: Any, method: str) -> None:
+    if request is _UNDECODABLE:
+        raise InvalidArgument(f"the request is not a valid message for {method}")
 
 
 def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str | None:
@@ -34,20 +62,6 @@ def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str
         if name == key:
             return value if isinstance(value, str) else value.decode()
     return None
-
-
-async def _abort(ctx: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    if isinstance(exc, AltanError):
-        trailers = []
-        if exc.retry_after is not None:
-            trailers.append(("retry-after", str(int(exc.retry_after + 0.999))))
-        if getattr(exc, "target", ""):
-            trailers.append(("altan-target", exc.target))  # type: ignore[attr-defined]
-        if trailers:
-            ctx.set_trailing_metadata(tuple(trailers))
-        await ctx.abort(exc.code, exc.message)
-    log.error("unhandled error in RPC", exc_info=exc)
-    await ctx.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -58,48 +72,51 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(details)
         if handler is None or details.method.startswith(_UNAUTHENTICATED_PREFIXES):
             return handler
         verify = self._verifier.verify
+        method: str = details.method  # type: ignore[attr-defined]
 
         if handler.unary_unary:
-            inner = handler.unary_unary
+            inner: Any = handler.unary_unary
 
-            async def unary(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+            async def unary(request: Any, ctx: Context) -> Any:
                 try:
                     context.bind(verify(_metadata_value(ctx.invocation_metadata(), "authorization")))
+                    _check_decoded(request, method)
                     return await inner(request, ctx)
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:  # mapped to a status, never leaked
-                    await _abort(ctx, exc)
+                    await abort(ctx, exc)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary, handler.request_deserializer, handler.response_serializer
+                unary, _tolerant(handler.request_deserializer), handler.response_serializer
             )
         if handler.unary_stream:
-            inner_stream = handler.unary_stream
+            inner_stream: Any = handler.unary_stream
 
-            async def stream(request: Any, ctx: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            async def stream(request: Any, ctx: Context) -> AsyncIterator[Any]:
                 try:
                     context.bind(verify(_metadata_value(ctx.invocation_metadata(), "authorization")))
+                    _check_decoded(request, method)
                     async for item in inner_stream(request, ctx):
                         yield item
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:  # mapped to a status, never leaked
-                    await _abort(ctx, exc)
+                    await abort(ctx, exc)
 
             return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
+                stream, _tolerant(handler.request_deserializer), handler.response_serializer
             )
 
         # No proto has client-streaming RPCs; refuse them rather than ever serving one unauthenticated.
-        async def refuse(request: Any, ctx: grpc.aio.ServicerContext) -> Any:
+        async def refuse(request: Any, ctx: Context) -> Any:
             await ctx.abort(grpc.StatusCode.UNIMPLEMENTED, "client-streaming RPCs are not supported")
 
         if handler.stream_unary:
@@ -116,7 +133,6 @@ class GrpcService:
     add: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     name: str
-    extra_names: list[str] = field(default_factory=list)
 
 
 def shutdown_event() -> asyncio.Event:
@@ -137,27 +153,36 @@ async def serve_until_stopped(
     stop: asyncio.Event,
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
     generic_handlers: list[grpc.GenericRpcHandler] | None = None,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    reflection_names: list[str] | None = None,
+    reflection_pool: DescriptorPool | None = None,
+    health_servicer: health.aio.HealthServicer | None = None,
 ) -> None:
-    """Serve until ``stop`` is set, then drain: report NOT_SERVING, stop with grace, return."""
+    """Serve until ``stop`` is set, then drain: report NOT_SERVING, stop with grace, return.
+
+    ``reflection_names`` and ``reflection_pool`` say what reflection lists and describes besides ``services``
+    (the gateway's public port lists the services it forwards, from a pool holding only their files);
+    ``health_servicer`` replaces the default one (the gateway's answers for the services behind it).
+    """
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(verifier), *(interceptors or [])],
         options=[
-            ("grpc.max_receive_message_length", 8 * 1024 * 1024),
+            ("grpc.max_receive_message_length", max_message_bytes),
             # Clients reconnect (and re-resolve DNS, finding new replicas) every few minutes; long event streams
             # keep their connection for up to an hour after the GOAWAY.
             ("grpc.max_connection_age_ms", 5 * 60 * 1000),
             ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
         ],
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_servicer or health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
+    names = [reflection.SERVICE_NAME, health.SERVICE_NAME, *(reflection_names or [])]
     for svc in services:
         svc.add(svc.servicer, server)
         names.append(svc.name)
     if generic_handlers:
         server.add_generic_rpc_handlers(generic_handlers)
-    reflection.enable_server_reflection(names, server)
+    reflection.enable_server_reflection(names, server, pool=reflection_pool)
     server.add_insecure_port(address)  # raises when the address cannot be bound
     await server.start()
     for name in ["", *(svc.name for svc in services)]:

@@ -1,24 +1,36 @@
-"""Small pieces every servicer needs: identifiers, timestamps, JSON fields of protos, and page tokens."""
+"""Small pieces every service needs: identifiers, checked JSON, and page tokens.
+
+JSON that enters from outside (a request body, a JSON field of a request, a third party's answer) is parsed with
+:func:`parse_json`, which refuses what later code could not handle: nesting deeper than :data:`MAX_JSON_DEPTH`,
+lone surrogates (not Unicode, so not serializable again), and ``NaN``/``Infinity`` (not JSON).
+"""
 
 from __future__ import annotations
 
 import base64
 import json
+import re
 import secrets
 import time
-from datetime import UTC, datetime
 from typing import Any, TypeVar
-
-from pydantic import BaseModel, ValidationError
 
 from altan.errors import InvalidArgument
 
-__all__ = ["MAX_JSON_DEPTH", "dump_json", "json_depth", "load_json", "new_id", "now_iso", "paginate", "validate_model"]
+__all__ = ["MAX_JSON_DEPTH", "dump_json", "json_bytes", "json_depth", "new_id", "paginate", "parse_json"]
 
 T = TypeVar("T")
 
 # Deeper documents are refused: recursive code (copying, schema validation, serialization) would overflow on them.
 MAX_JSON_DEPTH = 64
+
+# json.loads makes a surrogate only from a \uD800-\uDFFF escape (raw UTF-8 cannot hold one), so text without such
+# an escape needs no further look.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_MISSING: Any = object()
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def json_depth(value: Any) -> int:
@@ -30,48 +42,57 @@ def json_depth(value: Any) -> int:
             deepest = max(deepest, level)
             stack.extend((child, level + 1) for child in (item.values() if isinstance(item, dict) else item))
     return deepest
-M = TypeVar("M", bound=BaseModel)
 
 
-def validate_model(model: type[M], data: Any, what: str) -> M:
-    """Validate a tenant's JSON with a pydantic model; the first problem becomes a 400 naming the field.
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
 
-    The message never repeats the submitted value: it may be a secret.
+
+def parse_json(data: bytes | str, what: str, *, default: Any = _MISSING) -> Any:
+    """Parse JSON from outside; anything malformed is the sender's mistake (400 naming ``what``).
+
+    Empty input is ``default`` when one is given, else malformed.
     """
-    if not isinstance(data, dict):
-        raise InvalidArgument(f"{what}: must be a JSON object")
+    if not data and default is not _MISSING:
+        return default
     try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or what
-        raise InvalidArgument(f"{where}: {first['msg']}") from None
+        value = json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):  # bad UTF-8 is a ValueError too; deep nesting is malformed, not a crash
+        raise InvalidArgument(f"{what}: not valid JSON") from None
+    if isinstance(value, dict | list) and json_depth(value) > MAX_JSON_DEPTH:
+        raise InvalidArgument(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
+    raw = data if isinstance(data, bytes) else data.encode(errors="surrogatepass")
+    if _SURROGATE_ESCAPE.search(raw) and _has_lone_surrogate(value):
+        raise InvalidArgument(f"{what}: strings must be valid Unicode (no lone surrogates)")
+    return value
+
+
+def dump_json(value: Any) -> str:
+    """Compact JSON text, non-ASCII kept as is."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def json_bytes(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as JSON payload fields of the protos carry it."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def new_id(prefix: str) -> str:
     """A time-ordered, unguessable identifier such as ``agt_0189ab..``."""
     return f"{prefix}_{time.time_ns() // 1_000_000:012x}{secrets.token_hex(8)}"
-
-
-def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def load_json(text: str, what: str, *, default: Any = None) -> Any:
-    """Parse a JSON field of a request; a malformed one is the caller's mistake (400)."""
-    if not text:
-        return default
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # deep nesting is malformed input, not a crash
-        raise InvalidArgument(f"{what}: not valid JSON") from exc
-    if json_depth(value) > MAX_JSON_DEPTH:
-        raise InvalidArgument(f"{what}: nested deeper than {MAX_JSON_DEPTH} levels")
-    return value
-
-
-def dump_json(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def paginate(items: list[T], page_size: int, page_token: str, *, default: int, maximum: int) -> tuple[list[T], str]:

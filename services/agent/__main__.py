@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from contextlib import AsyncExitStack
 from typing import Any
 
 from altan.bootstrap import run_service
-from altan.clients import integrator_client
+from altan.clients import IntegratorClient
 from altan.config import Settings
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
-from altan.v1 import agent_pb2_grpc, integrator_pb2
-from altan.wire import dump_json, load_json
+from altan.v1 import agent_pb2_grpc, runtime_pb2
+from altan.wire import json_bytes
 from services.agent.agents import AgentCatalog
 from services.agent.plan import Step
 from services.agent.servicer import AgentServicer
@@ -21,25 +22,26 @@ from services.agent.tasks import TaskRunner
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     backend = open_backend(settings.redis_url)
     stack.push_async_callback(backend.aclose)
-    integrator = integrator_client(settings.integrator_addr, settings.call_deadline_seconds)
+    integrator = IntegratorClient(settings.integrator_addr, settings.call_deadline_seconds)
     stack.push_async_callback(integrator.aclose)
 
     async def missing_tools(tool_ids: list[str]) -> list[str]:
-        answer = await integrator.call("DescribeTools", integrator_pb2.DescribeToolsRequest(tool_ids=tool_ids))
-        return list(answer.missing)
+        request = runtime_pb2.DescribeToolsRequest(tool_ids=tool_ids)
+        return list((await integrator.call(integrator.runtime.DescribeTools, request)).missing)
 
     async def invoke(agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str) -> tuple[Any, int]:
-        request = integrator_pb2.InvokeToolRequest(
+        request = runtime_pb2.RunToolRequest(
             tool_id=step.tool,
-            arguments_json=dump_json(arguments),
+            arguments_json=json_bytes(arguments),
             agent_id=agent["id"],
             bound_tool_ids=agent.get("tools", []),
             task_id=task_id,
             step_id=step.id,
         )
         # The integrator retries within its own deadline; allow it that long plus the hop.
-        answer = await integrator.call("InvokeTool", request, timeout=settings.call_deadline_seconds + 5)
-        return load_json(answer.output_json, "output"), answer.http_status
+        answer = await integrator.call(integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5)
+        # Written by the Tool Service after it checked what the third party sent (altan.wire.parse_json).
+        return (json.loads(answer.output_json) if answer.output_json else None), answer.http_status
 
     store = TenantStore(backend, "agent")
     agents = AgentCatalog(store, missing_tools)

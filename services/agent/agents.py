@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
+from altan.api.agents import PATCHABLE, AgentSpec, parse_agent_spec
+from altan.api.convert import now_ms
 from altan.context import require_admin
 from altan.errors import InvalidArgument, NotFound
 from altan.store import TenantStore
-from altan.wire import new_id, now_iso, validate_model
+from altan.wire import new_id
 
 __all__ = ["AgentCatalog", "ToolLookup"]
 
@@ -20,39 +20,6 @@ _AGENTS = "agents"
 ToolLookup = Callable[[list[str]], Awaitable[list[str]]]
 
 
-class LlmAuth(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["api_key", "oauth2", "none"] = "api_key"
-    credential: str | None = Field(default=None, min_length=1, max_length=128)
-
-
-class LlmConfig(BaseModel):
-    """API.md "LLM configuration"."""
-
-    model_config = ConfigDict(extra="forbid")
-    llm_id: str = Field(min_length=1, max_length=200)
-    provider: Literal["openai", "anthropic"]
-    endpoint: str = Field(pattern=r"^https?://", max_length=2048)
-    auth: LlmAuth | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
-
-
-class AgentSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = Field(min_length=1, max_length=200)
-    instructions: str = Field(default="", max_length=100_000)
-    llm: LlmConfig | None = None
-    fallback_llms: list[LlmConfig] = Field(default_factory=list, max_length=10)
-    tools: list[str] = Field(default_factory=list, max_length=200)
-
-
-def _validate(body: Any) -> AgentSpec:
-    spec = validate_model(AgentSpec, body, "agent")
-    if len(set(spec.tools)) != len(spec.tools):
-        raise InvalidArgument("tools: a tool is listed twice")
-    return spec
-
-
 class AgentCatalog:
     """Agents of the current tenant."""
 
@@ -60,11 +27,10 @@ class AgentCatalog:
         self._store = store
         self._missing_tools = missing_tools
 
-    async def create(self, body: Any) -> dict[str, Any]:
+    async def create(self, spec: AgentSpec) -> dict[str, Any]:
         require_admin("creating an agent")
-        spec = _validate(body)
         await self._check_tools(spec.tools)
-        now = now_iso()
+        now = now_ms()
         agent = {"id": new_id("agt"), **spec.model_dump(exclude_none=True), "created_at": now, "updated_at": now}
         await self._store.put(_AGENTS, agent["id"], agent)
         return agent
@@ -78,20 +44,20 @@ class AgentCatalog:
     async def all(self) -> list[dict[str, Any]]:
         return sorted((await self._store.all(_AGENTS)).values(), key=lambda a: a["id"])
 
-    async def update(self, agent_id: str, patch: Any) -> dict[str, Any]:
+    async def update(self, agent_id: str, changes: dict[str, Any]) -> dict[str, Any]:
+        """Replace the fields named in ``changes`` (checked by :func:`~altan.api.agents.patch_from_proto`);
+        ``llm: None`` removes the LLM."""
         require_admin("changing an agent")
-        if not isinstance(patch, dict):
-            raise InvalidArgument("agent: must be a JSON object")
         agent = await self.get(agent_id)
-        fields = {k: v for k, v in agent.items() if k not in ("id", "created_at", "updated_at")}
-        spec = _validate({**fields, **patch})
-        if "tools" in patch:
+        fields = {k: agent[k] for k in PATCHABLE if k in agent} | changes
+        spec = parse_agent_spec({k: v for k, v in fields.items() if v is not None})
+        if "tools" in changes:
             await self._check_tools(spec.tools)
         updated = {
             "id": agent_id,
             **spec.model_dump(exclude_none=True),
             "created_at": agent["created_at"],
-            "updated_at": now_iso(),
+            "updated_at": now_ms(),
         }
         await self._store.put(_AGENTS, agent_id, updated)
         return updated

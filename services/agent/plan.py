@@ -15,9 +15,9 @@ import re
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
+from altan.api.convert import now_ms
 from altan.errors import AltanError, InvalidArgument
 
 __all__ = [
@@ -271,8 +271,8 @@ def _resolve(reference: _Reference, outputs: dict[str, Any], where: str) -> Any:
 # --- running ----------------------------------------------------------------------------------------------
 
 
-def _now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds")
+def _now() -> int:
+    return now_ms()
 
 
 @dataclass
@@ -282,8 +282,8 @@ class StepState:
     step_id: str
     tool: str
     status: str = "pending"
-    started_at: str | None = None
-    finished_at: str | None = None
+    started_at: int | None = None  # milliseconds since the epoch
+    finished_at: int | None = None
     duration_ms: int | None = None
     output: Any = None
     error: str | None = None

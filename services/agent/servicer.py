@@ -5,58 +5,15 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
-
+from altan.api.agents import agent_spec_from_proto, agent_to_proto, patch_from_proto
+from altan.api.tasks import event_to_proto, parse_submission, task_status_value, task_to_proto
+from altan.server import Context
 from altan.v1 import agent_pb2, agent_pb2_grpc
-from altan.wire import dump_json, load_json, paginate
+from altan.wire import paginate, parse_json
 from services.agent.agents import AgentCatalog
 from services.agent.tasks import TaskRunner
 
 __all__ = ["AgentServicer"]
-
-
-def _agent(agent: dict[str, Any]) -> agent_pb2.Agent:
-    return agent_pb2.Agent(
-        id=agent["id"],
-        name=agent["name"],
-        instructions=agent.get("instructions", ""),
-        llm_json=dump_json(agent["llm"]) if agent.get("llm") else "",
-        fallback_llms_json=dump_json(agent.get("fallback_llms", [])),
-        tools=agent.get("tools", []),
-        created_at=agent["created_at"],
-        updated_at=agent["updated_at"],
-    )
-
-
-def _json_or_empty(value: Any) -> str:
-    return "" if value is None else dump_json(value)
-
-
-def _task(task: dict[str, Any]) -> agent_pb2.Task:
-    return agent_pb2.Task(
-        task_id=task["task_id"],
-        agent_id=task["agent_id"],
-        status=task["status"],
-        input_json=dump_json(task["input"]),
-        result_json=_json_or_empty(task.get("result")),
-        steps=[
-            agent_pb2.Step(
-                id=s["id"],
-                tool=s["tool"],
-                status=s["status"],
-                started_at=s.get("started_at") or "",
-                finished_at=s.get("finished_at") or "",
-                duration_ms=s.get("duration_ms") or 0,
-                output_json=_json_or_empty(s.get("output")),
-                error=s.get("error") or "",
-            )
-            for s in task["steps"]
-        ],
-        error=task.get("error") or "",
-        usage_json=dump_json(task.get("usage", {})),
-        created_at=task["created_at"],
-        updated_at=task["updated_at"],
-    )
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
@@ -64,44 +21,57 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self._agents = agents
         self._tasks = tasks
 
-    async def CreateAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        agent = await self._agents.create(load_json(request.spec_json, "agent"))
-        return agent_pb2.CreateAgentResponse(agent=_agent(agent))
+    async def CreateAgent(
+        self, request: agent_pb2.CreateAgentRequest, context: Context
+    ) -> agent_pb2.CreateAgentResponse:
+        agent = await self._agents.create(agent_spec_from_proto(request.agent))
+        return agent_pb2.CreateAgentResponse(agent=agent_to_proto(agent))
 
-    async def GetAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return agent_pb2.GetAgentResponse(agent=_agent(await self._agents.get(request.agent_id)))
+    async def GetAgent(self, request: agent_pb2.GetAgentRequest, context: Context) -> agent_pb2.GetAgentResponse:
+        return agent_pb2.GetAgentResponse(agent=agent_to_proto(await self._agents.get(request.agent_id)))
 
-    async def ListAgents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def ListAgents(self, request: agent_pb2.ListAgentsRequest, context: Context) -> agent_pb2.ListAgentsResponse:
         agents = await self._agents.all()
         page, token = paginate(agents, request.page_size, request.page_token, default=50, maximum=500)
-        return agent_pb2.ListAgentsResponse(agents=[_agent(a) for a in page], next_page_token=token)
+        return agent_pb2.ListAgentsResponse(agents=[agent_to_proto(a) for a in page], next_page_token=token)
 
-    async def UpdateAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        agent = await self._agents.update(request.agent_id, load_json(request.patch_json, "agent"))
-        return agent_pb2.UpdateAgentResponse(agent=_agent(agent))
+    async def UpdateAgent(
+        self, request: agent_pb2.UpdateAgentRequest, context: Context
+    ) -> agent_pb2.UpdateAgentResponse:
+        changes = patch_from_proto(request.agent, request.update_mask)
+        return agent_pb2.UpdateAgentResponse(agent=agent_to_proto(await self._agents.update(request.agent_id, changes)))
 
-    async def DeleteAgent(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def DeleteAgent(
+        self, request: agent_pb2.DeleteAgentRequest, context: Context
+    ) -> agent_pb2.DeleteAgentResponse:
         await self._agents.delete(request.agent_id)
         return agent_pb2.DeleteAgentResponse()
 
-    async def SubmitTask(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        task, created = await self._tasks.submit(
-            request.agent_id, load_json(request.input_json, "input"), request.idempotency_key
+    async def SubmitTask(self, request: agent_pb2.SubmitTaskRequest, context: Context) -> agent_pb2.SubmitTaskResponse:
+        body: dict[str, Any] = {}
+        if request.input_json:
+            body["input"] = parse_json(request.input_json, "input")
+        if request.idempotency_key:
+            body["idempotency_key"] = request.idempotency_key
+        if request.thread_id:
+            body["thread_id"] = request.thread_id
+        submission = parse_submission(body)
+        task, created = await self._tasks.submit(request.agent_id, submission)
+        return agent_pb2.SubmitTaskResponse(
+            task_id=task["task_id"],
+            status=task_status_value(task["status"]),  # type: ignore[arg-type]
+            created=created,
+            thread_id=task.get("thread_id") or "",
         )
-        return agent_pb2.SubmitTaskResponse(task_id=task["task_id"], status=task["status"], created=created)
 
-    async def GetTask(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return agent_pb2.GetTaskResponse(task=_task(await self._tasks.get(request.task_id)))
+    async def GetTask(self, request: agent_pb2.GetTaskRequest, context: Context) -> agent_pb2.GetTaskResponse:
+        return agent_pb2.GetTaskResponse(task=task_to_proto(await self._tasks.get(request.task_id)))
 
-    async def StreamTaskEvents(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def StreamTaskEvents(
+        self, request: agent_pb2.StreamTaskEventsRequest, context: Context
+    ) -> AsyncIterator[agent_pb2.StreamTaskEventsResponse]:
         async for seq, event in self._tasks.events(request.task_id, request.after_seq):
-            yield agent_pb2.StreamTaskEventsResponse(
-                seq=seq,
-                type=event["type"],
-                task_id=event["task_id"],
-                time=event["time"],
-                data_json=dump_json(event.get("data", {})),
-            )
+            yield agent_pb2.StreamTaskEventsResponse(event=event_to_proto(seq, event))
 
-    async def CancelTask(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return agent_pb2.CancelTaskResponse(task=_task(await self._tasks.cancel(request.task_id)))
+    async def CancelTask(self, request: agent_pb2.CancelTaskRequest, context: Context) -> agent_pb2.CancelTaskResponse:
+        return agent_pb2.CancelTaskResponse(task=task_to_proto(await self._tasks.cancel(request.task_id)))

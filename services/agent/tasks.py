@@ -13,9 +13,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from altan import context
-from altan.errors import FailedPrecondition, InvalidArgument, NotFound
+from altan.api.convert import now_ms
+from altan.api.tasks import TaskSubmission
+from altan.errors import FailedPrecondition, NotFound
 from altan.store import TenantStore
-from altan.wire import new_id, now_iso
+from altan.wire import new_id
 from services.agent.agents import AgentCatalog
 from services.agent.plan import PlanFailed, PlanRun, Step, StepState, error_message, parse_plan
 
@@ -50,18 +52,18 @@ class TaskRunner:
         self._invoke = invoke
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
 
-    async def submit(self, agent_id: str, task_input: Any, idempotency_key: str) -> tuple[dict[str, Any], bool]:
+    async def submit(self, agent_id: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
+        """Queue a task; ``(task, created)``, where an idempotency key seen before gives the first task back."""
         agent = await self._agents.get(agent_id)
-        if len(idempotency_key) > 200:
-            raise InvalidArgument("idempotency_key: at most 200 characters")
+        task_input, idempotency_key = submission.input, submission.idempotency_key or ""
         idem_id = f"{agent_id}:{idempotency_key}"
         if idempotency_key:
             earlier = await self._store.get(_IDEMPOTENCY, idem_id)
             if earlier is not None:
                 return await self.get(earlier["task_id"]), False
         plan = await self._plan(agent, task_input)
-        now = now_iso()
-        task = {
+        now = now_ms()
+        task: dict[str, Any] = {
             "task_id": new_id("tsk"),
             "agent_id": agent_id,
             "status": "queued",
@@ -70,6 +72,7 @@ class TaskRunner:
             "steps": [{"id": s.id, "tool": s.tool, "status": "pending"} for s in plan.steps],
             "error": None,
             "usage": {"tool_calls": 0, "llm_calls": 0, "input_tokens": 0, "output_tokens": 0},
+            "thread_id": submission.thread_id,
             "created_at": now,
             "updated_at": now,
         }
@@ -122,7 +125,7 @@ class TaskRunner:
             await asyncio.gather(runner, return_exceptions=True)
             return await self.get(task_id)
         # Not running here (another replica, or a restart lost it): record the cancellation directly.
-        task.update(status="cancelled", error="cancelled", updated_at=now_iso())
+        task.update(status="cancelled", error="cancelled", updated_at=now_ms())
         await self._store.put(_TASKS, task_id, task)
         await self._emit(task_id, "task.cancelled", {})
         return task
@@ -143,7 +146,7 @@ class TaskRunner:
                     return
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
-        await self._store.append(_events(task_id), {"type": kind, "task_id": task_id, "time": now_iso(), "data": data})
+        await self._store.append(_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data})
 
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
         task_id = task["task_id"]
@@ -178,7 +181,7 @@ class TaskRunner:
             await asyncio.shield(self._finish(task, run, "succeeded", result=outputs))
 
     async def _save(self, task: dict[str, Any], run: PlanRun, **changes: Any) -> None:
-        task.update(changes, steps=[_step(s) for s in run.steps.values()], updated_at=now_iso())
+        task.update(changes, steps=[_step(s) for s in run.steps.values()], updated_at=now_ms())
         await self._store.put(_TASKS, task["task_id"], task)
 
     async def _finish(self, task: dict[str, Any], run: PlanRun, status: str, **changes: Any) -> None:

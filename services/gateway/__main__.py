@@ -13,7 +13,7 @@ from altan.bootstrap import load_settings
 from altan.logging import configure_logging
 from altan.server import serve_until_stopped, shutdown_event
 from services.gateway.backends import Backends
-from services.gateway.grpc_proxy import PublicProxy
+from services.gateway.grpc_proxy import PUBLIC_SERVICES, PublicHealth, PublicProxy, public_descriptor_pool
 from services.gateway.rest import create_app
 
 
@@ -44,13 +44,7 @@ def main() -> None:
                 timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
             )
         )
-        proxy = PublicProxy(
-            {
-                "altan.v1.AgentService": backends.agent,
-                "altan.v1.ToolService": backends.tool,
-                "altan.v1.IntegratorService": backends.integrator,
-            }
-        )
+        proxy = PublicProxy(backends.by_service())
 
         async def stop_http() -> None:
             await stop.wait()
@@ -67,6 +61,11 @@ def main() -> None:
                     grace_seconds=settings.shutdown_grace_seconds,
                     stop=stop,
                     generic_handlers=[proxy],
+                    # A public call may carry as much as a REST body, no more (413 there, RESOURCE_EXHAUSTED here).
+                    max_message_bytes=settings.max_body_bytes,
+                    reflection_names=list(PUBLIC_SERVICES),
+                    reflection_pool=public_descriptor_pool(),
+                    health_servicer=PublicHealth(backends.by_service()),
                 ),
             )
         finally:

@@ -5,27 +5,34 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from altan.clients import ServiceClient, agent_client, integrator_client, tool_client
+from altan.clients import AgentClient, IntegratorClient, ServiceChannel, ToolClient
 from altan.config import Settings
-from altan.v1 import agent_pb2_grpc, integrator_pb2_grpc, tool_pb2_grpc
 
 __all__ = ["Backends"]
 
 
 @dataclass
 class Backends:
-    agent: ServiceClient[agent_pb2_grpc.AgentServiceStub]
-    tool: ServiceClient[tool_pb2_grpc.ToolServiceStub]
-    integrator: ServiceClient[integrator_pb2_grpc.IntegratorServiceStub]
+    agent: AgentClient
+    tool: ToolClient
+    integrator: IntegratorClient
 
     @classmethod
     def connect(cls, settings: Settings) -> Backends:
         deadline = settings.call_deadline_seconds
         return cls(
-            agent=agent_client(settings.agent_addr, deadline),
-            tool=tool_client(settings.tool_addr, deadline),
-            integrator=integrator_client(settings.integrator_addr, deadline),
+            agent=AgentClient(settings.agent_addr, deadline),
+            tool=ToolClient(settings.tool_addr, deadline),
+            integrator=IntegratorClient(settings.integrator_addr, deadline),
         )
+
+    def by_service(self) -> dict[str, ServiceChannel]:
+        """The client of each public gRPC service."""
+        return {
+            "altan.v1.AgentService": self.agent,
+            "altan.v1.ToolService": self.tool,
+            "altan.v1.IntegratorService": self.integrator,
+        }
 
     async def unhealthy(self) -> list[str]:
         """Names of the services that do not answer SERVING right now."""

@@ -1,226 +1,333 @@
 """The public REST API of API.md, in front of the services over gRPC.
 
-The gateway verifies the token itself (so garbage never reaches the services) and forwards it on every hop, where
-each service verifies it again. All errors leave in one JSON shape; nothing here can answer with a stack trace.
+Every body is checked with the resource's model from :mod:`altan.api` (the same model the owning service checks the
+proto with, so REST and public gRPC accept and refuse alike), turned into the proto, sent to the one public RPC of the
+route, and the proto answer is rendered as the REST JSON. The gateway verifies the token itself (so garbage never
+reaches the services) and forwards it on every hop, where each service verifies it again. All errors leave in one
+JSON shape; nothing here can answer with a stack trace.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, FastAPI, Header, Query, Request
+from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from altan import context
+from altan.api import agents, audit, credentials, tasks, tools
 from altan.auth import TokenVerifier
-from altan.errors import AltanError, InvalidArgument, http_status_for
+from altan.errors import AltanError, InvalidArgument, code_for_http_status, error_body, http_response
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
-from altan.wire import MAX_JSON_DEPTH, dump_json, json_depth
+from altan.wire import dump_json, json_bytes, parse_json
 from services.gateway.backends import Backends
 from services.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
-from services.gateway.views import agent_json, audit_json, credential_json, event_json, task_json, tool_json
+from services.gateway.openapi import Routes, openapi_document
 
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object, whatever Content-Type the client sent (curl -d sends a form type)."""
-    raw = await request.body()
-    try:
-        body = json.loads(raw) if raw else None
-    except (ValueError, RecursionError):
-        raise InvalidArgument("body: not valid JSON") from None
-    if not isinstance(body, dict):
-        raise InvalidArgument("body: must be a JSON object")
-    if json_depth(body) > MAX_JSON_DEPTH:
-        raise InvalidArgument(f"body: nested deeper than {MAX_JSON_DEPTH} levels")
-    try:
-        dump_json(body).encode()
-    except UnicodeEncodeError:
-        raise InvalidArgument("body: strings must be valid Unicode (no lone surrogates)") from None
-    return body
-
-
-
-JsonObject = Annotated[dict[str, Any], Depends(_json_object)]
-PageSize = Annotated[int, Query(ge=0, le=500)]
+PageSize = Annotated[int, Query(ge=0, le=500, description="Largest page wanted; 0 for the default.")]
+PageToken = Annotated[str, Query(max_length=200, description="next_page_token of the previous page.")]
+AgentId = Annotated[str, Path(max_length=200)]
+ToolId = Annotated[str, Path(max_length=200)]
+TaskId = Annotated[str, Path(max_length=200)]
+CredentialName = Annotated[str, Path(max_length=200)]
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
-_HTTP_CODE_NAMES = {404: "NOT_FOUND", 405: "UNIMPLEMENTED", 413: "RESOURCE_EXHAUSTED", 401: "UNAUTHENTICATED"}
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+class Status(BaseModel):
+    """An operational answer."""
+
+    status: str
 
 
-def _page(key: str, items: list[dict[str, Any]], token: str) -> dict[str, Any]:
+def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(json_bytes(body), status_code=status, media_type="application/json", headers=headers)
+
+
+def _page(key: str, items: list[dict[str, Any]], token: str) -> Response:
     body: dict[str, Any] = {key: items}
     if token:
         body["next_page_token"] = token
-    return body
+    return _json(body)
+
+
+async def _body(request: Request) -> Any:
+    """The request body as JSON, whatever Content-Type the client sent (curl -d sends a form type)."""
+    raw = await request.body()
+    if not raw:
+        raise InvalidArgument("body: required, a JSON object")
+    return parse_json(raw, "body")
 
 
 def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int) -> FastAPI:
     """The REST application; ``backends`` must outlive it."""
     registry = CollectorRegistry()
-
-    app = FastAPI(title="Altan", version="0.1.0", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="Altan",
+        version="0.1.0",
+        description="Multi-tenant AI agent infrastructure: agents, tools, credentials, tasks and their audit trail.",
+        docs_url=None,
+        redoc_url=None,
+    )
     # Authentication happens in AuthMiddleware, before FastAPI reads the body: no token, no parsing.
-    api = APIRouter(prefix="/v1")
+    api = Routes(APIRouter(prefix="/v1"))
     agent, tool, integrator = backends.agent, backends.tool, backends.integrator
 
     # --- agents -------------------------------------------------------------------------------------------
-    @api.post("/agents", status_code=201)
-    async def create_agent(body: JsonObject) -> dict[str, Any]:
-        answer = await agent.call("CreateAgent", agent_pb2.CreateAgentRequest(spec_json=dump_json(body)))
-        return agent_json(answer.agent)
+    @api.route("POST", "/agents", 201, agents.Agent, "Create an agent", body=agents.AgentSpec, admin=True)
+    async def create_agent(request: Request) -> Response:
+        spec = agents.parse_agent_spec(await _body(request))
+        request_pb = agent_pb2.CreateAgentRequest(agent=agents.agent_spec_to_proto(spec))
+        answer = await agent.call(agent.agents.CreateAgent, request_pb)
+        return _json(agents.agent_json(answer.agent), 201)
 
-    @api.get("/agents")
-    async def list_agents(page_size: PageSize = 0, page_token: str = "") -> dict[str, Any]:
-        answer = await agent.call("ListAgents", agent_pb2.ListAgentsRequest(page_size=page_size, page_token=page_token))
-        return _page("agents", [agent_json(a) for a in answer.agents], answer.next_page_token)
+    @api.route("GET", "/agents", 200, agents.AgentList, "List agents")
+    async def list_agents(page_size: PageSize = 0, page_token: PageToken = "") -> Response:
+        request_pb = agent_pb2.ListAgentsRequest(page_size=page_size, page_token=page_token)
+        answer = await agent.call(agent.agents.ListAgents, request_pb)
+        return _page("agents", [agents.agent_json(a) for a in answer.agents], answer.next_page_token)
 
-    @api.get("/agents/{agent_id}")
-    async def get_agent(agent_id: str) -> dict[str, Any]:
-        return agent_json((await agent.call("GetAgent", agent_pb2.GetAgentRequest(agent_id=agent_id))).agent)
+    @api.route("GET", "/agents/{agent_id}", 200, agents.Agent, "Read an agent")
+    async def get_agent(agent_id: AgentId) -> Response:
+        answer = await agent.call(agent.agents.GetAgent, agent_pb2.GetAgentRequest(agent_id=agent_id))
+        return _json(agents.agent_json(answer.agent))
 
-    @api.patch("/agents/{agent_id}")
-    async def update_agent(agent_id: str, body: JsonObject) -> dict[str, Any]:
-        request = agent_pb2.UpdateAgentRequest(agent_id=agent_id, patch_json=dump_json(body))
-        return agent_json((await agent.call("UpdateAgent", request)).agent)
+    @api.route("PATCH", "/agents/{agent_id}", 200, agents.Agent, "Change an agent", body=agents.AgentPatch, admin=True)
+    async def update_agent(agent_id: AgentId, request: Request) -> Response:
+        patch = agents.parse_agent_patch(await _body(request))
+        fields, mask = agents.patch_to_proto(patch)
+        request_pb = agent_pb2.UpdateAgentRequest(agent_id=agent_id, agent=fields, update_mask=mask)
+        answer = await agent.call(agent.agents.UpdateAgent, request_pb)
+        return _json(agents.agent_json(answer.agent))
 
-    @api.delete("/agents/{agent_id}", status_code=204)
-    async def delete_agent(agent_id: str) -> Response:
-        await agent.call("DeleteAgent", agent_pb2.DeleteAgentRequest(agent_id=agent_id))
+    @api.route("DELETE", "/agents/{agent_id}", 204, None, "Delete an agent", admin=True)
+    async def delete_agent(agent_id: AgentId) -> Response:
+        await agent.call(agent.agents.DeleteAgent, agent_pb2.DeleteAgentRequest(agent_id=agent_id))
         return Response(status_code=204)
 
     # --- tools --------------------------------------------------------------------------------------------
-    @api.get("/tools")
-    async def list_tools(page_size: PageSize = 0, page_token: str = "") -> dict[str, Any]:
-        answer = await tool.call("ListTools", tool_pb2.ListToolsRequest(page_size=page_size, page_token=page_token))
-        return _page("tools", [tool_json(t) for t in answer.tools], answer.next_page_token)
+    @api.route("GET", "/tools", 200, tools.ToolList, "List tools")
+    async def list_tools(page_size: PageSize = 0, page_token: PageToken = "") -> Response:
+        request_pb = tool_pb2.ListToolsRequest(page_size=page_size, page_token=page_token)
+        answer = await tool.call(tool.catalog.ListTools, request_pb)
+        return _page("tools", [tools.tool_json(t) for t in answer.tools], answer.next_page_token)
 
-    @api.post("/tools", status_code=201)
-    async def create_tool(body: JsonObject) -> dict[str, Any]:
-        return tool_json((await tool.call("CreateTool", tool_pb2.CreateToolRequest(spec_json=dump_json(body)))).tool)
+    @api.route(
+        "POST",
+        "/tools",
+        201,
+        tools.Tool,
+        "Create a custom tool",
+        body=tools.CustomToolSpec,
+        admin=True,
+        errors=(409,),
+    )
+    async def create_tool(request: Request) -> Response:
+        spec = tools.parse_tool_spec(await _body(request))
+        answer = await tool.call(
+            tool.catalog.CreateTool, tool_pb2.CreateToolRequest(tool=tools.tool_spec_to_proto(spec))
+        )
+        return _json(tools.tool_json(answer.tool), 201)
 
-    @api.get("/tools/{tool_id}")
-    async def get_tool(tool_id: str) -> dict[str, Any]:
-        return tool_json((await tool.call("GetTool", tool_pb2.GetToolRequest(tool_id=tool_id))).tool)
+    @api.route("GET", "/tools/{tool_id}", 200, tools.Tool, "Read a tool")
+    async def get_tool(tool_id: ToolId) -> Response:
+        answer = await tool.call(tool.catalog.GetTool, tool_pb2.GetToolRequest(tool_id=tool_id))
+        return _json(tools.tool_json(answer.tool))
 
-    @api.delete("/tools/{tool_id}", status_code=204)
-    async def delete_tool(tool_id: str) -> Response:
-        await tool.call("DeleteTool", tool_pb2.DeleteToolRequest(tool_id=tool_id))
+    @api.route("DELETE", "/tools/{tool_id}", 204, None, "Delete a custom tool", admin=True)
+    async def delete_tool(tool_id: ToolId) -> Response:
+        await tool.call(tool.catalog.DeleteTool, tool_pb2.DeleteToolRequest(tool_id=tool_id))
         return Response(status_code=204)
 
-    @api.post("/tools/{tool_id}/invoke")
-    async def invoke_tool(tool_id: str, body: JsonObject) -> dict[str, Any]:
-        unknown = set(body) - {"arguments"}
-        if unknown:
-            raise RequestValidationError([{"loc": ("body", sorted(unknown)[0]), "msg": "unknown field"}])
-        request = integrator_pb2.InvokeToolRequest(tool_id=tool_id, arguments_json=dump_json(body.get("arguments", {})))
-        answer = await integrator.call("InvokeTool", request)
-        result: dict[str, Any] = {"output": json.loads(answer.output_json)}
-        if answer.http_status:
-            result["status"] = answer.http_status
-        return result
+    @api.route(
+        "POST",
+        "/tools/{tool_id}/invoke",
+        200,
+        tools.InvokeResult,
+        "Invoke a tool",
+        body=tools.InvokeRequest,
+        errors=(403,),
+        description="Runs one tool through the integrator: credentials, egress rules, retries, audit.",
+    )
+    async def invoke_tool(tool_id: ToolId, request: Request) -> Response:
+        invocation = tools.parse_invoke_request(await _body(request))
+        request_pb = integrator_pb2.InvokeToolRequest(tool_id=tool_id, arguments_json=json_bytes(invocation.arguments))
+        answer = await integrator.call(integrator.integrator.InvokeTool, request_pb)
+        # The output is JSON the Tool Service wrote; it goes into the answer as it is, without a parse.
+        output = answer.output_json or b"null"
+        status = f',"status":{answer.http_status}' if answer.http_status else ""
+        return Response(b'{"output":' + output + status.encode() + b"}", media_type="application/json")
 
     # --- credentials --------------------------------------------------------------------------------------
-    @api.put("/credentials/{name}")
-    async def put_credential(name: str, body: JsonObject) -> JSONResponse:
-        request = integrator_pb2.PutCredentialRequest(name=name, spec_json=dump_json(body))
-        answer = await integrator.call("PutCredential", request)
-        return JSONResponse(credential_json(answer.credential), status_code=201 if answer.created else 200)
+    @api.route(
+        "PUT",
+        "/credentials/{name}",
+        200,
+        credentials.Credential,
+        "Store a credential",
+        body=credentials.CredentialSpec,
+        admin=True,
+        also=(201,),
+        description="201 when the credential was created, 200 when it replaced one. The answer is metadata only.",
+    )
+    async def put_credential(name: CredentialName, request: Request) -> Response:
+        spec = credentials.parse_credential_spec(await _body(request))
+        request_pb = integrator_pb2.PutCredentialRequest(
+            name=name, credential=credentials.credential_spec_to_proto(spec)
+        )
+        answer = await integrator.call(integrator.integrator.PutCredential, request_pb)
+        return _json(credentials.credential_json(answer.credential), 201 if answer.created else 200)
 
-    @api.get("/credentials")
-    async def list_credentials(page_size: PageSize = 0, page_token: str = "") -> dict[str, Any]:
-        request = integrator_pb2.ListCredentialsRequest(page_size=page_size, page_token=page_token)
-        answer = await integrator.call("ListCredentials", request)
-        return _page("credentials", [credential_json(c) for c in answer.credentials], answer.next_page_token)
+    @api.route("GET", "/credentials", 200, credentials.CredentialList, "List credentials")
+    async def list_credentials(page_size: PageSize = 0, page_token: PageToken = "") -> Response:
+        request_pb = integrator_pb2.ListCredentialsRequest(page_size=page_size, page_token=page_token)
+        answer = await integrator.call(integrator.integrator.ListCredentials, request_pb)
+        return _page(
+            "credentials", [credentials.credential_json(c) for c in answer.credentials], answer.next_page_token
+        )
 
-    @api.delete("/credentials/{name}", status_code=204)
-    async def delete_credential(name: str) -> Response:
-        await integrator.call("DeleteCredential", integrator_pb2.DeleteCredentialRequest(name=name))
+    @api.route("GET", "/credentials/{name}", 200, credentials.Credential, "Read a credential's metadata")
+    async def get_credential(name: CredentialName) -> Response:
+        answer = await integrator.call(
+            integrator.integrator.GetCredential, integrator_pb2.GetCredentialRequest(name=name)
+        )
+        return _json(credentials.credential_json(answer.credential))
+
+    @api.route("DELETE", "/credentials/{name}", 204, None, "Delete a credential", admin=True)
+    async def delete_credential(name: CredentialName) -> Response:
+        await integrator.call(integrator.integrator.DeleteCredential, integrator_pb2.DeleteCredentialRequest(name=name))
         return Response(status_code=204)
 
     # --- tasks --------------------------------------------------------------------------------------------
-    @api.post("/agents/{agent_id}/tasks", status_code=202)
+    @api.route(
+        "POST",
+        "/agents/{agent_id}/tasks",
+        202,
+        tasks.TaskAccepted,
+        "Submit a task",
+        body=tasks.TaskSubmission,
+        description="The Idempotency-Key header may carry the idempotency key instead of the body.",
+    )
     async def submit_task(
-        agent_id: str, body: JsonObject, idempotency_key: Annotated[str | None, Header()] = None
-    ) -> dict[str, Any]:
-        unknown = set(body) - {"input", "idempotency_key"}
-        if unknown or "input" not in body:
-            field = sorted(unknown)[0] if unknown else "input"
-            raise RequestValidationError([{"loc": ("body", field), "msg": "unknown field" if unknown else "required"}])
-        key = body.get("idempotency_key", idempotency_key) or ""
-        if not isinstance(key, str):
-            raise RequestValidationError([{"loc": ("body", "idempotency_key"), "msg": "must be a string"}])
-        request = agent_pb2.SubmitTaskRequest(
-            agent_id=agent_id, input_json=dump_json(body["input"]), idempotency_key=key
+        agent_id: AgentId,
+        request: Request,
+        idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    ) -> Response:
+        body = await _body(request)
+        if isinstance(body, dict) and idempotency_key and "idempotency_key" not in body:
+            body = {**body, "idempotency_key": idempotency_key}
+        submission = tasks.parse_submission(body)
+        request_pb = agent_pb2.SubmitTaskRequest(
+            agent_id=agent_id,
+            input_json=json_bytes(submission.input),
+            idempotency_key=submission.idempotency_key or "",
+            thread_id=submission.thread_id or "",
         )
-        answer = await agent.call("SubmitTask", request)
-        return {"task_id": answer.task_id, "status": answer.status}
+        answer = await agent.call(agent.agents.SubmitTask, request_pb)
+        accepted = {
+            "task_id": answer.task_id,
+            "status": tasks.task_status_name(answer.status),
+            "thread_id": answer.thread_id or None,
+        }
+        return _json(accepted, 202)
 
-    @api.get("/tasks/{task_id}")
-    async def get_task(task_id: str) -> dict[str, Any]:
-        return task_json((await agent.call("GetTask", agent_pb2.GetTaskRequest(task_id=task_id))).task)
+    @api.route("GET", "/tasks/{task_id}", 200, tasks.Task, "Read a task")
+    async def get_task(task_id: TaskId) -> Response:
+        answer = await agent.call(agent.agents.GetTask, agent_pb2.GetTaskRequest(task_id=task_id))
+        return _json(tasks.task_json(answer.task))
 
-    @api.post("/tasks/{task_id}/cancel")
-    async def cancel_task(task_id: str) -> dict[str, Any]:
-        return task_json((await agent.call("CancelTask", agent_pb2.CancelTaskRequest(task_id=task_id))).task)
+    @api.route("POST", "/tasks/{task_id}/cancel", 200, tasks.Task, "Cancel a task")
+    async def cancel_task(task_id: TaskId) -> Response:
+        answer = await agent.call(agent.agents.CancelTask, agent_pb2.CancelTaskRequest(task_id=task_id))
+        return _json(tasks.task_json(answer.task))
 
-    @api.get("/tasks/{task_id}/events")
+    @api.route(
+        "GET",
+        "/tasks/{task_id}/events",
+        200,
+        "sse",
+        "Follow a task's events",
+        description="Server-Sent Events; the SSE id is the event's seq, and Last-Event-ID resumes after it.",
+    )
     async def task_events(
-        task_id: str, last_event_id: Annotated[str | None, Header()] = None
+        task_id: TaskId, last_event_id: Annotated[str | None, Header(max_length=200)] = None
     ) -> EventSourceResponse:
-        await agent.call("GetTask", agent_pb2.GetTaskRequest(task_id=task_id))  # 404 before the stream starts
+        await agent.call(agent.agents.GetTask, agent_pb2.GetTaskRequest(task_id=task_id))  # 404 before the stream
         after = int(last_event_id) if last_event_id and _EVENT_ID.fullmatch(last_event_id) else 0
         caller = context.current()
 
         async def stream() -> AsyncIterator[dict[str, Any]]:
             context.bind(caller)
-            request = agent_pb2.StreamTaskEventsRequest(task_id=task_id, after_seq=after)
-            async for event in agent.stream("StreamTaskEvents", request, timeout=3600):
-                yield {"event": event.type, "id": str(event.seq), "data": dump_json(event_json(event))}
+            request_pb = agent_pb2.StreamTaskEventsRequest(task_id=task_id, after_seq=after)
+            async for answer in agent.stream(agent.agents.StreamTaskEvents, request_pb, timeout=3600):
+                event = answer.event
+                yield {"event": event.type, "id": str(event.seq), "data": dump_json(tasks.event_json(event))}
 
         return EventSourceResponse(stream(), ping=15)
 
     # --- audit --------------------------------------------------------------------------------------------
-    @api.get("/audit")
-    async def list_audit(task_id: str = "", limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> dict[str, Any]:
-        request = integrator_pb2.ListAuditEventsRequest(task_id=task_id, limit=limit)
-        answer = await integrator.call("ListAuditEvents", request)
-        return {"events": [audit_json(e) for e in answer.events]}
+    @api.route("GET", "/audit", 200, audit.AuditList, "Read the audit trail")
+    async def list_audit(
+        task_id: Annotated[str, Query(max_length=200)] = "",
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    ) -> Response:
+        request_pb = integrator_pb2.ListAuditEventsRequest(task_id=task_id, limit=limit)
+        answer = await integrator.call(integrator.integrator.ListAuditEvents, request_pb)
+        return _json({"events": [audit.audit_json(e) for e in answer.events]})
 
-    app.include_router(api)
+    app.include_router(api.router)
 
     # --- operations ---------------------------------------------------------------------------------------
-    @app.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
+    ops = Routes(APIRouter())
 
-    @app.get("/readyz", include_in_schema=False)
-    async def readyz() -> JSONResponse:
+    @ops.route("GET", "/healthz", 200, Status, "Liveness", auth=False)
+    async def healthz() -> Response:
+        return _json({"status": "ok"})
+
+    @ops.route(
+        "GET",
+        "/readyz",
+        200,
+        Status,
+        "Readiness: all three services answer their health checks",
+        auth=False,
+        errors=(503,),
+    )
+    async def readyz() -> Response:
         down = await backends.unhealthy()
         if down:
-            return _error(503, "UNAVAILABLE", f"not ready: {', '.join(down)} not serving")
-        return JSONResponse({"status": "ready"})
+            return _json(
+                error_body("UNAVAILABLE", f"not ready: {', '.join(down)} not serving"), 503, {"Retry-After": "1"}
+            )
+        return _json({"status": "ready"})
 
-    @app.get("/metrics", include_in_schema=False)
+    @ops.route("GET", "/metrics", 200, "text", "Prometheus metrics (text format)", auth=False)
     async def metrics() -> Response:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    app.include_router(ops.router)
+
+    operations = {**api.operations, **ops.operations}
+    extra_models = [tasks.TaskEvent]
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            app.openapi_schema = openapi_document(app, operations, extra_models)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     _install_error_handlers(app)
-    _document_bearer_auth(app)
     # The last added runs first: metrics see every answer, then the size limit, then authentication.
     app.add_middleware(AuthMiddleware, verifier=verifier)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
@@ -228,46 +335,24 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
     return app
 
 
-def _document_bearer_auth(app: FastAPI) -> None:
-    """Say in /openapi.json what AuthMiddleware enforces: every /v1 route takes a bearer JWT."""
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
-            }
-            for path, operations in schema["paths"].items():
-                if path.startswith("/v1/"):
-                    for operation in operations.values():
-                        operation["security"] = [{"bearer": []}]
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AltanError)
-    async def domain_error(request: Request, exc: AltanError) -> JSONResponse:
-        headers = {"Retry-After": str(int(exc.retry_after + 0.999))} if exc.retry_after is not None else None
-        if exc.code.name == "UNAUTHENTICATED":
-            headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
-        return _error(http_status_for(exc.code), exc.code.name, exc.message, headers)
+    async def domain_error(request: Request, exc: AltanError) -> Response:
+        status, body, headers = http_response(exc)
+        return _json(body, status, headers)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_request(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
-        message = "body is not valid JSON" if first.get("type") == "json_invalid" else first.get("msg", "invalid")
-        return _error(400, "INVALID_ARGUMENT", f"{where}: {message}")
+        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header"))
+        return _json(error_body("INVALID_ARGUMENT", f"{where or 'request'}: {first.get('msg', 'invalid')}"), 400)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODE_NAMES.get(exc.status_code, "INVALID_ARGUMENT" if exc.status_code < 500 else "INTERNAL")
-        return _error(exc.status_code, code, str(exc.detail))
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        headers = dict(exc.headers or {})  # 405 carries Allow
+        return _json(error_body(code_for_http_status(exc.status_code), str(exc.detail)), exc.status_code, headers)
 
     @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> Response:
         log.error("unhandled error", exc_info=exc)
-        return _error(500, "INTERNAL", "internal error")
+        return _json(error_body("INTERNAL", "internal error"), 500)

@@ -5,22 +5,22 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 
 from altan.bootstrap import run_service
-from altan.clients import tool_client
+from altan.clients import ToolClient
 from altan.config import Settings
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
-from altan.v1 import integrator_pb2_grpc
+from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
 from services.integrator.audit import AuditLog
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
 from services.integrator.secrets import LocalSecretBackend
-from services.integrator.servicer import IntegratorServicer
+from services.integrator.servicer import IntegratorRuntimeServicer, IntegratorServicer
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     backend = open_backend(settings.redis_url)
     stack.push_async_callback(backend.aclose)
-    tools = tool_client(settings.tool_addr, settings.call_deadline_seconds)
+    tools = ToolClient(settings.tool_addr, settings.call_deadline_seconds)
     stack.push_async_callback(tools.aclose)
     store = TenantStore(backend, "integrator")
     audit = AuditLog(store)
@@ -33,9 +33,17 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         deadline_seconds=settings.call_deadline_seconds,
         retry_after_cap=settings.retry_after_cap_seconds,
     )
-    servicer = IntegratorServicer(broker, caller, audit)
     return [
-        GrpcService(integrator_pb2_grpc.add_IntegratorServiceServicer_to_server, servicer, "altan.v1.IntegratorService")
+        GrpcService(
+            integrator_pb2_grpc.add_IntegratorServiceServicer_to_server,
+            IntegratorServicer(broker, caller, audit),
+            "altan.v1.IntegratorService",
+        ),
+        GrpcService(
+            runtime_pb2_grpc.add_IntegratorRuntimeServiceServicer_to_server,
+            IntegratorRuntimeServicer(caller),
+            "altan.v1.IntegratorRuntimeService",
+        ),
     ]
 
 

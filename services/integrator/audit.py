@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from altan import context
+from altan.api.convert import now_ms
 from altan.errors import InvalidArgument
 from altan.store import TenantStore
-from altan.wire import now_iso
 
 __all__ = ["AuditLog"]
 
@@ -29,7 +29,7 @@ class AuditLog:
             raise ValueError(f"unknown audit fields {sorted(unknown)}")
         caller = context.current()
         event: dict[str, Any] = {
-            "time": now_iso(),
+            "time": now_ms(),
             "tenant_id": caller.tenant_id,
             "user": caller.user,
             "action": action,

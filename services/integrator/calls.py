@@ -2,23 +2,24 @@
 
 Transient failures (the tool service could not connect, or the third party answered 429, 502, 503 or 504) are
 retried with tenacity, waiting what the third party's ``Retry-After`` asks up to a cap, all inside one deadline.
+Arguments and outputs pass through as the JSON bytes they arrive in: the Tool Service parses and checks the
+arguments, and the caller parses the output.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
-from typing import Any
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
 from tenacity.wait import wait_exponential_jitter
 
 from altan import context
-from altan.clients import ServiceClient
+from altan.api.tools import SELF_CONTAINED_BUILTINS
+from altan.clients import ToolClient
 from altan.errors import AltanError, DeadlineExceeded, NotFound, PermissionDenied, Unavailable
-from altan.v1 import tool_pb2, tool_pb2_grpc
-from altan.wire import dump_json, load_json
+from altan.v1 import common_pb2, runtime_pb2, tool_pb2
+from altan.wire import parse_json
 from services.integrator.audit import AuditLog
 from services.integrator.credentials import CredentialBroker, ResolvedCredential
 
@@ -29,14 +30,16 @@ _TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
 
 @dataclass(frozen=True)
 class CallResult:
-    output: Any
+    """What a tool answered: its output as JSON bytes, and the third party's HTTP status (0 when none)."""
+
+    output_json: bytes
     http_status: int
 
 
 class _TransientStatus(Exception):
     """The third party answered with a status worth retrying."""
 
-    def __init__(self, response: tool_pb2.ExecuteToolResponse) -> None:
+    def __init__(self, response: runtime_pb2.ExecuteToolResponse) -> None:
         super().__init__(f"HTTP {response.http_status}")
         self.response = response
 
@@ -46,7 +49,7 @@ class ToolCaller:
 
     def __init__(
         self,
-        tools: ServiceClient[tool_pb2_grpc.ToolServiceStub],
+        tools: ToolClient,
         broker: CredentialBroker,
         audit: AuditLog,
         *,
@@ -63,43 +66,60 @@ class ToolCaller:
         self._backoff = wait_exponential_jitter(initial=0.2, max=retry_after_cap)
 
     async def describe(self, tool_ids: list[str]) -> tuple[list[tool_pb2.Tool], list[str]]:
+        """The tools that exist among ``tool_ids`` (at most 500), and the ids that do not."""
         wanted = list(dict.fromkeys(tool_ids))[:500]
-        answer = await self._tools.call("ListTools", tool_pb2.ListToolsRequest(page_size=500, tool_ids=wanted))
+        request = tool_pb2.ListToolsRequest(page_size=500, tool_ids=wanted)
+        answer = await self._tools.call(self._tools.catalog.ListTools, request)
         found = {t.tool_id for t in answer.tools}
         return list(answer.tools), [t for t in tool_ids if t not in found]
 
     async def invoke(
-        self, tool_id: str, arguments: Any, *, agent_id: str, bound: list[str], task_id: str, step_id: str
+        self,
+        tool_id: str,
+        arguments_json: bytes,
+        *,
+        agent_id: str = "",
+        bound: list[str] | None = None,
+        task_id: str = "",
     ) -> CallResult:
-        """Run the tool; when it stays unreachable or answers 5xx, run its ``fallback_tool_id`` once instead."""
+        """Run the tool; when it stays unreachable or answers 5xx, run its ``fallback_tool_id`` once instead.
+
+        With ``agent_id``, the tool (and its fallback) must be among ``bound``, the agent's tools.
+        """
         if task_id:
             context.with_task(task_id)
-        definition: dict[str, Any] = {}
+        fallback: list[str] = []
         try:
-            result = await self._call(tool_id, arguments, agent_id, bound, definition)
+            result = await self._call(tool_id, arguments_json, agent_id, bound or [], fallback)
         except (Unavailable, DeadlineExceeded):
-            if not definition.get("fallback_tool_id"):
+            if not fallback:
                 raise
-            return await self._call(definition["fallback_tool_id"], arguments, agent_id, bound, {})
-        if result.http_status >= 500 and definition.get("fallback_tool_id"):
-            return await self._call(definition["fallback_tool_id"], arguments, agent_id, bound, {})
+            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [])
+        if result.http_status >= 500 and fallback:
+            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [])
         return result
 
+    async def _definition(self, tool_id: str) -> tool_pb2.Tool | None:
+        if tool_id in SELF_CONTAINED_BUILTINS:
+            return None  # nothing to inject, nothing to fall back to: save the round trip
+        return (await self._tools.call(self._tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id=tool_id))).tool
+
     async def _call(
-        self, tool_id: str, arguments: Any, agent_id: str, bound: list[str], definition: dict[str, Any]
+        self, tool_id: str, arguments_json: bytes, agent_id: str, bound: list[str], fallback: list[str]
     ) -> CallResult:
-        """One tool, audited; ``definition`` is filled with the tool's definition as soon as it is known."""
+        """One tool, audited; ``fallback`` receives the tool's fallback as soon as its definition is known."""
         started = time.monotonic()
         target = ""
         credential_name = ""
         try:
             if agent_id and tool_id not in bound:
                 raise PermissionDenied(f"tool '{tool_id}' is not bound to agent '{agent_id}'")
-            tool = (await self._tools.call("GetTool", tool_pb2.GetToolRequest(tool_id=tool_id))).tool
-            definition.update(json.loads(tool.definition_json))
-            credential_name = _credential_name(definition, arguments)
+            tool = await self._definition(tool_id)
+            if tool is not None and tool.fallback_tool_id:
+                fallback.append(tool.fallback_tool_id)
+            credential_name = _credential_name(tool, tool_id, arguments_json)
             credential = await self._broker.resolve(credential_name) if credential_name else None
-            response = await self._execute(tool_id, arguments, credential, started)
+            response = await self._execute(tool_id, arguments_json, credential, started)
             target = response.target
         except AltanError as exc:
             target = getattr(exc, "target", "") or target
@@ -122,14 +142,14 @@ class ToolCaller:
             reason="" if response.http_status < 400 else f"HTTP {response.http_status}",
             credential=credential_name,
         )
-        return CallResult(load_json(response.output_json, "output"), response.http_status)
+        return CallResult(response.output_json, response.http_status)
 
     async def _execute(
-        self, tool_id: str, arguments: Any, credential: ResolvedCredential | None, started: float
-    ) -> tool_pb2.ExecuteToolResponse:
-        request = tool_pb2.ExecuteToolRequest(tool_id=tool_id, arguments_json=dump_json(arguments))
+        self, tool_id: str, arguments_json: bytes, credential: ResolvedCredential | None, started: float
+    ) -> runtime_pb2.ExecuteToolResponse:
+        request = runtime_pb2.ExecuteToolRequest(tool_id=tool_id, arguments_json=arguments_json)
         if credential is not None:
-            request.credential.CopyFrom(tool_pb2.InjectedCredential(**credential.model_dump()))
+            request.credential.CopyFrom(runtime_pb2.InjectedCredential(**credential.model_dump()))
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._attempts) | stop_after_delay(self._deadline),
             wait=self._wait,
@@ -143,7 +163,7 @@ class ToolCaller:
                 if remaining <= 0:
                     raise Unavailable(f"tool '{tool_id}' did not finish within {self._deadline:.0f}s")
                 request.timeout_seconds = remaining
-                response = await self._tools.call("ExecuteTool", request, timeout=remaining + 1)
+                response = await self._tools.call(self._tools.runtime.ExecuteTool, request, timeout=remaining + 1)
                 if response.http_status in _TRANSIENT_STATUS:
                     raise _TransientStatus(response)
         return response  # type: ignore[no-any-return]
@@ -155,7 +175,7 @@ class ToolCaller:
         return float(self._backoff(state))
 
 
-def _last_outcome(state: RetryCallState) -> tool_pb2.ExecuteToolResponse:
+def _last_outcome(state: RetryCallState) -> runtime_pb2.ExecuteToolResponse:
     """After the last attempt: the third party's last answer stands; a lost connection is an error."""
     assert state.outcome is not None
     exc = state.outcome.exception()
@@ -165,14 +185,21 @@ def _last_outcome(state: RetryCallState) -> tool_pb2.ExecuteToolResponse:
     raise exc
 
 
-def _credential_name(definition: dict[str, Any], arguments: Any) -> str:
-    if definition.get("type") == "custom" and definition.get("auth", "none") != "none":
-        return str(definition.get("credential") or "")
-    if definition.get("tool_id") == "http_request" and isinstance(arguments, dict):
-        return str(arguments.get("credential") or "")
+def _credential_name(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> str:
+    """The credential a call injects: a custom tool's own, or the one an http_request call names."""
+    if tool is None:
+        return ""
+    if tool.type == tool_pb2.TOOL_TYPE_CUSTOM and tool.auth not in (
+        common_pb2.AUTH_TYPE_NONE,
+        common_pb2.AUTH_TYPE_UNSPECIFIED,
+    ):
+        return tool.credential
+    if tool_id == "http_request":
+        arguments = parse_json(arguments_json, "arguments", default={})
+        if isinstance(arguments, dict) and isinstance(arguments.get("credential"), str):
+            return str(arguments["credential"])
     return ""
 
 
 def _ms(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
-

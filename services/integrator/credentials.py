@@ -1,66 +1,26 @@
-"""The CredentialBroker: validates, stores and resolves the tenant's credentials.
+"""The CredentialBroker: stores and resolves the tenant's credentials.
 
-Metadata (type, header, prefix, times) is stored in the clear; every secret part goes to the secret backend and
-comes out only to be injected into one outbound call.
+Metadata (type, header, prefix, hosts, status, times, the OAuth2 client without its secret) is stored in the clear;
+every secret part goes to the secret backend and comes out only to be injected into one outbound call.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel
 
+from altan.api.convert import now_ms
+from altan.api.credentials import ApiKeySpec, OAuth2Spec, check_name
 from altan.context import require_admin
-from altan.errors import FailedPrecondition, InvalidArgument, NotFound
+from altan.errors import FailedPrecondition, NotFound
 from altan.store import TenantStore
-from altan.wire import now_iso, validate_model
 from services.integrator.secrets import SecretBackend
 
 __all__ = ["CredentialBroker", "ResolvedCredential"]
 
 _CREDENTIALS = "credentials"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
-_HEADER = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")
-
-
-class ApiKeySpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["api_key"]
-    value: str = Field(min_length=1, max_length=8192)
-    header: str = "Authorization"
-    prefix: str = Field(default="Bearer ", max_length=64)
-
-    @field_validator("header")
-    @classmethod
-    def _header_token(cls, value: str) -> str:
-        if not _HEADER.match(value):
-            raise ValueError("must be an HTTP header name")
-        return value
-
-    @field_validator("value", "prefix")
-    @classmethod
-    def _no_line_breaks(cls, value: str) -> str:
-        # Only what an HTTP header value may hold (RFC 9110 field-vchar, space, tab): anything else would fail at
-        # send time, and the HTTP library's error would quote the value.
-        if "\r" in value or "\n" in value:
-            raise ValueError("must not contain line breaks")
-        if any(not (ch == "\t" or " " <= ch <= "~") for ch in value):
-            raise ValueError("must hold only printable ASCII characters")
-        return value
-
-
-class OAuth2Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    type: Literal["oauth2"]
-    client_id: str = Field(min_length=1)
-    client_secret: str = Field(min_length=1)
-    authorize_url: str = Field(pattern=r"^https?://")
-    token_url: str = Field(pattern=r"^https?://")
-    revoke_url: str | None = Field(default=None, pattern=r"^https?://")
-    scopes: list[str] = Field(default_factory=list)
-    redirect_uri: str = Field(pattern=r"^https?://")
 
 
 class ResolvedCredential(BaseModel):
@@ -72,20 +32,6 @@ class ResolvedCredential(BaseModel):
     value: str
 
 
-def _parse(spec: Any) -> ApiKeySpec | OAuth2Spec:
-    if not isinstance(spec, dict):
-        raise InvalidArgument("credential: must be a JSON object")
-    kind = spec.get("type")
-    model: type[ApiKeySpec] | type[OAuth2Spec]
-    if kind == "api_key":
-        model = ApiKeySpec
-    elif kind == "oauth2":
-        model = OAuth2Spec
-    else:
-        raise InvalidArgument("type: must be 'api_key' or 'oauth2'")
-    return validate_model(model, spec, "credential")
-
-
 class CredentialBroker:
     """Credentials of the current tenant."""
 
@@ -93,26 +39,34 @@ class CredentialBroker:
         self._store = store
         self._secrets = secrets
 
-    async def put(self, name: str, spec: Any) -> tuple[dict[str, Any], bool]:
+    async def put(self, name: str, spec: ApiKeySpec | OAuth2Spec) -> tuple[dict[str, Any], bool]:
+        """Store or replace a credential; ``(metadata, created)``."""
         require_admin("storing a credential")
-        if not _NAME.match(name):
-            raise InvalidArgument("name: 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit")
-        parsed = _parse(spec)
-        now = now_iso()
+        check_name(name)
+        now = now_ms()
         previous = await self._store.get(_CREDENTIALS, name)
-        meta: dict[str, Any] = {"name": name, "type": parsed.type, "created_at": now, "updated_at": now}
-        if previous is not None:
-            meta["created_at"] = previous["created_at"]
-        if isinstance(parsed, ApiKeySpec):
-            meta.update(header=parsed.header, prefix=parsed.prefix)
-            secret = {"value": parsed.value}
+        meta: dict[str, Any] = {
+            "name": name,
+            "type": spec.type,
+            "hosts": list(spec.hosts),
+            "created_at": now if previous is None else previous["created_at"],
+            "updated_at": now,
+        }
+        if isinstance(spec, ApiKeySpec):
+            meta.update(header=spec.header, prefix=spec.prefix, status="connected")
+            secret = {"value": spec.value}
         else:
-            public = parsed.model_dump(exclude={"client_secret"})
-            meta.update(public)
-            secret = {"client_secret": parsed.client_secret}
+            meta.update(spec.model_dump(exclude={"type", "hosts", "client_secret"}), status="pending")
+            secret = {"client_secret": spec.client_secret}
         await self._secrets.put(name, json.dumps(secret).encode())
         await self._store.put(_CREDENTIALS, name, meta)
         return meta, previous is None
+
+    async def get(self, name: str) -> dict[str, Any]:
+        meta = await self._store.get(_CREDENTIALS, name)
+        if meta is None:
+            raise NotFound(f"credential '{name}' not found")
+        return meta
 
     async def all(self) -> list[dict[str, Any]]:
         return sorted((await self._store.all(_CREDENTIALS)).values(), key=lambda m: m["name"])

@@ -1,65 +1,89 @@
-"""gRPC face of the Integrator Engine."""
+"""gRPC faces of the Integrator Engine: the public service, and the runtime calls of the Agent Service."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
-from altan.v1 import integrator_pb2, integrator_pb2_grpc
-from altan.wire import dump_json, load_json, paginate
+from altan.api.audit import audit_to_proto
+from altan.api.credentials import credential_spec_from_proto, credential_to_proto
+from altan.server import Context
+from altan.v1 import integrator_pb2, integrator_pb2_grpc, runtime_pb2, runtime_pb2_grpc
+from altan.wire import paginate
 from services.integrator.audit import AuditLog
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
 
-__all__ = ["IntegratorServicer"]
-
-_CREDENTIAL_FIELDS = ("name", "type", "header", "prefix", "created_at", "updated_at")
-
-
-def _credential(meta: dict[str, Any]) -> integrator_pb2.CredentialInfo:
-    return integrator_pb2.CredentialInfo(**{k: meta.get(k) or "" for k in _CREDENTIAL_FIELDS})
+__all__ = ["IntegratorRuntimeServicer", "IntegratorServicer"]
 
 
 class IntegratorServicer(integrator_pb2_grpc.IntegratorServiceServicer):
+    """Credentials, direct tool invocations and the audit trail (public)."""
+
     def __init__(self, broker: CredentialBroker, caller: ToolCaller, audit: AuditLog) -> None:
         self._broker = broker
         self._caller = caller
         self._audit = audit
 
-    async def PutCredential(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        meta, created = await self._broker.put(request.name, load_json(request.spec_json, "credential"))
+    async def PutCredential(
+        self, request: integrator_pb2.PutCredentialRequest, context: Context
+    ) -> integrator_pb2.PutCredentialResponse:
+        meta, created = await self._broker.put(request.name, credential_spec_from_proto(request.credential))
         await self._audit.record("credential.put", credential=request.name)
-        return integrator_pb2.PutCredentialResponse(credential=_credential(meta), created=created)
+        return integrator_pb2.PutCredentialResponse(credential=credential_to_proto(meta), created=created)
 
-    async def ListCredentials(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def GetCredential(
+        self, request: integrator_pb2.GetCredentialRequest, context: Context
+    ) -> integrator_pb2.GetCredentialResponse:
+        return integrator_pb2.GetCredentialResponse(
+            credential=credential_to_proto(await self._broker.get(request.name))
+        )
+
+    async def ListCredentials(
+        self, request: integrator_pb2.ListCredentialsRequest, context: Context
+    ) -> integrator_pb2.ListCredentialsResponse:
         page, token = paginate(
             await self._broker.all(), request.page_size, request.page_token, default=100, maximum=500
         )
         return integrator_pb2.ListCredentialsResponse(
-            credentials=[_credential(m) for m in page], next_page_token=token
+            credentials=[credential_to_proto(m) for m in page], next_page_token=token
         )
 
-    async def DeleteCredential(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def DeleteCredential(
+        self, request: integrator_pb2.DeleteCredentialRequest, context: Context
+    ) -> integrator_pb2.DeleteCredentialResponse:
         await self._broker.delete(request.name)
         await self._audit.record("credential.delete", credential=request.name)
         return integrator_pb2.DeleteCredentialResponse()
 
-    async def InvokeTool(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def InvokeTool(
+        self, request: integrator_pb2.InvokeToolRequest, context: Context
+    ) -> integrator_pb2.InvokeToolResponse:
+        result = await self._caller.invoke(request.tool_id, request.arguments_json or b"{}")
+        return integrator_pb2.InvokeToolResponse(output_json=result.output_json, http_status=result.http_status)
+
+    async def ListAuditEvents(
+        self, request: integrator_pb2.ListAuditEventsRequest, context: Context
+    ) -> integrator_pb2.ListAuditEventsResponse:
+        events = await self._audit.query(request.task_id, request.limit)
+        return integrator_pb2.ListAuditEventsResponse(events=[audit_to_proto(e) for e in events])
+
+
+class IntegratorRuntimeServicer(runtime_pb2_grpc.IntegratorRuntimeServiceServicer):
+    """Tool calls of agents' tasks (internal: the agent and task of a call are the Agent Service's word)."""
+
+    def __init__(self, caller: ToolCaller) -> None:
+        self._caller = caller
+
+    async def RunTool(self, request: runtime_pb2.RunToolRequest, context: Context) -> runtime_pb2.RunToolResponse:
         result = await self._caller.invoke(
             request.tool_id,
-            load_json(request.arguments_json, "arguments", default={}),
+            request.arguments_json or b"{}",
             agent_id=request.agent_id,
             bound=list(request.bound_tool_ids),
             task_id=request.task_id,
-            step_id=request.step_id,
         )
-        return integrator_pb2.InvokeToolResponse(output_json=dump_json(result.output), http_status=result.http_status)
+        return runtime_pb2.RunToolResponse(output_json=result.output_json, http_status=result.http_status)
 
-    async def DescribeTools(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def DescribeTools(
+        self, request: runtime_pb2.DescribeToolsRequest, context: Context
+    ) -> runtime_pb2.DescribeToolsResponse:
         tools, missing = await self._caller.describe(list(request.tool_ids))
-        return integrator_pb2.DescribeToolsResponse(tools=tools, missing=missing)
-
-    async def ListAuditEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        events = await self._audit.query(request.task_id, request.limit)
-        return integrator_pb2.ListAuditEventsResponse(events=[integrator_pb2.AuditEvent(**e) for e in events])
+        return runtime_pb2.DescribeToolsResponse(tools=tools, missing=missing)

@@ -10,11 +10,11 @@ from altan.egress import EgressGuard, EgressPolicy
 from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
-from altan.v1 import tool_pb2_grpc
+from altan.v1 import runtime_pb2_grpc, tool_pb2_grpc
 from services.tool.executor import ToolExecutor
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator
-from services.tool.servicer import ToolServicer
+from services.tool.servicer import ToolRuntimeServicer, ToolServicer
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -28,8 +28,15 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     http = GuardedHttpClient(guard, timeout=settings.call_deadline_seconds)
     stack.push_async_callback(http.aclose)
     registry = ToolRegistry(TenantStore(backend, "tool"))
-    servicer = ToolServicer(registry, ToolExecutor(registry, http, ArgumentValidator()))
-    return [GrpcService(tool_pb2_grpc.add_ToolServiceServicer_to_server, servicer, "altan.v1.ToolService")]
+    executor = ToolExecutor(registry, http, ArgumentValidator())
+    return [
+        GrpcService(tool_pb2_grpc.add_ToolServiceServicer_to_server, ToolServicer(registry), "altan.v1.ToolService"),
+        GrpcService(
+            runtime_pb2_grpc.add_ToolRuntimeServiceServicer_to_server,
+            ToolRuntimeServicer(executor),
+            "altan.v1.ToolRuntimeService",
+        ),
+    ]
 
 
 if __name__ == "__main__":

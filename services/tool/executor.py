@@ -6,12 +6,12 @@ the call from the Integrator Engine and lives only in this call's headers.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 from altan.errors import FailedPrecondition, InvalidArgument
 from altan.outbound import GuardedHttpClient, HttpResult
+from altan.wire import parse_json
 from services.tool.builtins import run_builtin
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator, build_http_request
@@ -48,12 +48,13 @@ def _sensitive(credential: Credential | None) -> tuple[str, ...]:
 
 
 def _decode(result: HttpResult) -> Any:
+    """The body parsed when it says it is JSON and is (within our limits), else its text."""
     if not result.body:
         return None
     if "json" in result.headers.get("content-type", ""):
         try:
-            return json.loads(result.body)
-        except (ValueError, RecursionError):
+            return parse_json(result.body, "response")
+        except InvalidArgument:
             pass
     return result.body.decode("utf-8", errors="replace")
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from altan.api.convert import now_ms
+from altan.api.tools import CustomToolSpec
 from altan.context import require_admin
 from altan.errors import AlreadyExists, FailedPrecondition, NotFound
 from altan.store import TenantStore
-from altan.wire import now_iso
 from services.tool.builtins import BUILTIN_TOOLS
-from services.tool.schema import parse_custom_tool
+from services.tool.schema import check_custom_tool
 
 __all__ = ["ToolRegistry"]
 
@@ -40,12 +41,12 @@ class ToolRegistry:
             raise NotFound(f"tool '{tool_id}' not found")
         return tool
 
-    async def create(self, body: Any) -> dict[str, Any]:
+    async def create(self, spec: CustomToolSpec) -> dict[str, Any]:
         require_admin("creating a tool")
-        tool = parse_custom_tool(body)
+        tool = check_custom_tool(spec)
         if tool["tool_id"] in BUILTIN_TOOLS:
             raise AlreadyExists(f"tool '{tool['tool_id']}' already exists (built-in)")
-        tool["created_at"] = now_iso()
+        tool["created_at"] = now_ms()
         if not await self._store.put_new(_TOOLS, tool["tool_id"], tool):
             raise AlreadyExists(f"tool '{tool['tool_id']}' already exists")
         return tool

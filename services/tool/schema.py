@@ -17,184 +17,44 @@ from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, ValidationError, best_match
+from jsonschema.exceptions import SchemaError, best_match
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
+from altan.api.tools import CustomToolSpec, parse_tool_spec
 from altan.errors import InvalidArgument
 
 __all__ = [
-    "AUTH_TYPES",
-    "HTTP_METHODS",
-    "PARAMETER_TYPES",
-    "TOOL_ID_PATTERN",
     "ArgumentValidator",
     "build_http_request",
-    "parameters_to_schema",
+    "check_custom_tool",
     "parse_custom_tool",
 ]
 
-TOOL_ID_PATTERN = r"^[a-z][a-z0-9_\-]{0,63}$"
-PARAMETER_TYPES = frozenset({"string", "integer", "number", "boolean", "object", "array"})
-HTTP_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
-AUTH_TYPES = ("oauth2", "api_key", "none")
 BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
-MAX_CACHEABLE_SECONDS = 365 * 24 * 3600
-MAX_ENDPOINT_LENGTH = 2048
 DRAFT_2020_12 = "https://json-schema.org/draft/2020-12/schema"
 
-_TOOL_ID = re.compile(TOOL_ID_PATTERN[1:-1])
-_PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]{0,63}")
 _PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_TOOL_FIELDS = frozenset(
-    {
-        "tool_id",
-        "type",
-        "name",
-        "description",
-        "parameters",
-        "input_schema",
-        "endpoint",
-        "method",
-        "auth",
-        "credential",
-        "cacheable_seconds",
-        "fallback_tool_id",
-    }
-)
-_PARAMETER_FIELDS = frozenset({"name", "type", "required", "description", "enum", "default", "items"})
 # The message of a schema error may quote the offending value; keep it readable and bounded.
 _MAX_ERROR_MESSAGE = 300
 
 
 def parse_custom_tool(body: Any) -> dict[str, Any]:
-    """Check a tenant's custom tool definition and return its normalized form.
+    """Check a tenant's custom tool (a REST body, or the fields of a proto) and return its normalized form.
 
-    The result has ``type: "custom"``, every default filled in, an ``input_schema`` (converted from
-    ``parameters`` when those were given, which are kept too; neither given means a tool without arguments),
-    and ``credential`` / ``fallback_tool_id`` only when they were given.
+    :func:`altan.api.tools.parse_tool_spec` checks the shape (the same model the gateway checks a REST body with);
+    here the ``input_schema`` is checked as a JSON Schema. The result is :meth:`CustomToolSpec.stored`.
     """
-    if not isinstance(body, dict):
-        raise InvalidArgument("tool: must be a JSON object")
-    unknown = sorted(set(body) - _TOOL_FIELDS)
-    if unknown:
-        raise InvalidArgument(f"{unknown[0]}: unknown field")
-    # A tool read back from the API carries type "custom"; accepting it lets a client send back what it read.
-    if body.get("type", "custom") != "custom":
-        raise InvalidArgument('type: must be "custom" (or omitted)')
+    return check_custom_tool(parse_tool_spec(body))
 
-    tool_id = _required_str(body, "tool_id")
-    if not _TOOL_ID.fullmatch(tool_id):
-        raise InvalidArgument(f"tool_id: must match {TOOL_ID_PATTERN}")
-    tool: dict[str, Any] = {"tool_id": tool_id, "type": "custom", "name": _required_str(body, "name")}
-    tool["description"] = _optional_str(body, "description", "")
 
-    if "parameters" in body and "input_schema" in body:
-        raise InvalidArgument("parameters: give either parameters or input_schema, not both")
-    if "input_schema" in body:
-        tool["input_schema"] = _check_input_schema(body["input_schema"])
-    else:
-        parameters = _parse_parameters(body.get("parameters", []))
-        tool["parameters"] = parameters
-        tool["input_schema"] = _check_input_schema(parameters_to_schema(parameters), field="parameters")
-
-    tool["endpoint"] = _parse_endpoint(body.get("endpoint"), tool["input_schema"])
-    method = _optional_str(body, "method", "POST").upper()
-    if method not in HTTP_METHODS:
-        raise InvalidArgument(f"method: must be one of {', '.join(HTTP_METHODS)}")
-    tool["method"] = method
-
-    auth = _optional_str(body, "auth", "none")
-    if auth not in AUTH_TYPES:
-        raise InvalidArgument(f"auth: must be one of {', '.join(AUTH_TYPES)}")
-    tool["auth"] = auth
-    if body.get("credential") is not None:
-        tool["credential"] = _required_str(body, "credential")
-    elif auth != "none":
-        raise InvalidArgument(f"credential: required when auth is {auth}")
-
-    seconds = body.get("cacheable_seconds", 0)
-    if isinstance(seconds, bool) or not isinstance(seconds, int) or not 0 <= seconds <= MAX_CACHEABLE_SECONDS:
-        raise InvalidArgument(f"cacheable_seconds: must be an integer from 0 to {MAX_CACHEABLE_SECONDS}")
-    tool["cacheable_seconds"] = seconds
-
-    if body.get("fallback_tool_id") is not None:
-        fallback = _required_str(body, "fallback_tool_id")
-        if not _TOOL_ID.fullmatch(fallback):
-            raise InvalidArgument(f"fallback_tool_id: must match {TOOL_ID_PATTERN}")
-        if fallback == tool_id:
-            raise InvalidArgument("fallback_tool_id: a tool cannot be its own fallback")
-        tool["fallback_tool_id"] = fallback
+def check_custom_tool(spec: CustomToolSpec) -> dict[str, Any]:
+    """The normalized tool of a validated spec, once its ``input_schema`` passes as a JSON Schema."""
+    tool = spec.stored()
+    field = "parameters" if spec.input_schema is None else "input_schema"
+    tool["input_schema"] = _check_input_schema(tool["input_schema"], field=field)
     return tool
-
-
-def parameters_to_schema(parameters: list[dict[str, Any]]) -> dict[str, Any]:
-    """The JSON Schema of a checked ``parameters`` list: a closed object, one property per parameter."""
-    properties: dict[str, Any] = {}
-    for parameter in parameters:
-        prop: dict[str, Any] = {"type": parameter["type"]}
-        for keyword in ("description", "enum", "default", "items"):
-            if keyword in parameter:
-                prop[keyword] = copy.deepcopy(parameter[keyword])
-        properties[parameter["name"]] = prop
-    return {
-        "type": "object",
-        "properties": properties,
-        "required": [p["name"] for p in parameters if p["required"]],
-        "additionalProperties": False,
-    }
-
-
-def _parse_parameters(raw: Any) -> list[dict[str, Any]]:
-    if not isinstance(raw, list):
-        raise InvalidArgument("parameters: must be a list")
-    parameters: list[dict[str, Any]] = []
-    seen: set[str] = set()
-    for index, item in enumerate(raw):
-        where = f"parameters[{index}]"
-        if not isinstance(item, dict):
-            raise InvalidArgument(f"{where}: must be an object")
-        unknown = sorted(set(item) - _PARAMETER_FIELDS)
-        if unknown:
-            raise InvalidArgument(f"{where}.{unknown[0]}: unknown field")
-        name = item.get("name")
-        if not isinstance(name, str) or not _PARAMETER_NAME.fullmatch(name):
-            raise InvalidArgument(f"{where}.name: must match ^{_PARAMETER_NAME.pattern}$")
-        if name in seen:
-            raise InvalidArgument(f"{where}.name: duplicate parameter {name!r}")
-        seen.add(name)
-        if item.get("type") not in PARAMETER_TYPES:
-            raise InvalidArgument(f"{where}.type: must be one of {', '.join(sorted(PARAMETER_TYPES))}")
-        required = item.get("required", False)
-        if not isinstance(required, bool):
-            raise InvalidArgument(f"{where}.required: must be true or false")
-        parameter: dict[str, Any] = {"name": name, "type": item["type"], "required": required}
-        if "description" in item:
-            if not isinstance(item["description"], str):
-                raise InvalidArgument(f"{where}.description: must be a string")
-            parameter["description"] = item["description"]
-        if "enum" in item:
-            if not isinstance(item["enum"], list) or not item["enum"]:
-                raise InvalidArgument(f"{where}.enum: must be a non-empty list")
-            parameter["enum"] = copy.deepcopy(item["enum"])
-        if "items" in item:
-            if item["type"] != "array" or not isinstance(item["items"], dict):
-                raise InvalidArgument(f"{where}.items: only for type array, and must be a JSON Schema object")
-            parameter["items"] = copy.deepcopy(item["items"])
-        if "default" in item:
-            _check_default(where, parameter, item["default"])
-            parameter["default"] = copy.deepcopy(item["default"])
-        parameters.append(parameter)
-    return parameters
-
-
-def _check_default(where: str, parameter: dict[str, Any], default: Any) -> None:
-    schema = {k: parameter[k] for k in ("type", "enum") if k in parameter}
-    try:
-        Draft202012Validator(schema).validate(default)
-    except ValidationError as exc:
-        raise InvalidArgument(f"{where}.default: does not match the parameter's type or enum") from exc
 
 
 def _check_input_schema(schema: Any, *, field: str = "input_schema") -> dict[str, Any]:
@@ -233,29 +93,6 @@ def _check_references(schema: dict[str, Any], field: str) -> None:
                 except Unresolvable as exc:
                     raise InvalidArgument(f"{field}: {keyword} {ref!r} does not resolve") from exc
         pending.extend((sub, resolver.in_subresource(sub)) for sub in resource.subresources())
-
-
-def _parse_endpoint(raw: Any, input_schema: dict[str, Any]) -> str:
-    if not isinstance(raw, str) or not raw:
-        raise InvalidArgument("endpoint: required, an http or https URL")
-    if len(raw) > MAX_ENDPOINT_LENGTH or any(c.isspace() or ord(c) < 0x20 for c in raw):
-        raise InvalidArgument(f"endpoint: must be a URL of at most {MAX_ENDPOINT_LENGTH} characters, no spaces")
-    try:
-        parts = urlsplit(raw)
-        hostname, _ = parts.hostname, parts.port  # .port raises ValueError on a bad port
-    except ValueError as exc:
-        raise InvalidArgument(f"endpoint: not a valid URL ({exc})") from exc
-    if parts.scheme not in ("http", "https") or not hostname:
-        raise InvalidArgument("endpoint: must be an http or https URL with a host")
-    if parts.username is not None or parts.password is not None:
-        raise InvalidArgument("endpoint: must not carry user credentials; use auth and credential")
-    if _PLACEHOLDER.search(parts.netloc + parts.query + parts.fragment):
-        raise InvalidArgument("endpoint: {name} placeholders are only allowed in the path")
-    declared = input_schema.get("properties", {})
-    for name in _PLACEHOLDER.findall(parts.path):
-        if name not in declared:
-            raise InvalidArgument(f"endpoint: placeholder {{{name}}} does not name a declared parameter")
-    return raw
 
 
 def build_http_request(
@@ -316,20 +153,6 @@ def _query_scalar(value: Any) -> str:
         return value
     # Booleans, numbers and null read as JSON would; nested structures travel as JSON text.
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
-
-
-def _required_str(body: dict[str, Any], field: str) -> str:
-    value = body.get(field)
-    if not isinstance(value, str) or not value.strip():
-        raise InvalidArgument(f"{field}: required, a non-empty string")
-    return value
-
-
-def _optional_str(body: dict[str, Any], field: str, default: str) -> str:
-    value = body.get(field, default)
-    if not isinstance(value, str):
-        raise InvalidArgument(f"{field}: must be a string")
-    return value
 
 
 def _short(message: str) -> str:

@@ -1,64 +1,61 @@
-"""gRPC face of the Tool Service: translates protos to the registry and executor and back."""
+"""gRPC faces of the Tool Service: the public catalogue and the internal executor."""
 
 from __future__ import annotations
 
-from typing import Any
-
-import grpc
-
-from altan.v1 import tool_pb2, tool_pb2_grpc
-from altan.wire import dump_json, load_json, paginate
+from altan.api.tools import tool_spec_from_proto, tool_to_proto
+from altan.server import Context
+from altan.v1 import runtime_pb2, runtime_pb2_grpc, tool_pb2, tool_pb2_grpc
+from altan.wire import json_bytes, paginate, parse_json
 from services.tool.executor import Credential, ToolExecutor
 from services.tool.registry import ToolRegistry
 
-__all__ = ["ToolServicer", "tool_to_proto"]
-
-
-def tool_to_proto(tool: dict[str, Any]) -> tool_pb2.Tool:
-    return tool_pb2.Tool(
-        tool_id=tool["tool_id"],
-        name=tool.get("name", ""),
-        description=tool.get("description", ""),
-        kind=tool["type"],
-        input_schema_json=dump_json(tool["input_schema"]),
-        definition_json=dump_json(tool),
-    )
+__all__ = ["ToolRuntimeServicer", "ToolServicer"]
 
 
 class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
-    def __init__(self, registry: ToolRegistry, executor: ToolExecutor) -> None:
-        self._registry = registry
-        self._executor = executor
+    """The tenant's catalogue (public)."""
 
-    async def ListTools(self, request: tool_pb2.ListToolsRequest, context: grpc.aio.ServicerContext) -> Any:
+    def __init__(self, registry: ToolRegistry) -> None:
+        self._registry = registry
+
+    async def ListTools(self, request: tool_pb2.ListToolsRequest, context: Context) -> tool_pb2.ListToolsResponse:
         tools = await self._registry.some(list(request.tool_ids)) if request.tool_ids else await self._registry.all()
         page, token = paginate(tools, request.page_size, request.page_token, default=100, maximum=500)
         return tool_pb2.ListToolsResponse(tools=[tool_to_proto(t) for t in page], next_page_token=token)
 
-    async def GetTool(self, request: tool_pb2.GetToolRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def GetTool(self, request: tool_pb2.GetToolRequest, context: Context) -> tool_pb2.GetToolResponse:
         return tool_pb2.GetToolResponse(tool=tool_to_proto(await self._registry.get(request.tool_id)))
 
-    async def CreateTool(self, request: tool_pb2.CreateToolRequest, context: grpc.aio.ServicerContext) -> Any:
-        tool = await self._registry.create(load_json(request.spec_json, "tool"))
+    async def CreateTool(self, request: tool_pb2.CreateToolRequest, context: Context) -> tool_pb2.CreateToolResponse:
+        tool = await self._registry.create(tool_spec_from_proto(request.tool))
         return tool_pb2.CreateToolResponse(tool=tool_to_proto(tool))
 
-    async def DeleteTool(self, request: tool_pb2.DeleteToolRequest, context: grpc.aio.ServicerContext) -> Any:
+    async def DeleteTool(self, request: tool_pb2.DeleteToolRequest, context: Context) -> tool_pb2.DeleteToolResponse:
         await self._registry.delete(request.tool_id)
         return tool_pb2.DeleteToolResponse()
 
-    async def ExecuteTool(self, request: tool_pb2.ExecuteToolRequest, context: grpc.aio.ServicerContext) -> Any:
+
+class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
+    """Runs tool calls for the Integrator Engine (internal: it receives credentials)."""
+
+    def __init__(self, executor: ToolExecutor) -> None:
+        self._executor = executor
+
+    async def ExecuteTool(
+        self, request: runtime_pb2.ExecuteToolRequest, context: Context
+    ) -> runtime_pb2.ExecuteToolResponse:
         credential = None
         if request.HasField("credential"):
             c = request.credential
             credential = Credential(name=c.name, header=c.header, prefix=c.prefix, value=c.value)
         result = await self._executor.execute(
             request.tool_id,
-            load_json(request.arguments_json, "arguments", default={}),
+            parse_json(request.arguments_json, "arguments", default={}),
             credential,
             request.timeout_seconds or None,
         )
-        return tool_pb2.ExecuteToolResponse(
-            output_json=dump_json(result.output),
+        return runtime_pb2.ExecuteToolResponse(
+            output_json=json_bytes(result.output),
             http_status=result.http_status,
             target=result.target,
             retry_after_seconds=result.retry_after or 0.0,

@@ -25,7 +25,7 @@ from altan.errors import (
     error_from_status,
     http_status_for,
 )
-from altan.wire import dump_json, load_json, new_id, now_iso, paginate
+from altan.wire import dump_json, json_bytes, new_id, paginate, parse_json
 
 # --- errors ------------------------------------------------------------------------------------------------------
 
@@ -183,29 +183,49 @@ def test_negative_page_size_is_invalid_argument() -> None:
 # --- JSON fields, ids and times -----------------------------------------------------------------------------------
 
 
-def test_load_json_parses_and_defaults() -> None:
-    assert load_json('{"a": [1, "ü"]}', "spec") == {"a": [1, "ü"]}
-    assert load_json("", "spec") is None
-    assert load_json("", "arguments", default={}) == {}
-    assert load_json("null", "spec", default={}) is None
+def test_parse_json_parses_and_defaults() -> None:
+    assert parse_json('{"a": [1, "ü"]}', "spec") == {"a": [1, "ü"]}
+    assert parse_json(b'{"a": [1, "\xc3\xbc"]}', "spec") == {"a": [1, "ü"]}
+    assert parse_json("", "arguments", default={}) == {}
+    assert parse_json("null", "spec", default={}) is None
+    # A surrogate pair is one character, not a lone surrogate.
+    assert parse_json('"\\ud83d\\ude00"', "text") == "\U0001f600"
 
 
-@pytest.mark.parametrize("text", ["{", "{'a': 1}", "[1,]", "undefined", "\x00", '{"a": 1} trailing', '"\ud800'])
-def test_load_json_errors_are_invalid_argument_naming_the_field(text: str) -> None:
+@pytest.mark.parametrize(
+    "text", ["", "{", "{'a': 1}", "[1,]", "undefined", "\x00", '{"a": 1} trailing', '"\ud800', "NaN", "[Infinity]"]
+)
+def test_parse_json_errors_are_invalid_argument_naming_the_field(text: str) -> None:
     with pytest.raises(InvalidArgument) as caught:
-        load_json(text, "agent")
+        parse_json(text, "agent")
     assert caught.value.message == "agent: not valid JSON"
     assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_load_json_deeply_nested_input_is_invalid_argument_not_a_crash() -> None:
+def test_parse_json_refuses_invalid_utf8() -> None:
+    with pytest.raises(InvalidArgument, match="not valid JSON"):
+        parse_json(b'{"a": "\xff"}', "body")
+
+
+@pytest.mark.parametrize("text", ['"\\ud800"', '{"\\udc00": 1}', '["a", {"b": ["\\ud83d x"]}]'])
+def test_parse_json_refuses_lone_surrogates(text: str) -> None:
+    # Valid JSON whose strings are not Unicode: they could never be serialized again (a 500 later on).
+    with pytest.raises(InvalidArgument, match="lone surrogates"):
+        parse_json(text, "body")
+
+
+def test_parse_json_deeply_nested_input_is_invalid_argument_not_a_crash() -> None:
     # API.md: "No request, however malformed, gets a 500" - json.loads raises RecursionError here.
     with pytest.raises(InvalidArgument):
-        load_json("[" * 100_000 + "]" * 100_000, "input")
+        parse_json("[" * 100_000 + "]" * 100_000, "input")
+    with pytest.raises(InvalidArgument, match="nested deeper than 64"):
+        parse_json("[" * 65 + "]" * 65, "input")
+    assert parse_json("[" * 64 + "]" * 64, "input") is not None
 
 
 def test_dump_json_is_compact_and_keeps_unicode() -> None:
     assert dump_json({"a": [1, 2], "b": "ü"}) == '{"a":[1,2],"b":"ü"}'
+    assert json_bytes({"b": "ü"}) == '{"b":"ü"}'.encode()
 
 
 def test_new_id_is_prefixed_unique_and_time_ordered() -> None:
@@ -213,7 +233,3 @@ def test_new_id_is_prefixed_unique_and_time_ordered() -> None:
     assert len(set(ids)) == 200
     assert all(re.fullmatch(r"agt_[0-9a-f]{12}[0-9a-f]{16}", i) for i in ids)
     assert [i[:16] for i in ids] == sorted(i[:16] for i in ids)
-
-
-def test_now_iso_is_utc_with_milliseconds() -> None:
-    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", now_iso())

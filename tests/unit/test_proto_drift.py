@@ -38,9 +38,10 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
     assert {p.relative_to(tmp_path).parts[:2] for p in tmp_path.rglob("*.py")} == {("altan", "v1")}
 
 
-def test_every_proto_has_its_three_generated_files() -> None:
+def test_every_proto_has_its_generated_files_and_typed_stubs() -> None:
     protos = sorted((ROOT / "proto" / "altan" / "v1").glob("*.proto"))
     assert protos
     for proto in protos:
-        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py"):
+        # The .pyi files come from mypy-protobuf: typed messages, and typed grpc.aio stubs and servicers.
+        for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi"):
             assert (CHECKED_IN / f"{proto.stem}{suffix}").is_file(), f"{proto.stem}{suffix}"

@@ -80,10 +80,15 @@ def test_defaults_are_filled_in() -> None:
     assert tool["input_schema"] == {"type": "object", "properties": {}, "required": [], "additionalProperties": False}
 
 
-def test_enum_items_and_method_case_are_kept() -> None:
+def test_method_is_upper_case_as_in_api_md() -> None:
+    # The OpenAPI document says GET, POST, ...: anything else is refused rather than silently normalized.
+    assert refused(slack_tool(method="get")).startswith("method: Input should be 'GET'")
+
+
+def test_enum_items_and_defaults_are_kept() -> None:
     tool = parse_custom_tool(
         slack_tool(
-            method="get",
+            method="GET",
             parameters=[
                 {"name": "color", "type": "string", "enum": ["red", "blue"], "default": "red"},
                 {"name": "ids", "type": "array", "items": {"type": "integer"}},
@@ -128,13 +133,13 @@ def test_a_tool_read_back_with_type_custom_is_accepted() -> None:
         (slack_tool(description=3), "description:"),
         (slack_tool(color="red"), "color: unknown field"),
         (slack_tool(input_schema={"type": "object"}), "parameters: give either"),
-        (slack_tool(parameters={"channel_id": "string"}), "parameters: must be a list"),
+        (slack_tool(parameters={"channel_id": "string"}), "parameters: Input should be a valid list"),
         (slack_tool(parameters=["channel_id"]), "parameters[0]:"),
         (slack_tool(parameters=[{"name": "a b", "type": "string"}]), "parameters[0].name:"),
         (slack_tool(parameters=[{"name": "a", "type": "str"}]), "parameters[0].type:"),
         (slack_tool(parameters=[{"name": "a", "type": "string", "required": "yes"}]), "parameters[0].required:"),
         (slack_tool(parameters=[{"name": "a", "type": "string", "format": "x"}]), "parameters[0].format: unknown"),
-        (slack_tool(parameters=[{"name": "a", "type": "string"}] * 2), "parameters[1].name: duplicate"),
+        (slack_tool(parameters=[{"name": "a", "type": "string"}] * 2), "parameters: a parameter name is used twice"),
         (slack_tool(parameters=[{"name": "a", "type": "string", "enum": []}]), "parameters[0].enum:"),
         (slack_tool(parameters=[{"name": "a", "type": "integer", "default": "x"}]), "parameters[0].default:"),
         (
@@ -200,7 +205,7 @@ def test_references_resolve_against_a_nested_id() -> None:
 @pytest.mark.parametrize(
     ("schema", "message"),
     [
-        ("object", "input_schema: must be a JSON Schema object"),
+        ("object", "input_schema: Input should be a valid dictionary"),
         ({"type": "array"}, 'input_schema: must have "type": "object"'),
         ({"properties": {}}, 'input_schema: must have "type": "object"'),
         ({"type": "object", "properties": {"a": {"type": "strin"}}}, "input_schema"),

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from altan import context
+from altan.api.credentials import parse_credential_spec
 from altan.context import RequestContext
 from altan.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from altan.store import MemoryBackend, TenantStore
@@ -24,6 +25,11 @@ from services.integrator.secrets import LocalSecretBackend
 MASTER = os.urandom(32)
 PLAINTEXT = b"sk-live-0123456789abcdef-the-real-secret"
 NAMESPACE = "integrator"
+
+
+async def put(broker: CredentialBroker, name: str, spec: Any) -> tuple[dict[str, Any], bool]:
+    """What the Integrator's PutCredential does: the shared model checks the spec, then the broker stores it."""
+    return await broker.put(name, parse_credential_spec(spec))
 
 
 def as_caller(tenant: str, role: str = "admin") -> None:
@@ -168,14 +174,14 @@ API_KEY = "sk-test-ABCDEFGHIJKLMNOPQRSTUVWXYZ-0123456789"
 
 async def test_api_key_put_list_resolve_delete(broker: CredentialBroker, backend: MemoryBackend) -> None:
     as_caller("acme")
-    meta, created = await broker.put("openai", {"type": "api_key", "value": API_KEY})
+    meta, created = await put(broker, "openai", {"type": "api_key", "value": API_KEY})
     assert created is True
     assert meta["name"] == "openai" and meta["type"] == "api_key"
     assert (meta["header"], meta["prefix"]) == ("Authorization", "Bearer ")
     assert API_KEY not in json.dumps(meta)
 
-    meta2, created2 = await broker.put(
-        "weather", {"type": "api_key", "value": "w-123", "header": "X-Api-Key", "prefix": ""}
+    meta2, created2 = await put(
+        broker, "weather", {"type": "api_key", "value": "w-123", "header": "X-Api-Key", "prefix": ""}
     )
     assert created2 is True and (meta2["header"], meta2["prefix"]) == ("X-Api-Key", "")
 
@@ -202,8 +208,8 @@ async def test_api_key_put_list_resolve_delete(broker: CredentialBroker, backend
 
 async def test_replacing_keeps_created_at(broker: CredentialBroker) -> None:
     as_caller("acme")
-    first, created = await broker.put("k", {"type": "api_key", "value": "v1"})
-    second, created_again = await broker.put("k", {"type": "api_key", "value": "v2"})
+    first, created = await put(broker, "k", {"type": "api_key", "value": "v1"})
+    second, created_again = await put(broker, "k", {"type": "api_key", "value": "v2"})
     assert (created, created_again) == (True, False)
     assert second["created_at"] == first["created_at"]
     assert (await broker.resolve("k")).value == "v2"
@@ -211,10 +217,10 @@ async def test_replacing_keeps_created_at(broker: CredentialBroker) -> None:
 
 async def test_members_may_resolve_and_list_but_not_change(broker: CredentialBroker) -> None:
     as_caller("acme", "admin")
-    await broker.put("k", {"type": "api_key", "value": API_KEY})
+    await put(broker, "k", {"type": "api_key", "value": API_KEY})
     as_caller("acme", "member")
     with pytest.raises(PermissionDenied):
-        await broker.put("k2", {"type": "api_key", "value": "x"})
+        await put(broker, "k2", {"type": "api_key", "value": "x"})
     with pytest.raises(PermissionDenied):
         await broker.delete("k")
     assert [m["name"] for m in await broker.all()] == ["k"]
@@ -223,14 +229,14 @@ async def test_members_may_resolve_and_list_but_not_change(broker: CredentialBro
 
 async def test_credentials_are_per_tenant(broker: CredentialBroker) -> None:
     as_caller("acme")
-    await broker.put("shared-name", {"type": "api_key", "value": "acme-secret"})
+    await put(broker, "shared-name", {"type": "api_key", "value": "acme-secret"})
     as_caller("globex")
     assert await broker.all() == []
     with pytest.raises(FailedPrecondition):
         await broker.resolve("shared-name")
     with pytest.raises(NotFound):
         await broker.delete("shared-name")
-    await broker.put("shared-name", {"type": "api_key", "value": "globex-secret"})
+    await put(broker, "shared-name", {"type": "api_key", "value": "globex-secret"})
     assert (await broker.resolve("shared-name")).value == "globex-secret"
     as_caller("acme")
     assert (await broker.resolve("shared-name")).value == "acme-secret"
@@ -239,7 +245,8 @@ async def test_credentials_are_per_tenant(broker: CredentialBroker) -> None:
 async def test_oauth2_metadata_is_public_and_secret_is_not(broker: CredentialBroker) -> None:
     as_caller("acme")
     client_secret = f"cs-{uuid.uuid4().hex}"
-    meta, _ = await broker.put(
+    meta, _ = await put(
+        broker,
         "slack",
         {
             "type": "oauth2",
@@ -290,7 +297,7 @@ SECRET_VALUE = "sk-SUPER-SECRET-VALUE-1234567890"
 async def test_invalid_specs_never_echo_the_secret(broker: CredentialBroker, spec: Any) -> None:
     as_caller("acme")
     with pytest.raises(InvalidArgument) as caught:
-        await broker.put("cred", spec)
+        await put(broker, "cred", spec)
     assert SECRET_VALUE not in caught.value.message
     assert SECRET_VALUE not in str(caught.value)
     assert SECRET_VALUE not in json.dumps(caught.value.to_body())
@@ -303,4 +310,4 @@ async def test_invalid_specs_never_echo_the_secret(broker: CredentialBroker, spe
 async def test_invalid_names_are_refused(broker: CredentialBroker, name: str) -> None:
     as_caller("acme")
     with pytest.raises(InvalidArgument, match="name"):
-        await broker.put(name, {"type": "api_key", "value": "v"})
+        await put(broker, name, {"type": "api_key", "value": "v"})

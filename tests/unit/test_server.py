@@ -1,4 +1,4 @@
-"""altan.server.serve_until_stopped and altan.clients.ServiceClient over a real grpc.aio server on 127.0.0.1.
+"""altan.server.serve_until_stopped and the typed clients of altan.clients over a real grpc.aio server on 127.0.0.1.
 
 The servicers are fakes of our own protos, defined here: they report who the server says is calling and raise
 domain errors on demand, so the tests see exactly what the bootstrap does around a handler.
@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from altan import context
 from altan.auth import TokenVerifier, issue_development_token
-from altan.clients import ServiceClient, agent_client, tool_client
+from altan.clients import AgentClient, ServiceChannel, ToolClient
 from altan.config import Settings
 from altan.context import RequestContext
 from altan.errors import (
@@ -73,9 +73,9 @@ class Calls:
 
 class FakeToolService(tool_pb2_grpc.ToolServiceServicer):
     """GetTool answers with the caller; its tool_id picks a failure: ``raise:<Error>:<message>``, ``boom``,
-    ``slow-down``, ``relay`` (calls this same service again through a ServiceClient, as the next hop would)."""
+    ``slow-down``, ``relay`` (calls this same service again through a ToolClient, as the next hop would)."""
 
-    def __init__(self, calls: Calls, relay: ServiceClient[Any]) -> None:
+    def __init__(self, calls: Calls, relay: ToolClient) -> None:
         self._calls = calls
         self._relay = relay
 
@@ -91,14 +91,14 @@ class FakeToolService(tool_pb2_grpc.ToolServiceServicer):
         if kind == "slow-down":
             raise ResourceExhausted("rate limited", retry_after=float(rest or 3))
         if kind == "relay":
-            return await self._relay.call("GetTool", tool_pb2.GetToolRequest(tool_id="who"))  # type: ignore[no-any-return]
+            return await self._relay.call(self._relay.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="who"))
         return tool_pb2.GetToolResponse(
             tool=tool_pb2.Tool(
                 tool_id=request.tool_id,
                 name=caller.tenant_id,
                 description=caller.user,
-                kind=caller.role,
-                definition_json=caller.token,
+                endpoint=caller.role,
+                credential=caller.token,
             )
         )
 
@@ -115,9 +115,8 @@ class FakeAgentService(agent_pb2_grpc.AgentServiceServicer):
         caller = context.current()
         self._calls.seen.append(caller)
         for seq in range(request.after_seq + 1, 4):
-            yield agent_pb2.StreamTaskEventsResponse(
-                seq=seq, type="step", task_id=request.task_id, data_json=caller.tenant_id
-            )
+            event = agent_pb2.TaskEvent(seq=seq, type="step", task_id=request.task_id, step_id=caller.tenant_id)
+            yield agent_pb2.StreamTaskEventsResponse(event=event)
             if request.task_id == "gone" and seq == 2:
                 raise NotFound("task 'gone' not found")
 
@@ -134,12 +133,12 @@ class Running:
     stop: asyncio.Event
     task: asyncio.Task[None]
     calls: Calls
-    tools: ServiceClient[tool_pb2_grpc.ToolServiceStub]
-    agents: ServiceClient[agent_pb2_grpc.AgentServiceStub]
+    tools: ToolClient
+    agents: AgentClient
     channel: grpc.aio.Channel
 
 
-async def wait_serving(client: ServiceClient[Any], task: asyncio.Task[None]) -> None:
+async def wait_serving(client: ServiceChannel, task: asyncio.Task[None]) -> None:
     """Until the server answers SERVING (or its task dies), at most 10 s."""
     deadline = time.monotonic() + 10
     while not await client.healthy(timeout=1):
@@ -153,7 +152,7 @@ async def wait_serving(client: ServiceClient[Any], task: asyncio.Task[None]) -> 
 async def server() -> AsyncIterator[Running]:
     address = f"127.0.0.1:{free_port()}"
     calls = Calls()
-    relay = tool_client(address, 5)
+    relay = ToolClient(address, 5)
     services = [
         GrpcService(
             tool_pb2_grpc.add_ToolServiceServicer_to_server,
@@ -168,8 +167,8 @@ async def server() -> AsyncIterator[Running]:
     task = asyncio.create_task(
         serve_until_stopped(services, verifier=TokenVerifier(settings()), address=address, grace_seconds=0.5, stop=stop)
     )
-    tools = tool_client(address, 5)
-    agents = agent_client(address, 5)
+    tools = ToolClient(address, 5)
+    agents = AgentClient(address, 5)
     channel = grpc.aio.insecure_channel(address)
     try:
         await wait_serving(tools, task)
@@ -218,29 +217,29 @@ async def test_handler_sees_the_caller_from_the_token(server: Running) -> None:
     bearer = token(tenant="globex", sub="bob", role="member")
     answer = await raw_get_tool(server, "who", (("authorization", f"Bearer {bearer}"),))
     tool = answer.tool
-    assert (tool.name, tool.description, tool.kind, tool.definition_json) == ("globex", "bob", "member", bearer)
+    assert (tool.name, tool.description, tool.endpoint, tool.credential) == ("globex", "bob", "member", bearer)
     assert server.calls.seen == [RequestContext("globex", "bob", "member", bearer)]
 
 
 async def test_service_client_forwards_the_callers_token(server: Running) -> None:
     bearer = token(tenant="initech", sub="carol")
     as_caller(bearer)
-    answer = await server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id="who"))
-    assert (answer.tool.name, answer.tool.definition_json) == ("initech", bearer)
+    answer = await server.tools.call(server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="who"))
+    assert (answer.tool.name, answer.tool.credential) == ("initech", bearer)
 
 
 async def test_the_next_hop_sees_the_same_caller(server: Running) -> None:
     bearer = token(tenant="hooli", sub="dave", role="member")
     as_caller(bearer)
-    answer = await server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id="relay"))
-    assert (answer.tool.name, answer.tool.description, answer.tool.definition_json) == ("hooli", "dave", bearer)
+    answer = await server.tools.call(server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="relay"))
+    assert (answer.tool.name, answer.tool.description, answer.tool.credential) == ("hooli", "dave", bearer)
     assert [c.token for c in server.calls.seen] == [bearer, bearer]
 
 
 async def test_concurrent_callers_do_not_mix(server: Running) -> None:
     async def call_as(tenant: str) -> str:
         as_caller(token(tenant=tenant))
-        answer = await server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id="who"))
+        answer = await server.tools.call(server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="who"))
         return str(answer.tool.name)
 
     tenants = [f"tenant-{i}" for i in range(20)]
@@ -250,7 +249,7 @@ async def test_concurrent_callers_do_not_mix(server: Running) -> None:
 async def test_service_client_without_a_caller_is_unauthenticated(server: Running) -> None:
     with pytest.raises(Unauthenticated):
         await asyncio.create_task(
-            server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id="who")),
+            server.tools.call(server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="who")),
             context=contextvars.Context(),
         )
     assert server.calls.seen == []
@@ -265,7 +264,9 @@ async def test_domain_errors_cross_the_wire_as_themselves(server: Running, name:
     as_caller(token())
     message = f"{name} happened: 'x' ü"
     with pytest.raises(AltanError) as caught:
-        await server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id=f"raise:{name}:{message}"))
+        await server.tools.call(
+            server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id=f"raise:{name}:{message}")
+        )
     assert type(caught.value) is cls
     assert caught.value.message == message
     assert caught.value.retry_after is None
@@ -274,6 +275,18 @@ async def test_domain_errors_cross_the_wire_as_themselves(server: Running, name:
         await raw_get_tool(server, f"raise:{name}:{message}", (("authorization", f"Bearer {token()}"),))
     assert raw.value.code() == cls.code
     assert raw.value.details() == message
+
+
+async def test_a_malformed_message_is_invalid_argument_not_internal(server: Running) -> None:
+    # A string field that is not UTF-8: protobuf refuses to decode it; the caller sent a bad request.
+    get_tool = server.channel.unary_unary("/altan.v1.ToolService/GetTool")
+    metadata = (("authorization", f"Bearer {token()}"),)
+    for raw in (b"\x0a\x02\xff\xfe", b"\xff\xff\xff"):
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await get_tool(raw, metadata=metadata, timeout=5)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert caught.value.details() == "the request is not a valid message for /altan.v1.ToolService/GetTool"
+    assert server.calls.seen == []
 
 
 async def test_unexpected_exception_is_internal_without_details(
@@ -290,17 +303,18 @@ async def test_unexpected_exception_is_internal_without_details(
 
     as_caller(token())
     with pytest.raises(InternalError) as caught:
-        await server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id="boom"))
+        await server.tools.call(server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="boom"))
     assert caught.value.message == "internal error"
     # The trace stays in the server's own log, for operators.
     assert any(record.exc_info and "hunter2" in str(record.exc_info[1]) for record in caplog.records)
 
 
-@pytest.mark.parametrize(("given", "expected"), [("3", 3), ("2.2", 3), ("0", 0)])
+# Whole seconds, rounded up, never 0: "retry now" would invite every client back at once.
+@pytest.mark.parametrize(("given", "expected"), [("3", 3), ("2.2", 3), ("0", 1)])
 async def test_retry_after_reaches_the_client(server: Running, given: str, expected: int) -> None:
     as_caller(token())
     with pytest.raises(ResourceExhausted) as caught:
-        await server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id=f"slow-down:{given}"))
+        await server.tools.call(server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id=f"slow-down:{given}"))
     assert caught.value.retry_after == expected
     assert caught.value.message == "rate limited"
 
@@ -310,28 +324,29 @@ async def test_streaming_rpc_is_authenticated_and_maps_errors(server: Running) -
     events = [
         e
         async for e in server.agents.stream(
-            "StreamTaskEvents", agent_pb2.StreamTaskEventsRequest(task_id="t1", after_seq=0)
+            server.agents.agents.StreamTaskEvents, agent_pb2.StreamTaskEventsRequest(task_id="t1", after_seq=0)
         )
     ]
-    assert [(e.seq, e.task_id, e.data_json) for e in events] == [
+    assert [(e.event.seq, e.event.task_id, e.event.step_id) for e in events] == [
         (1, "t1", "streamer"),
         (2, "t1", "streamer"),
         (3, "t1", "streamer"),
     ]
     got: list[int] = []
     with pytest.raises(NotFound, match="task 'gone' not found"):
-        async for event in server.agents.stream("StreamTaskEvents", agent_pb2.StreamTaskEventsRequest(task_id="gone")):
-            got.append(event.seq)
+        request = agent_pb2.StreamTaskEventsRequest(task_id="gone")
+        async for answer in server.agents.stream(server.agents.agents.StreamTaskEvents, request):
+            got.append(answer.event.seq)
     assert got == [1, 2]
 
 
 async def test_client_deadline_is_enforced(server: Running) -> None:
     as_caller(token())
-    unreachable = tool_client(f"127.0.0.1:{free_port()}", 0.3)
+    unreachable = ToolClient(f"127.0.0.1:{free_port()}", 0.3)
     try:
         started = time.monotonic()
         with pytest.raises(AltanError) as caught:
-            await unreachable.call("GetTool", tool_pb2.GetToolRequest(tool_id="who"))
+            await unreachable.call(unreachable.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="who"))
         assert type(caught.value) in (Unavailable, DeadlineExceeded)
         assert time.monotonic() - started < 3
         assert await unreachable.healthy(timeout=0.3) is False
@@ -371,7 +386,7 @@ async def test_stop_event_stops_the_server(server: Running) -> None:
     assert await server.tools.healthy(timeout=1) is False
     as_caller(token())
     with pytest.raises((Unavailable, DeadlineExceeded)):
-        await server.tools.call("GetTool", tool_pb2.GetToolRequest(tool_id="who"), timeout=1)
+        await server.tools.call(server.tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id="who"), timeout=1)
 
 
 async def test_an_address_in_use_fails_loudly() -> None:
@@ -413,7 +428,7 @@ async def test_client_streaming_rpcs_are_not_served_unauthenticated() -> None:
             generic_handlers=[handler],
         )
     )
-    client = tool_client(address, 5)
+    client = ToolClient(address, 5)
     try:
         await wait_serving(client, task)
         upload = client.channel.stream_unary("/altan.test.Upload/Collect")

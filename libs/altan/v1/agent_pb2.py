@@ -22,57 +22,81 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from altan.v1 import common_pb2 as altan_dot_v1_dot_common__pb2
+from google.protobuf import field_mask_pb2 as google_dot_protobuf_dot_field__mask__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61ltan/v1/agent.proto\x12\x08\x61ltan.v1\"\x9c\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cinstructions\x18\x03 \x01(\t\x12\x10\n\x08llm_json\x18\x04 \x01(\t\x12\x1a\n\x12\x66\x61llback_llms_json\x18\x05 \x01(\t\x12\r\n\x05tools\x18\x06 \x03(\t\x12\x12\n\ncreated_at\x18\x07 \x01(\t\x12\x12\n\nupdated_at\x18\x08 \x01(\t\"\'\n\x12\x43reateAgentRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"5\n\x13\x43reateAgentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.altan.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"2\n\x10GetAgentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.altan.v1.Agent\":\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListAgentsResponse\x12\x1f\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0f.altan.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\":\n\x12UpdateAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\npatch_json\x18\x02 \x01(\t\"5\n\x13UpdateAgentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.altan.v1.Agent\"&\n\x12\x44\x65leteAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteAgentResponse\"R\n\x11SubmitTaskRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\"F\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06status\x18\x02 \x01(\t\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\"\x92\x01\n\x04Step\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x12\n\nstarted_at\x18\x04 \x01(\t\x12\x13\n\x0b\x66inished_at\x18\x05 \x01(\t\x12\x13\n\x0b\x64uration_ms\x18\x06 \x01(\x03\x12\x13\n\x0boutput_json\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\"\xcc\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x12\n\ninput_json\x18\x04 \x01(\t\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\x1d\n\x05steps\x18\x06 \x03(\x0b\x32\x0e.altan.v1.Step\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x12\n\nusage_json\x18\x08 \x01(\t\x12\x12\n\ncreated_at\x18\t \x01(\t\x12\x12\n\nupdated_at\x18\n \x01(\t\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"/\n\x0fGetTaskResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Task\"=\n\x17StreamTaskEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"g\n\x18StreamTaskEventsResponse\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x0c\n\x04time\x18\x04 \x01(\t\x12\x11\n\tdata_json\x18\x05 \x01(\t\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"2\n\x12\x43\x61ncelTaskResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Task2\xad\x05\n\x0c\x41gentService\x12J\n\x0b\x43reateAgent\x12\x1c.altan.v1.CreateAgentRequest\x1a\x1d.altan.v1.CreateAgentResponse\x12\x41\n\x08GetAgent\x12\x19.altan.v1.GetAgentRequest\x1a\x1a.altan.v1.GetAgentResponse\x12G\n\nListAgents\x12\x1b.altan.v1.ListAgentsRequest\x1a\x1c.altan.v1.ListAgentsResponse\x12J\n\x0bUpdateAgent\x12\x1c.altan.v1.UpdateAgentRequest\x1a\x1d.altan.v1.UpdateAgentResponse\x12J\n\x0b\x44\x65leteAgent\x12\x1c.altan.v1.DeleteAgentRequest\x1a\x1d.altan.v1.DeleteAgentResponse\x12G\n\nSubmitTask\x12\x1b.altan.v1.SubmitTaskRequest\x1a\x1c.altan.v1.SubmitTaskResponse\x12>\n\x07GetTask\x12\x18.altan.v1.GetTaskRequest\x1a\x19.altan.v1.GetTaskResponse\x12[\n\x10StreamTaskEvents\x12!.altan.v1.StreamTaskEventsRequest\x1a\".altan.v1.StreamTaskEventsResponse0\x01\x12G\n\nCancelTask\x12\x1b.altan.v1.CancelTaskRequest\x1a\x1c.altan.v1.CancelTaskResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x61ltan/v1/agent.proto\x12\x08\x61ltan.v1\x1a\x15\x61ltan/v1/common.proto\x1a google/protobuf/field_mask.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"?\n\x07LlmAuth\x12 \n\x04type\x18\x01 \x01(\x0e\x32\x12.altan.v1.AuthType\x12\x12\n\ncredential\x18\x02 \x01(\t\"\xa4\x01\n\tLlmConfig\x12\x0e\n\x06llm_id\x18\x01 \x01(\t\x12\'\n\x08provider\x18\x02 \x01(\x0e\x32\x15.altan.v1.LlmProvider\x12\x10\n\x08\x65ndpoint\x18\x03 \x01(\t\x12\x1f\n\x04\x61uth\x18\x04 \x01(\x0b\x32\x11.altan.v1.LlmAuth\x12+\n\nparameters\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\"\xf4\x01\n\x05\x41gent\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x14\n\x0cinstructions\x18\x03 \x01(\t\x12 \n\x03llm\x18\x04 \x01(\x0b\x32\x13.altan.v1.LlmConfig\x12*\n\rfallback_llms\x18\x05 \x03(\x0b\x32\x13.altan.v1.LlmConfig\x12\r\n\x05tools\x18\x06 \x03(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"4\n\x12\x43reateAgentRequest\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.altan.v1.Agent\"5\n\x13\x43reateAgentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.altan.v1.Agent\"#\n\x0fGetAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"2\n\x10GetAgentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.altan.v1.Agent\":\n\x11ListAgentsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"N\n\x12ListAgentsResponse\x12\x1f\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x0f.altan.v1.Agent\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"w\n\x12UpdateAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x1e\n\x05\x61gent\x18\x02 \x01(\x0b\x32\x0f.altan.v1.Agent\x12/\n\x0bupdate_mask\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"5\n\x13UpdateAgentResponse\x12\x1e\n\x05\x61gent\x18\x01 \x01(\x0b\x32\x0f.altan.v1.Agent\"&\n\x12\x44\x65leteAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\"\x15\n\x13\x44\x65leteAgentResponse\"e\n\x11SubmitTaskRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\x0c\x12\x17\n\x0fidempotency_key\x18\x03 \x01(\t\x12\x11\n\tthread_id\x18\x04 \x01(\t\"o\n\x12SubmitTaskResponse\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12$\n\x06status\x18\x02 \x01(\x0e\x32\x14.altan.v1.TaskStatus\x12\x0f\n\x07\x63reated\x18\x03 \x01(\x08\x12\x11\n\tthread_id\x18\x04 \x01(\t\"\xf5\x01\n\x04Step\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04tool\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.altan.v1.StepStatus\x12.\n\nstarted_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x0b\x64uration_ms\x18\x06 \x01(\x03H\x00\x88\x01\x01\x12\x13\n\x0boutput_json\x18\x07 \x01(\x0c\x12\r\n\x05\x65rror\x18\x08 \x01(\tB\x0e\n\x0c_duration_ms\"[\n\x05Usage\x12\x14\n\x0cinput_tokens\x18\x01 \x01(\x03\x12\x15\n\routput_tokens\x18\x02 \x01(\x03\x12\x11\n\tllm_calls\x18\x03 \x01(\x03\x12\x12\n\ntool_calls\x18\x04 \x01(\x03\"\xcb\x02\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12$\n\x06status\x18\x03 \x01(\x0e\x32\x14.altan.v1.TaskStatus\x12\x12\n\ninput_json\x18\x04 \x01(\x0c\x12\x13\n\x0bresult_json\x18\x05 \x01(\x0c\x12\x1d\n\x05steps\x18\x06 \x03(\x0b\x32\x0e.altan.v1.Step\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12\x1e\n\x05usage\x18\x08 \x01(\x0b\x32\x0f.altan.v1.Usage\x12\x11\n\tthread_id\x18\t \x01(\t\x12\x10\n\x08trace_id\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"/\n\x0fGetTaskResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Task\"=\n\x17StreamTaskEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tafter_seq\x18\x02 \x01(\x03\"\xdf\x01\n\tTaskEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12(\n\x04time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07step_id\x18\x05 \x01(\t\x12\x0c\n\x04tool\x18\x06 \x01(\t\x12$\n\x06status\x18\x07 \x01(\x0e\x32\x14.altan.v1.StepStatus\x12\x18\n\x0b\x64uration_ms\x18\x08 \x01(\x03H\x00\x88\x01\x01\x12\r\n\x05\x65rror\x18\t \x01(\tB\x0e\n\x0c_duration_ms\">\n\x18StreamTaskEventsResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.altan.v1.TaskEvent\"$\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"2\n\x12\x43\x61ncelTaskResponse\x12\x1c\n\x04task\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Task\"V\n\rThreadMessage\x12#\n\x04role\x18\x01 \x01(\x0e\x32\x15.altan.v1.MessageRole\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x0f\n\x07task_id\x18\x03 \x01(\t\"X\n\x06Thread\x12\x11\n\tthread_id\x18\x01 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x02 \x01(\t\x12)\n\x08messages\x18\x03 \x03(\x0b\x32\x17.altan.v1.ThreadMessage*`\n\x0bLlmProvider\x12\x1c\n\x18LLM_PROVIDER_UNSPECIFIED\x10\x00\x12\x17\n\x13LLM_PROVIDER_OPENAI\x10\x01\x12\x1a\n\x16LLM_PROVIDER_ANTHROPIC\x10\x02*\xca\x01\n\nTaskStatus\x12\x1b\n\x17TASK_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12TASK_STATUS_QUEUED\x10\x01\x12\x17\n\x13TASK_STATUS_RUNNING\x10\x02\x12 \n\x1cTASK_STATUS_WAITING_APPROVAL\x10\x03\x12\x19\n\x15TASK_STATUS_SUCCEEDED\x10\x04\x12\x16\n\x12TASK_STATUS_FAILED\x10\x05\x12\x19\n\x15TASK_STATUS_CANCELLED\x10\x06*\xe4\x01\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_PENDING\x10\x01\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x02\x12 \n\x1cSTEP_STATUS_WAITING_APPROVAL\x10\x03\x12\x19\n\x15STEP_STATUS_SUCCEEDED\x10\x04\x12\x16\n\x12STEP_STATUS_FAILED\x10\x05\x12\x19\n\x15STEP_STATUS_CANCELLED\x10\x06\x12\x17\n\x13STEP_STATUS_SKIPPED\x10\x07*u\n\x0bMessageRole\x12\x1c\n\x18MESSAGE_ROLE_UNSPECIFIED\x10\x00\x12\x15\n\x11MESSAGE_ROLE_USER\x10\x01\x12\x1a\n\x16MESSAGE_ROLE_ASSISTANT\x10\x02\x12\x15\n\x11MESSAGE_ROLE_TOOL\x10\x03\x32\xad\x05\n\x0c\x41gentService\x12J\n\x0b\x43reateAgent\x12\x1c.altan.v1.CreateAgentRequest\x1a\x1d.altan.v1.CreateAgentResponse\x12\x41\n\x08GetAgent\x12\x19.altan.v1.GetAgentRequest\x1a\x1a.altan.v1.GetAgentResponse\x12G\n\nListAgents\x12\x1b.altan.v1.ListAgentsRequest\x1a\x1c.altan.v1.ListAgentsResponse\x12J\n\x0bUpdateAgent\x12\x1c.altan.v1.UpdateAgentRequest\x1a\x1d.altan.v1.UpdateAgentResponse\x12J\n\x0b\x44\x65leteAgent\x12\x1c.altan.v1.DeleteAgentRequest\x1a\x1d.altan.v1.DeleteAgentResponse\x12G\n\nSubmitTask\x12\x1b.altan.v1.SubmitTaskRequest\x1a\x1c.altan.v1.SubmitTaskResponse\x12>\n\x07GetTask\x12\x18.altan.v1.GetTaskRequest\x1a\x19.altan.v1.GetTaskResponse\x12[\n\x10StreamTaskEvents\x12!.altan.v1.StreamTaskEventsRequest\x1a\".altan.v1.StreamTaskEventsResponse0\x01\x12G\n\nCancelTask\x12\x1b.altan.v1.CancelTaskRequest\x1a\x1c.altan.v1.CancelTaskResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'altan.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_AGENT']._serialized_start=35
-  _globals['_AGENT']._serialized_end=191
-  _globals['_CREATEAGENTREQUEST']._serialized_start=193
-  _globals['_CREATEAGENTREQUEST']._serialized_end=232
-  _globals['_CREATEAGENTRESPONSE']._serialized_start=234
-  _globals['_CREATEAGENTRESPONSE']._serialized_end=287
-  _globals['_GETAGENTREQUEST']._serialized_start=289
-  _globals['_GETAGENTREQUEST']._serialized_end=324
-  _globals['_GETAGENTRESPONSE']._serialized_start=326
-  _globals['_GETAGENTRESPONSE']._serialized_end=376
-  _globals['_LISTAGENTSREQUEST']._serialized_start=378
-  _globals['_LISTAGENTSREQUEST']._serialized_end=436
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=438
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=516
-  _globals['_UPDATEAGENTREQUEST']._serialized_start=518
-  _globals['_UPDATEAGENTREQUEST']._serialized_end=576
-  _globals['_UPDATEAGENTRESPONSE']._serialized_start=578
-  _globals['_UPDATEAGENTRESPONSE']._serialized_end=631
-  _globals['_DELETEAGENTREQUEST']._serialized_start=633
-  _globals['_DELETEAGENTREQUEST']._serialized_end=671
-  _globals['_DELETEAGENTRESPONSE']._serialized_start=673
-  _globals['_DELETEAGENTRESPONSE']._serialized_end=694
-  _globals['_SUBMITTASKREQUEST']._serialized_start=696
-  _globals['_SUBMITTASKREQUEST']._serialized_end=778
-  _globals['_SUBMITTASKRESPONSE']._serialized_start=780
-  _globals['_SUBMITTASKRESPONSE']._serialized_end=850
-  _globals['_STEP']._serialized_start=853
-  _globals['_STEP']._serialized_end=999
-  _globals['_TASK']._serialized_start=1002
-  _globals['_TASK']._serialized_end=1206
-  _globals['_GETTASKREQUEST']._serialized_start=1208
-  _globals['_GETTASKREQUEST']._serialized_end=1241
-  _globals['_GETTASKRESPONSE']._serialized_start=1243
-  _globals['_GETTASKRESPONSE']._serialized_end=1290
-  _globals['_STREAMTASKEVENTSREQUEST']._serialized_start=1292
-  _globals['_STREAMTASKEVENTSREQUEST']._serialized_end=1353
-  _globals['_STREAMTASKEVENTSRESPONSE']._serialized_start=1355
-  _globals['_STREAMTASKEVENTSRESPONSE']._serialized_end=1458
-  _globals['_CANCELTASKREQUEST']._serialized_start=1460
-  _globals['_CANCELTASKREQUEST']._serialized_end=1496
-  _globals['_CANCELTASKRESPONSE']._serialized_start=1498
-  _globals['_CANCELTASKRESPONSE']._serialized_end=1548
-  _globals['_AGENTSERVICE']._serialized_start=1551
-  _globals['_AGENTSERVICE']._serialized_end=2236
+  _globals['_LLMPROVIDER']._serialized_start=2806
+  _globals['_LLMPROVIDER']._serialized_end=2902
+  _globals['_TASKSTATUS']._serialized_start=2905
+  _globals['_TASKSTATUS']._serialized_end=3107
+  _globals['_STEPSTATUS']._serialized_start=3110
+  _globals['_STEPSTATUS']._serialized_end=3338
+  _globals['_MESSAGEROLE']._serialized_start=3340
+  _globals['_MESSAGEROLE']._serialized_end=3457
+  _globals['_LLMAUTH']._serialized_start=154
+  _globals['_LLMAUTH']._serialized_end=217
+  _globals['_LLMCONFIG']._serialized_start=220
+  _globals['_LLMCONFIG']._serialized_end=384
+  _globals['_AGENT']._serialized_start=387
+  _globals['_AGENT']._serialized_end=631
+  _globals['_CREATEAGENTREQUEST']._serialized_start=633
+  _globals['_CREATEAGENTREQUEST']._serialized_end=685
+  _globals['_CREATEAGENTRESPONSE']._serialized_start=687
+  _globals['_CREATEAGENTRESPONSE']._serialized_end=740
+  _globals['_GETAGENTREQUEST']._serialized_start=742
+  _globals['_GETAGENTREQUEST']._serialized_end=777
+  _globals['_GETAGENTRESPONSE']._serialized_start=779
+  _globals['_GETAGENTRESPONSE']._serialized_end=829
+  _globals['_LISTAGENTSREQUEST']._serialized_start=831
+  _globals['_LISTAGENTSREQUEST']._serialized_end=889
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=891
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=969
+  _globals['_UPDATEAGENTREQUEST']._serialized_start=971
+  _globals['_UPDATEAGENTREQUEST']._serialized_end=1090
+  _globals['_UPDATEAGENTRESPONSE']._serialized_start=1092
+  _globals['_UPDATEAGENTRESPONSE']._serialized_end=1145
+  _globals['_DELETEAGENTREQUEST']._serialized_start=1147
+  _globals['_DELETEAGENTREQUEST']._serialized_end=1185
+  _globals['_DELETEAGENTRESPONSE']._serialized_start=1187
+  _globals['_DELETEAGENTRESPONSE']._serialized_end=1208
+  _globals['_SUBMITTASKREQUEST']._serialized_start=1210
+  _globals['_SUBMITTASKREQUEST']._serialized_end=1311
+  _globals['_SUBMITTASKRESPONSE']._serialized_start=1313
+  _globals['_SUBMITTASKRESPONSE']._serialized_end=1424
+  _globals['_STEP']._serialized_start=1427
+  _globals['_STEP']._serialized_end=1672
+  _globals['_USAGE']._serialized_start=1674
+  _globals['_USAGE']._serialized_end=1765
+  _globals['_TASK']._serialized_start=1768
+  _globals['_TASK']._serialized_end=2099
+  _globals['_GETTASKREQUEST']._serialized_start=2101
+  _globals['_GETTASKREQUEST']._serialized_end=2134
+  _globals['_GETTASKRESPONSE']._serialized_start=2136
+  _globals['_GETTASKRESPONSE']._serialized_end=2183
+  _globals['_STREAMTASKEVENTSREQUEST']._serialized_start=2185
+  _globals['_STREAMTASKEVENTSREQUEST']._serialized_end=2246
+  _globals['_TASKEVENT']._serialized_start=2249
+  _globals['_TASKEVENT']._serialized_end=2472
+  _globals['_STREAMTASKEVENTSRESPONSE']._serialized_start=2474
+  _globals['_STREAMTASKEVENTSRESPONSE']._serialized_end=2536
+  _globals['_CANCELTASKREQUEST']._serialized_start=2538
+  _globals['_CANCELTASKREQUEST']._serialized_end=2574
+  _globals['_CANCELTASKRESPONSE']._serialized_start=2576
+  _globals['_CANCELTASKRESPONSE']._serialized_end=2626
+  _globals['_THREADMESSAGE']._serialized_start=2628
+  _globals['_THREADMESSAGE']._serialized_end=2714
+  _globals['_THREAD']._serialized_start=2716
+  _globals['_THREAD']._serialized_end=2804
+  _globals['_AGENTSERVICE']._serialized_start=3460
+  _globals['_AGENTSERVICE']._serialized_end=4145
 # @@protoc_insertion_point(module_scope)

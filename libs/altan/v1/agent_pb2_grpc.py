@@ -27,7 +27,8 @@ if _version_not_supported:
 
 class AgentServiceStub:
     """AgentService owns agents (an LLM configuration plus bound tools) and their tasks. The tenant of every call
-    is the `tenant_id` claim of the bearer token in the `authorization` metadata.
+    is the `tenant_id` claim of the bearer token in the `authorization` metadata. Public: served on the gateway's
+    gRPC port.
     """
 
     def __init__(self, channel):
@@ -85,7 +86,8 @@ class AgentServiceStub:
 
 class AgentServiceServicer:
     """AgentService owns agents (an LLM configuration plus bound tools) and their tasks. The tenant of every call
-    is the `tenant_id` claim of the bearer token in the `authorization` metadata.
+    is the `tenant_id` claim of the bearer token in the `authorization` metadata. Public: served on the gateway's
+    gRPC port.
     """
 
     def CreateAgent(self, request, context):
@@ -110,7 +112,7 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateAgent(self, request, context):
-        """Changes fields of an agent; admin only.
+        """Changes the fields of an agent that `update_mask` names; admin only.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -209,7 +211,8 @@ def add_AgentServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
     """AgentService owns agents (an LLM configuration plus bound tools) and their tasks. The tenant of every call
-    is the `tenant_id` claim of the bearer token in the `authorization` metadata.
+    is the `tenant_id` claim of the bearer token in the `authorization` metadata. Public: served on the gateway's
+    gRPC port.
     """
 
     @staticmethod

@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class IntegratorServiceStub:
     """IntegratorService holds the tenant's credentials, runs tool calls with them (retries, deadlines, audit), and
-    answers the audit trail.
+    answers the audit trail. Public: served on the gateway's gRPC port.
     """
 
     def __init__(self, channel):
@@ -40,6 +40,11 @@ class IntegratorServiceStub:
                 '/altan.v1.IntegratorService/PutCredential',
                 request_serializer=altan_dot_v1_dot_integrator__pb2.PutCredentialRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_integrator__pb2.PutCredentialResponse.FromString,
+                _registered_method=True)
+        self.GetCredential = channel.unary_unary(
+                '/altan.v1.IntegratorService/GetCredential',
+                request_serializer=altan_dot_v1_dot_integrator__pb2.GetCredentialRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_integrator__pb2.GetCredentialResponse.FromString,
                 _registered_method=True)
         self.ListCredentials = channel.unary_unary(
                 '/altan.v1.IntegratorService/ListCredentials',
@@ -56,11 +61,6 @@ class IntegratorServiceStub:
                 request_serializer=altan_dot_v1_dot_integrator__pb2.InvokeToolRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_integrator__pb2.InvokeToolResponse.FromString,
                 _registered_method=True)
-        self.DescribeTools = channel.unary_unary(
-                '/altan.v1.IntegratorService/DescribeTools',
-                request_serializer=altan_dot_v1_dot_integrator__pb2.DescribeToolsRequest.SerializeToString,
-                response_deserializer=altan_dot_v1_dot_integrator__pb2.DescribeToolsResponse.FromString,
-                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/altan.v1.IntegratorService/ListAuditEvents',
                 request_serializer=altan_dot_v1_dot_integrator__pb2.ListAuditEventsRequest.SerializeToString,
@@ -70,11 +70,18 @@ class IntegratorServiceStub:
 
 class IntegratorServiceServicer:
     """IntegratorService holds the tenant's credentials, runs tool calls with them (retries, deadlines, audit), and
-    answers the audit trail.
+    answers the audit trail. Public: served on the gateway's gRPC port.
     """
 
     def PutCredential(self, request, context):
         """Stores or replaces a credential; admin only. The answer is metadata only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCredential(self, request, context):
+        """Reads one credential's metadata.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -95,14 +102,7 @@ class IntegratorServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def InvokeTool(self, request, context):
-        """Runs one tool call with its credential, retries and an audit event.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def DescribeTools(self, request, context):
-        """Describes tools by identifier, for agents that validate plans or offer tools to an LLM.
+        """Runs one tool with its credential, retries and an audit event.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -123,6 +123,11 @@ def add_IntegratorServiceServicer_to_server(servicer, server):
                     request_deserializer=altan_dot_v1_dot_integrator__pb2.PutCredentialRequest.FromString,
                     response_serializer=altan_dot_v1_dot_integrator__pb2.PutCredentialResponse.SerializeToString,
             ),
+            'GetCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCredential,
+                    request_deserializer=altan_dot_v1_dot_integrator__pb2.GetCredentialRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_integrator__pb2.GetCredentialResponse.SerializeToString,
+            ),
             'ListCredentials': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCredentials,
                     request_deserializer=altan_dot_v1_dot_integrator__pb2.ListCredentialsRequest.FromString,
@@ -137,11 +142,6 @@ def add_IntegratorServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=altan_dot_v1_dot_integrator__pb2.InvokeToolRequest.FromString,
                     response_serializer=altan_dot_v1_dot_integrator__pb2.InvokeToolResponse.SerializeToString,
-            ),
-            'DescribeTools': grpc.unary_unary_rpc_method_handler(
-                    servicer.DescribeTools,
-                    request_deserializer=altan_dot_v1_dot_integrator__pb2.DescribeToolsRequest.FromString,
-                    response_serializer=altan_dot_v1_dot_integrator__pb2.DescribeToolsResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -158,7 +158,7 @@ def add_IntegratorServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class IntegratorService:
     """IntegratorService holds the tenant's credentials, runs tool calls with them (retries, deadlines, audit), and
-    answers the audit trail.
+    answers the audit trail. Public: served on the gateway's gRPC port.
     """
 
     @staticmethod
@@ -178,6 +178,33 @@ class IntegratorService:
             '/altan.v1.IntegratorService/PutCredential',
             altan_dot_v1_dot_integrator__pb2.PutCredentialRequest.SerializeToString,
             altan_dot_v1_dot_integrator__pb2.PutCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.IntegratorService/GetCredential',
+            altan_dot_v1_dot_integrator__pb2.GetCredentialRequest.SerializeToString,
+            altan_dot_v1_dot_integrator__pb2.GetCredentialResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -259,33 +286,6 @@ class IntegratorService:
             '/altan.v1.IntegratorService/InvokeTool',
             altan_dot_v1_dot_integrator__pb2.InvokeToolRequest.SerializeToString,
             altan_dot_v1_dot_integrator__pb2.InvokeToolResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def DescribeTools(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/altan.v1.IntegratorService/DescribeTools',
-            altan_dot_v1_dot_integrator__pb2.DescribeToolsRequest.SerializeToString,
-            altan_dot_v1_dot_integrator__pb2.DescribeToolsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -22,39 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from altan.v1 import common_pb2 as altan_dot_v1_dot_common__pb2
+from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ltan/v1/tool.proto\x12\x08\x61ltan.v1\"|\n\x04Tool\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x0c\n\x04kind\x18\x04 \x01(\t\x12\x19\n\x11input_schema_json\x18\x05 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x06 \x01(\t\"K\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08tool_ids\x18\x03 \x03(\t\"K\n\x11ListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"/\n\x0fGetToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"&\n\x11\x43reateToolRequest\x12\x11\n\tspec_json\x18\x01 \x01(\t\"2\n\x12\x43reateToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"$\n\x11\x44\x65leteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteToolResponse\"Q\n\x12InjectedCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\"\x88\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\t\x12\x30\n\ncredential\x18\x03 \x01(\x0b\x32\x1c.altan.v1.InjectedCredential\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\"l\n\x13\x45xecuteToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\t\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x04 \x01(\x01\x32\xf1\x02\n\x0bToolService\x12\x44\n\tListTools\x12\x1a.altan.v1.ListToolsRequest\x1a\x1b.altan.v1.ListToolsResponse\x12>\n\x07GetTool\x12\x18.altan.v1.GetToolRequest\x1a\x19.altan.v1.GetToolResponse\x12G\n\nCreateTool\x12\x1b.altan.v1.CreateToolRequest\x1a\x1c.altan.v1.CreateToolResponse\x12G\n\nDeleteTool\x12\x1b.altan.v1.DeleteToolRequest\x1a\x1c.altan.v1.DeleteToolResponse\x12J\n\x0b\x45xecuteTool\x12\x1c.altan.v1.ExecuteToolRequest\x1a\x1d.altan.v1.ExecuteToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ltan/v1/tool.proto\x12\x08\x61ltan.v1\x1a\x15\x61ltan/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x01\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.altan.v1.ParameterType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12(\n\x04\x65num\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x07\x64\x65\x66\x61ult\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x05items\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"2\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x05\x12\x13\n\x0bper_seconds\x18\x02 \x01(\x05\"\xcb\x03\n\x04Tool\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12 \n\x04type\x18\x02 \x01(\x0e\x32\x12.altan.v1.ToolType\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12-\n\x0cinput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\nparameters\x18\x06 \x03(\x0b\x32\x13.altan.v1.Parameter\x12\x10\n\x08\x65ndpoint\x18\x07 \x01(\t\x12$\n\x06method\x18\x08 \x01(\x0e\x32\x14.altan.v1.HttpMethod\x12 \n\x04\x61uth\x18\t \x01(\x0e\x32\x12.altan.v1.AuthType\x12\x12\n\ncredential\x18\n \x01(\t\x12\'\n\nrate_limit\x18\x0b \x01(\x0b\x32\x13.altan.v1.RateLimit\x12\x19\n\x11requires_approval\x18\x0c \x01(\x08\x12\x19\n\x11\x63\x61\x63heable_seconds\x18\r \x01(\x05\x12\x18\n\x10\x66\x61llback_tool_id\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08tool_ids\x18\x03 \x03(\t\"K\n\x11ListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"/\n\x0fGetToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"1\n\x11\x43reateToolRequest\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"2\n\x12\x43reateToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"$\n\x11\x44\x65leteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteToolResponse*~\n\x08ToolType\x12\x19\n\x15TOOL_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11TOOL_TYPE_BUILTIN\x10\x01\x12\x14\n\x10TOOL_TYPE_CUSTOM\x10\x02\x12\x17\n\x13TOOL_TYPE_CONTAINER\x10\x03\x12\x11\n\rTOOL_TYPE_MCP\x10\x04*\x98\x01\n\nHttpMethod\x12\x1b\n\x17HTTP_METHOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fHTTP_METHOD_GET\x10\x01\x12\x14\n\x10HTTP_METHOD_POST\x10\x02\x12\x13\n\x0fHTTP_METHOD_PUT\x10\x03\x12\x15\n\x11HTTP_METHOD_PATCH\x10\x04\x12\x16\n\x12HTTP_METHOD_DELETE\x10\x05*\xd2\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x02\x12\x19\n\x15PARAMETER_TYPE_NUMBER\x10\x03\x12\x1a\n\x16PARAMETER_TYPE_BOOLEAN\x10\x04\x12\x19\n\x15PARAMETER_TYPE_OBJECT\x10\x05\x12\x18\n\x14PARAMETER_TYPE_ARRAY\x10\x06\x32\xa5\x02\n\x0bToolService\x12\x44\n\tListTools\x12\x1a.altan.v1.ListToolsRequest\x1a\x1b.altan.v1.ListToolsResponse\x12>\n\x07GetTool\x12\x18.altan.v1.GetToolRequest\x1a\x19.altan.v1.GetToolResponse\x12G\n\nCreateTool\x12\x1b.altan.v1.CreateToolRequest\x1a\x1c.altan.v1.CreateToolResponse\x12G\n\nDeleteTool\x12\x1b.altan.v1.DeleteToolRequest\x1a\x1c.altan.v1.DeleteToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'altan.v1.tool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOL']._serialized_start=33
-  _globals['_TOOL']._serialized_end=157
-  _globals['_LISTTOOLSREQUEST']._serialized_start=159
-  _globals['_LISTTOOLSREQUEST']._serialized_end=234
-  _globals['_LISTTOOLSRESPONSE']._serialized_start=236
-  _globals['_LISTTOOLSRESPONSE']._serialized_end=311
-  _globals['_GETTOOLREQUEST']._serialized_start=313
-  _globals['_GETTOOLREQUEST']._serialized_end=346
-  _globals['_GETTOOLRESPONSE']._serialized_start=348
-  _globals['_GETTOOLRESPONSE']._serialized_end=395
-  _globals['_CREATETOOLREQUEST']._serialized_start=397
-  _globals['_CREATETOOLREQUEST']._serialized_end=435
-  _globals['_CREATETOOLRESPONSE']._serialized_start=437
-  _globals['_CREATETOOLRESPONSE']._serialized_end=487
-  _globals['_DELETETOOLREQUEST']._serialized_start=489
-  _globals['_DELETETOOLREQUEST']._serialized_end=525
-  _globals['_DELETETOOLRESPONSE']._serialized_start=527
-  _globals['_DELETETOOLRESPONSE']._serialized_end=547
-  _globals['_INJECTEDCREDENTIAL']._serialized_start=549
-  _globals['_INJECTEDCREDENTIAL']._serialized_end=630
-  _globals['_EXECUTETOOLREQUEST']._serialized_start=633
-  _globals['_EXECUTETOOLREQUEST']._serialized_end=769
-  _globals['_EXECUTETOOLRESPONSE']._serialized_start=771
-  _globals['_EXECUTETOOLRESPONSE']._serialized_end=879
-  _globals['_TOOLSERVICE']._serialized_start=882
-  _globals['_TOOLSERVICE']._serialized_end=1251
+  _globals['_TOOLTYPE']._serialized_start=1263
+  _globals['_TOOLTYPE']._serialized_end=1389
+  _globals['_HTTPMETHOD']._serialized_start=1392
+  _globals['_HTTPMETHOD']._serialized_end=1544
+  _globals['_PARAMETERTYPE']._serialized_start=1547
+  _globals['_PARAMETERTYPE']._serialized_end=1757
+  _globals['_PARAMETER']._serialized_start=120
+  _globals['_PARAMETER']._serialized_end=346
+  _globals['_RATELIMIT']._serialized_start=348
+  _globals['_RATELIMIT']._serialized_end=398
+  _globals['_TOOL']._serialized_start=401
+  _globals['_TOOL']._serialized_end=860
+  _globals['_LISTTOOLSREQUEST']._serialized_start=862
+  _globals['_LISTTOOLSREQUEST']._serialized_end=937
+  _globals['_LISTTOOLSRESPONSE']._serialized_start=939
+  _globals['_LISTTOOLSRESPONSE']._serialized_end=1014
+  _globals['_GETTOOLREQUEST']._serialized_start=1016
+  _globals['_GETTOOLREQUEST']._serialized_end=1049
+  _globals['_GETTOOLRESPONSE']._serialized_start=1051
+  _globals['_GETTOOLRESPONSE']._serialized_end=1098
+  _globals['_CREATETOOLREQUEST']._serialized_start=1100
+  _globals['_CREATETOOLREQUEST']._serialized_end=1149
+  _globals['_CREATETOOLRESPONSE']._serialized_start=1151
+  _globals['_CREATETOOLRESPONSE']._serialized_end=1201
+  _globals['_DELETETOOLREQUEST']._serialized_start=1203
+  _globals['_DELETETOOLREQUEST']._serialized_end=1239
+  _globals['_DELETETOOLRESPONSE']._serialized_start=1241
+  _globals['_DELETETOOLRESPONSE']._serialized_end=1261
+  _globals['_TOOLSERVICE']._serialized_start=1760
+  _globals['_TOOLSERVICE']._serialized_end=2053
 # @@protoc_insertion_point(module_scope)

@@ -26,9 +26,8 @@ if _version_not_supported:
 
 
 class ToolServiceStub:
-    """ToolService holds built-in, custom and container tools and runs them. Outbound HTTP leaves only through the
-    egress guard. ExecuteTool is internal: it is called by the Integrator Engine with the credential for that one call,
-    and it is not exposed by the public gateway.
+    """ToolService holds the tenant's built-in, custom and container tools. Public: served on the gateway's gRPC port.
+    Tools run through IntegratorService.InvokeTool (credentials, retries, audit), never directly.
     """
 
     def __init__(self, channel):
@@ -57,17 +56,11 @@ class ToolServiceStub:
                 request_serializer=altan_dot_v1_dot_tool__pb2.DeleteToolRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_tool__pb2.DeleteToolResponse.FromString,
                 _registered_method=True)
-        self.ExecuteTool = channel.unary_unary(
-                '/altan.v1.ToolService/ExecuteTool',
-                request_serializer=altan_dot_v1_dot_tool__pb2.ExecuteToolRequest.SerializeToString,
-                response_deserializer=altan_dot_v1_dot_tool__pb2.ExecuteToolResponse.FromString,
-                _registered_method=True)
 
 
 class ToolServiceServicer:
-    """ToolService holds built-in, custom and container tools and runs them. Outbound HTTP leaves only through the
-    egress guard. ExecuteTool is internal: it is called by the Integrator Engine with the credential for that one call,
-    and it is not exposed by the public gateway.
+    """ToolService holds the tenant's built-in, custom and container tools. Public: served on the gateway's gRPC port.
+    Tools run through IntegratorService.InvokeTool (credentials, retries, audit), never directly.
     """
 
     def ListTools(self, request, context):
@@ -98,13 +91,6 @@ class ToolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def ExecuteTool(self, request, context):
-        """Validates the arguments and runs the tool once (internal).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
 
 def add_ToolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -128,11 +114,6 @@ def add_ToolServiceServicer_to_server(servicer, server):
                     request_deserializer=altan_dot_v1_dot_tool__pb2.DeleteToolRequest.FromString,
                     response_serializer=altan_dot_v1_dot_tool__pb2.DeleteToolResponse.SerializeToString,
             ),
-            'ExecuteTool': grpc.unary_unary_rpc_method_handler(
-                    servicer.ExecuteTool,
-                    request_deserializer=altan_dot_v1_dot_tool__pb2.ExecuteToolRequest.FromString,
-                    response_serializer=altan_dot_v1_dot_tool__pb2.ExecuteToolResponse.SerializeToString,
-            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'altan.v1.ToolService', rpc_method_handlers)
@@ -142,9 +123,8 @@ def add_ToolServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class ToolService:
-    """ToolService holds built-in, custom and container tools and runs them. Outbound HTTP leaves only through the
-    egress guard. ExecuteTool is internal: it is called by the Integrator Engine with the credential for that one call,
-    and it is not exposed by the public gateway.
+    """ToolService holds the tenant's built-in, custom and container tools. Public: served on the gateway's gRPC port.
+    Tools run through IntegratorService.InvokeTool (credentials, retries, audit), never directly.
     """
 
     @staticmethod
@@ -245,33 +225,6 @@ class ToolService:
             '/altan.v1.ToolService/DeleteTool',
             altan_dot_v1_dot_tool__pb2.DeleteToolRequest.SerializeToString,
             altan_dot_v1_dot_tool__pb2.DeleteToolResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def ExecuteTool(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/altan.v1.ToolService/ExecuteTool',
-            altan_dot_v1_dot_tool__pb2.ExecuteToolRequest.SerializeToString,
-            altan_dot_v1_dot_tool__pb2.ExecuteToolResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,116 @@
+"""What every resource module shares: the model base, validation with 400s, field types and the error shape."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError
+
+from altan.api.convert import MAX_SAFE_INTEGER
+from altan.errors import InvalidArgument
+
+__all__ = [
+    "ABSENT",
+    "ApiModel",
+    "ErrorBody",
+    "ErrorDetail",
+    "HttpUrl",
+    "JsonObject",
+    "Name",
+    "Timestamp",
+    "exact_numbers",
+    "first_error",
+    "validate",
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+# The default of a field that may be left out but not given as null (``name: str = Field(default=ABSENT)``): the
+# schema says "string", and mypy reads the default as Any. ``model_fields_set`` tells whether it was given.
+ABSENT: Any = None
+_FIELD_PREFIX = re.compile(r"^([A-Za-z_][A-Za-z0-9_.]*): (.+)$", re.DOTALL)
+T = TypeVar("T")
+
+
+class ApiModel(BaseModel):
+    """A tenant's JSON, checked exactly: unknown fields and wrong types are refused, nothing is coerced."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+def first_error(exc: ValidationError, what: str) -> str:
+    """``field.path: what is wrong`` for the first problem; never the submitted value (it may be a secret).
+
+    A model's own checks raise ``ValueError("field: what is wrong")``; that field joins the path.
+    """
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
+    template = _MESSAGES.get(first["type"])
+    message = template.format(**first.get("ctx", {})) if template else first["msg"].removeprefix("Value error, ")
+    named = _FIELD_PREFIX.match(message)
+    if named:
+        where = f"{where}.{named[1]}" if where else named[1]
+        message = named[2]
+    return f"{where or what}: {message}"
+
+
+# Plainer words than pydantic's for the commonest problems.
+_MESSAGES = {
+    "missing": "required",
+    "extra_forbidden": "unknown field",
+    "string_pattern_mismatch": "must match {pattern}",
+}
+
+
+def validate(model: type[M], data: Any, what: str, *, output_only: tuple[str, ...] = ()) -> M:
+    """Validate a tenant's JSON with ``model``; the first problem is a 400 naming the field.
+
+    ``output_only`` names fields of the resource that only the platform sets: given, they are refused as such.
+    """
+    if not isinstance(data, dict):
+        raise InvalidArgument(f"{what}: must be a JSON object")
+    for name in output_only:
+        if name in data:
+            raise InvalidArgument(f"{name}: output only; the platform sets it")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise InvalidArgument(first_error(exc, what)) from None
+
+
+def exact_numbers(value: T) -> T:
+    # These objects travel as google.protobuf.Struct, whose numbers are doubles: refuse what would change on the way.
+    stack: list[Any] = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_SAFE_INTEGER:
+            raise ValueError(f"integers must be within ±2^53 (got one of {len(str(abs(item)))} digits)")
+    return value
+
+
+# A free-form JSON object carried as a Struct (schemas, LLM parameters).
+JsonObject = Annotated[dict[str, JsonValue], AfterValidator(exact_numbers)]
+# A name a tenant gives a resource: letters, digits, '_', '.', '-'.
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
+# An absolute http(s) URL without spaces or control characters.
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s\x00-\x1f\x7f]+$", max_length=2048)]
+# RFC 3339 UTC with milliseconds, as every time in the API.
+Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
+
+
+class ErrorDetail(BaseModel):
+    """What went wrong."""
+
+    code: str = Field(description="The gRPC status name, for example INVALID_ARGUMENT or NOT_FOUND.")
+    message: str = Field(description="Why, safe to show: it never holds a secret.")
+
+
+class ErrorBody(BaseModel):
+    """The one shape of every error."""
+
+    error: ErrorDetail
