@@ -4,6 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKOV := .venv-checkov/bin/checkov
+SCHEMATHESIS := .venv-schemathesis/bin/st
 
 .PHONY: install run test lint proto check-proto
 
@@ -22,7 +23,13 @@ run: install
 $(CHECKOV): tests/deploy/checkov-requirements.txt | $(STAMP)
 	PYTHON=$(BIN)/python bash tests/deploy/install-tools.sh
 
-test: install $(CHECKOV) lint
+# schemathesis (fuzzing the running stack from its OpenAPI document) too: it brings its own pytest and hypothesis.
+$(SCHEMATHESIS): tests/e2e/schemathesis-requirements.txt | $(STAMP)
+	rm -rf .venv-schemathesis
+	$(PYTHON) -m venv .venv-schemathesis
+	.venv-schemathesis/bin/pip install --quiet -r tests/e2e/schemathesis-requirements.txt
+
+test: install $(CHECKOV) $(SCHEMATHESIS) lint
 	$(BIN)/python -m pytest
 
 lint: install

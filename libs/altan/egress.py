@@ -20,9 +20,14 @@ from urllib.parse import urlsplit
 
 import idna
 
-from altan.errors import EgressRefused, Unavailable
+from altan.errors import EgressRefused, FailedPrecondition, Unavailable
 
 __all__ = ["EgressGuard", "EgressPolicy", "HostPort", "ResolvedTarget"]
+
+# getaddrinfo's "no such name" answers (NXDOMAIN, or a name without addresses); anything else may pass.
+_NO_SUCH_NAME = frozenset(
+    code for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None)) if code is not None
+)
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -279,6 +284,12 @@ class EgressGuard:
                 infos = await self._resolver(host, port)
         except TimeoutError:
             raise Unavailable(f"could not resolve {target}: timed out") from None
+        except socket.gaierror as exc:
+            reason = exc.strerror or type(exc).__name__
+            if exc.errno in _NO_SUCH_NAME:
+                # The DNS answered that the name does not exist: retrying will not help, the destination is wrong.
+                raise FailedPrecondition(f"could not resolve {target}: {reason}") from None
+            raise Unavailable(f"could not resolve {target}: {reason}") from None
         except OSError as exc:
             raise Unavailable(f"could not resolve {target}: {exc.strerror or type(exc).__name__}") from None
         ips: list[IPAddress] = []

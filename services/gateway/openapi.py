@@ -41,6 +41,8 @@ class Operation:
     description: str = ""
     auth: bool = True
     also: tuple[int, ...] = ()  # other success statuses with the same response
+    # OpenAPI links from the success response: name -> (operationId, {parameter: runtime expression}).
+    links: dict[str, tuple[str, dict[str, str]]] = field(default_factory=dict)
 
 
 @dataclass
@@ -64,6 +66,7 @@ class Routes:
         auth: bool = True,
         errors: tuple[int, ...] = (),
         also: tuple[int, ...] = (),
+        links: dict[str, tuple[str, dict[str, str]]] | None = None,
     ) -> Callable[[Handler], Handler]:
         """Register ``handler`` for ``method path``; the usual errors of an authenticated route are implied."""
         found = set(errors)
@@ -75,11 +78,15 @@ class Routes:
                 found.add(403)
             if body is not None:
                 found.add(413)
-        operation = Operation(summary, status, response, body, tuple(sorted(found)), description, auth, also)
+        operation = Operation(
+            summary, status, response, body, tuple(sorted(found)), description, auth, also, links or {}
+        )
 
         def register(handler: Handler) -> Handler:
             self.operations[(method.lower(), self.router.prefix + path)] = operation
-            self.router.add_api_route(path, handler, methods=[method], status_code=status, summary=summary)
+            self.router.add_api_route(
+                path, handler, methods=[method], status_code=status, summary=summary, operation_id=handler.__name__
+            )
             return handler
 
         return register
@@ -140,6 +147,11 @@ def openapi_document(
         responses: dict[str, Any] = {}
         for status in (operation.status, *operation.also):
             responses[str(status)] = _success(operation, names)
+            if operation.links:
+                responses[str(status)]["links"] = {
+                    name: {"operationId": target, "parameters": parameters}
+                    for name, (target, parameters) in operation.links.items()
+                }
         for status in operation.errors:
             responses[str(status)] = _error_response(status)
         entry["responses"] = responses

@@ -17,6 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
+from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
@@ -41,7 +42,7 @@ PageToken = Annotated[str, Query(max_length=200, description="next_page_token of
 AgentId = Annotated[str, Path(max_length=200)]
 ToolId = Annotated[str, Path(max_length=200)]
 TaskId = Annotated[str, Path(max_length=200)]
-CredentialName = Annotated[str, Path(max_length=200)]
+CredentialName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
@@ -85,7 +86,23 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
     agent, tool, integrator = backends.agent, backends.tool, backends.integrator
 
     # --- agents -------------------------------------------------------------------------------------------
-    @api.route("POST", "/agents", 201, agents.Agent, "Create an agent", body=agents.AgentSpec, admin=True)
+    by_agent = {"agent_id": "$response.body#/id"}
+
+    @api.route(
+        "POST",
+        "/agents",
+        201,
+        agents.Agent,
+        "Create an agent",
+        body=agents.AgentSpec,
+        admin=True,
+        links={
+            "GetAgent": ("get_agent", by_agent),
+            "UpdateAgent": ("update_agent", by_agent),
+            "DeleteAgent": ("delete_agent", by_agent),
+            "SubmitTask": ("submit_task", by_agent),
+        },
+    )
     async def create_agent(request: Request) -> Response:
         spec = agents.parse_agent_spec(await _body(request))
         request_pb = agent_pb2.CreateAgentRequest(agent=agents.agent_spec_to_proto(spec))
@@ -132,6 +149,11 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
         body=tools.CustomToolSpec,
         admin=True,
         errors=(409,),
+        links={
+            "GetTool": ("get_tool", {"tool_id": "$response.body#/tool_id"}),
+            "InvokeTool": ("invoke_tool", {"tool_id": "$response.body#/tool_id"}),
+            "DeleteTool": ("delete_tool", {"tool_id": "$response.body#/tool_id"}),
+        },
     )
     async def create_tool(request: Request) -> Response:
         spec = tools.parse_tool_spec(await _body(request))
@@ -180,6 +202,10 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
         admin=True,
         also=(201,),
         description="201 when the credential was created, 200 when it replaced one. The answer is metadata only.",
+        links={
+            "GetCredential": ("get_credential", {"name": "$response.body#/name"}),
+            "DeleteCredential": ("delete_credential", {"name": "$response.body#/name"}),
+        },
     )
     async def put_credential(name: CredentialName, request: Request) -> Response:
         spec = credentials.parse_credential_spec(await _body(request))
@@ -218,6 +244,11 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
         "Submit a task",
         body=tasks.TaskSubmission,
         description="The Idempotency-Key header may carry the idempotency key instead of the body.",
+        links={
+            "GetTask": ("get_task", {"task_id": "$response.body#/task_id"}),
+            "FollowTask": ("task_events", {"task_id": "$response.body#/task_id"}),
+            "CancelTask": ("cancel_task", {"task_id": "$response.body#/task_id"}),
+        },
     )
     async def submit_task(
         agent_id: AgentId,
@@ -335,6 +366,14 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
     return app
 
 
+def _allowed_methods(app: FastAPI, path: str) -> list[str]:
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods.update(route.methods or ())
+    return sorted(methods)
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AltanError)
     async def domain_error(request: Request, exc: AltanError) -> Response:
@@ -349,7 +388,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        headers = dict(exc.headers or {})  # 405 carries Allow
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first matching route's methods; a path has one route per method here.
+            headers["Allow"] = ", ".join(_allowed_methods(app, request.url.path))
         return _json(error_body(code_for_http_status(exc.status_code), str(exc.detail)), exc.status_code, headers)
 
     @app.exception_handler(Exception)

@@ -7,7 +7,7 @@ from typing import Any
 from altan.api.convert import now_ms
 from altan.api.tools import CustomToolSpec
 from altan.context import require_admin
-from altan.errors import AlreadyExists, FailedPrecondition, NotFound
+from altan.errors import AlreadyExists, NotFound, PermissionDenied
 from altan.store import TenantStore
 from services.tool.builtins import BUILTIN_TOOLS
 from services.tool.schema import check_custom_tool
@@ -54,6 +54,6 @@ class ToolRegistry:
     async def delete(self, tool_id: str) -> None:
         require_admin("deleting a tool")
         if tool_id in BUILTIN_TOOLS:
-            raise FailedPrecondition(f"tool '{tool_id}' is built in and cannot be deleted")
+            raise PermissionDenied(f"tool '{tool_id}' is built in and cannot be deleted")
         if not await self._store.delete(_TOOLS, tool_id):
             raise NotFound(f"tool '{tool_id}' not found")

@@ -290,10 +290,19 @@ async def test_a_name_is_refused_when_any_answer_is_forbidden() -> None:
     assert calls == ["mixed.fake.test", "ok.fake.test"]
 
 
-async def test_resolution_failures_and_slowness_are_unavailable() -> None:
+async def test_a_name_that_does_not_exist_is_the_callers_mistake() -> None:
+    # NXDOMAIN is an answer, not an outage: a retry cannot help, so it is not UNAVAILABLE with a Retry-After.
     guard = EgressGuard(EgressPolicy(), resolver=fake_dns({}, []))
-    with pytest.raises(Unavailable, match=r"could not resolve nowhere\.fake\.test:80"):
+    with pytest.raises(FailedPrecondition, match=r"could not resolve nowhere\.fake\.test:80: Name or service"):
         await guard.check("http://nowhere.fake.test/")
+
+
+async def test_resolution_failures_and_slowness_are_unavailable() -> None:
+    async def dns_down(host: str, port: int) -> Sequence[Any]:
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    with pytest.raises(Unavailable, match=r"could not resolve down\.fake\.test:80: Temporary failure"):
+        await EgressGuard(EgressPolicy(), resolver=dns_down).check("http://down.fake.test/")
 
     async def slow(host: str, port: int) -> Sequence[Any]:
         await asyncio.sleep(10)

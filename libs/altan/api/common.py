@@ -97,8 +97,8 @@ def exact_numbers(value: T) -> T:
 JsonObject = Annotated[dict[str, JsonValue], AfterValidator(exact_numbers)]
 # A name a tenant gives a resource: letters, digits, '_', '.', '-'.
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
-# An absolute http(s) URL without spaces or control characters.
-HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\s\x00-\x1f\x7f]+$", max_length=2048)]
+# An absolute http(s) URL without spaces or control characters (no \s: its meaning differs between regex engines).
+HttpUrl = Annotated[str, Field(pattern=r"^https?://[^\x00-\x20\x7f]+$", max_length=2048)]
 # RFC 3339 UTC with milliseconds, as every time in the API.
 Timestamp = Annotated[str, Field(json_schema_extra={"format": "date-time"})]
 

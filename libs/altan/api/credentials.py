@@ -38,6 +38,10 @@ Hosts = Annotated[list[Host], Field(max_length=50, description="Where http_reque
 HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")]
 
 
+# What _header_safe checks, for the OpenAPI document (the check itself gives the plainer message).
+_PRINTABLE: dict[str, Any] = {"pattern": r"^[\t\x20-\x7e]*$"}
+
+
 def _header_safe(value: str) -> str:
     # Only what an HTTP header value may hold (RFC 9110 field-vchar, space, tab): anything else would fail at send
     # time, and the HTTP library's error would quote the value.
@@ -50,9 +54,11 @@ class ApiKeySpec(ApiModel):
     """An API key, sent as `header: prefix + value`."""
 
     type: Literal["api_key"]
-    value: str = Field(min_length=1, max_length=8192, description="The key. Never returned.")
+    value: str = Field(
+        min_length=1, max_length=8192, description="The key. Never returned.", json_schema_extra=_PRINTABLE
+    )
     header: HeaderName = "Authorization"
-    prefix: str = Field(default="Bearer ", max_length=64)
+    prefix: str = Field(default="Bearer ", max_length=64, json_schema_extra=_PRINTABLE)
     hosts: Hosts = Field(default_factory=list)
 
     _printable = field_validator("value", "prefix")(_header_safe)

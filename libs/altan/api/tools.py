@@ -10,7 +10,7 @@ import re
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, Field, JsonValue, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from altan.api.common import ABSENT, ApiModel, HttpUrl, JsonObject, Name, Timestamp, exact_numbers, validate
 from altan.api.convert import (
@@ -86,6 +86,10 @@ def _is_json_type(value: Any, json_type: str) -> bool:
 class Parameter(ApiModel):
     """One argument in the seed's form."""
 
+    model_config = ConfigDict(
+        json_schema_extra={"if": {"required": ["items"]}, "then": {"properties": {"type": {"const": "array"}}}}
+    )
+
     name: ParameterName
     type: Literal["string", "integer", "number", "boolean", "object", "array"]
     required: bool = False
@@ -137,6 +141,15 @@ def parameters_to_schema(parameters: list[dict[str, Any]]) -> dict[str, Any]:
 
 class CustomToolSpec(ApiModel):
     """A custom tool in the seed's form: an HTTP endpoint, its arguments, how it authenticates."""
+
+    # What the checks below say, as far as JSON Schema can say it (the OpenAPI document shows it).
+    model_config = ConfigDict(
+        json_schema_extra={
+            "not": {"required": ["parameters", "input_schema"]},
+            "if": {"properties": {"auth": {"enum": ["oauth2", "api_key"]}}, "required": ["auth"]},
+            "then": {"required": ["credential"]},
+        }
+    )
 
     tool_id: ToolId
     type: Literal["custom"] = Field(default="custom", description="Read back as custom; nothing else is accepted.")
