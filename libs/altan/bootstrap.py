@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from altan.auth import TokenVerifier
 from altan.config import Settings
+from altan.listen import CannotListen
 from altan.logging import configure_logging
 from altan.server import GrpcService, serve_until_stopped, shutdown_event
 
@@ -54,3 +55,6 @@ def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> N
     except ConfigurationError as exc:
         sys.stderr.write(f"invalid configuration: {exc}\n")
         raise SystemExit(2) from None
+    except CannotListen as exc:
+        sys.stderr.write(exc.line(f"{name} service", f"ALTAN_{name.upper()}_PORT") + "\n")
+        raise SystemExit(1) from None

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from altan import context
 from altan.auth import TokenVerifier
 from altan.errors import AltanError
+from altan.listen import CannotListen, bind_problem, split_address
 
 __all__ = ["AuthInterceptor", "GrpcService", "serve_until_stopped", "shutdown_event"]
 
@@ -128,6 +129,19 @@ def shutdown_event() -> asyncio.Event:
     return stop
 
 
+def _bind(server: grpc.aio.Server, address: str) -> None:
+    # grpc only says that a bind failed (and logs why on stderr), so ask the system first for the reason.
+    host, port = split_address(address)
+    problem = bind_problem(host, port) if port else None
+    if problem is None:
+        try:
+            server.add_insecure_port(address)
+            return
+        except RuntimeError:  # lost a race for the port since the probe
+            problem = bind_problem(host, port) or "cannot bind"
+    raise CannotListen(address, problem)
+
+
 async def serve_until_stopped(
     services: list[GrpcService],
     *,
@@ -138,7 +152,10 @@ async def serve_until_stopped(
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
     generic_handlers: list[grpc.GenericRpcHandler] | None = None,
 ) -> None:
-    """Serve until ``stop`` is set, then drain: report NOT_SERVING, stop with grace, return."""
+    """Serve until ``stop`` is set, then drain: report NOT_SERVING, stop with grace, return.
+
+    Raises :class:`~altan.listen.CannotListen` when ``address`` cannot be bound (another server holds it).
+    """
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(verifier), *(interceptors or [])],
         options=[
@@ -147,6 +164,8 @@ async def serve_until_stopped(
             # keep their connection for up to an hour after the GOAWAY.
             ("grpc.max_connection_age_ms", 5 * 60 * 1000),
             ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
+            # Never share the port with another server (grpc's default would let a second stack bind it too).
+            ("grpc.so_reuseport", 0),
         ],
     )
     health_servicer = health.aio.HealthServicer()
@@ -158,7 +177,7 @@ async def serve_until_stopped(
     if generic_handlers:
         server.add_generic_rpc_handlers(generic_handlers)
     reflection.enable_server_reflection(names, server)
-    server.add_insecure_port(address)  # raises when the address cannot be bound
+    _bind(server, address)
     await server.start()
     for name in ["", *(svc.name for svc in services)]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

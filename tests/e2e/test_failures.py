@@ -1,0 +1,70 @@
+"""A stack that fails clearly: a taken port, an unreachable Redis and bad settings each say what is wrong in one
+line (never a traceback, never a silent half-working stack), and the stack recovers by itself where it can."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.stack import JWT_SECRET, free_port
+
+
+@contextmanager
+def held_port() -> Iterator[int]:
+    """A port another server listens on, with SO_REUSEPORT as grpc servers set it by default: a server that
+    binds with SO_REUSEPORT too would silently share it."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def service_env(data_dir: Path, **settings: str) -> dict[str, str]:
+    """The environment of one service started on its own, on free ports unless ``settings`` say otherwise."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
+    env.update(
+        ALTAN_JWT_SECRET=JWT_SECRET,
+        ALTAN_DATA_DIR=str(data_dir),
+        **{f"ALTAN_{name}_PORT": str(free_port()) for name in ("HTTP", "GRPC", "AGENT", "TOOL", "INTEGRATOR")},
+    )
+    env.update(settings)
+    return env
+
+
+def run_service(name: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", f"services.{name}"], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+# --- taken ports ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("service", "setting", "who"),
+    [
+        ("agent", "ALTAN_AGENT_PORT", "agent service"),
+        ("tool", "ALTAN_TOOL_PORT", "tool service"),
+        ("integrator", "ALTAN_INTEGRATOR_PORT", "integrator service"),
+        ("gateway", "ALTAN_HTTP_PORT", "gateway's REST server"),
+        ("gateway", "ALTAN_GRPC_PORT", "gateway's public gRPC server"),
+    ],
+)
+def test_a_service_whose_port_is_taken_says_so_in_one_line(
+    tmp_path: Path, service: str, setting: str, who: str
+) -> None:
+    with held_port() as port:
+        result = run_service(service, service_env(tmp_path, **{setting: str(port)}))
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"the {who} cannot listen on 127.0.0.1:{port}: address already in use ({setting})"
+    ]
