@@ -68,3 +68,37 @@ def test_a_service_whose_port_is_taken_says_so_in_one_line(
     assert result.stderr.splitlines() == [
         f"the {who} cannot listen on 127.0.0.1:{port}: address already in use ({setting})"
     ]
+
+
+# --- bad settings -----------------------------------------------------------------------------------------------
+
+SECRET_VALUE = "c2VjcmV0LXZhbHVl"  # base64, but of 12 bytes: a bad master key, and a JWT secret that is too short
+
+
+@pytest.mark.parametrize(
+    ("service", "settings", "lines"),
+    [
+        (
+            "agent",
+            {"ALTAN_AGENT_PORT": "abc"},
+            ["ALTAN_AGENT_PORT: Input should be a valid integer, unable to parse string as an integer"],
+        ),
+        (
+            "integrator",
+            {"ALTAN_MASTER_KEY": SECRET_VALUE, "ALTAN_JWT_SECRET": SECRET_VALUE},
+            [
+                "ALTAN_JWT_SECRET: must be at least 32 bytes (e.g. `openssl rand -base64 32`)",
+                "ALTAN_MASTER_KEY: must be base64 of exactly 32 bytes",
+            ],
+        ),
+        ("integrator", {"ALTAN_DATA_DIR": "/dev/null"}, ["ALTAN_DATA_DIR: /dev/null is not a directory"]),
+    ],
+    ids=["port-not-a-number", "secrets", "data-dir-not-a-directory"],
+)
+def test_bad_settings_stop_a_service_with_one_line_each(
+    tmp_path: Path, service: str, settings: dict[str, str], lines: list[str]
+) -> None:
+    result = run_service(service, service_env(tmp_path, **settings))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"invalid configuration: {line}" for line in lines]
+    assert SECRET_VALUE not in result.stdout + result.stderr
