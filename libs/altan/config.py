@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # ``altan up`` (the local stack): how long it waits for readiness, and for a clean stop.
+    startup_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    stop_timeout_seconds: float = Field(default=15.0, gt=0, le=600)
+
     @field_validator("jwt_algorithms", mode="before")
     @classmethod
     def _split_algorithms(cls, value: object) -> object:

@@ -11,9 +11,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
-from tests.e2e.stack import JWT_SECRET, free_port
+from tests.e2e.stack import JWT_SECRET, free_port, start_stack
 
 
 @contextmanager
@@ -102,3 +103,47 @@ def test_bad_settings_stop_a_service_with_one_line_each(
     assert result.returncode == 2, result.stderr
     assert result.stderr.splitlines() == [f"invalid configuration: {line}" for line in lines]
     assert SECRET_VALUE not in result.stdout + result.stderr
+
+
+def run_up(env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "altan.cli", "up", *flags], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize(
+    ("setting", "who", "named"),
+    [
+        ("ALTAN_AGENT_PORT", "agent service", "ALTAN_AGENT_PORT"),
+        ("ALTAN_TOOL_PORT", "tool service", "ALTAN_TOOL_PORT"),
+        ("ALTAN_INTEGRATOR_PORT", "integrator service", "ALTAN_INTEGRATOR_PORT"),
+        ("ALTAN_HTTP_PORT", "gateway's REST server", "--http-port / ALTAN_HTTP_PORT"),
+        ("ALTAN_GRPC_PORT", "gateway's public gRPC server", "--grpc-port / ALTAN_GRPC_PORT"),
+    ],
+)
+def test_up_names_the_port_that_is_taken_and_starts_nothing(tmp_path: Path, setting: str, who: str, named: str) -> None:
+    with held_port() as port:
+        result = run_up(service_env(tmp_path, **{setting: str(port)}))
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"altan: the {who} cannot listen on 127.0.0.1:{port}: address already in use ({named})"
+    ]
+    assert result.stdout == ""
+
+
+def test_a_second_stack_on_the_same_ports_is_refused_and_the_first_keeps_serving(tmp_path: Path) -> None:
+    first = start_stack(data_dir=tmp_path / "first", egress_allow="", redis_url=None)
+    try:
+        same_ports = {f"ALTAN_{name.upper()}_PORT": str(port) for name, port in first.internal_ports.items()}
+        result = run_up(
+            service_env(tmp_path / "second", **same_ports),
+            "--http-port", str(first.http_port), "--grpc-port", str(first.grpc_port),
+        )  # fmt: skip
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
+            f"altan: the agent service cannot listen on 127.0.0.1:{first.internal_ports['agent']}: "
+            "address already in use (ALTAN_AGENT_PORT)"
+        ]
+        assert httpx.get(f"{first.base_url}/readyz", timeout=10, trust_env=False).status_code == 200
+    finally:
+        assert first.stop() == 0
