@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from altan import context
 from altan.auth import TokenVerifier
 from altan.errors import AltanError
+from altan.health import Probe, ProbedHealthServicer
 from altan.listen import CannotListen, bind_problem, split_address
 
 __all__ = ["AuthInterceptor", "GrpcService", "serve_until_stopped", "shutdown_event"]
@@ -112,12 +113,17 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 @dataclass
 class GrpcService:
-    """One servicer to mount: its ``add_*_to_server`` function, the servicer and its full service name."""
+    """One servicer to mount: its ``add_*_to_server`` function, the servicer and its full service name.
+
+    ``ready`` is what the service needs to answer (its state backend's ping): while it fails, the service's health
+    check answers NOT_SERVING.
+    """
 
     add: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     name: str
     extra_names: list[str] = field(default_factory=list)
+    ready: Probe | None = None
 
 
 def shutdown_event() -> asyncio.Event:
@@ -168,7 +174,7 @@ async def serve_until_stopped(
             ("grpc.so_reuseport", 0),
         ],
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = ProbedHealthServicer({svc.name: svc.ready for svc in services if svc.ready is not None})
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME]
     for svc in services:

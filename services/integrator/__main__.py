@@ -35,7 +35,12 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     servicer = IntegratorServicer(broker, caller, audit)
     return [
-        GrpcService(integrator_pb2_grpc.add_IntegratorServiceServicer_to_server, servicer, "altan.v1.IntegratorService")
+        GrpcService(
+            integrator_pb2_grpc.add_IntegratorServiceServicer_to_server,
+            servicer,
+            "altan.v1.IntegratorService",
+            ready=backend.ping,
+        )
     ]
 
 

@@ -29,7 +29,11 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     stack.push_async_callback(http.aclose)
     registry = ToolRegistry(TenantStore(backend, "tool"))
     servicer = ToolServicer(registry, ToolExecutor(registry, http, ArgumentValidator()))
-    return [GrpcService(tool_pb2_grpc.add_ToolServiceServicer_to_server, servicer, "altan.v1.ToolService")]
+    return [
+        GrpcService(
+            tool_pb2_grpc.add_ToolServiceServicer_to_server, servicer, "altan.v1.ToolService", ready=backend.ping
+        )
+    ]
 
 
 if __name__ == "__main__":

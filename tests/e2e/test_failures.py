@@ -7,14 +7,18 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import grpc
 import httpx
 import pytest
 
-from tests.e2e.stack import JWT_SECRET, free_port, start_stack
+from altan.v1 import agent_pb2, agent_pb2_grpc, tool_pb2, tool_pb2_grpc
+from tests.e2e.stack import JWT_SECRET, Stack, free_port, start_stack
+from tests.redis_server import RedisServer
 
 
 @contextmanager
@@ -147,3 +151,103 @@ def test_a_second_stack_on_the_same_ports_is_refused_and_the_first_keeps_serving
         assert httpx.get(f"{first.base_url}/readyz", timeout=10, trust_env=False).status_code == 200
     finally:
         assert first.stop() == 0
+
+
+# --- an unreachable Redis ---------------------------------------------------------------------------------------
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A Redis of this test's own, to stop and start again."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+def readyz(stack: Stack) -> httpx.Response:
+    return httpx.get(f"{stack.base_url}/readyz", timeout=10, trust_env=False)
+
+
+# Every kind of request that needs the state of a service (a built-in tool read from code does not).
+REQUESTS: list[tuple[str, str, dict[str, object] | None]] = [
+    ("GET", "/v1/agents", None),
+    ("POST", "/v1/agents", {"name": "a", "tools": ["json_extract"]}),
+    ("GET", "/v1/agents/agt_x", None),
+    ("PATCH", "/v1/agents/agt_x", {"name": "b"}),
+    ("DELETE", "/v1/agents/agt_x", None),
+    ("GET", "/v1/tools", None),
+    ("POST", "/v1/tools", {"tool_id": "t", "name": "t", "endpoint": "https://example.com", "method": "GET"}),
+    ("GET", "/v1/tools/t", None),
+    ("DELETE", "/v1/tools/t", None),
+    ("POST", "/v1/tools/json_extract/invoke", {"arguments": {"data": {"k": 1}, "path": "k"}}),
+    ("PUT", "/v1/credentials/c", {"type": "api_key", "value": "v"}),
+    ("GET", "/v1/credentials", None),
+    ("DELETE", "/v1/credentials/c", None),
+    ("POST", "/v1/agents/agt_x/tasks", {"input": {"plan": []}}),
+    ("GET", "/v1/tasks/tsk_x", None),
+    ("POST", "/v1/tasks/tsk_x/cancel", None),
+    ("GET", "/v1/tasks/tsk_x/events", None),
+    ("GET", "/v1/audit", None),
+]
+
+
+def test_an_unreachable_redis_is_503_with_retry_after_and_the_stack_recovers(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    stack = start_stack(data_dir=tmp_path / "data", egress_allow="", redis_url=redis_server.url)
+    try:
+        with stack.client("outage") as api:
+            created = api.post("/v1/agents", json={"name": "before", "tools": ["json_extract"]})
+            assert created.status_code == 201, created.text
+
+            redis_server.stop()
+            wait_until(lambda: readyz(stack).status_code == 503, "/readyz says the services are not ready", 30)
+            assert readyz(stack).json()["error"] == {
+                "code": "UNAVAILABLE",
+                "message": "not ready: agent, tool, integrator not serving",
+            }
+            for method, path, body in REQUESTS:
+                answer = api.request(method, path, json=body)
+                where = f"{method} {path}: {answer.status_code} {answer.text}"
+                assert answer.status_code == 503, where
+                assert answer.json()["error"]["code"] == "UNAVAILABLE", where
+                assert int(answer.headers["Retry-After"]) >= 1, where
+
+            metadata = (("authorization", f"Bearer {stack.token('outage')}"),)
+            with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+                calls = [
+                    lambda: agent_pb2_grpc.AgentServiceStub(channel).ListAgents(
+                        agent_pb2.ListAgentsRequest(), metadata=metadata, timeout=10
+                    ),
+                    lambda: tool_pb2_grpc.ToolServiceStub(channel).ListTools(
+                        tool_pb2.ListToolsRequest(), metadata=metadata, timeout=10
+                    ),
+                ]
+                for call in calls:
+                    with pytest.raises(grpc.RpcError) as caught:
+                        call()
+                    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                    assert int(dict(caught.value.trailing_metadata())["retry-after"]) >= 1
+
+            redis_server.start()  # empty: it kept nothing
+            wait_until(lambda: readyz(stack).status_code == 200, "the stack is ready again")
+            again = api.post("/v1/agents", json={"name": "after", "tools": ["json_extract"]})
+            assert again.status_code == 201, again.text
+            assert api.get(f"/v1/agents/{again.json()['id']}").json()["name"] == "after"
+            plan = {"plan": [{"id": "s1", "tool": "json_extract", "arguments": {"data": {"k": 1}, "path": "k"}}]}
+            task = api.post(f"/v1/agents/{again.json()['id']}/tasks", json={"input": plan})
+            assert task.status_code == 202, task.text
+            events = api.get(f"/v1/tasks/{task.json()['task_id']}/events").text
+            assert "task.succeeded" in events
+        assert "Traceback" not in stack.logs()
+    finally:
+        assert stack.stop() == 0, stack.logs()[-3000:]
+

@@ -10,8 +10,9 @@ import asyncio
 import contextvars
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,8 +20,16 @@ import redis.asyncio as aioredis
 
 from altan import context
 from altan.context import RequestContext
-from altan.errors import Unauthenticated
-from altan.store import MemoryBackend, RedisBackend, StateBackend, TenantStore, open_backend
+from altan.errors import Unauthenticated, Unavailable
+from altan.store import (
+    RETRY_AFTER_SECONDS,
+    MemoryBackend,
+    RedisBackend,
+    StateBackend,
+    TenantStore,
+    open_backend,
+)
+from tests.redis_server import RedisServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -338,3 +347,48 @@ async def test_open_backend_chooses_by_url() -> None:
         assert await redis_backend.ping() is True
     finally:
         await redis_backend.aclose()
+
+
+# --- Redis unreachable ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+async def test_an_unreachable_redis_is_unavailable_with_retry_after_and_comes_back(own_redis: RedisServer) -> None:
+    backend = RedisBackend(own_redis.url)
+    as_tenant("outage")
+    store = TenantStore(backend, "svc")
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: store.get("c", "x"),
+        lambda: store.put("c", "x", {}),
+        lambda: store.put_new("c", "y", {}),
+        lambda: store.get_many("c", ["x"]),
+        lambda: store.delete("c", "x"),
+        lambda: store.all("c"),
+        lambda: store.append("s", {}),
+        lambda: store.read("s"),
+        lambda: store.read("s", block_seconds=0.5),
+        lambda: store.tail("s", 5),
+        backend.ping,
+    ]
+    try:
+        await store.put("c", "x", {"v": 1})
+        own_redis.stop()
+        for call in calls:
+            with pytest.raises(Unavailable) as caught:
+                await call()
+            assert caught.value.retry_after == RETRY_AFTER_SECONDS
+            assert "127.0.0.1" not in caught.value.message  # nothing about where the state lives
+        own_redis.start()  # empty again (no persistence); the same client reconnects by itself
+        assert await backend.ping() is True
+        await store.put("c", "x", {"v": 2})
+        assert await store.get("c", "x") == {"v": 2}
+        assert await store.append("s", {"n": 1}) == 1  # the append script is loaded again into the new server
+    finally:
+        await backend.aclose()
