@@ -127,22 +127,38 @@ async def _pipe(name: str, stream: asyncio.StreamReader, color: bool) -> None:
         sys.stdout.flush()
 
 
-async def _wait_ready(url: str, procs: dict[str, asyncio.subprocess.Process], timeout: float) -> bool:
-    """Wait until the gateway's /readyz answers 200 (which means every service answers its health check)."""
-    deadline = time.monotonic() + timeout
+async def _wait_ready(
+    url: str, procs: dict[str, asyncio.subprocess.Process], timeout: float | None
+) -> tuple[bool, str]:
+    """Wait until the gateway's /readyz answers 200 (which means every service answers its health check).
+
+    Gives up at the deadline (``None``: none) or when a process dies, and then says why not: what the gateway
+    answered last ("agent not serving"), or "" when it never answered.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.05
+    why = ""
     async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
-        while time.monotonic() < deadline:
+        while deadline is None or time.monotonic() < deadline:
             if any(p.returncode is not None for p in procs.values()):
-                return False
+                return False, why
             try:
-                if (await client.get(url)).status_code == 200:
-                    return True
+                answer = await client.get(url)
+                if answer.status_code == 200:
+                    return True, ""
+                why = _not_ready_reason(answer)
             except httpx.HTTPError:
                 pass
-            await asyncio.sleep(delay)  # start-up only: back off until the stack answers
+            await asyncio.sleep(delay)  # back off until the stack answers
             delay = min(delay * 2, 0.5)
-    return False
+    return False, why
+
+
+def _not_ready_reason(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json()["error"]["message"]).removeprefix("not ready: ")
+    except (ValueError, KeyError, TypeError):
+        return f"/readyz answered {answer.status_code}"
 
 
 async def _up(args: argparse.Namespace) -> int:
@@ -174,13 +190,28 @@ async def _up(args: argparse.Namespace) -> int:
     exits = {name: asyncio.create_task(p.wait()) for name, p in procs.items()}
     stopper = asyncio.create_task(stop.wait())
 
-    ready_url = f"http://127.0.0.1:{settings.http_port}/readyz"
-    if await _wait_ready(ready_url, procs, settings.startup_timeout_seconds):
-        print(
-            f"altan is up: REST http://127.0.0.1:{settings.http_port}  gRPC 127.0.0.1:{settings.grpc_port}", flush=True
-        )
+    def announce() -> None:
+        rest, public_grpc = f"http://127.0.0.1:{settings.http_port}", f"127.0.0.1:{settings.grpc_port}"
+        print(f"altan is up: REST {rest}  gRPC {public_grpc}", flush=True)
         if generated_secret:
             print("a development token: altan token --tenant <tenant> --sub <user> --role admin", flush=True)
+
+    async def announce_once_ready() -> None:
+        if (await _wait_ready(ready_url, procs, None))[0]:
+            announce()
+
+    ready_url = f"http://127.0.0.1:{settings.http_port}/readyz"
+    follower: asyncio.Task[None] | None = None
+    ready, why = await _wait_ready(ready_url, procs, settings.startup_timeout_seconds)
+    if ready:
+        announce()
+    elif why and not stop.is_set() and all(p.returncode is None for p in procs.values()):
+        # Every process runs but something they need does not answer (Redis, say): they recover by themselves
+        # once it does, so keep running, as Kubernetes keeps an unready pod.
+        hint = " (is the Redis at REDIS_URL reachable?)" if settings.redis_url else ""
+        timeout = settings.startup_timeout_seconds
+        print(f"altan: not ready after {timeout:g} s: {why}{hint}; waiting for it", file=sys.stderr, flush=True)
+        follower = asyncio.create_task(announce_once_ready())
     elif not stop.is_set():
         print("altan: the stack did not become ready", file=sys.stderr, flush=True)
         stop.set()
@@ -199,6 +230,8 @@ async def _up(args: argparse.Namespace) -> int:
             procs[name].kill()
     await asyncio.gather(*exits.values(), *pipes, return_exceptions=True)
     stopper.cancel()
+    if follower is not None:
+        follower.cancel()
     failed = died or [n for n, p in procs.items() if p.returncode not in (0, -signal.SIGTERM)]
     if any(procs[name].returncode == 2 for name in failed):
         return 2  # a service refused its configuration: so does the stack

@@ -99,7 +99,15 @@ class Stack:
         return code
 
 
-def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> Stack:
+def start_stack(
+    *,
+    data_dir: Path,
+    egress_allow: str,
+    redis_url: str | None,
+    startup_timeout: float | None = None,
+    wait_ready: bool = True,
+) -> Stack:
+    """``altan up`` on free ports; returns once it says it is up (unless ``wait_ready`` is false)."""
     http_port, grpc_port = free_port(), free_port()
     internal = {name: free_port() for name in ("agent", "tool", "integrator")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
@@ -116,8 +124,11 @@ def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> 
     )
     if redis_url:
         env["REDIS_URL"] = redis_url
+    command = [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    if startup_timeout is not None:
+        command += ["--startup-timeout", str(startup_timeout)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+        command,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -126,6 +137,8 @@ def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> 
     stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal)
     stack.reader = threading.Thread(target=stack._read, daemon=True)
     stack.reader.start()
+    if not wait_ready:
+        return stack
     if not stack.ready.wait(90) or process.poll() is not None:
         process.kill()
         raise RuntimeError("stack did not start:\n" + stack.logs())

@@ -251,3 +251,27 @@ def test_an_unreachable_redis_is_503_with_retry_after_and_the_stack_recovers(
     finally:
         assert stack.stop() == 0, stack.logs()[-3000:]
 
+
+def test_a_stack_started_while_redis_is_down_keeps_running_and_becomes_ready_when_it_is_up(tmp_path: Path) -> None:
+    redis_server = RedisServer(tmp_path)  # not started yet
+    stack = start_stack(
+        data_dir=tmp_path / "data", egress_allow="", redis_url=redis_server.url, startup_timeout=15, wait_ready=False
+    )
+    try:
+        waiting = (
+            "altan: not ready after 15 s: agent, tool, integrator not serving "
+            "(is the Redis at REDIS_URL reachable?); waiting for it"
+        )
+        wait_until(lambda: waiting in stack.logs(), "altan up says what it waits for", timeout=60)
+        assert stack.process.poll() is None and not stack.ready.is_set()
+        with stack.client("late") as api:
+            answer = api.get("/v1/agents")
+            assert answer.status_code == 503 and "Retry-After" in answer.headers, answer.text
+            redis_server.start()
+            assert stack.ready.wait(30), stack.logs()[-3000:]  # "altan is up"
+            assert api.get("/v1/agents").json() == {"agents": []}
+    finally:
+        try:
+            assert stack.stop() == 0, stack.logs()[-3000:]
+        finally:
+            redis_server.stop()
