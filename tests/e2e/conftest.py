@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,7 +11,7 @@ import pytest
 import redis
 
 from tests.e2e.fake_third_party import FakeThirdParty, start_fake_third_party
-from tests.e2e.stack import Stack, free_port, start_stack
+from tests.e2e.stack import Stack, free_port, new_tenant, remove_session_keys, start_stack
 from tests.redis_server import RedisServer
 
 
@@ -64,11 +63,17 @@ def stack(
     allow = f"127.0.0.1:{third_party.port},127.0.0.1:{closed_port}"
     running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url)
     yield running
-    code = running.stop()
-    assert code == 0, f"altan up did not stop cleanly ({code}):\n{running.logs()[-5000:]}"
+    try:
+        code = running.stop()
+        assert code == 0, f"altan up did not stop cleanly ({code}):\n{running.logs()[-5000:]}"
+    finally:
+        if url:  # the stack has stopped: nothing writes any more
+            left = remove_session_keys(url)
+            assert not left, f"this session left keys in Redis: {left[:10]}"
 
 
 @pytest.fixture
 def tenant() -> str:
-    """A fresh tenant per test, so tests never see each other's data (even in a shared Redis)."""
-    return f"t-{uuid.uuid4().hex[:12]}"
+    """A fresh tenant per test, so tests never see each other's data (even in a shared Redis), carrying the
+    session's marker so that the session removes its keys at the end."""
+    return new_tenant()

@@ -200,11 +200,11 @@ REQUESTS: list[tuple[str, str, dict[str, object] | None]] = [
 
 
 def test_an_unreachable_redis_is_503_with_retry_after_and_the_stack_recovers(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, redis_server: RedisServer, tenant: str
 ) -> None:
     stack = start_stack(data_dir=tmp_path / "data", egress_allow="", redis_url=redis_server.url)
     try:
-        with stack.client("outage") as api:
+        with stack.client(tenant) as api:
             created = api.post("/v1/agents", json={"name": "before", "tools": ["json_extract"]})
             assert created.status_code == 201, created.text
 
@@ -221,7 +221,7 @@ def test_an_unreachable_redis_is_503_with_retry_after_and_the_stack_recovers(
                 assert answer.json()["error"]["code"] == "UNAVAILABLE", where
                 assert int(answer.headers["Retry-After"]) >= 1, where
 
-            metadata = (("authorization", f"Bearer {stack.token('outage')}"),)
+            metadata = (("authorization", f"Bearer {stack.token(tenant)}"),)
             with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
                 calls = [
                     lambda: agent_pb2_grpc.AgentServiceStub(channel).ListAgents(
@@ -252,7 +252,9 @@ def test_an_unreachable_redis_is_503_with_retry_after_and_the_stack_recovers(
         assert stack.stop() == 0, stack.logs()[-3000:]
 
 
-def test_a_stack_started_while_redis_is_down_keeps_running_and_becomes_ready_when_it_is_up(tmp_path: Path) -> None:
+def test_a_stack_started_while_redis_is_down_keeps_running_and_becomes_ready_when_it_is_up(
+    tmp_path: Path, tenant: str
+) -> None:
     redis_server = RedisServer(tmp_path)  # not started yet
     stack = start_stack(
         data_dir=tmp_path / "data", egress_allow="", redis_url=redis_server.url, startup_timeout=15, wait_ready=False
@@ -264,7 +266,7 @@ def test_a_stack_started_while_redis_is_down_keeps_running_and_becomes_ready_whe
         )
         wait_until(lambda: waiting in stack.logs(), "altan up says what it waits for", timeout=60)
         assert stack.process.poll() is None and not stack.ready.is_set()
-        with stack.client("late") as api:
+        with stack.client(tenant) as api:
             answer = api.get("/v1/agents")
             assert answer.status_code == 503 and "Retry-After" in answer.headers, answer.text
             redis_server.start()
