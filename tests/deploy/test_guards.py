@@ -77,7 +77,7 @@ GUARDS = {
         "greater than maxReplicas",
     ),
     "discovery-without-api-server": (
-        _with(BASE, **{"networkPolicy.kubeApiServer.cidrs": []}),
+        _with(BASE, **{"tool.discovery.enabled": True}),
         "tool.discovery.enabled needs networkPolicy.kubeApiServer.cidrs",
     ),
     "untagged-tool-container": (
