@@ -163,15 +163,6 @@ def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30) ->
         time.sleep(0.1)
 
 
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    """A Redis of this test's own, to stop and start again."""
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
 def readyz(stack: Stack) -> httpx.Response:
     return httpx.get(f"{stack.base_url}/readyz", timeout=10, trust_env=False)
 

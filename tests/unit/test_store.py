@@ -10,9 +10,8 @@ import asyncio
 import contextvars
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -352,16 +351,8 @@ async def test_open_backend_chooses_by_url() -> None:
 # --- Redis unreachable ---------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-async def test_an_unreachable_redis_is_unavailable_with_retry_after_and_comes_back(own_redis: RedisServer) -> None:
-    backend = RedisBackend(own_redis.url)
+async def test_an_unreachable_redis_is_unavailable_with_retry_after_and_comes_back(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url)
     as_tenant("outage")
     store = TenantStore(backend, "svc")
     calls: list[Callable[[], Awaitable[Any]]] = [
@@ -379,13 +370,13 @@ async def test_an_unreachable_redis_is_unavailable_with_retry_after_and_comes_ba
     ]
     try:
         await store.put("c", "x", {"v": 1})
-        own_redis.stop()
+        redis_server.stop()
         for call in calls:
             with pytest.raises(Unavailable) as caught:
                 await call()
             assert caught.value.retry_after == RETRY_AFTER_SECONDS
             assert "127.0.0.1" not in caught.value.message  # nothing about where the state lives
-        own_redis.start()  # empty again (no persistence); the same client reconnects by itself
+        redis_server.start()  # empty again (no persistence); the same client reconnects by itself
         assert await backend.ping() is True
         await store.put("c", "x", {"v": 2})
         assert await store.get("c", "x") == {"v": 2}
