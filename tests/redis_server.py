@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 
@@ -35,6 +36,15 @@ class RedisServer:
                 return
         self.process.wait(10)
         raise RuntimeError(f"redis-server on port {self.port} exited before it was ready")
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections open, nothing answers, as a hung or failing-over Redis."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGCONT)
 
     def stop(self) -> None:
         """Stop (SIGTERM), and return once the server is gone."""

@@ -143,10 +143,14 @@ class RedisBackend:
     Every command goes through :func:`_unreachable_is_unavailable`, the one place Redis failures are mapped.
     """
 
-    def __init__(self, url: str) -> None:
-        # A socket timeout bounds every command; blocking reads ask for less than it.
+    def __init__(self, url: str, *, command_timeout: float = 5.0) -> None:
+        # A socket timeout bounds every command: a Redis that hangs (or fails over) is UNAVAILABLE well within a
+        # call's deadline. Blocking reads wait up to 20 s, so they have a client (and pool) of their own.
         # Typed loosely: redis-py's sync/async union types do not narrow.
-        self._redis: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+        self._redis: Any = aioredis.from_url(
+            url, decode_responses=True, socket_timeout=command_timeout, socket_connect_timeout=5
+        )
+        self._blocking: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
         self._append = self._redis.register_script(_APPEND)
 
     async def hget(self, key: str, field: str) -> str | None:
@@ -183,7 +187,7 @@ class RedisBackend:
         with _unreachable_is_unavailable():
             if block_seconds > 0:
                 block_ms = max(1, int(min(block_seconds, 20) * 1000))  # BLOCK 0 would mean "forever"
-                answer = await self._redis.xread({key: f"0-{after}"}, count=count, block=block_ms)
+                answer = await self._blocking.xread({key: f"0-{after}"}, count=count, block=block_ms)
                 entries = answer[0][1] if answer else []
             else:
                 entries = await self._redis.xrange(key, min=f"(0-{after}", count=count)
@@ -202,6 +206,7 @@ class RedisBackend:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        await self._blocking.aclose()
 
 
 def open_backend(redis_url: str | None) -> StateBackend:

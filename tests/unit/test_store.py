@@ -383,3 +383,23 @@ async def test_an_unreachable_redis_is_unavailable_with_retry_after_and_comes_ba
         assert await store.append("s", {"n": 1}) == 1  # the append script is loaded again into the new server
     finally:
         await backend.aclose()
+
+
+async def test_a_redis_that_hangs_is_unavailable_within_the_command_timeout(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url, command_timeout=0.5)
+    as_tenant("hung")
+    store = TenantStore(backend, "svc")
+    try:
+        await store.put("c", "x", {"v": 1})
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as caught:
+                await store.get("c", "x")
+            assert time.monotonic() - started < 3
+            assert caught.value.retry_after == RETRY_AFTER_SECONDS
+        finally:
+            redis_server.resume()
+        assert await store.get("c", "x") == {"v": 1}
+    finally:
+        await backend.aclose()
