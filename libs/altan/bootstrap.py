@@ -10,26 +10,23 @@ from contextlib import AsyncExitStack
 from pydantic import ValidationError
 
 from altan.auth import TokenVerifier
-from altan.config import Settings
+from altan.config import ConfigurationError, Settings, configuration_problems
+from altan.listen import CannotListen
 from altan.logging import configure_logging
 from altan.server import GrpcService, serve_until_stopped, shutdown_event
 
 __all__ = ["ConfigurationError", "Wiring", "run_service"]
-
-
-class ConfigurationError(Exception):
-    """A setting that passed type checks but that a service cannot use; stops the process with a clear message."""
 
 # Builds a service's servicers from settings; resources that need closing go on the exit stack.
 Wiring = Callable[[Settings, AsyncExitStack], Awaitable[list[GrpcService]]]
 
 
 def load_settings() -> Settings:
-    """Settings from the environment, or exit with the validation errors (no traceback)."""
+    """Settings from the environment, or exit with status 2 and one line per problem (no traceback, no values)."""
     try:
         return Settings()
     except ValidationError as exc:
-        sys.stderr.write(f"invalid configuration:\n{exc}\n")
+        sys.stderr.write("".join(f"invalid configuration: {line}\n" for line in configuration_problems(exc)))
         raise SystemExit(2) from None
 
 
@@ -54,3 +51,6 @@ def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> N
     except ConfigurationError as exc:
         sys.stderr.write(f"invalid configuration: {exc}\n")
         raise SystemExit(2) from None
+    except CannotListen as exc:
+        sys.stderr.write(exc.line(f"{name} service", f"ALTAN_{name.upper()}_PORT") + "\n")
+        raise SystemExit(1) from None

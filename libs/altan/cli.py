@@ -13,36 +13,102 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from altan.config import default_data_dir, development_secret
+from altan.config import (
+    ConfigurationError,
+    Settings,
+    configuration_problems,
+    default_data_dir,
+    development_secret,
+    setting_name,
+)
+from altan.listen import bind_problem, join_address
 
 __all__ = ["main"]
 
 SERVICES = ("tool", "integrator", "agent", "gateway")
 _PIPE_LIMIT = 1024 * 1024
-_DEFAULT_PORTS = {"agent": 50061, "tool": 50062, "integrator": 50063}
 _COLORS = {"tool": "36", "integrator": "35", "agent": "33", "gateway": "32"}
+_KEY_VARIABLES = ("ALTAN_JWT_SECRET", "ALTAN_JWT_JWKS_URL", "ALTAN_JWT_JWKS_FILE")
+# The flags of ``altan up``, each the override of one setting: (flag, Settings field, type, help).
+_UP_FLAGS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
+    ("--http-port", "http_port", int, "REST port of the gateway"),
+    ("--grpc-port", "grpc_port", int, "public gRPC port of the gateway"),
+    ("--startup-timeout", "startup_timeout_seconds", float, "seconds to wait until the stack is ready"),
+    ("--stop-timeout", "stop_timeout_seconds", float, "seconds to wait for a clean stop before killing"),
+)
+_FLAG_OF = {field: flag for flag, field, _, _ in _UP_FLAGS}
 
 
-def _development_env(env: dict[str, str]) -> dict[str, str]:
-    """Fill in what a laptop has no one to configure: a data directory and a generated HS256 secret."""
-    env = dict(env)
-    data_dir = Path(env.get("ALTAN_DATA_DIR") or default_data_dir())
-    env["ALTAN_DATA_DIR"] = str(data_dir)
-    if not (env.get("ALTAN_JWT_SECRET") or env.get("ALTAN_JWT_JWKS_URL") or env.get("ALTAN_JWT_JWKS_FILE")):
-        env["ALTAN_JWT_SECRET"] = development_secret(data_dir, "jwt.secret")
-    return env
+class _Refused(Exception):
+    """``altan`` cannot start as configured; the message is the one line the operator reads."""
+
+    def __init__(self, line: str, status: int = 2) -> None:
+        super().__init__(line)
+        self.status = status
 
 
-def _stack_env(args: argparse.Namespace) -> dict[str, str]:
-    env = _development_env(dict(os.environ))
-    env["ALTAN_HTTP_PORT"] = str(args.http_port)
-    env["ALTAN_GRPC_PORT"] = str(args.grpc_port)
+def _development_settings(overrides: Mapping[str, Any]) -> tuple[Settings, bool]:
+    """The validated settings, with what a laptop has no one to configure filled in: the data directory and a
+    generated HS256 secret when no key is configured. Also says whether the secret was generated."""
+    generated = not any(os.environ.get(name) for name in _KEY_VARIABLES)
+    values = dict(overrides)
+    try:
+        if generated:
+            data_dir = Path(os.environ.get("ALTAN_DATA_DIR") or default_data_dir())
+            values.update(data_dir=data_dir, jwt_secret=development_secret(data_dir, "jwt.secret"))
+        return Settings(**values), generated
+    except ConfigurationError as exc:
+        raise _Refused(f"invalid configuration: {exc}") from None
+    except ValidationError as exc:
+        names = {field: f"{_FLAG_OF[field]} / {setting_name(field)}" for field in overrides}
+        lines = [f"invalid configuration: {line}" for line in configuration_problems(exc, names)]
+        raise _Refused("\n".join(lines)) from None
+
+
+def _listeners(settings: Settings) -> list[tuple[str, str, int, str]]:
+    """What the stack will listen on: (who, host, port, setting)."""
+    return [
+        *(
+            (f"{name} service", settings.bind_host, getattr(settings, f"{name}_port"), setting_name(f"{name}_port"))
+            for name in ("agent", "tool", "integrator")
+        ),
+        ("gateway's REST server", settings.http_host, settings.http_port, "--http-port / ALTAN_HTTP_PORT"),
+        ("gateway's public gRPC server", settings.bind_host, settings.grpc_port, "--grpc-port / ALTAN_GRPC_PORT"),
+    ]
+
+
+def _check_ports(settings: Settings) -> None:
+    """Refuse, before anything starts, ports given twice or held by another server (another stack, say)."""
+    seen: dict[int, str] = {}
+    for who, _, port, setting in _listeners(settings):
+        if port in seen:
+            raise _Refused(f"invalid configuration: {setting}: {port} is also the port of the {seen[port]}")
+        seen[port] = who
+    for who, host, port, setting in _listeners(settings):
+        problem = bind_problem(host, port)
+        if problem is not None:
+            raise _Refused(f"the {who} cannot listen on {join_address(host, port)}: {problem} ({setting})", 1)
+
+
+def _stack_env(settings: Settings, generated_secret: bool) -> dict[str, str]:
+    """The environment of every service: ours, with the validated settings the stack depends on made explicit."""
+    env = dict(os.environ)
+    env["ALTAN_DATA_DIR"] = str(settings.data_dir)
+    if generated_secret and settings.jwt_secret:
+        env["ALTAN_JWT_SECRET"] = settings.jwt_secret
+    env["ALTAN_HTTP_PORT"] = str(settings.http_port)
+    env["ALTAN_GRPC_PORT"] = str(settings.grpc_port)
     for name in ("agent", "tool", "integrator"):
-        port = env.setdefault(f"ALTAN_{name.upper()}_PORT", str(_DEFAULT_PORTS[name]))
+        port = getattr(settings, f"{name}_port")
+        env[f"ALTAN_{name.upper()}_PORT"] = str(port)
         env[f"ALTAN_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
@@ -61,26 +127,49 @@ async def _pipe(name: str, stream: asyncio.StreamReader, color: bool) -> None:
         sys.stdout.flush()
 
 
-async def _wait_ready(url: str, procs: dict[str, asyncio.subprocess.Process], timeout: float) -> bool:
-    """Wait until the gateway's /readyz answers 200 (which means every service answers its health check)."""
-    deadline = time.monotonic() + timeout
+async def _wait_ready(
+    url: str, procs: dict[str, asyncio.subprocess.Process], timeout: float | None
+) -> tuple[bool, str]:
+    """Wait until the gateway's /readyz answers 200 (which means every service answers its health check).
+
+    Gives up at the deadline (``None``: none) or when a process dies, and then says why not: what the gateway
+    answered last ("agent not serving"), or "" when it never answered.
+    """
+    deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.05
+    why = ""
     async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
-        while time.monotonic() < deadline:
+        while deadline is None or time.monotonic() < deadline:
             if any(p.returncode is not None for p in procs.values()):
-                return False
+                return False, why
             try:
-                if (await client.get(url)).status_code == 200:
-                    return True
+                answer = await client.get(url)
+                if answer.status_code == 200:
+                    return True, ""
+                why = _not_ready_reason(answer)
             except httpx.HTTPError:
                 pass
-            await asyncio.sleep(delay)  # start-up only: back off until the stack answers
+            await asyncio.sleep(delay)  # back off until the stack answers
             delay = min(delay * 2, 0.5)
-    return False
+    return False, why
+
+
+def _not_ready_reason(answer: httpx.Response) -> str:
+    try:
+        return str(answer.json()["error"]["message"]).removeprefix("not ready: ")
+    except (ValueError, KeyError, TypeError):
+        return f"/readyz answered {answer.status_code}"
 
 
 async def _up(args: argparse.Namespace) -> int:
-    env = _stack_env(args)
+    overrides = {field: getattr(args, field) for _, field, _, _ in _UP_FLAGS if getattr(args, field) is not None}
+    settings, generated_secret = _development_settings(overrides)
+    try:
+        settings.master_key_bytes()  # the integrator's development key: a data directory that cannot hold it
+    except ConfigurationError as exc:  # is refused now, before anything starts
+        raise _Refused(f"invalid configuration: {exc}") from None
+    _check_ports(settings)
+    env = _stack_env(settings, generated_secret)
     color = sys.stdout.isatty()
     procs: dict[str, asyncio.subprocess.Process] = {}
     for name in SERVICES:
@@ -101,11 +190,28 @@ async def _up(args: argparse.Namespace) -> int:
     exits = {name: asyncio.create_task(p.wait()) for name, p in procs.items()}
     stopper = asyncio.create_task(stop.wait())
 
-    ready_url = f"http://127.0.0.1:{args.http_port}/readyz"
-    if await _wait_ready(ready_url, procs, args.startup_timeout):
-        print(f"altan is up: REST http://127.0.0.1:{args.http_port}  gRPC 127.0.0.1:{args.grpc_port}", flush=True)
-        if "ALTAN_JWT_SECRET" in env and not os.environ.get("ALTAN_JWT_SECRET"):
+    def announce() -> None:
+        rest, public_grpc = f"http://127.0.0.1:{settings.http_port}", f"127.0.0.1:{settings.grpc_port}"
+        print(f"altan is up: REST {rest}  gRPC {public_grpc}", flush=True)
+        if generated_secret:
             print("a development token: altan token --tenant <tenant> --sub <user> --role admin", flush=True)
+
+    async def announce_once_ready() -> None:
+        if (await _wait_ready(ready_url, procs, None))[0]:
+            announce()
+
+    ready_url = f"http://127.0.0.1:{settings.http_port}/readyz"
+    follower: asyncio.Task[None] | None = None
+    ready, why = await _wait_ready(ready_url, procs, settings.startup_timeout_seconds)
+    if ready:
+        announce()
+    elif why and not stop.is_set() and all(p.returncode is None for p in procs.values()):
+        # Every process runs but something they need does not answer (Redis, say): they recover by themselves
+        # once it does, so keep running, as Kubernetes keeps an unready pod.
+        hint = " (is the Redis at REDIS_URL reachable?)" if settings.redis_url else ""
+        timeout = settings.startup_timeout_seconds
+        print(f"altan: not ready after {timeout:g} s: {why}{hint}; waiting for it", file=sys.stderr, flush=True)
+        follower = asyncio.create_task(announce_once_ready())
     elif not stop.is_set():
         print("altan: the stack did not become ready", file=sys.stderr, flush=True)
         stop.set()
@@ -117,41 +223,58 @@ async def _up(args: argparse.Namespace) -> int:
     for proc in procs.values():
         if proc.returncode is None:
             proc.send_signal(signal.SIGTERM)
-    _, pending = await asyncio.wait(exits.values(), timeout=args.stop_timeout)
+    _, pending = await asyncio.wait(exits.values(), timeout=settings.stop_timeout_seconds)
     for name, task in exits.items():
         if task in pending:
             print(f"altan: {name} did not stop in time; killing it", file=sys.stderr)
             procs[name].kill()
     await asyncio.gather(*exits.values(), *pipes, return_exceptions=True)
     stopper.cancel()
+    if follower is not None:
+        follower.cancel()
     failed = died or [n for n, p in procs.items() if p.returncode not in (0, -signal.SIGTERM)]
+    if any(procs[name].returncode == 2 for name in failed):
+        return 2  # a service refused its configuration: so does the stack
     return 1 if failed else 0
 
 
 def _token(args: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
     from altan.auth import issue_development_token
-    from altan.config import Settings
 
-    env = _development_env(dict(os.environ))
-    try:
-        settings = Settings(jwt_secret=env["ALTAN_JWT_SECRET"], jwt_algorithms=("HS256",))
-    except (ValidationError, KeyError) as exc:
-        print(f"altan token: {exc}", file=sys.stderr)
-        return 2
+    settings, _ = _development_settings({})
+    if not settings.jwt_secret:
+        raise _Refused("ALTAN_JWT_SECRET is not set: development tokens are signed with it (a JWKS is configured)")
+    settings = settings.model_copy(update={"jwt_algorithms": ("HS256",)})
     print(issue_development_token(settings, tenant=args.tenant, sub=args.sub, role=args.role, ttl=args.ttl))
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("altan")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown (not installed)"
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="altan", description="Self-hosted multi-tenant agent infrastructure")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", help="run the gateway and the three services locally, in the foreground")
-    up.add_argument("--http-port", type=int, default=int(os.environ.get("ALTAN_HTTP_PORT", "8080")))
-    up.add_argument("--grpc-port", type=int, default=int(os.environ.get("ALTAN_GRPC_PORT", "50051")))
-    up.add_argument("--startup-timeout", type=float, default=60.0, help="seconds to wait for readiness")
-    up.add_argument("--stop-timeout", type=float, default=15.0, help="seconds to wait for a clean stop")
+    up = commands.add_parser(
+        "up",
+        help="run the gateway and the three services locally, in the foreground",
+        description="Run the gateway and the agent, tool and integrator services as separate processes. "
+        "Each flag overrides its environment variable; every other setting is read from the environment.",
+    )
+    for flag, field, kind, text in _UP_FLAGS:
+        # No argparse default: an absent flag leaves the value to the environment, read and validated by Settings.
+        up.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            metavar="PORT" if kind is int else "SECONDS",
+            help=f"{text} (default: {Settings.model_fields[field].default:g}; environment: {setting_name(field)})",
+        )
     token = commands.add_parser("token", help="print a development token signed with ALTAN_JWT_SECRET")
     token.add_argument("--tenant", required=True)
     token.add_argument("--sub", default="dev")
@@ -162,9 +285,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    if args.command == "token":
-        return _token(args)
-    return asyncio.run(_up(args))
+    try:
+        if args.command == "token":
+            return _token(args)
+        return asyncio.run(_up(args))
+    except _Refused as exc:
+        print("".join(f"altan: {line}\n" for line in str(exc).splitlines()), end="", file=sys.stderr, flush=True)
+        return exc.status
 
 
 if __name__ == "__main__":

@@ -9,15 +9,29 @@ from __future__ import annotations
 import base64
 import os
 import secrets
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "default_data_dir", "development_secret"]
+__all__ = [
+    "ConfigurationError",
+    "Settings",
+    "configuration_problems",
+    "default_data_dir",
+    "development_secret",
+    "setting_name",
+]
 
 _JWT_ALGORITHMS = {"HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "ES256", "ES384", "ES512", "PS256"}
+# HMAC keys shorter than the hash output are guessable offline from one token (RFC 7518 section 3.2).
+MIN_JWT_SECRET_BYTES = 32
+
+
+class ConfigurationError(Exception):
+    """A setting a process cannot use; stops it with one line that names the setting (never its value)."""
 
 
 def default_data_dir() -> Path:
@@ -27,23 +41,44 @@ def default_data_dir() -> Path:
 
 
 def development_secret(data_dir: Path, name: str, size: int = 32) -> str:
-    """Read, or create on first use, a random base64 secret in the data directory (mode 0600)."""
+    """Read, or create on first use, a random base64 secret in the data directory (mode 0600).
+
+    Raises :class:`ConfigurationError` naming ``ALTAN_DATA_DIR`` when the directory cannot hold it.
+    """
     path = data_dir / name
-    if not path.exists():
+    try:
+        if path.exists():
+            return path.read_text().strip()
+    except OSError as exc:
+        raise ConfigurationError(f"ALTAN_DATA_DIR: cannot read {path}: {_reason(exc)}") from None
+    if data_dir.exists() and not data_dir.is_dir():
+        raise ConfigurationError(f"ALTAN_DATA_DIR: {data_dir} is not a directory")
+    try:
         data_dir.mkdir(parents=True, exist_ok=True)
-        # Write aside, then link into place: processes starting together never read a half-written file,
-        # and the first link wins.
-        tmp = data_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    except OSError as exc:
+        raise ConfigurationError(f"ALTAN_DATA_DIR: cannot create {data_dir}: {_reason(exc)}") from None
+    # Write aside, then link into place: processes starting together never read a half-written file,
+    # and the first link wins.
+    tmp = data_dir / f".{name}.{os.getpid()}.{secrets.token_hex(4)}"
+    try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(base64.b64encode(secrets.token_bytes(size)).decode() + "\n")
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            tmp.unlink()
+    except OSError as exc:
+        raise ConfigurationError(f"ALTAN_DATA_DIR: {data_dir} is not writable ({_reason(exc)})") from None
+    with os.fdopen(fd, "w") as fh:
+        fh.write(base64.b64encode(secrets.token_bytes(size)).decode() + "\n")
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        tmp.unlink()
     return path.read_text().strip()
+
+
+def _reason(exc: OSError) -> str:
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        return "not a directory"
+    return os.strerror(exc.errno).lower() if exc.errno else str(exc)
 
 
 class Settings(BaseSettings):
@@ -86,6 +121,10 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # ``altan up`` (the local stack): how long it waits for readiness, and for a clean stop.
+    startup_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)
+    stop_timeout_seconds: float = Field(default=15.0, gt=0, le=600)
+
     @field_validator("jwt_algorithms", mode="before")
     @classmethod
     def _split_algorithms(cls, value: object) -> object:
@@ -101,11 +140,18 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported JWT algorithms: {sorted(unknown)} ('none' is never accepted)")
         return value
 
+    @field_validator("jwt_secret")
+    @classmethod
+    def _jwt_secret_is_long_enough(cls, value: str | None) -> str | None:
+        if value and len(value.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -base64 32`)")
+        return value
+
     @field_validator("master_key")
     @classmethod
     def _master_key_is_32_bytes(cls, value: str | None) -> str | None:
         if value is not None and len(_b64(value)) != 32:
-            raise ValueError("ALTAN_MASTER_KEY must be base64 of exactly 32 bytes")
+            raise ValueError("must be base64 of exactly 32 bytes")
         return value
 
     @model_validator(mode="after")
@@ -127,7 +173,38 @@ class Settings(BaseSettings):
         """The 32-byte master key: configured, or generated into the data directory for development."""
         if self.master_key:
             return _b64(self.master_key)
-        return _b64(development_secret(self.data_dir, "master.key"))
+        try:
+            key = _b64(development_secret(self.data_dir, "master.key"))
+        except ValueError:
+            key = b""
+        if len(key) != 32:
+            raise ConfigurationError(f"ALTAN_DATA_DIR: {self.data_dir / 'master.key'} is not base64 of 32 bytes")
+        return key
+
+
+def setting_name(field: str) -> str:
+    """The environment variable of a :class:`Settings` field (``http_port`` -> ``ALTAN_HTTP_PORT``)."""
+    info = Settings.model_fields.get(field)
+    if info is None:
+        return field  # already the name of a variable (an alias)
+    if isinstance(info.validation_alias, AliasChoices):
+        return str(info.validation_alias.choices[0])
+    return f"ALTAN_{field.upper()}"
+
+
+def configuration_problems(exc: ValidationError, names: Mapping[str, str] | None = None) -> list[str]:
+    """One line per problem, each naming its setting (``names`` overrides a field's variable name).
+
+    The submitted value is never part of a line: it may be a secret.
+    """
+    lines = []
+    for error in exc.errors(include_input=False, include_url=False):
+        message = str(error["msg"]).removeprefix("Value error, ")
+        field = str(error["loc"][0]) if error["loc"] else ""
+        if field:
+            message = f"{(names or {}).get(field) or setting_name(field)}: {message}"
+        lines.append(message)
+    return lines
 
 
 def _b64(value: str) -> bytes:

@@ -22,6 +22,8 @@ from grpc_reflection.v1alpha import reflection
 from altan import context
 from altan.auth import TokenVerifier
 from altan.errors import InvalidArgument, abort
+from altan.health import Probe, ProbedHealthServicer
+from altan.listen import CannotListen, bind_problem, split_address
 
 __all__ = ["AuthInterceptor", "Context", "GrpcService", "serve_until_stopped", "shutdown_event"]
 
@@ -128,11 +130,16 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
 @dataclass
 class GrpcService:
-    """One servicer to mount: its ``add_*_to_server`` function, the servicer and its full service name."""
+    """One servicer to mount: its ``add_*_to_server`` function, the servicer and its full service name.
+
+    ``ready`` is what the service needs to answer (its state backend's ping): while it fails, the service's health
+    check answers NOT_SERVING.
+    """
 
     add: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     name: str
+    ready: Probe | None = None  # the service answers SERVING to health checks only while this says so
 
 
 def shutdown_event() -> asyncio.Event:
@@ -142,6 +149,19 @@ def shutdown_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     return stop
+
+
+def _bind(server: grpc.aio.Server, address: str) -> None:
+    # grpc only says that a bind failed (and logs why on stderr), so ask the system first for the reason.
+    host, port = split_address(address)
+    problem = bind_problem(host, port) if port else None
+    if problem is None:
+        try:
+            server.add_insecure_port(address)
+            return
+        except RuntimeError:  # lost a race for the port since the probe
+            problem = bind_problem(host, port) or "cannot bind"
+    raise CannotListen(address, problem)
 
 
 async def serve_until_stopped(
@@ -163,6 +183,7 @@ async def serve_until_stopped(
     ``reflection_names`` and ``reflection_pool`` say what reflection lists and describes besides ``services``
     (the gateway's public port lists the services it forwards, from a pool holding only their files);
     ``health_servicer`` replaces the default one (the gateway's answers for the services behind it).
+    Raises :class:`~altan.listen.CannotListen` when ``address`` cannot be bound (another server holds it).
     """
     server = grpc.aio.server(
         interceptors=[AuthInterceptor(verifier), *(interceptors or [])],
@@ -172,9 +193,13 @@ async def serve_until_stopped(
             # keep their connection for up to an hour after the GOAWAY.
             ("grpc.max_connection_age_ms", 5 * 60 * 1000),
             ("grpc.max_connection_age_grace_ms", 60 * 60 * 1000),
+            # Never share the port with another server (grpc's default would let a second stack bind it too).
+            ("grpc.so_reuseport", 0),
         ],
     )
-    health_servicer = health_servicer or health.aio.HealthServicer()
+    health_servicer = health_servicer or ProbedHealthServicer(
+        {svc.name: svc.ready for svc in services if svc.ready is not None}
+    )
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [reflection.SERVICE_NAME, health.SERVICE_NAME, *(reflection_names or [])]
     for svc in services:
@@ -183,7 +208,7 @@ async def serve_until_stopped(
     if generic_handlers:
         server.add_generic_rpc_handlers(generic_handlers)
     reflection.enable_server_reflection(names, server, pool=reflection_pool)
-    server.add_insecure_port(address)  # raises when the address cannot be bound
+    _bind(server, address)
     await server.start()
     for name in ["", *(svc.name for svc in services)]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

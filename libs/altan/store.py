@@ -13,13 +13,17 @@ from __future__ import annotations
 import asyncio
 import json
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
+import redis.exceptions
 
 from altan import context
+from altan.errors import Unavailable
 
-__all__ = ["MemoryBackend", "RedisBackend", "StateBackend", "TenantStore", "open_backend"]
+__all__ = ["RETRY_AFTER_SECONDS", "MemoryBackend", "RedisBackend", "StateBackend", "TenantStore", "open_backend"]
 
 Doc = dict[str, Any]
 
@@ -117,56 +121,92 @@ class MemoryBackend:
         return None
 
 
-class RedisBackend:
-    """Shared state in Redis or Memorystore (``REDIS_URL`` set), for several replicas of a service."""
+# How long a caller should wait before trying again while Redis is unreachable (a restart or failover takes seconds).
+RETRY_AFTER_SECONDS = 1.0
 
-    def __init__(self, url: str) -> None:
-        # A socket timeout bounds every command; blocking reads ask for less than it.
+
+@contextmanager
+def _unreachable_is_unavailable() -> Iterator[None]:
+    """Redis down, restarting, loading or too slow: UNAVAILABLE with a retry-after (503 on REST), never a 500.
+
+    redis-py drops the broken connection, and the next command reconnects: nothing else is needed to recover.
+    """
+    try:
+        yield
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+        raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
+
+
+class RedisBackend:
+    """Shared state in Redis or Memorystore (``REDIS_URL`` set), for several replicas of a service.
+
+    Every command goes through :func:`_unreachable_is_unavailable`, the one place Redis failures are mapped.
+    """
+
+    def __init__(self, url: str, *, command_timeout: float = 5.0) -> None:
+        # A socket timeout bounds every command: a Redis that hangs (or fails over) is UNAVAILABLE well within a
+        # call's deadline. Blocking reads wait up to 20 s, so they have a client (and pool) of their own.
         # Typed loosely: redis-py's sync/async union types do not narrow.
-        self._redis: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+        self._redis: Any = aioredis.from_url(
+            url, decode_responses=True, socket_timeout=command_timeout, socket_connect_timeout=5
+        )
+        self._blocking: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
         self._append = self._redis.register_script(_APPEND)
 
     async def hget(self, key: str, field: str) -> str | None:
-        return await self._redis.hget(key, field)
+        with _unreachable_is_unavailable():
+            return await self._redis.hget(key, field)
 
     async def hset(self, key: str, field: str, value: str) -> None:
-        await self._redis.hset(key, field, value)
+        with _unreachable_is_unavailable():
+            await self._redis.hset(key, field, value)
 
     async def hsetnx(self, key: str, field: str, value: str) -> bool:
-        return bool(await self._redis.hsetnx(key, field, value))
+        with _unreachable_is_unavailable():
+            return bool(await self._redis.hsetnx(key, field, value))
 
     async def hdel(self, key: str, field: str) -> bool:
-        return bool(await self._redis.hdel(key, field))
+        with _unreachable_is_unavailable():
+            return bool(await self._redis.hdel(key, field))
 
     async def hgetall(self, key: str) -> dict[str, str]:
-        return await self._redis.hgetall(key)
+        with _unreachable_is_unavailable():
+            return await self._redis.hgetall(key)
 
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]:
-        return await self._redis.hmget(key, fields) if fields else []
+        if not fields:
+            return []
+        with _unreachable_is_unavailable():
+            return await self._redis.hmget(key, fields)
 
     async def append(self, key: str, value: str, maxlen: int) -> int:
-        return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
+        with _unreachable_is_unavailable():
+            return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
-        if block_seconds > 0:
-            block_ms = max(1, int(min(block_seconds, 20) * 1000))  # BLOCK 0 would mean "forever"
-            answer = await self._redis.xread({key: f"0-{after}"}, count=count, block=block_ms)
-            entries = answer[0][1] if answer else []
-        else:
-            entries = await self._redis.xrange(key, min=f"(0-{after}", count=count)
+        with _unreachable_is_unavailable():
+            if block_seconds > 0:
+                block_ms = max(1, int(min(block_seconds, 20) * 1000))  # BLOCK 0 would mean "forever"
+                answer = await self._blocking.xread({key: f"0-{after}"}, count=count, block=block_ms)
+                entries = answer[0][1] if answer else []
+            else:
+                entries = await self._redis.xrange(key, min=f"(0-{after}", count=count)
         return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in entries]
 
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]:
         if count <= 0:
             return []
-        entries = await self._redis.xrevrange(key, count=count)
+        with _unreachable_is_unavailable():
+            entries = await self._redis.xrevrange(key, count=count)
         return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in reversed(entries)]
 
     async def ping(self) -> bool:
-        return bool(await asyncio.wait_for(self._redis.ping(), 5))
+        with _unreachable_is_unavailable():
+            return bool(await asyncio.wait_for(self._redis.ping(), 5))
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+        await self._blocking.aclose()
 
 
 def open_backend(redis_url: str | None) -> StateBackend:

@@ -48,7 +48,11 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     tasks = TaskRunner(store, agents, missing_tools, invoke)
     stack.push_async_callback(tasks.aclose)  # before the store and channel close (the stack unwinds in reverse)
     servicer = AgentServicer(agents, tasks)
-    return [GrpcService(agent_pb2_grpc.add_AgentServiceServicer_to_server, servicer, "altan.v1.AgentService")]
+    return [
+        GrpcService(
+            agent_pb2_grpc.add_AgentServiceServicer_to_server, servicer, "altan.v1.AgentService", ready=backend.ping
+        )
+    ]
 
 
 if __name__ == "__main__":

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 from collections.abc import Iterator
+from typing import NoReturn
 
 import uvicorn
 
 from altan.auth import TokenVerifier
 from altan.bootstrap import load_settings
+from altan.listen import CannotListen, listen_socket
 from altan.logging import configure_logging
 from altan.server import serve_until_stopped, shutdown_event
 from services.gateway.backends import Backends
@@ -25,9 +28,19 @@ class _Server(uvicorn.Server):
         yield
 
 
+def _cannot_listen(line: str) -> NoReturn:
+    sys.stderr.write(line + "\n")
+    raise SystemExit(1)
+
+
 def main() -> None:
     settings = load_settings()
     configure_logging("gateway", settings.log_level)
+    try:
+        # Bound here rather than by uvicorn, which would log the failure and exit from inside the event loop.
+        rest = listen_socket(settings.http_host, settings.http_port)
+    except CannotListen as exc:
+        _cannot_listen(exc.line("gateway's REST server", "ALTAN_HTTP_PORT"))
 
     async def serve() -> None:
         stop = shutdown_event()
@@ -37,7 +50,7 @@ def main() -> None:
         http = _Server(
             uvicorn.Config(
                 app,
-                host=settings.http_host,
+                host=settings.http_host,  # what uvicorn logs; it serves the socket bound above
                 port=settings.http_port,
                 log_config=None,
                 access_log=False,
@@ -50,11 +63,9 @@ def main() -> None:
             await stop.wait()
             http.should_exit = True
 
-        try:
-            await asyncio.gather(
-                http.serve(),
-                stop_http(),
-                serve_until_stopped(
+        async def serve_grpc() -> None:
+            try:
+                await serve_until_stopped(
                     [],
                     verifier=verifier,
                     address=f"{settings.bind_host}:{settings.grpc_port}",
@@ -66,12 +77,22 @@ def main() -> None:
                     reflection_names=list(PUBLIC_SERVICES),
                     reflection_pool=public_descriptor_pool(),
                     health_servicer=PublicHealth(backends.by_service()),
-                ),
-            )
+                )
+            finally:
+                stop.set()  # however gRPC ends (its port taken), REST stops with it
+
+        try:
+            ended = await asyncio.gather(http.serve([rest]), stop_http(), serve_grpc(), return_exceptions=True)
         finally:
             await backends.aclose()
+        for outcome in ended:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    except CannotListen as exc:
+        _cannot_listen(exc.line("gateway's public gRPC server", "ALTAN_GRPC_PORT"))
 
 
 if __name__ == "__main__":

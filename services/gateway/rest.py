@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from altan import context
 from altan.api import agents, audit, credentials, tasks, tools
+from altan.api.common import describe_error
 from altan.auth import TokenVerifier
 from altan.errors import AltanError, InvalidArgument, code_for_http_status, error_body, http_response
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
@@ -383,8 +384,8 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def bad_request(request: Request, exc: RequestValidationError) -> Response:
         first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path", "header"))
-        return _json(error_body("INVALID_ARGUMENT", f"{where or 'request'}: {first.get('msg', 'invalid')}"), 400)
+        message = describe_error(first, "request", skip=("body", "query", "path", "header"))
+        return _json(error_body("INVALID_ARGUMENT", message), 400)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> Response:

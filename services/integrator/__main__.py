@@ -38,11 +38,13 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             integrator_pb2_grpc.add_IntegratorServiceServicer_to_server,
             IntegratorServicer(broker, caller, audit),
             "altan.v1.IntegratorService",
+            ready=backend.ping,
         ),
         GrpcService(
             runtime_pb2_grpc.add_IntegratorRuntimeServiceServicer_to_server,
             IntegratorRuntimeServicer(caller),
             "altan.v1.IntegratorRuntimeService",
+            ready=backend.ping,
         ),
     ]
 

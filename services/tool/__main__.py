@@ -30,11 +30,17 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     registry = ToolRegistry(TenantStore(backend, "tool"))
     executor = ToolExecutor(registry, http, ArgumentValidator())
     return [
-        GrpcService(tool_pb2_grpc.add_ToolServiceServicer_to_server, ToolServicer(registry), "altan.v1.ToolService"),
+        GrpcService(
+            tool_pb2_grpc.add_ToolServiceServicer_to_server,
+            ToolServicer(registry),
+            "altan.v1.ToolService",
+            ready=backend.ping,
+        ),
         GrpcService(
             runtime_pb2_grpc.add_ToolRuntimeServiceServicer_to_server,
             ToolRuntimeServicer(executor),
             "altan.v1.ToolRuntimeService",
+            ready=backend.ping,
         ),
     ]
 

@@ -59,6 +59,7 @@ GUARDS = {
     "latest-tag": (_with(BASE, **{"agent.image.tag": "latest"}), 'must not be "latest"'),
     "latest-global-tag": (_with(BASE, **{"image.tag": "Latest"}), 'must not be "latest"'),
     "no-jwt-key": (_with(BASE, **{"secrets.jwtSecret": ""}), "no JWT key configured"),
+    "short-jwt-secret": (_with(BASE, **{"secrets.jwtSecret": "x" * 31}), "must be at least 32 bytes"),
     "jwt-secret-and-jwks": (
         _with(BASE, **{"config.jwt.jwksUrl": "https://idp.example.com/jwks.json"}),
         "not both",
@@ -76,7 +77,7 @@ GUARDS = {
         "greater than maxReplicas",
     ),
     "discovery-without-api-server": (
-        _with(BASE, **{"networkPolicy.kubeApiServer.cidrs": []}),
+        _with(BASE, **{"tool.discovery.enabled": True}),
         "tool.discovery.enabled needs networkPolicy.kubeApiServer.cidrs",
     ),
     "untagged-tool-container": (
@@ -119,6 +120,7 @@ def test_the_real_chart_refuses_them_too(chart: helm_python.Chart, values: dict[
 SCHEMA_REFUSES = {
     "unknown-key": (_with(BASE, **{"gateway.replica": 2}), "/gateway"),
     "bad-master-key": (_with(BASE, **{"secrets.masterKey": "not-base64-of-32-bytes"}), "/secrets/masterKey"),
+    "short-jwt-secret": (_with(BASE, **{"secrets.jwtSecret": "x" * 31}), "/secrets/jwtSecret"),
     "bad-cidr": (_with(BASE, **{"redis.cidrs": ["10.0.0.300"]}), "/redis/cidrs/0"),
     "bootstrap-overrides-master-key": (
         _with(BASE, **{"secrets.bootstrap": {"ALTAN_MASTER_KEY": "x"}}),

@@ -6,14 +6,17 @@ from __future__ import annotations
 import re
 
 from .manifests import (
+    SCENARIOS,
     SERVICES,
     Doc,
     Render,
+    RenderCache,
     container_ports,
     containers,
     env_of,
     pod_labels,
     pod_spec,
+    scenario_values,
     selector_matches,
 )
 
@@ -268,6 +271,22 @@ def test_configmaps_hold_no_secret(rendered: Render) -> None:
         for volume in spec.get("volumes", []):
             if "configMap" in volume:
                 assert volume["configMap"]["name"] in names
+
+
+def test_tool_discovery_is_off_by_default_and_then_grants_nothing(renders: RenderCache) -> None:
+    """No discovery code exists yet: by default no Role, no RoleBinding and no token."""
+    assert "discovery" not in scenario_values("default").get("tool", {})
+    rendered = renders.get("default", "altan", "tenant-alpha")
+    assert rendered.values["tool"]["discovery"]["enabled"] is False
+    assert rendered.of_kind("Role", "RoleBinding") == []
+    assert pod_spec(rendered.workload("tool")).get("automountServiceAccountToken") is False
+    # (and no egress to the API server: test_network_policy checks every scenario's exact graph)
+
+
+def test_some_scenarios_turn_tool_discovery_on() -> None:
+    """So that the rules below are proven for an install that does enable it."""
+    enabled = [s for s in SCENARIOS if scenario_values(s).get("tool", {}).get("discovery", {}).get("enabled")]
+    assert len(enabled) >= 2, enabled
 
 
 def test_only_the_tool_service_reaches_the_api(rendered: Render) -> None:

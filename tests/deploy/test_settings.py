@@ -14,7 +14,7 @@ from .manifests import SERVICES, Doc, Render, env_of, pod_spec
 
 # What an operator's existing Secret holds in the scenarios that name one.
 EXISTING_SECRET = {
-    "ALTAN_JWT_SECRET": "existing-hs256-secret",
+    "ALTAN_JWT_SECRET": "existing-hs256-secret-of-at-least-32-bytes",
     "ALTAN_MASTER_KEY": base64.b64encode(bytes(range(32))).decode(),
     "REDIS_URL": "redis://10.30.0.2:6379/0",
 }

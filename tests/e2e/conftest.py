@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +11,8 @@ import pytest
 import redis
 
 from tests.e2e.fake_third_party import FakeThirdParty, start_fake_third_party
-from tests.e2e.stack import Stack, free_port, start_stack
+from tests.e2e.stack import Stack, free_port, new_tenant, remove_session_keys, start_stack
+from tests.redis_server import RedisServer
 
 
 def _reachable(url: str) -> bool:
@@ -30,37 +29,12 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if _reachable(url):
         yield url
         return
-    binary = shutil.which("redis-server")
-    if binary is None:
+    if shutil.which("redis-server") is None:
         pytest.fail("no Redis: set REDIS_URL, run one on 127.0.0.1:6379, or put redis-server on PATH")
-    port = free_port()
-    proc = subprocess.Popen(
-        [
-            binary,
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(tmp_path_factory.mktemp("redis")),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert proc.stdout is not None
-    for line in proc.stdout:  # redis-server says when it accepts connections
-        if "Ready to accept connections" in line:
-            break
-    else:
-        pytest.fail("redis-server exited before it was ready")
-    yield f"redis://127.0.0.1:{port}/0"
-    proc.terminate()
-    proc.wait(10)
-    proc.stdout.close()
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -89,11 +63,17 @@ def stack(
     allow = f"127.0.0.1:{third_party.port},127.0.0.1:{closed_port}"
     running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url)
     yield running
-    code = running.stop()
-    assert code == 0, f"altan up did not stop cleanly ({code}):\n{running.logs()[-5000:]}"
+    try:
+        code = running.stop()
+        assert code == 0, f"altan up did not stop cleanly ({code}):\n{running.logs()[-5000:]}"
+    finally:
+        if url:  # the stack has stopped: nothing writes any more
+            left = remove_session_keys(url)
+            assert not left, f"this session left keys in Redis: {left[:10]}"
 
 
 @pytest.fixture
 def tenant() -> str:
-    """A fresh tenant per test, so tests never see each other's data (even in a shared Redis)."""
-    return f"t-{uuid.uuid4().hex[:12]}"
+    """A fresh tenant per test, so tests never see each other's data (even in a shared Redis), carrying the
+    session's marker so that the session removes its keys at the end."""
+    return new_tenant()

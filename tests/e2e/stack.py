@@ -9,14 +9,48 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
+import redis
 
 JWT_SECRET = "e2e-development-secret-that-is-long-enough-for-hs256-hs384-and-hs512!"
+
+# Every tenant of this test session carries this marker, so that at the end the session removes exactly its own
+# keys from a Redis that other sessions (other engineers, CI jobs) share.
+SESSION_MARKER = f"e2e{uuid.uuid4().hex[:10]}"
+
+
+def new_tenant() -> str:
+    """A fresh tenant of this session: tests never see each other's data, and its keys can be removed."""
+    return f"t-{SESSION_MARKER}-{uuid.uuid4().hex[:12]}"
+
+
+def session_keys(client: redis.Redis) -> list[str]:
+    """This session's keys: those of tenants carrying the marker (the tenant is the key's second part)."""
+    found = client.scan_iter(match=f"altan:*{SESSION_MARKER}*", count=1000)
+    return [key for key in (k.decode() for k in found) if SESSION_MARKER in key.split(":", 2)[1]]
+
+
+def remove_session_keys(url: str) -> list[str]:
+    """Delete this session's keys (SCAN + DEL, never another session's); returns what a new SCAN still finds."""
+    client = redis.Redis.from_url(url, socket_timeout=10)
+    try:
+        keys = session_keys(client)
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start : start + 500])
+        return session_keys(client)
+    finally:
+        client.close()
+
+
+def _accepted_tenant(tenant: object) -> bool:
+    # What the services accept as a tenant (decisions.md): a test may send others on purpose; they write nothing.
+    return isinstance(tenant, str) and 0 < len(tenant) <= 128 and ":" not in tenant
 
 
 def service_pids(parent: int) -> dict[str, int]:
@@ -69,6 +103,12 @@ class Stack:
         }
         claims.update(overrides)
         claims = {k: v for k, v in claims.items() if v is not None}
+        tenant_id = claims.get("tenant_id")
+        if self.mode == "redis" and _accepted_tenant(tenant_id) and SESSION_MARKER not in str(tenant_id):
+            raise AssertionError(
+                f"tenant {tenant_id!r} would leave keys in Redis: use the tenant fixture (or new_tenant()) or a name "
+                "derived from it, which carries the session marker"
+            )
         return jwt.encode(claims, JWT_SECRET, algorithm="HS256")
 
     def client(self, tenant: str, role: str = "admin", **overrides: Any) -> httpx.Client:
@@ -99,7 +139,15 @@ class Stack:
         return code
 
 
-def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> Stack:
+def start_stack(
+    *,
+    data_dir: Path,
+    egress_allow: str,
+    redis_url: str | None,
+    startup_timeout: float | None = None,
+    wait_ready: bool = True,
+) -> Stack:
+    """``altan up`` on free ports; returns once it says it is up (unless ``wait_ready`` is false)."""
     http_port, grpc_port = free_port(), free_port()
     internal = {name: free_port() for name in ("agent", "tool", "integrator")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
@@ -116,8 +164,11 @@ def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> 
     )
     if redis_url:
         env["REDIS_URL"] = redis_url
+    command = [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
+    if startup_timeout is not None:
+        command += ["--startup-timeout", str(startup_timeout)]
     process = subprocess.Popen(
-        [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)],
+        command,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -126,6 +177,8 @@ def start_stack(*, data_dir: Path, egress_allow: str, redis_url: str | None) -> 
     stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal)
     stack.reader = threading.Thread(target=stack._read, daemon=True)
     stack.reader.start()
+    if not wait_ready:
+        return stack
     if not stack.ready.wait(90) or process.poll() is not None:
         process.kill()
         raise RuntimeError("stack did not start:\n" + stack.logs())

@@ -141,7 +141,7 @@ def test_custom_tool_forms_and_conflicts(stack: Stack, tenant: str) -> None:
 
         assert api.delete("/v1/tools/lookup").status_code == 204
         assert api.get("/v1/tools/lookup").status_code == 404
-        assert api.delete("/v1/tools/parse_email").status_code == 400
+        assert api.delete("/v1/tools/parse_email").status_code == 403  # platform-owned
 
 
 def test_credentials_are_metadata_only(stack: Stack, tenant: str) -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import jwt
@@ -65,19 +67,124 @@ def test_up_exits_nonzero_when_a_service_dies(tmp_path: Path) -> None:
     stack.process.stdout.close()
 
 
+def _altan(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "altan.cli", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def _clean_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
+    return env | {"ALTAN_JWT_SECRET": JWT_SECRET, "ALTAN_DATA_DIR": str(tmp_path / "data")} | settings
+
+
+def test_up_refuses_a_service_that_refuses_its_configuration(tmp_path: Path) -> None:
+    """A setting only a service checks (the egress allow-list): the service says why, the stack exits 2."""
+    env = _clean_env(tmp_path, ALTAN_EGRESS_ALLOW="not a destination")
+    for name in ("AGENT", "TOOL", "INTEGRATOR"):
+        env[f"ALTAN_{name}_PORT"] = str(free_port())
+    result = _altan("up", "--http-port", str(free_port()), "--grpc-port", str(free_port()), env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2
+    assert "invalid configuration: ALTAN_EGRESS_ALLOW" in output
+    assert "Traceback" not in output
+
+
+BAD_SETTINGS = {
+    "port-not-a-number": (
+        {"ALTAN_HTTP_PORT": "abc"},
+        (),
+        "ALTAN_HTTP_PORT: Input should be a valid integer, unable to parse string as an integer",
+    ),
+    "flag-out-of-range": (
+        {},
+        ("--grpc-port", "70000"),
+        "--grpc-port / ALTAN_GRPC_PORT: Input should be less than or equal to 65535",
+    ),
+    "leeway": (
+        {"ALTAN_JWT_LEEWAY_SECONDS": "600"},
+        (),
+        "ALTAN_JWT_LEEWAY_SECONDS: Input should be less than or equal to 60",
+    ),
+    "short-jwt-secret": (
+        {"ALTAN_JWT_SECRET": "c2VjcmV0LXZhbHVl"},
+        (),
+        "ALTAN_JWT_SECRET: must be at least 32 bytes (e.g. `openssl rand -base64 32`)",
+    ),
+    "bad-master-key": (
+        {"ALTAN_MASTER_KEY": "c2VjcmV0LXZhbHVl"},
+        (),
+        "ALTAN_MASTER_KEY: must be base64 of exactly 32 bytes",
+    ),
+    "data-dir-not-a-directory": (
+        {"ALTAN_DATA_DIR": "/dev/null", "ALTAN_JWT_SECRET": ""},
+        (),
+        "ALTAN_DATA_DIR: /dev/null is not a directory",
+    ),
+    "ports-given-twice": (
+        {"ALTAN_AGENT_PORT": "50999", "ALTAN_TOOL_PORT": "50999"},
+        (),
+        "ALTAN_TOOL_PORT: 50999 is also the port of the agent service",
+    ),
+}
+
+
+@pytest.mark.parametrize(("settings", "flags", "line"), list(BAD_SETTINGS.values()), ids=list(BAD_SETTINGS))
+def test_up_refuses_bad_settings_in_one_line_before_starting_anything(
+    tmp_path: Path, settings: dict[str, str], flags: tuple[str, ...], line: str
+) -> None:
+    result = _altan("up", *flags, env=_clean_env(tmp_path, **settings))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"altan: invalid configuration: {line}"]
+    assert result.stdout == ""
+    assert "c2VjcmV0LXZhbHVl" not in result.stderr
+
+
 @pytest.mark.parametrize(
-    ("variable", "value", "message"),
+    ("settings", "line"),
     [
-        ("ALTAN_JWT_LEEWAY_SECONDS", "600", "jwt_leeway_seconds"),
-        ("ALTAN_EGRESS_ALLOW", "not a destination", "invalid configuration: ALTAN_EGRESS_ALLOW"),
+        (
+            {"ALTAN_JWT_SECRET": "c2VjcmV0LXZhbHVl"},
+            "ALTAN_JWT_SECRET: must be at least 32 bytes (e.g. `openssl rand -base64 32`)",
+        ),
+        ({"ALTAN_DATA_DIR": "/dev/null", "ALTAN_JWT_SECRET": ""}, "ALTAN_DATA_DIR: /dev/null is not a directory"),
     ],
 )
-def test_up_refuses_bad_configuration(tmp_path: Path, variable: str, value: str, message: str) -> None:
-    env = {**os.environ, "ALTAN_JWT_SECRET": JWT_SECRET, "ALTAN_DATA_DIR": str(tmp_path), variable: value}
-    command = [sys.executable, "-m", "altan.cli", "up", "--http-port", str(free_port()),
-               "--grpc-port", str(free_port()), "--startup-timeout", "30"]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
-    output = result.stdout + result.stderr
-    assert result.returncode != 0
-    assert "invalid configuration" in output and message in output
-    assert "Traceback" not in output
+def test_token_refuses_bad_settings_in_one_line(tmp_path: Path, settings: dict[str, str], line: str) -> None:
+    result = _altan("token", "--tenant", "acme", env=_clean_env(tmp_path, **settings))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [f"altan: invalid configuration: {line}"]
+    assert "c2VjcmV0LXZhbHVl" not in result.stderr
+
+
+def test_up_refuses_a_data_dir_it_cannot_write(tmp_path: Path) -> None:
+    """With a configured JWT secret, the data directory still holds the generated master key."""
+    if os.geteuid() == 0:  # root ignores directory modes, but not /sys
+        unwritable = Path("/sys")
+    else:
+        unwritable = tmp_path / "read-only"
+        unwritable.mkdir(mode=0o500)
+    result = _altan("up", env=_clean_env(tmp_path, ALTAN_DATA_DIR=str(unwritable)))
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith(f"altan: invalid configuration: ALTAN_DATA_DIR: {unwritable} is not writable (")
+
+
+def test_up_help_shows_every_flags_default_and_variable(tmp_path: Path) -> None:
+    # A bad value in the environment does not break --help: values are read when the stack starts.
+    result = _altan("up", "--help", env=_clean_env(tmp_path, ALTAN_HTTP_PORT="abc"))
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())
+    for flag, default, variable in [
+        ("--http-port", "8080", "ALTAN_HTTP_PORT"),
+        ("--grpc-port", "50051", "ALTAN_GRPC_PORT"),
+        ("--startup-timeout", "60", "ALTAN_STARTUP_TIMEOUT_SECONDS"),
+        ("--stop-timeout", "15", "ALTAN_STOP_TIMEOUT_SECONDS"),
+    ]:
+        assert re.search(rf"{flag} \S+ [^(]*\(default: {default}; environment: {variable}\)", text), flag
+
+
+def test_version_is_the_package_version(tmp_path: Path) -> None:
+    result = _altan("--version", env=_clean_env(tmp_path))
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"altan {version('altan')}"

@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from altan.config import Settings, default_data_dir, development_secret
+from altan.config import (
+    ConfigurationError,
+    Settings,
+    configuration_problems,
+    default_data_dir,
+    development_secret,
+    setting_name,
+)
 
 SECRET = "unit-test-hs256-secret-that-is-long-enough-for-sha256-and-then-some"
 
@@ -164,3 +171,92 @@ def test_default_data_dir_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path:
     assert default_data_dir() == tmp_path / "altan"
     monkeypatch.delenv("XDG_DATA_HOME")
     assert default_data_dir() == Path.home() / ".local" / "share" / "altan"
+
+
+# --- bad settings: one line per problem, naming the variable, never its value -------------------------------------
+
+
+@pytest.fixture
+def unwritable_dir(tmp_path: Path) -> Path:
+    """An existing directory this process cannot create files in (root ignores modes, but not /sys)."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    path = tmp_path / "read-only"
+    path.mkdir(mode=0o500)
+    return path
+
+
+@pytest.mark.parametrize("secret", ["x" * 31, "é" * 15, "short"])
+def test_a_jwt_secret_under_32_bytes_is_refused(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    monkeypatch.setenv("ALTAN_JWT_SECRET", secret)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    assert configuration_problems(caught.value) == [
+        "ALTAN_JWT_SECRET: must be at least 32 bytes (e.g. `openssl rand -base64 32`)"
+    ]
+
+
+@pytest.mark.parametrize("secret", ["x" * 32, "é" * 16])
+def test_a_jwt_secret_of_32_bytes_is_enough(monkeypatch: pytest.MonkeyPatch, secret: str) -> None:
+    monkeypatch.setenv("ALTAN_JWT_SECRET", secret)
+    assert Settings().jwt_secret == secret
+
+
+def test_each_problem_is_one_line_naming_its_variable_and_never_its_value(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ALTAN_HTTP_PORT", "abc")
+    monkeypatch.setenv("ALTAN_MASTER_KEY", "c2VjcmV0LXZhbHVl")  # base64, but of 12 bytes
+    monkeypatch.setenv("REDIS_URL", "redis://:hunter2@cache:6379/0")
+    monkeypatch.setenv("ALTAN_LOG_LEVEL", "CHATTY")
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    problems = configuration_problems(caught.value)
+    assert problems == [
+        "ALTAN_HTTP_PORT: Input should be a valid integer, unable to parse string as an integer",
+        "ALTAN_MASTER_KEY: must be base64 of exactly 32 bytes",
+        "ALTAN_LOG_LEVEL: Input should be 'DEBUG', 'INFO', 'WARNING' or 'ERROR'",
+    ]
+    assert "c2VjcmV0LXZhbHVl" not in repr(problems)
+
+
+def test_problems_of_the_whole_model_and_renamed_fields() -> None:
+    with pytest.raises(ValidationError) as caught:
+        Settings(jwt_algorithms=("HS256", "RS256"), jwt_jwks_file=Path("/keys.json"))
+    assert configuration_problems(caught.value) == ["ALTAN_JWT_ALGORITHMS must not mix HS* with asymmetric algorithms"]
+    with pytest.raises(ValidationError) as caught:
+        Settings(http_port=70000)
+    assert configuration_problems(caught.value, {"http_port": "--http-port"}) == [
+        "--http-port: Input should be less than or equal to 65535"
+    ]
+    assert setting_name("redis_url") == "REDIS_URL"
+
+
+def test_a_data_dir_that_is_a_file_is_named(tmp_path: Path) -> None:
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("")
+    with pytest.raises(ConfigurationError) as caught:
+        development_secret(not_a_dir, "jwt.secret")
+    assert str(caught.value) == f"ALTAN_DATA_DIR: {not_a_dir} is not a directory"
+    with pytest.raises(ConfigurationError, match=f"ALTAN_DATA_DIR: cannot create {not_a_dir / 'sub'}: not a directory"):
+        development_secret(not_a_dir / "sub", "jwt.secret")
+
+
+def test_an_unwritable_data_dir_is_named(unwritable_dir: Path) -> None:
+    with pytest.raises(ConfigurationError, match=f"ALTAN_DATA_DIR: {unwritable_dir} is not writable"):
+        development_secret(unwritable_dir, "master.key")
+
+
+def test_a_secret_that_exists_is_read_from_a_read_only_data_dir(tmp_path: Path) -> None:
+    value = development_secret(tmp_path, "jwt.secret")
+    tmp_path.chmod(0o500)
+    try:
+        assert development_secret(tmp_path, "jwt.secret") == value
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_a_corrupt_development_master_key_is_named(_clean_environment: Path) -> None:
+    _clean_environment.mkdir()
+    (_clean_environment / "master.key").write_text("too-short\n")
+    with pytest.raises(ConfigurationError) as caught:
+        Settings().master_key_bytes()
+    assert str(caught.value) == f"ALTAN_DATA_DIR: {_clean_environment / 'master.key'} is not base64 of 32 bytes"

@@ -35,6 +35,7 @@ from altan.errors import (
     Unauthenticated,
     Unavailable,
 )
+from altan.listen import CannotListen
 from altan.server import GrpcService, serve_until_stopped
 from altan.v1 import agent_pb2, agent_pb2_grpc, tool_pb2, tool_pb2_grpc
 
@@ -394,13 +395,29 @@ async def test_an_address_in_use_fails_loudly() -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        with pytest.raises(RuntimeError):
+        with pytest.raises(CannotListen) as caught:
             await asyncio.wait_for(
                 serve_until_stopped(
                     [], verifier=TokenVerifier(settings()), address=address, grace_seconds=0, stop=asyncio.Event()
                 ),
                 10,
             )
+    assert (caught.value.address, caught.value.reason) == (address, "address already in use")
+    assert caught.value.line("agent service", "ALTAN_AGENT_PORT") == (
+        f"the agent service cannot listen on {address}: address already in use (ALTAN_AGENT_PORT)"
+    )
+
+
+async def test_two_servers_never_share_a_port(server: Running) -> None:
+    """grpc would let a second server bind the port too (SO_REUSEPORT) and take part of the calls."""
+    with pytest.raises(CannotListen, match="address already in use"):
+        await asyncio.wait_for(
+            serve_until_stopped(
+                [], verifier=TokenVerifier(settings()), address=server.address, grace_seconds=0, stop=asyncio.Event()
+            ),
+            10,
+        )
+    assert await server.tools.healthy() is True
 
 
 async def test_client_streaming_rpcs_are_not_served_unauthenticated() -> None:

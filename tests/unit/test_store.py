@@ -19,8 +19,16 @@ import redis.asyncio as aioredis
 
 from altan import context
 from altan.context import RequestContext
-from altan.errors import Unauthenticated
-from altan.store import MemoryBackend, RedisBackend, StateBackend, TenantStore, open_backend
+from altan.errors import Unauthenticated, Unavailable
+from altan.store import (
+    RETRY_AFTER_SECONDS,
+    MemoryBackend,
+    RedisBackend,
+    StateBackend,
+    TenantStore,
+    open_backend,
+)
+from tests.redis_server import RedisServer
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -338,3 +346,60 @@ async def test_open_backend_chooses_by_url() -> None:
         assert await redis_backend.ping() is True
     finally:
         await redis_backend.aclose()
+
+
+# --- Redis unreachable ---------------------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_redis_is_unavailable_with_retry_after_and_comes_back(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url)
+    as_tenant("outage")
+    store = TenantStore(backend, "svc")
+    calls: list[Callable[[], Awaitable[Any]]] = [
+        lambda: store.get("c", "x"),
+        lambda: store.put("c", "x", {}),
+        lambda: store.put_new("c", "y", {}),
+        lambda: store.get_many("c", ["x"]),
+        lambda: store.delete("c", "x"),
+        lambda: store.all("c"),
+        lambda: store.append("s", {}),
+        lambda: store.read("s"),
+        lambda: store.read("s", block_seconds=0.5),
+        lambda: store.tail("s", 5),
+        backend.ping,
+    ]
+    try:
+        await store.put("c", "x", {"v": 1})
+        redis_server.stop()
+        for call in calls:
+            with pytest.raises(Unavailable) as caught:
+                await call()
+            assert caught.value.retry_after == RETRY_AFTER_SECONDS
+            assert "127.0.0.1" not in caught.value.message  # nothing about where the state lives
+        redis_server.start()  # empty again (no persistence); the same client reconnects by itself
+        assert await backend.ping() is True
+        await store.put("c", "x", {"v": 2})
+        assert await store.get("c", "x") == {"v": 2}
+        assert await store.append("s", {"n": 1}) == 1  # the append script is loaded again into the new server
+    finally:
+        await backend.aclose()
+
+
+async def test_a_redis_that_hangs_is_unavailable_within_the_command_timeout(redis_server: RedisServer) -> None:
+    backend = RedisBackend(redis_server.url, command_timeout=0.5)
+    as_tenant("hung")
+    store = TenantStore(backend, "svc")
+    try:
+        await store.put("c", "x", {"v": 1})
+        redis_server.pause()
+        try:
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as caught:
+                await store.get("c", "x")
+            assert time.monotonic() - started < 3
+            assert caught.value.retry_after == RETRY_AFTER_SECONDS
+        finally:
+            redis_server.resume()
+        assert await store.get("c", "x") == {"v": 1}
+    finally:
+        await backend.aclose()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from typing import Annotated, Any, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, ValidationError
@@ -19,6 +20,7 @@ __all__ = [
     "JsonObject",
     "Name",
     "Timestamp",
+    "describe_error",
     "exact_numbers",
     "first_error",
     "validate",
@@ -40,14 +42,20 @@ class ApiModel(BaseModel):
 
 
 def first_error(exc: ValidationError, what: str) -> str:
-    """``field.path: what is wrong`` for the first problem; never the submitted value (it may be a secret).
+    """``field.path: what is wrong`` for the first problem; never the submitted value (it may be a secret)."""
+    return describe_error(exc.errors(include_url=False, include_input=False)[0], what)
+
+
+def describe_error(error: Mapping[str, Any], what: str, skip: tuple[str, ...] = ()) -> str:
+    """One pydantic error as ``field.path: what is wrong``; ``skip`` drops location parts (FastAPI's "body").
 
     A model's own checks raise ``ValueError("field: what is wrong")``; that field joins the path.
     """
-    first = exc.errors(include_url=False, include_input=False)[0]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in first["loc"]).lstrip(".")
-    template = _MESSAGES.get(first["type"])
-    message = template.format(**first.get("ctx", {})) if template else first["msg"].removeprefix("Value error, ")
+    parts = [part for part in error.get("loc", ()) if part not in skip]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in parts).lstrip(".")
+    template = _MESSAGES.get(error.get("type", ""))
+    message = template.format(**error.get("ctx", {})) if template else str(error.get("msg", "invalid"))
+    message = message.removeprefix("Value error, ")
     named = _FIELD_PREFIX.match(message)
     if named:
         where = f"{where}.{named[1]}" if where else named[1]

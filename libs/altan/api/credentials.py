@@ -122,10 +122,7 @@ def parse_credential_spec(body: Any) -> ApiKeySpec | OAuth2Spec:
 
 def check_name(name: str) -> str:
     """A credential's name as the path or the request gives it."""
-    try:
-        validate(_NameOnly, {"name": name}, "name")
-    except InvalidArgument:
-        raise InvalidArgument("name: 1-128 letters, digits, '_', '.' or '-', starting with a letter or digit") from None
+    validate(_NameOnly, {"name": name}, "name")  # the same words as the REST path's own check
     return name
 
 

@@ -118,6 +118,9 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- if not (or $v.secrets.jwtSecret $v.secrets.existingSecret (include "altan.jwksEnabled" .)) -}}
 {{- fail "no JWT key configured: set secrets.jwtSecret (HS256), config.jwt.jwksUrl or config.jwt.jwks, or secrets.existingSecret holding ALTAN_JWT_SECRET" -}}
 {{- end -}}
+{{- if and $v.secrets.jwtSecret (lt (len $v.secrets.jwtSecret) 32) -}}
+{{- fail "secrets.jwtSecret must be at least 32 bytes (the services refuse a shorter ALTAN_JWT_SECRET): openssl rand -base64 32" -}}
+{{- end -}}
 {{- if and $v.secrets.jwtSecret (include "altan.jwksEnabled" .) -}}
 {{- fail "set either secrets.jwtSecret (HS256) or a JWKS (config.jwt.jwksUrl / config.jwt.jwks), not both: HS* and asymmetric algorithms must not be mixed" -}}
 {{- end -}}
