@@ -114,7 +114,12 @@ class Settings(BaseSettings):
 
     # Outbound calls and limits.
     egress_allow: str = ""
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
+    # Size limits: what one tool call may answer; what a task step's ${...} references may bring into its
+    # arguments; what one task document (input, outputs, result) may hold. Over them a step fails, clearly.
+    max_output_bytes: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
+    max_expansion_bytes: int = Field(default=1024 * 1024, ge=1024, le=8 * 1024 * 1024)
+    max_task_bytes: int = Field(default=4 * 1024 * 1024, ge=16 * 1024, le=12 * 1024 * 1024)
     call_deadline_seconds: float = Field(default=30.0, gt=0, le=600)
     tool_retry_attempts: int = Field(default=3, ge=1, le=10)
     retry_after_cap_seconds: float = Field(default=10.0, ge=0, le=300)

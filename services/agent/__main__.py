@@ -16,7 +16,7 @@ from altan.wire import json_bytes
 from services.agent.agents import AgentCatalog
 from services.agent.plan import Step
 from services.agent.servicer import AgentServicer
-from services.agent.tasks import TaskRunner
+from services.agent.tasks import TaskLimits, TaskRunner, ToolAnswer
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -29,7 +29,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         request = runtime_pb2.DescribeToolsRequest(tool_ids=tool_ids)
         return list((await integrator.call(integrator.runtime.DescribeTools, request)).missing)
 
-    async def invoke(agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str) -> tuple[Any, int]:
+    async def invoke(agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str) -> ToolAnswer:
         request = runtime_pb2.RunToolRequest(
             tool_id=step.tool,
             arguments_json=json_bytes(arguments),
@@ -41,11 +41,13 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         # The integrator retries within its own deadline; allow it that long plus the hop.
         answer = await integrator.call(integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5)
         # Written by the Tool Service after it checked what the third party sent (altan.wire.parse_json).
-        return (json.loads(answer.output_json) if answer.output_json else None), answer.http_status
+        output = json.loads(answer.output_json) if answer.output_json else None
+        return ToolAnswer(output, answer.http_status, len(answer.output_json))
 
     store = TenantStore(backend, "agent")
     agents = AgentCatalog(store, missing_tools)
-    tasks = TaskRunner(store, agents, missing_tools, invoke)
+    limits = TaskLimits(expansion_bytes=settings.max_expansion_bytes, task_bytes=settings.max_task_bytes)
+    tasks = TaskRunner(store, agents, missing_tools, invoke, limits)
     stack.push_async_callback(tasks.aclose)  # before the store and channel close (the stack unwinds in reverse)
     servicer = AgentServicer(agents, tasks)
     return [

@@ -18,9 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from altan.api.convert import now_ms
-from altan.errors import AltanError, InvalidArgument
+from altan.errors import AltanError, FailedPrecondition, InvalidArgument
 
 __all__ = [
+    "MAX_EXPANSION_BYTES",
     "MAX_STEPS",
     "STEP_ID_PATTERN",
     "Plan",
@@ -36,8 +37,8 @@ __all__ = [
 
 MAX_STEPS = 100
 STEP_ID_PATTERN = r"^[A-Za-z][A-Za-z0-9_\-]{0,63}$"
-# An in-string substitution may repeat a large output many times; bound what one string can grow to.
-MAX_SUBSTITUTED_CHARS = 1_000_000
+# What a step's ${...} references may bring into its arguments, unless PlanRun is given another budget.
+MAX_EXPANSION_BYTES = 1024 * 1024
 
 _STEP_ID = re.compile(STEP_ID_PATTERN[1:-1])
 _STEP_FIELDS = frozenset({"id", "tool", "arguments", "depends_on"})
@@ -224,34 +225,71 @@ def _reference(match: re.Match[str], where: str) -> _Reference:
 # --- substitution -----------------------------------------------------------------------------------------
 
 
-def substitute(arguments: Any, outputs: dict[str, Any], *, step_id: str = "") -> Any:
-    """A copy of ``arguments`` with every ``${sN.output...}`` reference in its string values resolved.
+def substitute(arguments: Any, outputs: dict[str, Any], *, step_id: str = "", budget: int | None = None) -> Any:
+    """``arguments`` with every ``${sN.output...}`` reference in its string values resolved.
 
     Keys are never substituted. A path missing from the output is an InvalidArgument naming the segment,
-    prefixed with ``step <step_id>:`` when a step id is given.
+    prefixed with ``step <step_id>:`` when a step id is given. What the references bring in, counted as UTF-8 JSON,
+    may not exceed ``budget`` bytes (default :data:`MAX_EXPANSION_BYTES`): one output referenced a hundred times
+    would otherwise become a hundred copies. Referenced values are shared with ``outputs``, not copied: the caller
+    serializes the arguments and must not change them.
     """
-    where = f"step {step_id}: " if step_id else ""
-    if isinstance(arguments, dict):
-        return {key: substitute(value, outputs, step_id=step_id) for key, value in arguments.items()}
-    if isinstance(arguments, list):
-        return [substitute(item, outputs, step_id=step_id) for item in arguments]
-    if not isinstance(arguments, str):
-        return copy.deepcopy(arguments)
-    whole = _REFERENCE.fullmatch(arguments)
-    if whole is not None:
-        return copy.deepcopy(_resolve(_reference(whole, where), outputs, where))
-    pieces: list[str] = []
-    position = size = 0
-    for match in _REFERENCE.finditer(arguments):
-        value = _resolve(_reference(match, where), outputs, where)
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
-        pieces += [arguments[position : match.start()], text]
-        position = match.end()
-        size += len(pieces[-2]) + len(text)
-        if size > MAX_SUBSTITUTED_CHARS:
-            raise InvalidArgument(f"{where}substituted text longer than {MAX_SUBSTITUTED_CHARS} characters")
-    pieces.append(arguments[position:])
-    return "".join(pieces)
+    expander = _Expander(
+        outputs, f"step {step_id}: " if step_id else "", MAX_EXPANSION_BYTES if budget is None else budget
+    )
+    return expander.expand(arguments)
+
+
+class _Expander:
+    """One step's substitution, and what it has brought in so far."""
+
+    def __init__(self, outputs: dict[str, Any], where: str, budget: int) -> None:
+        self._outputs = outputs
+        self._where = where
+        self._budget = budget
+        self._spent = 0
+        self._sizes: dict[int, int] = {}  # id(value) -> its JSON size, each value measured once
+
+    def expand(self, arguments: Any) -> Any:
+        if isinstance(arguments, dict):
+            return {key: self.expand(value) for key, value in arguments.items()}
+        if isinstance(arguments, list):
+            return [self.expand(item) for item in arguments]
+        if not isinstance(arguments, str):
+            return arguments
+        whole = _REFERENCE.fullmatch(arguments)
+        if whole is not None:
+            value = _resolve(_reference(whole, self._where), self._outputs, self._where)
+            self._spend(self._size(value))
+            return value
+        pieces: list[str] = []
+        position = 0
+        for match in _REFERENCE.finditer(arguments):
+            value = _resolve(_reference(match, self._where), self._outputs, self._where)
+            if isinstance(value, str):
+                self._spend(len(value.encode()))
+                text = value
+            else:
+                self._spend(self._size(value))
+                text = json.dumps(value, ensure_ascii=False)
+            pieces += [arguments[position : match.start()], text]
+            position = match.end()
+        pieces.append(arguments[position:])
+        return "".join(pieces)
+
+    def _size(self, value: Any) -> int:
+        key = id(value)
+        if key not in self._sizes:
+            self._sizes[key] = len(json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode())
+        return self._sizes[key]
+
+    def _spend(self, size: int) -> None:
+        self._spent += size
+        if self._spent > self._budget:
+            raise FailedPrecondition(
+                f"{self._where}the references in its arguments expand to more than {self._budget} bytes "
+                "(ALTAN_MAX_EXPANSION_BYTES)"
+            )
 
 
 def _resolve(reference: _Reference, outputs: dict[str, Any], where: str) -> Any:
@@ -296,8 +334,16 @@ class StepState:
 class PlanRun:
     """One run of a plan; read :attr:`steps` at any time (for example after every event) to persist progress."""
 
-    def __init__(self, plan: Plan, execute: Execute, on_event: OnEvent | None = None) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        execute: Execute,
+        on_event: OnEvent | None = None,
+        *,
+        expansion_bytes: int = MAX_EXPANSION_BYTES,
+    ) -> None:
         self.plan = plan
+        self._expansion_bytes = expansion_bytes
         self.steps: dict[str, StepState] = {step.id: StepState(step.id, step.tool) for step in plan.steps}
         self.outputs: dict[str, Any] = {}
         self._execute = execute
@@ -347,7 +393,8 @@ class PlanRun:
     async def _call(self, step: Step, state: StepState) -> Any:
         started = time.monotonic()
         try:
-            return await self._execute(step, substitute(step.arguments, self.outputs, step_id=step.id))
+            arguments = substitute(step.arguments, self.outputs, step_id=step.id, budget=self._expansion_bytes)
+            return await self._execute(step, arguments)
         finally:
             state.finished_at = _now()
             state.duration_ms = round((time.monotonic() - started) * 1000)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from altan import context
@@ -17,11 +18,19 @@ from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
 from altan.errors import FailedPrecondition, NotFound
 from altan.store import TenantStore
-from altan.wire import new_id
+from altan.wire import json_bytes, new_id
 from services.agent.agents import AgentCatalog
-from services.agent.plan import PlanFailed, PlanRun, Step, StepState, error_message, parse_plan
+from services.agent.plan import (
+    MAX_EXPANSION_BYTES,
+    PlanFailed,
+    PlanRun,
+    Step,
+    StepState,
+    error_message,
+    parse_plan,
+)
 
-__all__ = ["TERMINAL", "TaskRunner", "ToolInvoker"]
+__all__ = ["TERMINAL", "TaskLimits", "TaskRunner", "ToolAnswer", "ToolInvoker"]
 
 log = logging.getLogger(__name__)
 
@@ -30,8 +39,27 @@ _IDEMPOTENCY = "idempotency"
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 
-# Runs one tool for an agent's task: (agent, step, arguments, task_id) -> (output, http_status).
-ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable[tuple[Any, int]]]
+# Runs one tool for an agent's task: (agent, step, arguments, task_id) -> its answer.
+ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable["ToolAnswer"]]
+
+
+@dataclass(frozen=True)
+class ToolAnswer:
+    """What a tool call of a task answered: the output, the third party's HTTP status, the output's JSON size."""
+
+    output: Any
+    http_status: int
+    size: int
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """How large a task may grow (docs/architecture.md, "Size limits")."""
+
+    expansion_bytes: int = MAX_EXPANSION_BYTES  # what one step's ${...} references may bring into its arguments
+    task_bytes: int = 4 * 1024 * 1024  # the task document: input, every step's output, and the result
+
+
 # Answers which of the given tool ids do not exist in the tenant.
 MissingTools = Callable[[list[str]], Awaitable[list[str]]]
 
@@ -44,8 +72,14 @@ class TaskRunner:
     """Submits, runs, reads and cancels the current tenant's tasks."""
 
     def __init__(
-        self, store: TenantStore, agents: AgentCatalog, missing_tools: MissingTools, invoke: ToolInvoker
+        self,
+        store: TenantStore,
+        agents: AgentCatalog,
+        missing_tools: MissingTools,
+        invoke: ToolInvoker,
+        limits: TaskLimits | None = None,
     ) -> None:
+        self._limits = limits or TaskLimits()
         self._store = store
         self._agents = agents
         self._missing_tools = missing_tools
@@ -152,18 +186,28 @@ class TaskRunner:
         task_id = task["task_id"]
         context.with_task(task_id)
 
+        # The task document holds its input, and each output twice (in its step and in the result).
+        size = len(json_bytes(task["input"]))
+
         async def execute(step: Step, arguments: dict[str, Any]) -> Any:
-            output, status = await self._invoke(agent, step, arguments, task_id)
+            nonlocal size
+            answer = await self._invoke(agent, step, arguments, task_id)
             task["usage"]["tool_calls"] += 1
-            if status >= 400:
-                raise FailedPrecondition(f"tool '{step.tool}' answered HTTP {status}")
-            return output
+            if answer.http_status >= 400:
+                raise FailedPrecondition(f"tool '{step.tool}' answered HTTP {answer.http_status}")
+            if size + 2 * answer.size > self._limits.task_bytes:
+                raise FailedPrecondition(
+                    f"its output of {answer.size} bytes would take the task past {self._limits.task_bytes} bytes "
+                    "(ALTAN_MAX_TASK_BYTES)"
+                )
+            size += 2 * answer.size
+            return answer.output
 
         async def on_event(kind: str, data: dict[str, Any]) -> None:
             await self._save(task, run)
             await self._emit(task_id, kind, data)
 
-        run = PlanRun(plan, execute, on_event)
+        run = PlanRun(plan, execute, on_event, expansion_bytes=self._limits.expansion_bytes)
         try:
             await self._save(task, run, status="running")
             await self._emit(task_id, "task.started", {})
@@ -194,4 +238,3 @@ def _step(state: StepState) -> dict[str, Any]:
     doc = state.to_dict()
     doc["id"] = doc.pop("step_id")
     return doc
-

@@ -25,7 +25,10 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     backend = open_backend(settings.redis_url)
     stack.push_async_callback(backend.aclose)
     guard = EgressGuard(policy)
-    http = GuardedHttpClient(guard, timeout=settings.call_deadline_seconds)
+    # A body larger than an output may be is not even read to the end.
+    http = GuardedHttpClient(
+        guard, timeout=settings.call_deadline_seconds, max_response_bytes=settings.max_output_bytes
+    )
     stack.push_async_callback(http.aclose)
     registry = ToolRegistry(TenantStore(backend, "tool"))
     executor = ToolExecutor(registry, http, ArgumentValidator())
@@ -38,7 +41,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         ),
         GrpcService(
             runtime_pb2_grpc.add_ToolRuntimeServiceServicer_to_server,
-            ToolRuntimeServicer(executor),
+            ToolRuntimeServicer(executor, settings.max_output_bytes),
             "altan.v1.ToolRuntimeService",
             ready=backend.ping,
         ),

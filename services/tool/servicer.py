@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from altan.api.tools import tool_spec_from_proto, tool_to_proto
+from altan.errors import FailedPrecondition
 from altan.server import Context
 from altan.v1 import runtime_pb2, runtime_pb2_grpc, tool_pb2, tool_pb2_grpc
 from altan.wire import json_bytes, paginate, parse_json
@@ -38,8 +39,9 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
 class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
     """Runs tool calls for the Integrator Engine (internal: it receives credentials)."""
 
-    def __init__(self, executor: ToolExecutor) -> None:
+    def __init__(self, executor: ToolExecutor, max_output_bytes: int) -> None:
         self._executor = executor
+        self._max_output_bytes = max_output_bytes
 
     async def ExecuteTool(
         self, request: runtime_pb2.ExecuteToolRequest, context: Context
@@ -54,8 +56,14 @@ class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
             credential,
             request.timeout_seconds or None,
         )
+        output = json_bytes(result.output)
+        if len(output) > self._max_output_bytes:
+            raise FailedPrecondition(
+                f"the output of tool '{request.tool_id}' is {len(output)} bytes, over the limit of "
+                f"{self._max_output_bytes} (ALTAN_MAX_OUTPUT_BYTES)"
+            )
         return runtime_pb2.ExecuteToolResponse(
-            output_json=json_bytes(result.output),
+            output_json=output,
             http_status=result.http_status,
             target=result.target,
             retry_after_seconds=result.retry_after or 0.0,

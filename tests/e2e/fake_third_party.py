@@ -85,6 +85,9 @@ def _handler(fake: FakeThirdParty) -> type[BaseHTTPRequestHandler]:
                     self._answer(503, {"error": "busy"}, {"Retry-After": wait[0] if wait else "0"})
                 else:
                     self._answer(200, {"attempts": count})
+            elif path.startswith("/big/"):
+                # /big/<n>: a JSON object holding n characters.
+                self._answer(200, {"data": "x" * int(path.split("/")[2])})
             elif path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", query["to"][0])

@@ -159,6 +159,10 @@ def start_stack(
         ALTAN_TOOL_PORT=str(internal["tool"]),
         ALTAN_INTEGRATOR_PORT=str(internal["integrator"]),
         ALTAN_MAX_BODY_BYTES=str(64 * 1024),
+        # Small size limits, so that tests reach them with small requests (tests/e2e/test_limits.py).
+        ALTAN_MAX_OUTPUT_BYTES=str(256 * 1024),
+        ALTAN_MAX_EXPANSION_BYTES=str(128 * 1024),
+        ALTAN_MAX_TASK_BYTES=str(1024 * 1024),
         ALTAN_CALL_DEADLINE_SECONDS="10",
         ALTAN_LOG_LEVEL="DEBUG",
     )

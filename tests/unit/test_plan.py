@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from altan.errors import InvalidArgument, Unavailable
+from altan.errors import FailedPrecondition, InvalidArgument, Unavailable
 from services.agent.plan import (
     MAX_STEPS,
     Plan,
@@ -201,8 +201,7 @@ def test_an_exact_reference_keeps_its_type() -> None:
         "none": None,
         "nested": [{"deep": 1}, 7, None, True],
     }
-    result["items"].append("changed")
-    assert len(OUTPUTS["s1"]["items"]) == 2  # substituted values are copies
+    assert result["whole"] is OUTPUTS["s1"]  # shared, not copied: the caller serializes the arguments at once
 
 
 def test_references_inside_text_become_text() -> None:
@@ -242,8 +241,25 @@ def test_missing_paths_name_the_segment(reference: str, message: str) -> None:
 
 
 def test_in_string_substitution_is_bounded() -> None:
-    with pytest.raises(InvalidArgument, match="longer than"):
+    with pytest.raises(FailedPrecondition, match=r"expand to more than 1048576 bytes \(ALTAN_MAX_EXPANSION_BYTES\)"):
         substitute("${s1.output}" * 10, {"s1": "x" * 200_000})
+
+
+def test_whole_value_references_are_bounded_before_anything_is_built() -> None:
+    """One 900 KB output referenced a hundred times used to become a hundred copies (95 MB -> 875 MB RSS)."""
+    big = {"rows": ["x" * 1000] * 900}
+    arguments = {f"copy{i}": "${s1.output}" for i in range(100)}
+    with pytest.raises(FailedPrecondition, match=r"step s2: the references in its arguments expand to more than"):
+        substitute(arguments, {"s1": big}, step_id="s2", budget=2 * 1024 * 1024)
+    # Within the budget, the same value is measured once and shared, never copied.
+    shared = substitute({"a": "${s1.output}", "b": "${s1.output.rows}"}, {"s1": big}, budget=2 * 1024 * 1024)
+    assert shared["a"] is big and shared["b"] is big["rows"]
+
+
+def test_the_budget_counts_text_in_utf8_bytes() -> None:
+    assert substitute("${s1.output}!", {"s1": "é" * 100}, budget=201) == "é" * 100 + "!"
+    with pytest.raises(FailedPrecondition):
+        substitute("${s1.output}!", {"s1": "é" * 100}, budget=199)
 
 
 # --- running ----------------------------------------------------------------------------------------------
