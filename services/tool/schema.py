@@ -23,6 +23,7 @@ from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from altan.errors import InvalidArgument
+from services.tool import metaschema
 
 __all__ = [
     "AUTH_TYPES",
@@ -203,7 +204,7 @@ def _check_input_schema(schema: Any, *, field: str = "input_schema") -> dict[str
     if schema.get("$schema", DRAFT_2020_12) != DRAFT_2020_12:
         raise InvalidArgument(f"{field}: $schema must be {DRAFT_2020_12} (or omitted)")
     try:
-        Draft202012Validator.check_schema(schema)
+        metaschema.check_schema(schema)
     except SchemaError as exc:
         raise InvalidArgument(f"{field}{exc.json_path[1:]}: {_short(exc.message)}") from exc
     if schema.get("type") != "object":
