@@ -24,6 +24,7 @@ from referencing.jsonschema import DRAFT202012
 
 from altan.errors import InvalidArgument
 from services.tool import metaschema
+from services.tool.schema_bounds import check_bounds, check_document
 
 __all__ = [
     "AUTH_TYPES",
@@ -203,6 +204,7 @@ def _check_input_schema(schema: Any, *, field: str = "input_schema") -> dict[str
         raise InvalidArgument(f"{field}: must be a JSON Schema object")
     if schema.get("$schema", DRAFT_2020_12) != DRAFT_2020_12:
         raise InvalidArgument(f"{field}: $schema must be {DRAFT_2020_12} (or omitted)")
+    check_document(schema, field)  # before anything walks it: the checks below take time in its size
     try:
         metaschema.check_schema(schema)
     except SchemaError as exc:
@@ -210,6 +212,7 @@ def _check_input_schema(schema: Any, *, field: str = "input_schema") -> dict[str
     if schema.get("type") != "object":
         raise InvalidArgument(f'{field}: must have "type": "object"')
     _check_references(schema, field)
+    check_bounds(schema, field)
     return copy.deepcopy(schema)
 
 
