@@ -63,6 +63,7 @@ class Budget:
     comparisons: dict[int, int]  # what comparing with each enum and const value of the compiled schema costs, by id
 
     def spend(self, units: int) -> None:
+        """Pay for work about to be done: :class:`OverBudget` when there is not enough left."""
         self.remaining -= units
         if self.remaining < 0:
             raise OverBudget
@@ -71,14 +72,18 @@ class Budget:
         cost = self.comparisons.get(id(value))
         return comparison_cost(value) if cost is None else cost
 
-    @staticmethod
-    def error(error: ValidationError) -> int:
-        """An error is created once (its message quotes the instance) and passed up through each keyword above."""
+    def paid_for(self, error: ValidationError) -> None:
+        """Pay for an error, once created (its message quotes the instance) and at each keyword it passes.
+
+        The work is done by then, so the error goes on to be reported even when this overdraws the budget: the
+        next work to be paid for is refused instead.
+        """
         # Marked on the error itself: cheaper than any set of them, and no id of a dropped error is ever reused.
         if error.__dict__.get(_PAID):
-            return _ERROR_PASSED_UP
-        error.__dict__[_PAID] = True
-        return _ERROR + len(error.message) // _MESSAGE_CHARS_PER_UNIT
+            self.remaining -= _ERROR_PASSED_UP
+        else:
+            error.__dict__[_PAID] = True
+            self.remaining -= _ERROR + len(error.message) // _MESSAGE_CHARS_PER_UNIT
 
 
 # Validation is synchronous: the budget of the call in progress, wherever jsonschema calls back into us.
@@ -194,7 +199,7 @@ def counted(implementation: Callable[..., Any], cost: Cost | None) -> Callable[.
             current.spend(KEYWORD if cost is None else max(KEYWORD, cost(value, instance, schema, current)))
         for error in implementation(validator, value, instance, schema) or ():
             if current is not None:
-                current.spend(current.error(error))
+                current.paid_for(error)
             yield error
 
     return keyword

@@ -348,10 +348,10 @@ class BoundedSchema:
         """
         errors: list[ValidationError] = []
         try:
-            with budget(ARGUMENT_BUDGET, self._comparisons):
+            with budget(ARGUMENT_BUDGET, self._comparisons) as current:
                 for error in self.validator.iter_errors(arguments):
                     errors.append(error)
-                    spend(_RANKED)
+                    current.remaining -= _RANKED  # ranked below, whatever is left
         except OverBudget:
             if not errors:
                 raise InvalidArgument(_TOO_COSTLY) from None

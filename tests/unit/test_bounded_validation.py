@@ -141,3 +141,10 @@ def test_a_stored_schema_beyond_the_bounds_is_refused_when_checked() -> None:
         ArgumentValidator().validate("legacy", stored, {"x": "a"})
     with pytest.raises(InvalidArgument, match="lookahead"):
         ArgumentValidator().validate("legacy", obj({"x": {"pattern": "(?=a)"}}), {"x": "a"})
+
+
+def test_an_error_that_overdraws_the_budget_is_still_reported() -> None:
+    # Its message quotes a megabyte: the work is done, so the answer is the error, not "too costly".
+    schema = created(obj({"text": {"type": "string", "maxLength": 10}}))
+    message = check(schema, {"text": "x" * 1_000_000})
+    assert message is not None and message.startswith("arguments.text: 'xxxx") and message.endswith("...")
