@@ -19,6 +19,7 @@ import string
 import sys
 import time
 from collections.abc import Callable
+from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ import re2
 from altan.errors import InvalidArgument
 from services.tool import argument_budget, schema_bounds
 from services.tool import bounded_validation as bv
+from services.tool.builtins import json_extract, parse_email, text_template
 from services.tool.schema import parse_custom_tool
 from services.tool.tenant_regex import compile_tenant_regex
 
@@ -226,8 +228,93 @@ def creation() -> None:
         print(f"{name:45s} {len(json.dumps(schema)):7d} {cpu(create) * 1e3:8.1f}")
 
 
+def _message(headers: list[tuple[str, str]], body: str) -> str:
+    return "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n" + body
+
+
+def _realistic_email(body_chars: int) -> str:
+    """A received message as a mail server hands it over: trace and signature fields, text, HTML, a PDF."""
+    message = EmailMessage()
+    for hop in range(6):
+        message["Received"] = f"from mx{hop}.example (mx{hop}.example [192.0.2.{hop}]) by mx.example; Tue, 4 Mar 2025"
+    message["DKIM-Signature"] = "v=1; a=rsa-sha256; d=example.com; s=s1; h=from:to:subject; b=" + "B" * 344
+    message["From"] = '"Doe, Alice" <alice@example.com>'
+    message["To"] = ", ".join(f"Person {i} <person{i}@example.com>" for i in range(30))
+    message["Subject"] = "=?utf-8?q?Caf=C3=A9?= invoice"
+    message["Date"] = "Tue, 04 Mar 2025 10:15:00 +0100"
+    message.set_content("Hello Bob, the invoice is attached and the details follow.\n" * (body_chars // 60))
+    message.add_alternative("<p>Hello <b>Bob</b>, the invoice is attached.</p>\n" * (body_chars // 50), subtype="html")
+    message.add_attachment(b"%PDF" * (body_chars // 4), maintype="application", subtype="pdf", filename="invoice.pdf")
+    return message.as_string()
+
+
+def email_shapes() -> list[tuple[str, str]]:
+    size = 64 * 1024
+    nested, closing = "", ""
+    for level in range(60):
+        nested += f"Content-Type: multipart/mixed; boundary=b{level}\n\n--b{level}\n"
+        closing = f"\n--b{level}--\n" + closing
+    parts = "".join(f"--b\nContent-Type: text/plain; name=p{i}\n\nx\n" for i in range(600))
+    return [
+        ("realistic, 10 kB", _realistic_email(3_000)),
+        ("realistic, 300 kB", _realistic_email(100_000)),
+        ("realistic, 500 kB", _realistic_email(150_000)),
+        ("plain text, 500 kB, 70-char lines", _message([("From", "a@b.c")], ("x" * 68 + "\r\n") * 7_400)),
+        ("plain text, 64 kB, 2-char lines", _message([("From", "a@b.c")], "x\n" * (size // 2))),
+        ("To: 64 kB of addresses", _message([("To", ", ".join(f"u{i} <u{i}@e.com>" for i in range(size // 16)))], "x")),
+        ("Content-Type: 8 kB of parameters", _message([("Content-Type", "text/plain; " + "p=v; " * 1600)], "x")),
+        ("64 kB of short header fields", _message([(f"X-H{i}", "v") for i in range(size // 10)], "x")),
+        ("Subject: 64 kB of encoded words", _message([("Subject", "=?utf-8?q?caf=C3=A9?= " * (size // 21))], "x")),
+        ("multipart nested 60 levels", "From: a@b.c\n" + nested + "Content-Type: text/plain\n\nx" + closing),
+        ("multipart, 600 parts", "From: a@b.c\nContent-Type: multipart/mixed; boundary=b\n\n" + parts + "--b--\n"),
+        ("HTML only, 256 kB of tags", _message([("Content-Type", "text/html")], "<p><b>x</b></p>\n" * 16_000)),
+        (
+            "HTML only, 200 kB of prose",
+            _message([("Content-Type", "text/html")], ("<p>" + "word " * 200 + "</p>") * 200),
+        ),
+    ]
+
+
+def builtins() -> None:
+    print(f"{'parse_email input':45s} {'chars':>8s} {'CPU ms':>8s}  outcome")
+    for name, raw in email_shapes():
+        outcome: list[str] = []
+
+        def parse(raw: str = raw, seen: list[str] = outcome) -> None:
+            try:
+                parse_email(raw)
+                seen[:] = ["parsed"]
+            except InvalidArgument as exc:
+                seen[:] = [exc.message[:40]]
+
+        print(f"{name:45s} {len(raw):8d} {cpu(parse) * 1e3:8.1f}  {outcome[0]}")
+    big = {"rows": [{"id": i, "tags": ["a", "b"]} for i in range(30_000)]}
+    cases: list[tuple[str, Callable[[], Any]]] = [
+        ("json_extract, 1 MB data, 1000-char path", lambda: json_extract(big, "rows[1].tags[0]" + ".x" * 490)),
+        ("text_template, 2,000 deep placeholders", lambda: text_template("{{ a.b.c.d.e.f.g.h }}" * 2000, deep())),
+        ("text_template, 100 kB of unclosed braces", lambda: text_template("{ " * 50_000, {})),
+        ("text_template, a 1 MB value inserted twice", lambda: text_template("{{ rows }}{{ rows }}", big)),
+        ("text_template, 2,000 placeholders of 1 MB", lambda: text_template("{{ s }}" * 2000, {"s": "x" * 1_000_000})),
+    ]
+    for name, run in cases:
+        outcome = []
+
+        def call(run: Callable[[], Any] = run, seen: list[str] = outcome) -> None:
+            try:
+                run()
+                seen[:] = ["done"]
+            except InvalidArgument as exc:
+                seen[:] = [exc.message[:40]]
+
+        print(f"{name:54s} {cpu(call) * 1e3:8.1f}  {outcome[0]}")
+
+
+def deep() -> dict[str, Any]:
+    return {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": 1}}}}}}}}
+
+
 def main() -> None:
-    parts = {"validation": validation, "budgeted": budgeted, "creation": creation}
+    parts = {"validation": validation, "budgeted": budgeted, "creation": creation, "builtins": builtins}
     for part in sys.argv[1:] or list(parts):
         parts[part]()
 

@@ -1,11 +1,13 @@
-"""What checking arguments costs: the budget of one call, and the price of each keyword before it runs.
+"""The budget of work of one tool call on its arguments, and what checking them against a schema costs.
 
-One unit is about a microsecond of CPU where it was measured (``python bench/tenant_input.py``): the prices
-below were set so that every shape of schema and arguments there costs at most about a microsecond per unit,
-so that a call's budget of :data:`ARGUMENT_BUDGET` units stays near 50 ms at worst. A keyword pays before it
-works, as far as its work is known in advance (the subschemas it will apply, the members it will compare, the
-bytes a pattern will scan), and each error it reports pays for its message: jsonschema quotes the instance in
-it, and the repr of a megabyte of arguments takes 30 ms.
+One unit is about a microsecond of CPU where it was measured (``python bench/tenant_input.py``). Checking the
+arguments against the tool's schema spends from a budget of :data:`ARGUMENT_BUDGET` units; the CPU-heavy
+built-ins spend from budgets of their own (:mod:`~services.tool.builtins`). The prices of the keywords below
+were set so that every shape of schema and arguments measured costs at most about a microsecond per unit, so
+that a budget of 50,000 units stays near 50 ms at worst. A keyword pays before it works, as far as its work is
+known in advance (the subschemas it will apply, the members it will compare, the bytes a pattern will scan),
+and each error it reports pays for its message: jsonschema quotes the instance in it, and the repr of a megabyte
+of arguments takes 30 ms.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from jsonschema.exceptions import ValidationError
@@ -52,7 +54,7 @@ _PAID = "_altan_budget_paid"
 
 
 class OverBudget(Exception):
-    """The call's budget is spent; raised through jsonschema's generators up to whoever set the budget."""
+    """The budget is spent; raised through the library doing the work up to the caller of :func:`budget`."""
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Budget:
     """The units left to the call in progress."""
 
     remaining: int
-    comparisons: dict[int, int]  # what comparing with each enum and const value of the compiled schema costs, by id
+    comparisons: dict[int, int] = field(default_factory=dict)  # enum and const values' costs (comparison_cost), by id
 
     def spend(self, units: int) -> None:
         """Pay for work about to be done: :class:`OverBudget` when there is not enough left."""
@@ -86,18 +88,18 @@ class Budget:
             self.remaining -= _ERROR + len(error.message) // _MESSAGE_CHARS_PER_UNIT
 
 
-# Validation is synchronous: the budget of the call in progress, wherever jsonschema calls back into us.
-_current: ContextVar[Budget | None] = ContextVar("altan_argument_budget", default=None)
+# The budget of the work in progress, wherever a library calls back into us (asyncio.to_thread carries it along).
+_current: ContextVar[Budget | None] = ContextVar("altan_work_budget", default=None)
 
 
 @contextmanager
-def budget(units: int, comparisons: dict[int, int]) -> Iterator[Budget]:
+def budget(units: int, comparisons: dict[int, int] | None = None) -> Iterator[Budget]:
     """Spend at most ``units`` within the block, or :class:`OverBudget` is raised where the budget ran out.
 
-    ``comparisons``: what comparing with each ``enum`` and ``const`` value costs, by id (see
-    :func:`comparison_cost`), computed once per compiled schema.
+    ``comparisons``: what comparing with each ``enum`` and ``const`` value of a compiled schema costs, by id
+    (see :func:`comparison_cost`), computed once per schema.
     """
-    current = Budget(units, comparisons)
+    current = Budget(units, comparisons or {})
     token = _current.set(current)
     try:
         yield current

@@ -338,7 +338,10 @@ def _optional_str(body: dict[str, Any], field: str, default: str) -> str:
 
 
 def _short(message: str) -> str:
-    return message if len(message) <= _MAX_ERROR_MESSAGE else message[: _MAX_ERROR_MESSAGE - 3] + "..."
+    # The middle goes: a quoted value comes first, and what is wrong with it ("is too long") last.
+    if len(message) <= _MAX_ERROR_MESSAGE:
+        return message
+    return message[: _MAX_ERROR_MESSAGE - 63] + "..." + message[-60:]
 
 
 class ArgumentValidator:

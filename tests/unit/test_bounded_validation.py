@@ -147,4 +147,4 @@ def test_an_error_that_overdraws_the_budget_is_still_reported() -> None:
     # Its message quotes a megabyte: the work is done, so the answer is the error, not "too costly".
     schema = created(obj({"text": {"type": "string", "maxLength": 10}}))
     message = check(schema, {"text": "x" * 1_000_000})
-    assert message is not None and message.startswith("arguments.text: 'xxxx") and message.endswith("...")
+    assert message is not None and message.startswith("arguments.text: 'xxxx") and message.endswith("' is too long")
