@@ -87,8 +87,8 @@ def shapes() -> list[tuple[str, dict[str, Any], Any]]:
             {"a": [{"i": i, "s": w} for i, w in enumerate(words)]},
         ),
         (
-            "properties: 400 entries, 1 matches",
-            obj({"a": {"type": "array", "items": obj({f"p{i}": {"type": "string"} for i in range(400)})}}),
+            "properties: 280 entries, 1 matches",
+            obj({"a": {"type": "array", "items": obj({f"p{i}": {"type": "string"} for i in range(280)})}}),
             {"a": [{"p1": "x"}] * 1000},
         ),
         (

@@ -53,7 +53,7 @@ def test_arguments_too_costly_to_check_are_a_clear_400() -> None:
         # A megabyte of arguments against allowed but costly schemas: each stops at the budget.
         (obj({"a": {"items": {"anyOf": [{"type": "integer"}] * 20}}}), {"a": ["x" * 100] * 10_000}),
         (obj({"a": {"uniqueItems": True}}), {"a": [{"k": [i, str(i)] * 10} for i in range(10_000)]}),
-        (obj({"a": {"items": {"enum": [f"v{i}" for i in range(900)]}}}), {"a": ["x" * 100] * 10_000}),
+        (obj({"a": {"items": {"enum": [f"v{i}" for i in range(580)]}}}), {"a": ["x" * 100] * 10_000}),
         (obj({"a": {"maxProperties": 1, "anyOf": [False] * 50}}), {"a": {f"k{i}": "x" * 100 for i in range(10_000)}}),
         (obj({"a": {"pattern": "[ab]*a[ab]{30}c"}}), {"a": "ab" * 500_000}),
         (obj({"a": {"items": {"required": [f"r{i}" for i in range(500)]}}}), {"a": [{}] * 2_000}),
