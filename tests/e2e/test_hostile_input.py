@@ -1,10 +1,10 @@
 """One tenant's most hostile schemas and arguments cannot stall another tenant's requests.
 
 While a hostile tenant creates tools with the costliest input schemas the bounds admit (and the ones they refuse),
-invokes them with the costliest arguments, feeds the built-ins their costliest input and runs a plan whose last
-step gets a megabyte of arguments, another tenant's requests are timed from a concurrent thread. Before the bounds,
-a single call could hold the tool service for seconds (4.5 s measured for another tenant's GET /v1/tools) or
-hours; now each call of the hostile tenant costs at most ~50 ms of CPU.
+invokes them with the costliest arguments and feeds the built-ins their costliest input, another tenant's requests
+are timed from a concurrent thread. Before the bounds, a single call could hold the tool service for seconds (4.5 s
+measured for another tenant's GET /v1/tools) or hours; now each call of the hostile tenant costs it at most ~50 ms
+of CPU. And a plan hands a megabyte of arguments to a tool whose schema would take minutes to check them.
 """
 
 from __future__ import annotations
