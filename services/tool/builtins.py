@@ -3,27 +3,31 @@
 ``http_request`` is only a spec here: the tool executor runs it, through the egress guard. ``parse_email``,
 ``json_extract`` and ``text_template`` run in-process and touch nothing outside their arguments.
 Treat the specs in :data:`BUILTIN_TOOLS` as read-only: they are shared by every tenant.
+
+Each in-process call takes at most about 50 ms of CPU whatever its arguments (``bench/tenant_input.py builtins``):
+the service's other requests wait meanwhile, in a worker thread too, which holds the GIL. The caps that ensure it
+are in the specs (``maxLength``), so that an LLM and the OpenAPI see them; what a length cannot bound is refused
+with a 400 as it is found (parse_email's budget of work, text_template's placeholders and JSON values).
 """
 
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
-import email.utils
 import json
 import re
 from collections.abc import Callable, Sequence
-from email.message import EmailMessage, Message
-from html.parser import HTMLParser
 from typing import Any
 
 from altan.errors import InvalidArgument
+from services.tool.builtin_email import MAX_EMAIL_CHARS, parse_email
 from services.tool.schema import ArgumentValidator
 
 __all__ = ["BUILTIN_TOOLS", "is_builtin", "json_extract", "parse_email", "run_builtin", "text_template"]
 
-MAX_EMAIL_CHARS = 10_000_000
+MAX_PATH_CHARS = 1000
+MAX_TEMPLATE_CHARS = 100_000
+MAX_TEMPLATE_PLACEHOLDERS = 2000  # ~10 us each with a long name: 20 ms
+MAX_TEMPLATE_JSON_VALUES = 50_000  # inserted as JSON, in all: counting and dumping them, ~25 ms
 MAX_TEMPLATE_OUTPUT_CHARS = 1_000_000
 
 
@@ -58,7 +62,14 @@ BUILTIN_TOOLS: dict[str, dict[str, Any]] = {
             "parse_email",
             "Parse email",
             "Parse an RFC 5322 email message into subject, sender, recipients, date, headers, text and attachments.",
-            {"raw": {"type": "string", "description": "The whole message, headers and body."}},
+            {
+                "raw": {
+                    "type": "string",
+                    "maxLength": MAX_EMAIL_CHARS,
+                    "description": "The whole message, headers and body. Messages too costly to parse are refused "
+                    "(very long address or MIME header fields, hundreds of MIME parts, very dense HTML).",
+                }
+            },
             ["raw"],
         ),
         _spec(
@@ -68,7 +79,11 @@ BUILTIN_TOOLS: dict[str, dict[str, Any]] = {
             "Answers {value, found}; found is false (and value null) when the path does not exist.",
             {
                 "data": {"description": "Any JSON value."},
-                "path": {"type": "string", "description": 'Dot keys and [index] items, optionally after "$".'},
+                "path": {
+                    "type": "string",
+                    "maxLength": MAX_PATH_CHARS,
+                    "description": 'Dot keys and [index] items, optionally after "$".',
+                },
             },
             ["data", "path"],
         ),
@@ -77,8 +92,17 @@ BUILTIN_TOOLS: dict[str, dict[str, Any]] = {
             "Fill text template",
             "Replace {{ name }} and {{ a.b }} placeholders in a template with values; non-strings become JSON.",
             {
-                "template": {"type": "string"},
-                "values": {"type": "object", "description": "Values the placeholders name."},
+                "template": {
+                    "type": "string",
+                    "maxLength": MAX_TEMPLATE_CHARS,
+                    "description": f"At most {MAX_TEMPLATE_PLACEHOLDERS} placeholders; the text made of it at most "
+                    f"{MAX_TEMPLATE_OUTPUT_CHARS} characters.",
+                },
+                "values": {
+                    "type": "object",
+                    "description": f"Values the placeholders name (non-strings at most {MAX_TEMPLATE_JSON_VALUES} "
+                    "JSON values in all).",
+                },
             },
             ["template", "values"],
         ),
@@ -109,136 +133,6 @@ async def run_builtin(tool_id: str, arguments: dict[str, Any]) -> Any:
     return implementation(arguments)  # microseconds: a thread hop would cost more than the work
 
 
-# --- parse_email ------------------------------------------------------------------------------------------
-
-
-def parse_email(raw: str) -> dict[str, Any]:
-    """The parts of an RFC 5322 message a plan usually needs. Malformed input raises only InvalidArgument."""
-    if not isinstance(raw, str):
-        raise InvalidArgument("raw: must be a string")
-    if len(raw) > MAX_EMAIL_CHARS:
-        raise InvalidArgument(f"raw: longer than {MAX_EMAIL_CHARS} characters")
-    try:
-        message = email.message_from_string(raw, policy=email.policy.default)
-        if not message.keys():
-            raise InvalidArgument("raw: not an RFC 5322 message (no header fields)")
-        return _email_fields(message)
-    except InvalidArgument:
-        raise
-    except Exception as exc:
-        # The email package has many ways to trip over hostile input (header parser errors, bad encodings);
-        # none of them is our fault, so all of them are the caller's malformed message.
-        raise InvalidArgument(f"raw: malformed message ({type(exc).__name__})") from exc
-
-
-def _email_fields(message: Message) -> dict[str, Any]:
-    senders = _addresses(message, "from")
-    body_parts: list[Message] = []
-    text = ""
-    if isinstance(message, EmailMessage):
-        plain, html = message.get_body(preferencelist=("plain",)), message.get_body(preferencelist=("html",))
-        body_parts = [part for part in (plain, html) if part is not None]
-        if plain is not None:
-            text = _part_text(plain)
-        elif html is not None:
-            text = _html_to_text(_part_text(html))
-    return {
-        "subject": str(message.get("subject", "")),
-        "from": senders[0][1] if senders else None,
-        "from_name": senders[0][0] if senders else None,
-        "to": [address for _, address in _addresses(message, "to")],
-        "cc": [address for _, address in _addresses(message, "cc")],
-        "date": _date(message),
-        "message_id": str(message.get("message-id", "")).strip() or None,
-        "headers": _headers(message),
-        "text": text,
-        "attachments": _attachments(message, body_parts),
-    }
-
-
-def _headers(message: Message) -> dict[str, str]:
-    # Lower-case names, first occurrence wins: predictable for ${s1.output.headers.x-mailer} references.
-    headers: dict[str, str] = {}
-    for name, value in message.items():
-        headers.setdefault(name.lower(), str(value))
-    return headers
-
-
-def _addresses(message: Message, header: str) -> list[tuple[str, str]]:
-    values = [str(value) for value in message.get_all(header, [])]
-    return [(name, address) for name, address in email.utils.getaddresses(values) if address]
-
-
-def _date(message: Message) -> str | None:
-    value = message.get("date")
-    if value is None:
-        return None
-    try:
-        return email.utils.parsedate_to_datetime(str(value)).isoformat()
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
-
-
-def _part_text(part: Message) -> str:
-    try:
-        content = part.get_content()  # type: ignore[attr-defined]
-    except (LookupError, UnicodeError):  # an unknown or lying charset
-        payload = part.get_payload(decode=True)
-        content = payload.decode("utf-8", errors="replace") if isinstance(payload, bytes) else ""
-    return content if isinstance(content, str) else ""
-
-
-def _attachments(message: Message, body_parts: list[Message]) -> list[dict[str, Any]]:
-    attachments = []
-    for part in message.walk():
-        if part.is_multipart() or any(part is body for body in body_parts):
-            continue
-        filename = part.get_filename()
-        if filename is None and part.get_content_disposition() != "attachment":
-            continue
-        payload = part.get_payload(decode=True)
-        attachments.append(
-            {
-                "filename": filename,
-                "content_type": part.get_content_type(),
-                "size": len(payload) if isinstance(payload, bytes) else 0,
-            }
-        )
-    return attachments
-
-
-class _TextExtractor(HTMLParser):
-    _SKIPPED = frozenset({"script", "style", "head", "title"})
-    _BREAKS = frozenset({"br", "p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6"})
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.chunks: list[str] = []
-        self._skipping = 0
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        if tag in self._SKIPPED:
-            self._skipping += 1
-        elif tag in self._BREAKS:
-            self.chunks.append("\n")
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag in self._SKIPPED and self._skipping:
-            self._skipping -= 1
-
-    def handle_data(self, data: str) -> None:
-        if not self._skipping:
-            self.chunks.append(data)
-
-
-def _html_to_text(html: str) -> str:
-    extractor = _TextExtractor()
-    extractor.feed(html)
-    extractor.close()
-    lines = (" ".join(line.split()) for line in "".join(extractor.chunks).splitlines())
-    return "\n".join(line for line in lines if line)
-
-
 # --- json_extract -----------------------------------------------------------------------------------------
 
 _PATH_TOKEN = re.compile(r"\.([^.\[\]]+)|\[(-?\d+)\]|\[\"((?:[^\"\\]|\\.)*)\"\]|\['((?:[^'\\]|\\.)*)'\]")
@@ -257,6 +151,8 @@ def json_extract(data: Any, path: str) -> dict[str, Any]:
 def _parse_path(path: str) -> list[str | int]:
     if not isinstance(path, str):
         raise InvalidArgument("path: must be a string")
+    if len(path) > MAX_PATH_CHARS:
+        raise InvalidArgument(f"path: longer than {MAX_PATH_CHARS} characters")
     rest = path.strip().removeprefix("$")
     if rest and not rest.startswith((".", "[")):
         rest = "." + rest
@@ -286,7 +182,7 @@ def _walk(data: Any, segments: Sequence[str | int]) -> tuple[bool, Any]:
             current = current[key]
         elif isinstance(current, list):
             if isinstance(segment, str):
-                if not re.fullmatch(r"-?\d+", segment):
+                if not re.fullmatch(r"-?\d{1,18}", segment):  # longer is no index (and int() refuses 4,300 digits)
                     return False, None
                 segment = int(segment)
             if not -len(current) <= segment < len(current):
@@ -308,12 +204,33 @@ def text_template(template: str, values: dict[str, Any]) -> dict[str, str]:
     """``{"text": ...}``: each ``{{ name }}`` or ``{{ a.b.0 }}`` replaced by the value it names.
 
     Lookups are plain dict keys and list indexes, nothing else; strings go in as they are, other values as JSON.
+    Bounded (400 past a bound): :data:`MAX_TEMPLATE_CHARS` of template, :data:`MAX_TEMPLATE_PLACEHOLDERS`
+    placeholders, :data:`MAX_TEMPLATE_JSON_VALUES` JSON values inserted as JSON in all (each value counted and
+    dumped once), :data:`MAX_TEMPLATE_OUTPUT_CHARS` of text.
     """
     if not isinstance(template, str):
         raise InvalidArgument("template: must be a string")
     if not isinstance(values, dict):
         raise InvalidArgument("values: must be an object")
+    if len(template) > MAX_TEMPLATE_CHARS:
+        raise InvalidArgument(f"template: longer than {MAX_TEMPLATE_CHARS} characters")
+    if template.count("{{") > MAX_TEMPLATE_PLACEHOLDERS:
+        raise InvalidArgument(f'template: more than {MAX_TEMPLATE_PLACEHOLDERS} placeholders ("{{{{")')
     budget = [MAX_TEMPLATE_OUTPUT_CHARS - len(template)]
+    json_values = [MAX_TEMPLATE_JSON_VALUES]
+    dumped: dict[int, str] = {}  # by id: a value named by many placeholders is dumped once
+
+    def as_json(name: str, value: Any) -> str:
+        if id(value) not in dumped:
+            counted = _count_json_values(value, json_values[0])
+            if counted is None:
+                raise InvalidArgument(
+                    f"values: {name} is too large to write as JSON (more than {MAX_TEMPLATE_JSON_VALUES} JSON values "
+                    "written in all)"
+                )
+            json_values[0] -= counted
+            dumped[id(value)] = json.dumps(value, ensure_ascii=False)
+        return dumped[id(value)]
 
     def fill(match: re.Match[str]) -> str:
         name = match.group(1).strip()
@@ -322,13 +239,28 @@ def text_template(template: str, values: dict[str, Any]) -> dict[str, str]:
         found, value = _walk(values, name.split("."))
         if not found:
             raise InvalidArgument(f"values: no value for {{{{ {name} }}}}")
-        text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+        text = value if isinstance(value, str) else as_json(name, value)
         budget[0] -= len(text)
         if budget[0] < 0:
             raise InvalidArgument(f"template: the text would be longer than {MAX_TEMPLATE_OUTPUT_CHARS} characters")
         return text
 
     return {"text": _TEMPLATE_PLACEHOLDER.sub(fill, template)}
+
+
+def _count_json_values(value: Any, limit: int) -> int | None:
+    """How many JSON values ``value`` holds (itself included), or None as soon as that is more than ``limit``."""
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        count += 1
+        if count > limit:
+            return None
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return count
 
 
 _IMPLEMENTATIONS: dict[str, Callable[[dict[str, Any]], Any]] = {

@@ -16,14 +16,16 @@ from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError, best_match
+from jsonschema.exceptions import SchemaError
 from referencing import Registry, Resource
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
 from altan.api.tools import CustomToolSpec, parse_tool_spec
 from altan.errors import InvalidArgument
+from services.tool import metaschema
+from services.tool.bounded_validation import BoundedSchema
+from services.tool.schema_bounds import check_bounds, check_document
 
 __all__ = [
     "ArgumentValidator",
@@ -62,13 +64,15 @@ def _check_input_schema(schema: Any, *, field: str = "input_schema") -> dict[str
         raise InvalidArgument(f"{field}: must be a JSON Schema object")
     if schema.get("$schema", DRAFT_2020_12) != DRAFT_2020_12:
         raise InvalidArgument(f"{field}: $schema must be {DRAFT_2020_12} (or omitted)")
+    check_document(schema, field)  # before anything walks it: the checks below take time in its size
     try:
-        Draft202012Validator.check_schema(schema)
+        metaschema.check_schema(schema)
     except SchemaError as exc:
         raise InvalidArgument(f"{field}{exc.json_path[1:]}: {_short(exc.message)}") from exc
     if schema.get("type") != "object":
         raise InvalidArgument(f'{field}: must have "type": "object"')
     _check_references(schema, field)
+    check_bounds(schema, field)
     return copy.deepcopy(schema)
 
 
@@ -156,24 +160,28 @@ def _query_scalar(value: Any) -> str:
 
 
 def _short(message: str) -> str:
-    return message if len(message) <= _MAX_ERROR_MESSAGE else message[: _MAX_ERROR_MESSAGE - 3] + "..."
+    # The middle goes: a quoted value comes first, and what is wrong with it ("is too long") last.
+    if len(message) <= _MAX_ERROR_MESSAGE:
+        return message
+    return message[: _MAX_ERROR_MESSAGE - 63] + "..." + message[-60:]
 
 
 class ArgumentValidator:
     """Checks tool arguments against the tool's ``input_schema``, compiling each schema once.
 
     Compiled validators are kept per ``(tool_id, schema fingerprint)``, so a changed schema under the same
-    ``tool_id`` gets a new validator; the least recently used ones are dropped beyond ``max_entries``.
+    ``tool_id`` gets a new validator; the least recently used ones are dropped beyond ``max_entries``. A check
+    never takes more than a bounded amount of work (:mod:`services.tool.bounded_validation`).
     """
 
     def __init__(self, max_entries: int = 1024) -> None:
         self._max_entries = max_entries
-        self._cache: OrderedDict[tuple[str, str], Draft202012Validator] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], BoundedSchema] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._cache)
 
-    def validator_for(self, tool_id: str, schema: dict[str, Any]) -> Draft202012Validator:
+    def validator_for(self, tool_id: str, schema: dict[str, Any]) -> BoundedSchema:
         """The compiled validator of ``schema``, from the cache when it has been seen before."""
         fingerprint = hashlib.sha256(
             json.dumps(schema, sort_keys=True, separators=(",", ":"), default=str).encode()
@@ -181,7 +189,7 @@ class ArgumentValidator:
         key = (tool_id, fingerprint)
         validator = self._cache.get(key)
         if validator is None:
-            validator = Draft202012Validator(copy.deepcopy(schema))
+            validator = BoundedSchema(schema)
             self._cache[key] = validator
             if len(self._cache) > self._max_entries:
                 self._cache.popitem(last=False)
@@ -195,7 +203,7 @@ class ArgumentValidator:
             raise InvalidArgument("arguments: must be a JSON object")
         validator = self.validator_for(tool_id, schema)
         try:
-            error = best_match(validator.iter_errors(arguments))
+            error = validator.best_error(arguments)
         except Unresolvable as exc:
             raise InvalidArgument(f"input_schema: a $ref of tool {tool_id!r} does not resolve") from exc
         if error is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import time
 from email.message import EmailMessage
 from typing import Any
 
@@ -11,7 +13,19 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from altan.errors import InvalidArgument
-from services.tool.builtins import BUILTIN_TOOLS, is_builtin, json_extract, parse_email, run_builtin, text_template
+from services.tool.builtin_email import MAX_EMAIL_CHARS
+from services.tool.builtins import (
+    BUILTIN_TOOLS,
+    MAX_PATH_CHARS,
+    MAX_TEMPLATE_CHARS,
+    MAX_TEMPLATE_JSON_VALUES,
+    MAX_TEMPLATE_PLACEHOLDERS,
+    is_builtin,
+    json_extract,
+    parse_email,
+    run_builtin,
+    text_template,
+)
 from services.tool.schema import ArgumentValidator
 
 
@@ -256,5 +270,94 @@ def test_text_template_output_is_bounded() -> None:
 
 
 def test_text_template_unclosed_braces_are_cheap() -> None:
-    template = "{{" + "a" * 200_000 + "{{" * 100_000
+    template = "{{" + "a" * 90_000 + "{{" * 1_000
     assert text_template(template, {}) == {"text": template}
+
+
+# --- bounds: no call takes more than about 50 ms of CPU ----------------------------------------------------
+
+
+def header_message(headers: list[tuple[str, str]], body: str = "x") -> str:
+    return "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n" + body
+
+
+HOSTILE_EMAILS = {
+    # Each took from a quarter of a second to a minute of CPU before (measured), holding the GIL.
+    "64 kB of addresses": header_message([("To", ", ".join(f"u{i} <u{i}@e.com>" for i in range(4_000)))]),
+    "8 kB of MIME parameters": header_message([("Content-Type", "text/plain; " + "p=v; " * 1_600)]),
+    "64 kB of encoded words": header_message([("Subject", "=?utf-8?q?caf=C3=A9?= " * 3_000)]),
+    "6,500 header fields": header_message([(f"X-H{i}", "v") for i in range(6_500)]),
+    "600 MIME parts": "Content-Type: multipart/mixed; boundary=b\n\n"
+    + "".join(f"--b\nContent-Type: text/plain; name=p{i}\n\nx\n" for i in range(600))
+    + "--b--\n",
+    "256 kB of dense HTML": header_message([("Content-Type", "text/html")], "<p><b>x</b></p>\n" * 16_000),
+}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", sorted(HOSTILE_EMAILS))
+def test_parse_email_refuses_messages_too_costly_to_parse(name: str) -> None:
+    start = time.process_time()
+    with pytest.raises(InvalidArgument, match=r"^raw: too costly to parse"):
+        parse_email(HOSTILE_EMAILS[name])
+    assert time.process_time() - start < 0.25  # 50 ms measured at worst; generous for a loaded machine
+
+
+@pytest.mark.timeout(30)
+def test_parse_email_still_parses_large_ordinary_messages() -> None:
+    message = EmailMessage()
+    message["From"] = "a@example.com"
+    message["To"] = ", ".join(f"Person {i} <p{i}@example.com>" for i in range(30))
+    message["Subject"] = "big"
+    message.set_content("Some text of a line, as people write them.\n" * 3_000)
+    message.add_attachment(b"%PDF" * 60_000, maintype="application", subtype="pdf", filename="big.pdf")
+    raw = message.as_string()
+    assert 300_000 < len(raw) <= MAX_EMAIL_CHARS
+    parsed = parse_email(raw)
+    assert parsed["attachments"] == [{"filename": "big.pdf", "content_type": "application/pdf", "size": 240_000}]
+    with pytest.raises(InvalidArgument, match=f"^raw: longer than {MAX_EMAIL_CHARS} characters"):
+        parse_email(raw + "x" * MAX_EMAIL_CHARS)
+
+
+def test_the_caps_are_in_the_specs() -> None:
+    properties = {tool_id: spec["input_schema"]["properties"] for tool_id, spec in BUILTIN_TOOLS.items()}
+    assert properties["parse_email"]["raw"]["maxLength"] == MAX_EMAIL_CHARS
+    assert properties["json_extract"]["path"]["maxLength"] == MAX_PATH_CHARS
+    assert properties["text_template"]["template"]["maxLength"] == MAX_TEMPLATE_CHARS
+
+
+async def test_arguments_over_a_cap_are_refused_before_the_work() -> None:
+    with pytest.raises(InvalidArgument, match=r"^arguments\.raw: 'xxx.*xxx' is too long$"):
+        await run_builtin("parse_email", {"raw": "x" * (MAX_EMAIL_CHARS + 1)})
+    with pytest.raises(InvalidArgument, match=r"^arguments\.path: .* is too long$"):
+        await run_builtin("json_extract", {"data": {}, "path": "a." * MAX_PATH_CHARS})
+
+
+def test_json_extract_and_text_template_take_huge_indexes_as_missing() -> None:
+    # int() refuses 4,300 digits: a ValueError, a 500, before.
+    assert json_extract([1], "[" + "9" * 990 + "]") == {"value": None, "found": False}
+    with pytest.raises(InvalidArgument, match="no value for"):
+        text_template("{{ a." + "9" * 5_000 + " }}", {"a": [1]})
+
+
+@pytest.mark.parametrize(
+    ("template", "values", "message"),
+    [
+        ("x" * (MAX_TEMPLATE_CHARS + 1), {}, "template: longer than"),
+        ("{{ a }}" * (MAX_TEMPLATE_PLACEHOLDERS + 1), {"a": "x"}, "template: more than 2000 placeholders"),
+        ("{{ a }}", {"a": list(range(MAX_TEMPLATE_JSON_VALUES))}, "values: a is too large to write as JSON"),
+        ("{{ a }}{{ b }}", {"a": [0] * 30_000, "b": [1] * 30_000}, "values: b is too large to write as JSON"),
+    ],
+)
+def test_text_template_bounds(template: str, values: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidArgument, match=f"^{re.escape(message)}"):
+        text_template(template, values)
+
+
+@pytest.mark.timeout(30)
+def test_a_value_named_by_many_placeholders_is_written_once() -> None:
+    rows = [{"id": i} for i in range(20)]
+    start = time.process_time()
+    text = text_template("{{ rows }}\n" * MAX_TEMPLATE_PLACEHOLDERS, {"rows": rows})["text"]
+    assert text.count('{"id": 19}') == MAX_TEMPLATE_PLACEHOLDERS
+    assert time.process_time() - start < 0.25

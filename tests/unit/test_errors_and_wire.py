@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+from typing import Any
 
 import grpc
 import pytest
@@ -25,7 +26,7 @@ from altan.errors import (
     error_from_status,
     http_status_for,
 )
-from altan.wire import dump_json, json_bytes, new_id, paginate, parse_json
+from altan.wire import dump_json, json_bytes, json_depth, new_id, paginate, parse_json
 
 # --- errors ------------------------------------------------------------------------------------------------------
 
@@ -212,6 +213,14 @@ def test_parse_json_refuses_lone_surrogates(text: str) -> None:
     # Valid JSON whose strings are not Unicode: they could never be serialized again (a 500 later on).
     with pytest.raises(InvalidArgument, match="lone surrogates"):
         parse_json(text, "body")
+
+
+@pytest.mark.parametrize(
+    ("value", "depth"),
+    [(1, 0), ("s", 0), ([], 1), ({}, 1), ([1, "a"], 1), ([[]], 2), ({"a": [{"b": {}}], "c": 1}, 4), ([[1], [[2]]], 3)],
+)
+def test_json_depth(value: Any, depth: int) -> None:
+    assert json_depth(value) == depth
 
 
 def test_parse_json_deeply_nested_input_is_invalid_argument_not_a_crash() -> None:

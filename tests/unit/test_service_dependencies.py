@@ -22,7 +22,8 @@ MODULES = {
     "sse-starlette": ["sse_starlette"],
     "prometheus-client": ["prometheus_client"],
     "httpx": ["httpx", "httpcore"],
-    "jsonschema": ["jsonschema", "referencing"],
+    "jsonschema": ["jsonschema", "referencing", "jsonschema_specifications"],
+    "google-re2": ["re2"],
     "tenacity": ["tenacity"],
 }
 

@@ -75,7 +75,9 @@ class LlmConfig(ApiModel):
 
 
 class AgentSpec(ApiModel):
-    """An agent as the tenant writes it."""
+    """An agent as the tenant writes it (at most 2,000 JSON values in all)."""
+
+    max_values = 2000
 
     name: str = Field(min_length=1, max_length=200)
     instructions: str = Field(default="", max_length=100_000, description="System instructions for the LLM.")
@@ -85,7 +87,9 @@ class AgentSpec(ApiModel):
 
 
 class AgentPatch(ApiModel):
-    """The fields of an agent to replace; `llm: null` removes the LLM."""
+    """The fields of an agent to replace; `llm: null` removes the LLM (at most 2,000 JSON values in all)."""
+
+    max_values = 2000
 
     name: str = Field(default=ABSENT, min_length=1, max_length=200)
     instructions: str = Field(default=ABSENT, max_length=100_000)

@@ -53,7 +53,8 @@ _PLAN_EXAMPLE: dict[str, Any] = {
 class TaskSubmission(ApiModel):
     """A task for an agent."""
 
-    input: JsonValue = Field(
+    # Any JSON (parsed and checked with the body); not walked again here, the Agent Service reads it.
+    input: Any = Field(
         description='Natural language (a string) or a structured plan {"plan": [{"id", "tool", "arguments", '
         '"depends_on"}]}: steps without a dependency between them run in parallel, and "${s1.output.path}" '
         "reads the output of a step the step depends on.",

@@ -140,7 +140,10 @@ def parameters_to_schema(parameters: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 class CustomToolSpec(ApiModel):
-    """A custom tool in the seed's form: an HTTP endpoint, its arguments, how it authenticates."""
+    """A custom tool in the seed's form: an HTTP endpoint, its arguments, how it authenticates (at most 5,000 JSON
+    values in all)."""
+
+    max_values = 5000
 
     # What the checks below say, as far as JSON Schema can say it (the OpenAPI document shows it).
     model_config = ConfigDict(
@@ -261,7 +264,8 @@ class ToolList(BaseModel):
 class InvokeRequest(ApiModel):
     """A direct invocation of a tool."""
 
-    arguments: dict[str, JsonValue] = Field(default_factory=dict, description="Checked against the input_schema.")
+    # Not walked here: they pass as JSON to the Tool Service, which checks them against the tool's input_schema.
+    arguments: dict[str, Any] = Field(default_factory=dict, description="Checked against the input_schema.")
 
 
 class InvokeResult(BaseModel):
