@@ -214,6 +214,12 @@ class GuardedHttpClient:
             raise Unavailable(f"could not reach {hop.target}: timed out") from None
         except httpx.LocalProtocolError as exc:
             raise InvalidArgument(f"the request to {hop.target} cannot be sent ({type(exc).__name__})") from None
+        except httpx.RemoteProtocolError as exc:
+            # httpx reads a redirect's Location even when it does not follow it, and calls a malformed one a
+            # protocol error: the answer is unusable, and asking again would get the same one.
+            if str(exc).startswith("Invalid URL in location header"):
+                raise FailedPrecondition(f"{hop.target} answered a redirect to a malformed URL") from None
+            raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
         except httpx.TransportError as exc:
             raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
         except (httpx.HTTPError, ValueError) as exc:  # e.g. a Location httpx itself cannot parse

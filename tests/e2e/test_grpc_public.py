@@ -233,3 +233,23 @@ def test_health_and_reflection_on_every_port(stack: Stack, service: str) -> None
             "integrator": {"altan.v1.IntegratorService", "altan.v1.IntegratorRuntimeService"},
         }[service]
         assert expected <= names
+
+
+def test_a_string_that_is_not_unicode_is_refused_and_nothing_is_stored(stack: Stack, tenant: str) -> None:
+    """A tool created through public gRPC with a lone surrogate in its name used to be stored (the call answered
+    INTERNAL), and from then on the tenant's GET /v1/tools was a 500."""
+    valid = tool_pb2.CreateToolRequest(
+        tool=tool_pb2.Tool(tool_id="surrogate", name="NAME", endpoint="https://example.com/x")
+    ).SerializeToString()
+    broken = valid.replace(b"NAME", b"\xed\xa0\x80N")  # a UTF-16 surrogate encoded as if it were UTF-8
+    with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        create = channel.unary_unary("/altan.v1.ToolService/CreateTool")
+        with pytest.raises(grpc.RpcError) as err:
+            create(broken, metadata=_metadata(stack, tenant), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details() == "the request is not a valid message for /altan.v1.ToolService/CreateTool"
+    with stack.client(tenant) as api:
+        listed = api.get("/v1/tools")
+        assert listed.status_code == 200
+        assert "surrogate" not in [t["tool_id"] for t in listed.json()["tools"]]
+        assert api.get("/v1/tools/surrogate").status_code == 404

@@ -220,25 +220,26 @@ def _events(api: httpx.Client, task_id: str) -> list[dict[str, Any]]:
     return events
 
 
-def test_a_megabyte_of_arguments_against_a_costly_schema_is_refused_at_once(
-    stack: Stack, tenant: str, third_party: FakeThirdParty
-) -> None:
-    """A megabyte of arguments (16,000 rows, built by a plan) against uniqueItems and items: refused by the budget.
-
-    jsonschema alone compares every pair of rows for uniqueItems (~10^8 comparisons: minutes of CPU). Other tenants
-    are not timed here: carrying a megabyte of JSON between the services (parse, copy, serialize at each hop)
-    costs more than checking it now does, and that is bounded by the body and plan limits, not by the schema.
-    """
+def test_a_plan_cannot_build_a_megabyte_of_arguments(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
+    """Each json_extract step doubles the previous document, aiming a megabyte of rows at a tool whose uniqueItems
+    jsonschema would check pair by pair (minutes of CPU). The agent stops the plan where a step's references would
+    expand past ALTAN_MAX_EXPANSION_BYTES (128 KiB in the test stack): the costly tool never runs."""
     with stack.client(tenant) as api:
         created = api.post("/v1/tools", json=_tool("megabyte", ADMITTED["unique_rows"], third_party))
         assert created.status_code == 201, created.text[:300]
         agent = api.post("/v1/agents", json={"name": "hostile", "tools": ["json_extract", "megabyte"]}).json()
         submitted = api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": _megabyte_plan("megabyte")})
         assert submitted.status_code == 202, submitted.text[:300]
-        events = _events(api, submitted.json()["task_id"])
+        _events(api, submitted.json()["task_id"])
         task = api.get(f"/v1/tasks/{submitted.json()['task_id']}").json()
-    big = next(step for step in task["steps"] if step["id"] == "big")
-    assert task["status"] == "failed" and big["status"] == "failed", task
-    assert "arguments: too costly to check against this tool's schema" in json.dumps(big)
-    finished = next(e for e in events if e["type"] == "tool.finished" and e.get("step_id") == "big")
-    assert finished["duration_ms"] < 2_000, finished  # ~350 ms measured, transport included
+    steps = {step["id"]: step for step in task["steps"]}
+    assert task["status"] == "failed"
+    failed = [step for step in task["steps"] if step["status"] == "failed"]
+    assert len(failed) == 1 and "(ALTAN_MAX_EXPANSION_BYTES)" in failed[0]["error"], failed
+    assert steps["big"]["status"] == "skipped"
+    assert api_audit_has_no_call_of(stack, tenant, "megabyte")
+
+
+def api_audit_has_no_call_of(stack: Stack, tenant: str, tool_id: str) -> bool:
+    with stack.client(tenant) as api:
+        return all(event["tool_id"] != tool_id for event in api.get("/v1/audit").json()["events"])

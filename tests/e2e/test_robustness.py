@@ -117,3 +117,15 @@ def test_unsendable_http_requests_are_400(stack: Stack, tenant: str, third_party
         ):
             answer = api.post("/v1/tools/http_request/invoke", json={"arguments": arguments})
             assert answer.status_code == 400, answer.text
+
+
+@pytest.mark.parametrize("location", ["http://[::1", "http://:99999/x", "http://exa mple.com/", "http://%zz/", "//"])
+def test_a_malformed_redirect_location_is_a_clear_4xx(
+    stack: Stack, tenant: str, third_party: FakeThirdParty, location: str
+) -> None:
+    """A third party's malformed Location header used to be a 500."""
+    url = f"{third_party.base_url}/redirect"
+    with stack.client(tenant) as api:
+        answer = api.post("/v1/tools/http_request/invoke", json={"arguments": {"url": url, "query": {"to": location}}})
+        assert 400 <= answer.status_code < 500, answer.text
+        assert answer.json()["error"]["code"] in ("FAILED_PRECONDITION", "INVALID_ARGUMENT", "PERMISSION_DENIED")

@@ -395,6 +395,19 @@ async def test_redirect_to_forbidden_address_is_refused(servers: Any, clients: A
             await client.request("GET", f"http://{api.origin}{path}")
 
 
+async def test_a_malformed_redirect_is_an_unusable_answer_not_an_outage(servers: Any, clients: Any) -> None:
+    api = await servers(
+        {"/bad": (302, {"Location": "http://[::1"}, b""), "/port": (302, {"Location": "http://h:99999/"}, b"")}
+    )
+    client = clients(api.origin)
+    # httpx itself cannot read this Location: the answer is unusable (400), not an outage to retry (503).
+    with pytest.raises(FailedPrecondition, match="answered a redirect to a malformed URL"):
+        await client.request("GET", f"http://{api.origin}/bad")
+    # This one httpx reads; the guard then refuses to go there.
+    with pytest.raises(EgressRefused, match="the URL is malformed"):
+        await client.request("GET", f"http://{api.origin}/port")
+
+
 async def test_redirects_between_allowed_hops_drop_credentials_across_hosts(servers: Any, clients: Any) -> None:
     far = await servers({"/end": (200, {}, b"done")})
     near = await servers(

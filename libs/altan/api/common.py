@@ -13,6 +13,7 @@ from altan.errors import InvalidArgument
 
 __all__ = [
     "ABSENT",
+    "MAX_STRUCT_DEPTH",
     "ApiModel",
     "ErrorBody",
     "ErrorDetail",
@@ -27,6 +28,9 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+# How deep a document carried as a Struct may nest (schemas, LLM parameters, parameter enum/default/items).
+MAX_STRUCT_DEPTH = 20
 
 # The default of a field that may be left out but not given as null (``name: str = Field(default=ABSENT)``): the
 # schema says "string", and mypy reads the default as Any. ``model_fields_set`` tells whether it was given.
@@ -116,14 +120,16 @@ def validate(model: type[M], data: Any, what: str, *, output_only: tuple[str, ..
 
 
 def exact_numbers(value: T) -> T:
-    # These objects travel as google.protobuf.Struct, whose numbers are doubles: refuse what would change on the way.
-    stack: list[Any] = [value]
+    """Refuse what a ``google.protobuf.Struct`` cannot carry unchanged: integers beyond ±2^53 (its numbers are
+    doubles), and nesting deeper than :data:`MAX_STRUCT_DEPTH` (each level costs protobuf about three message
+    levels, and it refuses more than 100)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
+        item, depth = stack.pop()
+        if isinstance(item, dict | list):
+            if depth > MAX_STRUCT_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_STRUCT_DEPTH} levels")
+            stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
         elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_SAFE_INTEGER:
             raise ValueError(f"integers must be within ±2^53 (got one of {len(str(abs(item)))} digits)")
     return value

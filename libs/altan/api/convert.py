@@ -82,8 +82,10 @@ def python_to_value(data: Any, out: Value | None = None) -> Value:
     elif isinstance(data, int | float):
         target.number_value = data
     elif isinstance(data, Mapping):
+        target.struct_value.SetInParent()  # an empty object is still an object, not an unset value
         python_to_struct(data, target.struct_value)
     elif isinstance(data, list | tuple):
+        target.list_value.SetInParent()
         python_to_list(data, target.list_value)
     else:
         raise TypeError(f"not JSON: {type(data).__name__}")
