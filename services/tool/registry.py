@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from typing import Any
 
 from altan.api.convert import now_ms
@@ -47,6 +48,7 @@ class ToolRegistry:
         if tool["tool_id"] in BUILTIN_TOOLS:
             raise AlreadyExists(f"tool '{tool['tool_id']}' already exists (built-in)")
         tool["created_at"] = now_ms()
+        tool["revision"] = secrets.token_hex(8)  # never shown; tells one definition of a tool id from the next
         if not await self._store.put_new(_TOOLS, tool["tool_id"], tool):
             raise AlreadyExists(f"tool '{tool['tool_id']}' already exists")
         return tool

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from typing import Any
+
+from altan import context
 from altan.api.tools import tool_spec_from_proto, tool_to_proto
 from altan.errors import FailedPrecondition
 from altan.server import Context
@@ -16,20 +20,39 @@ __all__ = ["ToolRuntimeServicer", "ToolServicer"]
 class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
     """The tenant's catalogue (public)."""
 
-    def __init__(self, registry: ToolRegistry) -> None:
+    def __init__(self, registry: ToolRegistry, cache_size: int = 4096) -> None:
         self._registry = registry
+        self._protos: OrderedDict[tuple[str, str, str], tool_pb2.Tool] = OrderedDict()
+        self._cache_size = cache_size
+
+    def _proto(self, tool: dict[str, Any]) -> tool_pb2.Tool:
+        """The proto of a tool, built once: a stored tool never changes (it is deleted and created again, with a new
+        revision), and building its input_schema's Struct costs more than the rest of a GetTool, which every custom
+        tool call makes."""
+        if tool.get("type") == "builtin":
+            key = ("", tool["tool_id"], "builtin")
+        elif tool.get("revision"):
+            key = (context.current().tenant_id, tool["tool_id"], tool["revision"])
+        else:
+            return tool_to_proto(tool)
+        proto = self._protos.get(key)
+        if proto is None:
+            proto = self._protos[key] = tool_to_proto(tool)
+            if len(self._protos) > self._cache_size:
+                self._protos.popitem(last=False)
+        return proto
 
     async def ListTools(self, request: tool_pb2.ListToolsRequest, context: Context) -> tool_pb2.ListToolsResponse:
         tools = await self._registry.some(list(request.tool_ids)) if request.tool_ids else await self._registry.all()
         page, token = paginate(tools, request.page_size, request.page_token, default=100, maximum=500)
-        return tool_pb2.ListToolsResponse(tools=[tool_to_proto(t) for t in page], next_page_token=token)
+        return tool_pb2.ListToolsResponse(tools=[self._proto(t) for t in page], next_page_token=token)
 
     async def GetTool(self, request: tool_pb2.GetToolRequest, context: Context) -> tool_pb2.GetToolResponse:
-        return tool_pb2.GetToolResponse(tool=tool_to_proto(await self._registry.get(request.tool_id)))
+        return tool_pb2.GetToolResponse(tool=self._proto(await self._registry.get(request.tool_id)))
 
     async def CreateTool(self, request: tool_pb2.CreateToolRequest, context: Context) -> tool_pb2.CreateToolResponse:
         tool = await self._registry.create(tool_spec_from_proto(request.tool))
-        return tool_pb2.CreateToolResponse(tool=tool_to_proto(tool))
+        return tool_pb2.CreateToolResponse(tool=self._proto(tool))
 
     async def DeleteTool(self, request: tool_pb2.DeleteToolRequest, context: Context) -> tool_pb2.DeleteToolResponse:
         await self._registry.delete(request.tool_id)
