@@ -214,7 +214,7 @@ async def test_an_idempotency_key_gives_the_first_task_back(harness: Harness) ->
     first, created = await submit(harness.runner, agent_id, step("s1"), key="order-42")
     await follow(harness.runner, first["task_id"])
     # Whatever the new body says, the key answers with the first task, and nothing runs again.
-    again, created_again = await submit(harness.runner, agent_id, step("other"), key="order-42")
+    again, created_again = await submit(harness.runner, agent_id, step("s9", "nonexistent"), key="order-42")
     assert (created, created_again) == (True, False)
     assert again["task_id"] == first["task_id"]
     assert again["status"] == "succeeded"
