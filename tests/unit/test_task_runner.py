@@ -168,6 +168,15 @@ async def submit(
     return await runner.submit(agent_id, parse_submission(body))
 
 
+async def held(harness: Harness, agent_id: str, *after: dict[str, Any]) -> tuple[dict[str, Any], Gate]:
+    """A task whose first step ``s1`` is running, held until the test opens its gate; ``after`` are more steps."""
+    gate = Gate()
+    harness.tools.behaviours["s1"] = gate
+    task, _ = await submit(harness.runner, agent_id, step("s1"), *after)
+    await until(gate.started)
+    return task, gate
+
+
 async def follow(runner: TaskRunner, task_id: str, after: int = 0) -> list[tuple[int, dict[str, Any]]]:
     """The task's events after ``after`` up to the terminal one (the stream must end by itself)."""
     async with asyncio.timeout(WAIT):
@@ -481,10 +490,7 @@ async def test_references_expanding_past_their_limit_fail_the_step_before_its_ca
 async def test_cancelling_a_running_task_stops_its_step(harness: Harness) -> None:
     as_caller()
     agent_id = await new_agent(harness)
-    gate = Gate()
-    harness.tools.behaviours["s1"] = gate
-    task, _ = await submit(harness.runner, agent_id, step("s1"), step("s2", depends_on=["s1"]))
-    await until(gate.started)
+    task, _ = await held(harness, agent_id, step("s2", depends_on=["s1"]))
 
     cancelled = await harness.runner.cancel(task["task_id"])
     assert (cancelled["status"], cancelled["error"]) == ("cancelled", "cancelled")
@@ -522,10 +528,7 @@ async def test_a_task_cancelled_while_still_queued_ends_cancelled(harness: Harne
 async def test_another_replica_records_the_cancellation_of_a_task_it_does_not_run(harness: Harness) -> None:
     as_caller()
     agent_id = await new_agent(harness)
-    gate = Gate()
-    harness.tools.behaviours["s1"] = gate
-    task, _ = await submit(harness.runner, agent_id, step("s1"))
-    await until(gate.started)
+    task, _ = await held(harness, agent_id)
     other = harness.replica()
     cancelled = await other.cancel(task["task_id"])
     assert (cancelled["status"], cancelled["error"]) == ("cancelled", "cancelled")
@@ -637,10 +640,7 @@ async def test_events_resume_after_a_sequence_number_and_a_finished_task_answers
 async def test_another_tenant_cannot_see_follow_or_cancel_a_task(harness: Harness) -> None:
     as_caller("acme")
     agent_id = await new_agent(harness)
-    gate = Gate()
-    harness.tools.behaviours["s1"] = gate
-    task, _ = await submit(harness.runner, agent_id, step("s1"))
-    await until(gate.started)
+    task, gate = await held(harness, agent_id)
 
     as_caller("globex")
     for attempt in (
