@@ -192,10 +192,6 @@ async def until(event: asyncio.Event) -> None:
     await asyncio.wait_for(event.wait(), WAIT)
 
 
-def steps_by_id(task: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {s["id"]: s for s in task["steps"]}
-
-
 # --- submitting -----------------------------------------------------------------------------------------------------
 
 
