@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 _TASKS = "tasks"
 _IDEMPOTENCY = "idempotency"
+_CANCELLATIONS = "cancellations"  # task id -> when another replica was asked to cancel it
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 
@@ -85,6 +86,7 @@ class TaskRunner:
         self._missing_tools = missing_tools
         self._invoke = invoke
         self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._callers: dict[tuple[str, str], context.RequestContext] = {}
 
     async def submit(self, agent_id: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
         """Queue a task; ``(task, created)``, where an idempotency key seen before gives the first task back."""
@@ -118,10 +120,12 @@ class TaskRunner:
             assert winner is not None
             return await self.get(winner["task_id"]), False
         await self._emit(task["task_id"], "task.queued", {})
-        key = (context.current().tenant_id, task["task_id"])
+        caller = context.current()
+        key = (caller.tenant_id, task["task_id"])
         runner = asyncio.create_task(self._run(agent, plan, task))
         self._running[key] = runner
-        runner.add_done_callback(lambda _: self._running.pop(key, None))
+        self._callers[key] = caller
+        runner.add_done_callback(lambda _: (self._running.pop(key, None), self._callers.pop(key, None)))
         return task, True
 
     async def _plan(self, agent: dict[str, Any], task_input: Any) -> Any:
@@ -138,10 +142,14 @@ class TaskRunner:
 
     async def aclose(self) -> None:
         """On shutdown: cancel what still runs here, so each task ends recorded as cancelled, not stuck running."""
-        runners = list(self._running.values())
-        for runner in runners:
+        running = [(key, runner, self._callers[key]) for key, runner in self._running.items()]
+        for _, runner, _ in running:
             runner.cancel()
-        await asyncio.gather(*runners, return_exceptions=True)
+        await asyncio.gather(*(runner for _, runner, _ in running), return_exceptions=True)
+        for (_, task_id), _, caller in running:
+            # A run cancelled before it took its first step never saw its cancellation: record it here.
+            context.bind(caller)
+            await self._record_cancelled(task_id)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         task = await self._store.get(_TASKS, task_id)
@@ -157,11 +165,22 @@ class TaskRunner:
         if runner is not None:
             runner.cancel()
             await asyncio.gather(runner, return_exceptions=True)
-            return await self.get(task_id)
-        # Not running here (another replica, or a restart lost it): record the cancellation directly.
+        else:
+            # Running in another replica (or a restart lost it): the flag stops that replica at its next step.
+            await self._store.put(_CANCELLATIONS, task_id, {"at": now_ms()})
+        # Also when the run was cancelled before it took its first step, and so never recorded it.
+        return await self._record_cancelled(task_id)
+
+    async def _record_cancelled(self, task_id: str) -> dict[str, Any]:
+        task = await self.get(task_id)
+        if task["status"] in TERMINAL:
+            return task
+        for step in task["steps"]:
+            if step["status"] in ("pending", "running", "waiting_approval"):
+                step["status"] = "cancelled" if step["status"] != "pending" else "skipped"
         task.update(status="cancelled", error="cancelled", updated_at=now_ms())
         await self._store.put(_TASKS, task_id, task)
-        await self._emit(task_id, "task.cancelled", {})
+        await self._emit(task_id, "task.cancelled", {"error": "cancelled"})
         return task
 
     async def events(self, task_id: str, after: int) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -185,12 +204,20 @@ class TaskRunner:
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
         task_id = task["task_id"]
         context.with_task(task_id)
+        this_run = asyncio.current_task()
+        assert this_run is not None
+        cancelled_elsewhere = False
 
         # The task document holds its input, and each output twice (in its step and in the result).
         size = len(json_bytes(task["input"]))
 
         async def execute(step: Step, arguments: dict[str, Any]) -> Any:
-            nonlocal size
+            nonlocal size, cancelled_elsewhere
+            if await self._store.get(_CANCELLATIONS, task_id) is not None:
+                cancelled_elsewhere = True
+                # Another replica recorded a cancellation: end this run as a local cancel would, calling nothing.
+                this_run.cancel()
+                await asyncio.Event().wait()  # until the run's cancellation cancels this step too
             answer = await self._invoke(agent, step, arguments, task_id)
             task["usage"]["tool_calls"] += 1
             if answer.http_status >= 400:
@@ -213,22 +240,29 @@ class TaskRunner:
             await self._emit(task_id, "task.started", {})
             outputs = await run.run()
         except PlanFailed as exc:
-            await self._finish(task, run, "failed", error=f"step {exc.step_id} failed: {error_message(exc.error)}")
+            await self._finish(
+                task, run, status="failed", error=f"step {exc.step_id} failed: {error_message(exc.error)}"
+            )
         except asyncio.CancelledError:
-            await asyncio.shield(self._finish(task, run, "cancelled", error="cancelled"))
+            # Cancelled elsewhere, the ending (and its event) is already recorded: only this run's steps are new.
+            ending = self._save if cancelled_elsewhere else self._finish
+            await asyncio.shield(ending(task, run, status="cancelled", error="cancelled"))
             raise
         except Exception as exc:
             log.exception("task crashed")
-            await self._finish(task, run, "failed", error=f"internal error: {type(exc).__name__}")
+            await self._finish(task, run, status="failed", error=f"internal error: {type(exc).__name__}")
         else:
             # Shielded like the other endings: a cancel arriving now must not leave the task without its end.
-            await asyncio.shield(self._finish(task, run, "succeeded", result=outputs))
+            if await self._store.get(_CANCELLATIONS, task_id) is not None:
+                await asyncio.shield(self._save(task, run, status="cancelled", error="cancelled"))
+            else:
+                await asyncio.shield(self._finish(task, run, status="succeeded", result=outputs))
 
     async def _save(self, task: dict[str, Any], run: PlanRun, **changes: Any) -> None:
         task.update(changes, steps=[_step(s) for s in run.steps.values()], updated_at=now_ms())
         await self._store.put(_TASKS, task["task_id"], task)
 
-    async def _finish(self, task: dict[str, Any], run: PlanRun, status: str, **changes: Any) -> None:
+    async def _finish(self, task: dict[str, Any], run: PlanRun, *, status: str, **changes: Any) -> None:
         await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
         await self._emit(task["task_id"], f"task.{status}", data)

@@ -11,7 +11,13 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    stop_before_delay,
+)
 from tenacity.wait import wait_exponential_jitter
 
 from altan import context
@@ -63,7 +69,7 @@ class ToolCaller:
         self._attempts = attempts
         self._deadline = deadline_seconds
         self._retry_after_cap = retry_after_cap
-        self._backoff = wait_exponential_jitter(initial=0.2, max=retry_after_cap)
+        self._backoff = wait_exponential_jitter(multiplier=0.2, max=retry_after_cap, jitter=0.2)
 
     async def describe(self, tool_ids: list[str]) -> tuple[list[tool_pb2.Tool], list[str]]:
         """The tools that exist among ``tool_ids`` (at most 500), and the ids that do not."""
@@ -84,19 +90,21 @@ class ToolCaller:
     ) -> CallResult:
         """Run the tool; when it stays unreachable or answers 5xx, run its ``fallback_tool_id`` once instead.
 
-        With ``agent_id``, the tool (and its fallback) must be among ``bound``, the agent's tools.
+        With ``agent_id``, the tool (and its fallback) must be among ``bound``, the agent's tools. One deadline
+        covers the whole call, fallback included: the caller waits that long and no longer.
         """
         if task_id:
             context.with_task(task_id)
+        deadline_at = time.monotonic() + self._deadline
         fallback: list[str] = []
         try:
-            result = await self._call(tool_id, arguments_json, agent_id, bound or [], fallback)
+            result = await self._call(tool_id, arguments_json, agent_id, bound or [], fallback, deadline_at)
         except (Unavailable, DeadlineExceeded):
-            if not fallback:
+            if not fallback or time.monotonic() >= deadline_at:
                 raise
-            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [])
-        if result.http_status >= 500 and fallback:
-            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [])
+            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [], deadline_at)
+        if result.http_status >= 500 and fallback and time.monotonic() < deadline_at:
+            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [], deadline_at)
         return result
 
     async def _definition(self, tool_id: str) -> tool_pb2.Tool | None:
@@ -105,7 +113,13 @@ class ToolCaller:
         return (await self._tools.call(self._tools.catalog.GetTool, tool_pb2.GetToolRequest(tool_id=tool_id))).tool
 
     async def _call(
-        self, tool_id: str, arguments_json: bytes, agent_id: str, bound: list[str], fallback: list[str]
+        self,
+        tool_id: str,
+        arguments_json: bytes,
+        agent_id: str,
+        bound: list[str],
+        fallback: list[str],
+        deadline_at: float,
     ) -> CallResult:
         """One tool, audited; ``fallback`` receives the tool's fallback as soon as its definition is known."""
         started = time.monotonic()
@@ -119,7 +133,7 @@ class ToolCaller:
                 fallback.append(tool.fallback_tool_id)
             credential_name = _credential_name(tool, tool_id, arguments_json)
             credential = await self._broker.resolve(credential_name) if credential_name else None
-            response = await self._execute(tool_id, arguments_json, credential, started)
+            response = await self._execute(tool_id, arguments_json, credential, deadline_at)
             target = response.target
         except AltanError as exc:
             target = getattr(exc, "target", "") or target
@@ -145,13 +159,14 @@ class ToolCaller:
         return CallResult(response.output_json, response.http_status)
 
     async def _execute(
-        self, tool_id: str, arguments_json: bytes, credential: ResolvedCredential | None, started: float
+        self, tool_id: str, arguments_json: bytes, credential: ResolvedCredential | None, deadline_at: float
     ) -> runtime_pb2.ExecuteToolResponse:
         request = runtime_pb2.ExecuteToolRequest(tool_id=tool_id, arguments_json=arguments_json)
         if credential is not None:
             request.credential.CopyFrom(runtime_pb2.InjectedCredential(**credential.model_dump()))
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._attempts) | stop_after_delay(self._deadline),
+            # No wait that would end past the deadline: then the last answer stands (or the last error is raised).
+            stop=stop_after_attempt(self._attempts) | stop_before_delay(max(0.0, deadline_at - time.monotonic())),
             wait=self._wait,
             retry=retry_if_exception_type((Unavailable, _TransientStatus)),
             retry_error_callback=_last_outcome,
@@ -159,9 +174,9 @@ class ToolCaller:
         )
         async for attempt in retrying:
             with attempt:
-                remaining = self._deadline - (time.monotonic() - started)
+                remaining = deadline_at - time.monotonic()
                 if remaining <= 0:
-                    raise Unavailable(f"tool '{tool_id}' did not finish within {self._deadline:.0f}s")
+                    raise Unavailable(f"tool '{tool_id}' did not finish within {self._deadline:g}s")
                 request.timeout_seconds = remaining
                 response = await self._tools.call(self._tools.runtime.ExecuteTool, request, timeout=remaining + 1)
                 if response.http_status in _TRANSIENT_STATUS:

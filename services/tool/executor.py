@@ -51,7 +51,7 @@ def _decode(result: HttpResult) -> Any:
     """The body parsed when it says it is JSON and is (within our limits), else its text."""
     if not result.body:
         return None
-    if "json" in result.headers.get("content-type", ""):
+    if "json" in result.headers.get("content-type", "").lower():
         try:
             return parse_json(result.body, "response")
         except InvalidArgument:

