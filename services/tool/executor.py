@@ -16,7 +16,10 @@ from services.tool.builtins import run_builtin
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator, build_http_request
 
-__all__ = ["Credential", "Execution", "ToolExecutor"]
+__all__ = ["OFFLOAD_CHECK_BYTES", "Credential", "Execution", "ToolExecutor"]
+
+# Arguments larger than this are checked against the tool's schema in a worker thread (ArgumentValidator.check).
+OFFLOAD_CHECK_BYTES = 16 * 1024
 
 
 @dataclass(frozen=True)
@@ -68,14 +71,22 @@ class ToolExecutor:
         self._validator = validator
 
     async def execute(
-        self, tool_id: str, arguments: Any, credential: Credential | None, timeout: float | None
+        self,
+        tool_id: str,
+        arguments: Any,
+        credential: Credential | None,
+        timeout: float | None,
+        *,
+        arguments_size: int = 0,
     ) -> Execution:
+        """Run one call; ``arguments_size`` (bytes of their JSON) says whether checking them is worth a thread."""
         tool = await self._registry.get(tool_id)
         if not isinstance(arguments, dict):
             raise InvalidArgument("arguments: must be a JSON object")
         if tool["type"] == "builtin" and tool_id != "http_request":
             return Execution(output=await run_builtin(tool_id, arguments))  # validates the arguments itself
-        self._validator.validate(tool_id, tool["input_schema"], arguments)
+        offload = arguments_size > OFFLOAD_CHECK_BYTES
+        await self._validator.check(tool_id, tool["input_schema"], arguments, offload=offload)
         if tool_id == "http_request":
             return await self._http_request(arguments, credential, timeout)
         return await self._custom(tool, arguments, credential, timeout)

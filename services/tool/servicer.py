@@ -78,6 +78,7 @@ class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
             parse_json(request.arguments_json, "arguments", default={}),
             credential,
             request.timeout_seconds or None,
+            arguments_size=len(request.arguments_json),
         )
         output = json_bytes(result.output)
         if len(output) > self._max_output_bytes:

@@ -412,3 +412,34 @@ def test_a_missing_or_structured_placeholder_argument_is_refused() -> None:
         build_http_request(tool, {})
     with pytest.raises(InvalidArgument, match="must be a string or a number"):
         build_http_request(tool, {"name": {"a": 1}})
+
+
+async def test_a_large_check_can_leave_the_event_loop_free() -> None:
+    """Offloaded, a costly check runs in a worker thread: the event loop keeps serving others meanwhile."""
+    import asyncio
+    import threading
+
+    schema = {"type": "object", "properties": {"rows": {"type": "array", "items": {"type": "integer"}}}}
+    arguments = {"rows": list(range(20_000))}
+    validator = ArgumentValidator()
+    seen_threads: list[int] = []
+    original = validator.validator_for(  # compile once, on this thread
+        "rows", schema
+    ).best_error
+
+    def spying(document: Any) -> Any:
+        seen_threads.append(threading.get_ident())
+        return original(document)
+
+    validator.validator_for("rows", schema).best_error = spying  # type: ignore[method-assign]
+    ticks = 0
+    check = asyncio.create_task(validator.check("rows", schema, arguments, offload=True))
+    while not check.done():
+        ticks += 1
+        await asyncio.sleep(0)
+    with pytest.raises(InvalidArgument, match="too costly"):
+        check.result()
+    assert seen_threads and seen_threads[0] != threading.get_ident()
+    assert ticks > 1  # the loop ran other work while the check was in progress
+    with pytest.raises(InvalidArgument, match="too costly"):
+        await validator.check("rows", schema, arguments)  # inline: the same answer

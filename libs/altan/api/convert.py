@@ -34,7 +34,6 @@ __all__ = [
     "rfc3339",
     "struct_to_dict",
     "timestamp",
-    "timestamp_ms",
     "value_to_python",
 ]
 
@@ -138,10 +137,6 @@ def now_ms() -> int:
 def timestamp(ms: int) -> Timestamp:
     """The Timestamp of a stored time (milliseconds since the epoch)."""
     return Timestamp(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
-def timestamp_ms(ts: Timestamp) -> int:
-    return ts.seconds * 1000 + ts.nanos // 1_000_000
 
 
 def rfc3339(ts: Timestamp) -> str:
