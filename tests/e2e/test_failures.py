@@ -200,10 +200,16 @@ def test_an_unreachable_redis_is_503_with_retry_after_and_the_stack_recovers(
             assert created.status_code == 201, created.text
 
             redis_server.stop()
-            wait_until(lambda: readyz(stack).status_code == 503, "/readyz says the services are not ready", 30)
+            # Each service notices at its next health probe (cached for a second): wait until all three have.
+            everyone = "not ready: agent, tool, integrator not serving"
+            wait_until(
+                lambda: readyz(stack).json().get("error", {}).get("message") == everyone,
+                "/readyz says the three services are not ready",
+                30,
+            )
             assert readyz(stack).json()["error"] == {
                 "code": "UNAVAILABLE",
-                "message": "not ready: agent, tool, integrator not serving",
+                "message": everyone,
             }
             for method, path, body in REQUESTS:
                 answer = api.request(method, path, json=body)

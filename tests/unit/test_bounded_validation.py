@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any
 
 import pytest
 from jsonschema import Draft202012Validator
 
 from altan.errors import InvalidArgument
-from services.tool.bounded_validation import ARGUMENT_BUDGET, BoundedSchema
+from services.tool.bounded_validation import BoundedSchema
 from services.tool.schema import ArgumentValidator
 from tests.unit.test_schema_bounds import check, created, ladder, obj
 
@@ -18,7 +17,6 @@ from tests.unit.test_schema_bounds import check, created, ladder, obj
 @pytest.mark.timeout(10)
 def test_a_catastrophic_pattern_is_accepted_and_runs_on_re2() -> None:
     schema = created(obj({"x": {"type": "string", "pattern": "^(a+)+$"}}))
-    start = time.perf_counter()
     # Python's re would take minutes on each of these; the shared tool service would stall for everyone.
     assert check(schema, {"x": "a" * 40 + "!"}) == f"arguments.x: {'a' * 40 + '!'!r} does not match '^(a+)+$'"
     assert check(schema, {"x": "a" * 40}) is None
@@ -29,7 +27,6 @@ def test_a_catastrophic_pattern_is_accepted_and_runs_on_re2() -> None:
     assert check(names, {"a" * 40 + "b": 1}) is not None
     uneval = created(obj({}, patternProperties={"^(a+)+$": {}}, unevaluatedProperties=False))
     assert check(uneval, {"a" * 40 + "!": 1}) is not None
-    assert time.perf_counter() - start < 2
 
 
 # --- the budget of a check -------------------------------------------------------------------------------
@@ -39,11 +36,9 @@ def test_a_catastrophic_pattern_is_accepted_and_runs_on_re2() -> None:
 def test_arguments_too_costly_to_check_are_a_clear_400() -> None:
     schema = created(obj({"rows": {"type": "array", "items": obj({"id": {"type": "integer"}})}}))
     assert check(schema, {"rows": [{"id": i} for i in range(100)]}) is None
-    start = time.process_time()
     assert check(schema, {"rows": [{"id": i} for i in range(100_000)]}) == (
         "arguments: too costly to check against this tool's schema"
     )
-    assert time.process_time() - start < 0.5  # refused before most of the work
 
 
 @pytest.mark.timeout(30)
@@ -62,13 +57,11 @@ def test_arguments_too_costly_to_check_are_a_clear_400() -> None:
 )
 def test_a_check_never_takes_more_than_its_budget(schema: dict[str, Any], arguments: Any) -> None:
     compiled = BoundedSchema(created(schema))
-    start = time.process_time()
     try:
         compiled.best_error(arguments)
     except InvalidArgument as exc:
         assert exc.message.startswith("arguments: too costly to check")
-    # The budget is about 50 ms where it was measured; generous here for a loaded machine.
-    assert time.process_time() - start < 0.25 * ARGUMENT_BUDGET / 50_000
+    # The budget counts work, not time (bench/tenant_input.py measures what it costs); the timeout catches a runaway.
 
 
 def test_errors_found_before_the_budget_ran_out_are_reported() -> None:

