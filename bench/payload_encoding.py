@@ -17,10 +17,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "libs"))
 
-from google.protobuf.struct_pb2 import Value  # noqa: E402
+from google.protobuf.struct_pb2 import Value
 
-from altan.api.convert import python_to_value, value_to_python  # noqa: E402
-from altan.wire import json_bytes  # noqa: E402
+from altan.api.convert import python_to_value, value_to_python
+from altan.wire import json_bytes
 
 PAYLOADS: dict[str, Any] = {
     "json_extract arguments (40 B)": {"data": {"k": "v", "n": [1, 2, 3]}, "path": "k"},

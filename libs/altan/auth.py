@@ -121,9 +121,7 @@ class TokenVerifier:
         return RequestContext(tenant_id=tenant, user=str(user) if user else "", role=role, token=token)
 
 
-def issue_development_token(
-    settings: Settings, *, tenant: str, sub: str, role: str = "admin", ttl: int = 3600
-) -> str:
+def issue_development_token(settings: Settings, *, tenant: str, sub: str, role: str = "admin", ttl: int = 3600) -> str:
     """A token signed with the development HS256 secret (``altan token``)."""
     if not settings.jwt_secret:
         raise ValueError("ALTAN_JWT_SECRET is not set: development tokens need it")

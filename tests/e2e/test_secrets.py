@@ -79,4 +79,3 @@ def test_credential_values_must_be_header_safe(stack: Stack, tenant: str) -> Non
         for value in ("sk-\u0000abc", "sk-\u000babc", "sk-é"):
             answer = api.put("/v1/credentials/c", json={"type": "api_key", "value": value})
             assert answer.status_code == 400 and value not in answer.text
-
