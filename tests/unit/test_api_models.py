@@ -49,6 +49,30 @@ def test_integers_a_double_cannot_hold_are_refused_in_struct_fields() -> None:
     assert agents.parse_agent_spec({"name": "a", "llm": LLM | {"parameters": {"seed": 2**53}}})
 
 
+@pytest.mark.parametrize("number", [float("nan"), float("inf"), float("-inf")])
+def test_a_struct_number_json_cannot_hold_is_refused(number: float) -> None:
+    """A gRPC client can put NaN in a Struct; stored, it would make every later REST answer invalid JSON."""
+    proto = tool_pb2.Tool(tool_id="t", name="T", endpoint="https://x/")
+    proto.input_schema.update({"type": "object", "properties": {"n": {"type": "number", "maximum": number}}})
+    with pytest.raises(InvalidArgument, match="input_schema: numbers must be finite"):
+        tools.tool_spec_from_proto(proto)
+    llm = agent_pb2.LlmConfig(llm_id="m", provider=agent_pb2.LLM_PROVIDER_OPENAI, endpoint="https://x/")
+    llm.parameters.update({"temperature": number})
+    with pytest.raises(InvalidArgument, match="llm.parameters: numbers must be finite"):
+        agents.agent_spec_from_proto(agent_pb2.Agent(name="a", llm=llm))
+
+
+def test_a_large_struct_from_grpc_is_refused_before_it_is_converted() -> None:
+    proto = tool_pb2.Tool(tool_id="t", name="T", endpoint="https://x/")
+    proto.input_schema.update({"type": "object", "properties": {f"p{i}": {"type": "string"} for i in range(4000)}})
+    with pytest.raises(InvalidArgument, match="tool: its JSON objects take more than 65536 bytes"):
+        tools.tool_spec_from_proto(proto)
+    llm = agent_pb2.LlmConfig(llm_id="m", provider=agent_pb2.LLM_PROVIDER_OPENAI, endpoint="https://x/")
+    llm.parameters.update({"stop": ["x" * 1000] * 70})
+    with pytest.raises(InvalidArgument, match="agent: its JSON objects take more than 65536 bytes"):
+        agents.agent_spec_from_proto(agent_pb2.Agent(name="a", llm=llm))
+
+
 def test_large_documents_are_refused_before_they_are_walked() -> None:
     many = {f"p{i}": {"type": "string"} for i in range(3000)}
     with pytest.raises(InvalidArgument, match="tool: more than 5000 JSON values in all"):

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from google.protobuf.field_mask_pb2 import FieldMask
 from pydantic import AfterValidator, BaseModel, Field
 
-from altan.api.common import ABSENT, ApiModel, HttpUrl, JsonObject, Name, Timestamp, validate
+from altan.api.common import ABSENT, ApiModel, HttpUrl, JsonObject, Name, Timestamp, check_struct_bytes, validate
 from altan.api.convert import (
     enum_name,
     enum_value,
@@ -169,6 +169,11 @@ def _fields_to_proto(fields: dict[str, Any], out: agent_pb2.Agent) -> None:
     out.tools.extend(fields.get("tools") or ())
 
 
+def _check_structs(msg: agent_pb2.Agent) -> None:
+    sizes = [msg.llm.parameters.ByteSize()] + [llm.parameters.ByteSize() for llm in msg.fallback_llms]
+    check_struct_bytes(sum(sizes), "agent")
+
+
 def _output_only(msg: agent_pb2.Agent) -> dict[str, Any]:
     # Given on the wire, they reach the model and are refused there, with the same message as in a REST body.
     fields: dict[str, Any] = {"id": msg.id} if msg.id else {}
@@ -195,6 +200,7 @@ def agent_spec_to_proto(spec: AgentSpec) -> agent_pb2.Agent:
 
 def agent_spec_from_proto(msg: agent_pb2.Agent) -> AgentSpec:
     """The spec in a CreateAgent request, checked by the same model as a REST body."""
+    _check_structs(msg)
     fields = _output_only(msg)
     if msg.name:
         fields["name"] = msg.name
@@ -222,6 +228,7 @@ def patch_from_proto(msg: agent_pb2.Agent, mask: FieldMask) -> dict[str, Any]:
 
     An empty mask names every field that is set, as AIP-134 has it.
     """
+    _check_structs(msg)
     paths = list(mask.paths)
     if not paths:
         paths = [name for name in PATCHABLE if (msg.HasField("llm") if name == "llm" else bool(getattr(msg, name)))]

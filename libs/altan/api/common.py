@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Annotated, Any, ClassVar, TypeVar
@@ -13,6 +14,7 @@ from altan.errors import InvalidArgument
 
 __all__ = [
     "ABSENT",
+    "MAX_STRUCT_BYTES",
     "MAX_STRUCT_DEPTH",
     "ApiModel",
     "ErrorBody",
@@ -21,6 +23,7 @@ __all__ = [
     "JsonObject",
     "Name",
     "Timestamp",
+    "check_struct_bytes",
     "describe_error",
     "exact_numbers",
     "first_error",
@@ -28,6 +31,10 @@ __all__ = [
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+# How many bytes of Structs one request may carry: turning a Struct into Python costs about 3 µs per value, so a
+# message is measured (in C, at once) before anything converts it.
+MAX_STRUCT_BYTES = 64 * 1024
 
 # How deep a document carried as a Struct may nest (schemas, LLM parameters, parameter enum/default/items).
 MAX_STRUCT_DEPTH = 20
@@ -71,6 +78,12 @@ def _exceeds(value: Any, limit: int) -> bool:
         elif isinstance(item, list):
             stack.extend(item)
     return False
+
+
+def check_struct_bytes(size: int, what: str) -> None:
+    """Refuse a message whose Structs together exceed :data:`MAX_STRUCT_BYTES`, before they are converted."""
+    if size > MAX_STRUCT_BYTES:
+        raise InvalidArgument(f"{what}: its JSON objects take more than {MAX_STRUCT_BYTES} bytes")
 
 
 def first_error(exc: ValidationError, what: str) -> str:
@@ -122,7 +135,7 @@ def validate(model: type[M], data: Any, what: str, *, output_only: tuple[str, ..
 def exact_numbers(value: T) -> T:
     """Refuse what a ``google.protobuf.Struct`` cannot carry unchanged: integers beyond ±2^53 (its numbers are
     doubles), and nesting deeper than :data:`MAX_STRUCT_DEPTH` (each level costs protobuf about three message
-    levels, and it refuses more than 100)."""
+    levels, and it refuses more than 100); and what it carries but JSON cannot: NaN and the infinities."""
     stack: list[tuple[Any, int]] = [(value, 1)]
     while stack:
         item, depth = stack.pop()
@@ -132,6 +145,8 @@ def exact_numbers(value: T) -> T:
             stack.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
         elif isinstance(item, int) and not isinstance(item, bool) and abs(item) > MAX_SAFE_INTEGER:
             raise ValueError(f"integers must be within ±2^53 (got one of {len(str(abs(item)))} digits)")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError("numbers must be finite (JSON has no NaN or Infinity)")  # a Struct can carry them
     return value
 
 

@@ -12,7 +12,17 @@ from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
-from altan.api.common import ABSENT, ApiModel, HttpUrl, JsonObject, Name, Timestamp, exact_numbers, validate
+from altan.api.common import (
+    ABSENT,
+    ApiModel,
+    HttpUrl,
+    JsonObject,
+    Name,
+    Timestamp,
+    check_struct_bytes,
+    exact_numbers,
+    validate,
+)
 from altan.api.convert import (
     enum_name,
     enum_value,
@@ -353,6 +363,7 @@ def tool_spec_to_proto(spec: CustomToolSpec) -> tool_pb2.Tool:
 
 def tool_spec_from_proto(msg: tool_pb2.Tool) -> CustomToolSpec:
     """The custom tool of a CreateTool request, checked by the same model as a REST body."""
+    check_struct_bytes(msg.input_schema.ByteSize() + sum(p.ByteSize() for p in msg.parameters), "tool")
     fields: dict[str, Any] = {"created_at": True} if msg.HasField("created_at") else {}
     if msg.tool_id:
         fields["tool_id"] = msg.tool_id
