@@ -16,7 +16,16 @@ from typing import Any, TypeVar
 
 from altan.errors import InvalidArgument
 
-__all__ = ["MAX_JSON_DEPTH", "dump_json", "json_bytes", "json_depth", "new_id", "paginate", "parse_json"]
+__all__ = [
+    "MAX_JSON_DEPTH",
+    "count_json_values",
+    "dump_json",
+    "json_bytes",
+    "json_depth",
+    "new_id",
+    "paginate",
+    "parse_json",
+]
 
 T = TypeVar("T")
 
@@ -49,6 +58,21 @@ def json_depth(value: Any) -> int:
         level = []
         for container in containers:
             level.extend(container.values() if isinstance(container, dict) else container)
+
+
+def count_json_values(value: Any, limit: int) -> int | None:
+    """How many JSON values ``value`` holds (itself included), or None as soon as that is more than ``limit``."""
+    count, pending = 0, [value]
+    while pending:
+        item = pending.pop()
+        count += 1
+        if count > limit:
+            return None
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return count
 
 
 def _has_lone_surrogate(value: Any) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from altan.errors import InvalidArgument
+from altan.wire import count_json_values
 from services.tool.builtin_email import MAX_EMAIL_CHARS, parse_email
 from services.tool.schema import ArgumentValidator
 
@@ -222,7 +223,7 @@ def text_template(template: str, values: dict[str, Any]) -> dict[str, str]:
 
     def as_json(name: str, value: Any) -> str:
         if id(value) not in dumped:
-            counted = _count_json_values(value, json_values[0])
+            counted = count_json_values(value, json_values[0])
             if counted is None:
                 raise InvalidArgument(
                     f"values: {name} is too large to write as JSON (more than {MAX_TEMPLATE_JSON_VALUES} JSON values "
@@ -246,21 +247,6 @@ def text_template(template: str, values: dict[str, Any]) -> dict[str, str]:
         return text
 
     return {"text": _TEMPLATE_PLACEHOLDER.sub(fill, template)}
-
-
-def _count_json_values(value: Any, limit: int) -> int | None:
-    """How many JSON values ``value`` holds (itself included), or None as soon as that is more than ``limit``."""
-    count, pending = 0, [value]
-    while pending:
-        item = pending.pop()
-        count += 1
-        if count > limit:
-            return None
-        if isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, list):
-            pending.extend(item)
-    return count
 
 
 _IMPLEMENTATIONS: dict[str, Callable[[dict[str, Any]], Any]] = {

@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, Va
 
 from altan.api.convert import MAX_SAFE_INTEGER
 from altan.errors import InvalidArgument
+from altan.wire import count_json_values
 
 __all__ = [
     "ABSENT",
@@ -60,24 +61,9 @@ class ApiModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _bounded(cls, data: Any) -> Any:
-        if cls.max_values is not None and _exceeds(data, cls.max_values):
+        if cls.max_values is not None and count_json_values(data, cls.max_values) is None:
             raise ValueError(f"more than {cls.max_values} JSON values in all")
         return data
-
-
-def _exceeds(value: Any, limit: int) -> bool:
-    """Whether ``value`` holds more than ``limit`` JSON values; stops counting as soon as it does."""
-    count, stack = 0, [value]
-    while stack:
-        item = stack.pop()
-        count += 1
-        if count > limit:
-            return True
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
 
 
 def check_struct_bytes(size: int, what: str) -> None:
