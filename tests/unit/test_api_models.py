@@ -58,7 +58,7 @@ def test_a_struct_number_json_cannot_hold_is_refused(number: float) -> None:
         tools.tool_spec_from_proto(proto)
     llm = agent_pb2.LlmConfig(llm_id="m", provider=agent_pb2.LLM_PROVIDER_OPENAI, endpoint="https://x/")
     llm.parameters.update({"temperature": number})
-    with pytest.raises(InvalidArgument, match="llm.parameters: numbers must be finite"):
+    with pytest.raises(InvalidArgument, match=r"llm\.parameters: numbers must be finite"):
         agents.agent_spec_from_proto(agent_pb2.Agent(name="a", llm=llm))
 
 
