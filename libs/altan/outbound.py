@@ -26,7 +26,7 @@ import httpx
 from altan.egress import EgressGuard, ResolvedTarget
 from altan.errors import FailedPrecondition, InvalidArgument, Unavailable
 
-__all__ = ["GuardedHttpClient", "HttpResult"]
+__all__ = ["GuardedHttpClient", "HttpResult", "StreamedResponse"]
 
 
 # The (host, port, ip) the guard checked for the request this task is sending; read by the network backend.
@@ -161,10 +161,44 @@ class GuardedHttpClient:
         state = {"target": "the destination"}  # for the timeout message
         try:
             async with asyncio.timeout(budget):
-                return await self._follow(method.upper(), url, hdrs, body, sensitive, budget, state)
+                async with self._follow(method.upper(), url, hdrs, body, sensitive, budget, state) as (response, hop):
+                    return await self._read(response, hop)
         except TimeoutError:
             raise Unavailable(f"could not reach {state['target']}: timed out after {budget:g}s") from None
 
+    @asynccontextmanager
+    async def stream(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: dict[str, str] | None = None,
+        json: Any = None,
+        timeout: float | None = None,
+        sensitive_headers: Collection[str] = (),
+    ) -> AsyncIterator[StreamedResponse]:
+        """Like :meth:`request`, but the body is read as it arrives (``async for line in response.lines()``).
+
+        ``timeout`` bounds everything until the block ends, the reading included; the body is held to the same size
+        limit as a whole response. For answers that come in pieces, such as Server-Sent Events from an LLM.
+        """
+        budget = self._timeout if timeout is None else timeout
+        hdrs = {k: v for k, v in (headers or {}).items() if k.lower() != "host"}
+        body = None
+        if json is not None:
+            body = jsonlib.dumps(json).encode()
+            if not any(k.lower() == "content-type" for k in hdrs):
+                hdrs["Content-Type"] = "application/json"
+        sensitive = _ALWAYS_SENSITIVE | {h.lower() for h in sensitive_headers}
+        state = {"target": "the destination"}
+        try:
+            async with asyncio.timeout(budget):
+                async with self._follow(method.upper(), url, hdrs, body, sensitive, budget, state) as (response, hop):
+                    yield StreamedResponse(response, hop, self._max_bytes)
+        except TimeoutError:
+            raise Unavailable(f"could not reach {state['target']}: timed out after {budget:g}s") from None
+
+    @asynccontextmanager
     async def _follow(
         self,
         method: str,
@@ -174,7 +208,8 @@ class GuardedHttpClient:
         sensitive: frozenset[str],
         timeout: float,
         state: dict[str, str],
-    ) -> HttpResult:
+    ) -> AsyncIterator[tuple[httpx.Response, ResolvedTarget]]:
+        """The first answer that is not a redirect, each hop checked by the guard; closed when the block ends."""
         previous: ResolvedTarget | None = None
         for _ in range(self._max_redirects + 1):
             hop = await self._guard.check(url)
@@ -188,7 +223,8 @@ class GuardedHttpClient:
             async with self._send(hop, method, headers, body, timeout) as response:
                 location = response.headers.get("location")
                 if response.status_code not in _REDIRECTS or not location:
-                    return await self._read(response, hop)
+                    yield response, hop
+                    return
             # 303 always, and 301/302 after POST, become a body-less GET, as browsers do.
             if (response.status_code == 303 and method != "HEAD") or (
                 response.status_code in (301, 302) and method == "POST"
@@ -257,6 +293,48 @@ class GuardedHttpClient:
             target=hop.target,
             retry_after=_parse_retry_after(headers.get("retry-after")),
         )
+
+
+class StreamedResponse:
+    """An answer being read: its status and headers now, its body line by line."""
+
+    def __init__(self, response: httpx.Response, hop: ResolvedTarget, max_bytes: int) -> None:
+        self._response = response
+        self._max_bytes = max_bytes
+        self.status = response.status_code
+        self.headers = {k.lower(): v for k, v in response.headers.items()}
+        self.target = hop.target
+        self.retry_after = _parse_retry_after(self.headers.get("retry-after"))
+
+    async def lines(self) -> AsyncIterator[str]:
+        """The body's lines (without their ends), decoded as UTF-8, within the size limit."""
+        size = 0
+        try:
+            async for line in self._response.aiter_lines():
+                size += len(line) + 1
+                if size > self._max_bytes:
+                    raise FailedPrecondition(f"response from {self.target} is larger than {self._max_bytes} bytes")
+                yield line
+        except httpx.TimeoutException:
+            raise Unavailable(f"could not reach {self.target}: timed out reading the response") from None
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise Unavailable(f"could not reach {self.target}: {_describe(exc)}") from None
+
+    async def read(self) -> bytes:
+        """The whole body, within the size limit."""
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async for chunk in self._response.aiter_bytes():
+                size += len(chunk)
+                if size > self._max_bytes:
+                    raise FailedPrecondition(f"response from {self.target} is larger than {self._max_bytes} bytes")
+                chunks.append(chunk)
+        except httpx.TimeoutException:
+            raise Unavailable(f"could not reach {self.target}: timed out reading the response") from None
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            raise Unavailable(f"could not reach {self.target}: {_describe(exc)}") from None
+        return b"".join(chunks)
 
 
 def _describe(exc: Exception) -> str:

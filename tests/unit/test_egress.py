@@ -551,3 +551,26 @@ async def test_tls_verifies_the_real_name_on_the_pinned_address(servers: Any, cl
         with pytest.raises(Unavailable, match=r"could not reach .*certificate verify failed"):
             await client.request("GET", url)
     assert len(api.seen) == 1
+
+
+async def test_a_streamed_answer_is_read_line_by_line_within_the_limits(servers: Any, clients: Any) -> None:
+    events = b"data: one\n\ndata: two\n\n"
+    api = await servers(
+        {
+            "/events": (200, {"Content-Type": "text/event-stream", "Retry-After": "3"}, events),
+            "/hop": (307, {"Location": "/events"}, b""),
+            "/big": (200, {}, b"x" * 5000 + b"\n"),
+        }
+    )
+    client = clients(api.origin, max_response_bytes=1024)
+    async with client.stream("POST", f"http://{api.origin}/hop", json={"q": 1}) as response:
+        assert (response.status, response.target, response.retry_after) == (200, api.origin, 3.0)
+        assert [line async for line in response.lines()] == ["data: one", "", "data: two", ""]
+    assert [seen.path for seen in api.seen] == ["/hop", "/events"]
+    assert api.seen[1].body == b'{"q": 1}'  # a 307 keeps the method and the body
+    async with client.stream("GET", f"http://{api.origin}/big") as response:
+        with pytest.raises(FailedPrecondition, match="larger than 1024 bytes"):
+            [line async for line in response.lines()]
+    with pytest.raises(EgressRefused):
+        async with client.stream("GET", "http://169.254.169.254/latest/"):
+            pass

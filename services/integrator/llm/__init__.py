@@ -1,0 +1,1 @@
+"""Model providers: one module per wire format, behind :class:`~services.integrator.llm.base.ModelProvider`."""
