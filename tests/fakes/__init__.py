@@ -1,0 +1,1 @@
+"""Fakes of third parties, speaking their real wire formats."""
