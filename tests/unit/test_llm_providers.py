@@ -21,6 +21,7 @@ from tests.fakes.llm import (
     Call,
     CutShort,
     Delay,
+    FakeAnthropic,
     FakeLlm,
     FakeOpenAI,
     HttpError,
@@ -31,7 +32,7 @@ from tests.fakes.llm import (
 from tests.unit.llm_turns import WEATHER, client_for, complete
 
 KEY = "sk-live-7Qm2x9Lp4Rt8Vz3Kc6Nb1Hd5"
-FAKES: dict[str, type[FakeLlm]] = {"openai": FakeOpenAI}
+FAKES: dict[str, type[FakeLlm]] = {"openai": FakeOpenAI, "anthropic": FakeAnthropic}
 # Whether asking again may help, by status: a timeout, a conflict, too many requests, the server's failure.
 TRANSIENT = {400: False, 401: False, 403: False, 404: False, 422: False}
 TRANSIENT |= {408: True, 409: True, 429: True, 500: True, 502: True, 503: True, 529: True}
@@ -69,12 +70,12 @@ async def refused(fake: FakeLlm, http: GuardedHttpClient, *, stream: bool = Fals
 
 
 def test_registry_names_each_provider_by_its_own_name() -> None:
-    assert sorted(PROVIDERS) == ["openai"]
+    assert sorted(PROVIDERS) == ["anthropic", "openai"]
     assert all(provider_for(name).name == name for name in PROVIDERS)
 
 
 def test_an_unknown_provider_is_refused_naming_the_known_ones() -> None:
-    with pytest.raises(InvalidArgument, match=r"unknown model provider 'gemini' \(known: openai\)"):
+    with pytest.raises(InvalidArgument, match=r"unknown model provider 'gemini' \(known: anthropic, openai\)"):
         provider_for("gemini")
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from altan.errors import InvalidArgument
+from services.integrator.llm.anthropic import AnthropicProvider
 from services.integrator.llm.base import ModelProvider
 from services.integrator.llm.openai import OpenAIProvider
 
 __all__ = ["PROVIDERS", "provider_for"]
 
-PROVIDERS: dict[str, ModelProvider] = {provider.name: provider for provider in (OpenAIProvider(),)}
+PROVIDERS: dict[str, ModelProvider] = {provider.name: provider for provider in (OpenAIProvider(), AnthropicProvider())}
 
 
 def provider_for(name: str) -> ModelProvider:
