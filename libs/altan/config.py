@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = [
@@ -125,6 +125,20 @@ class Settings(BaseSettings):
     retry_after_cap_seconds: float = Field(default=10.0, ge=0, le=300)
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # The LLM loop (docs/architecture.md, "The agent loop").
+    llm_deadline_seconds: float = Field(default=120.0, gt=0, le=3600)  # one model turn, retries and fallbacks included
+    llm_retry_attempts: int = Field(default=3, ge=1, le=10)  # per LLM, before its fallback
+    max_llm_turns: int = Field(default=10, ge=1, le=100)  # model turns of one task before it fails
+    max_tool_result_chars: int = Field(default=16_000, ge=256, le=1_000_000)  # what the model reads of one result
+    max_tool_call_errors: int = Field(default=3, ge=0, le=20)  # malformed tool calls answered before the task fails
+    context_budget_tokens: int = Field(default=32_000, ge=1_000, le=2_000_000)  # a thread's history sent to the model
+    tool_concurrency: int = Field(default=16, ge=1, le=256)  # one tenant's tool calls in flight in one agent replica
+    # Install-level keys, used for an agent whose llm names no credential, and only towards these hosts.
+    openai_api_key: SecretStr | None = None
+    openai_api_hosts: str = "api.openai.com"
+    anthropic_api_key: SecretStr | None = None
+    anthropic_api_hosts: str = "api.anthropic.com"
 
     # ``altan up`` (the local stack): how long it waits for readiness, and for a clean stop.
     startup_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)

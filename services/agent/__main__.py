@@ -3,20 +3,24 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+from altan.api.convert import struct_to_dict
 from altan.bootstrap import run_service
 from altan.clients import IntegratorClient
 from altan.config import Settings
+from altan.errors import Unavailable
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
 from altan.v1 import agent_pb2_grpc, runtime_pb2
 from altan.wire import json_bytes
 from services.agent.agents import AgentCatalog
+from services.agent.conversation import LoopLimits
 from services.agent.plan import Step
 from services.agent.servicer import AgentServicer
-from services.agent.tasks import TaskLimits, TaskRunner, ToolAnswer
+from services.agent.tasks import LlmBackend, TaskLimits, TaskRunner, ToolAnswer
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -44,10 +48,48 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         output = json.loads(answer.output_json) if answer.output_json else None
         return ToolAnswer(output, answer.http_status, len(answer.output_json))
 
+    async def model_turn(
+        request: runtime_pb2.CompleteRequest, on_delta: Callable[[str], Awaitable[None]]
+    ) -> runtime_pb2.ModelAnswer:
+        stream = integrator.stream(integrator.runtime.Complete, request, timeout=settings.llm_deadline_seconds + 10)
+        async for item in stream:
+            if item.WhichOneof("kind") == "delta":
+                await on_delta(item.delta)
+            else:
+                return item.answer
+        raise Unavailable("the integrator ended a model turn without its answer")
+
+    async def describe(tool_ids: list[str]) -> list[runtime_pb2.ModelTool]:
+        """The bound tools as the model sees them: name, description, JSON Schema."""
+        if not tool_ids:
+            return []
+        answer = await integrator.call(
+            integrator.runtime.DescribeTools, runtime_pb2.DescribeToolsRequest(tool_ids=tool_ids)
+        )
+        return [
+            runtime_pb2.ModelTool(
+                name=tool.tool_id,
+                description=tool.description or tool.name,
+                input_schema_json=json_bytes(struct_to_dict(tool.input_schema)),
+            )
+            for tool in answer.tools
+        ]
+
+    llm = LlmBackend(
+        model=model_turn,
+        describe=describe,
+        loop=LoopLimits(
+            max_turns=settings.max_llm_turns,
+            max_tool_result_chars=settings.max_tool_result_chars,
+            max_tool_call_errors=settings.max_tool_call_errors,
+        ),
+        context_budget_tokens=settings.context_budget_tokens,
+        tool_concurrency=settings.tool_concurrency,
+    )
     store = TenantStore(backend, "agent")
     agents = AgentCatalog(store, missing_tools)
     limits = TaskLimits(expansion_bytes=settings.max_expansion_bytes, task_bytes=settings.max_task_bytes)
-    tasks = TaskRunner(store, agents, missing_tools, invoke, limits)
+    tasks = TaskRunner(store, agents, missing_tools, invoke, limits, llm)
     stack.push_async_callback(tasks.aclose)  # before the store and channel close (the stack unwinds in reverse)
     servicer = AgentServicer(agents, tasks)
     return [

@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from altan.api.agents import agent_spec_from_proto, agent_to_proto, patch_from_proto
-from altan.api.tasks import event_to_proto, parse_submission, task_status_value, task_to_proto
+from altan.api.tasks import event_to_proto, parse_submission, task_status_value, task_to_proto, thread_to_proto
 from altan.server import Context
 from altan.v1 import agent_pb2, agent_pb2_grpc
 from altan.wire import paginate, parse_json
@@ -72,6 +72,10 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> AsyncIterator[agent_pb2.StreamTaskEventsResponse]:
         async for seq, event in self._tasks.events(request.task_id, request.after_seq):
             yield agent_pb2.StreamTaskEventsResponse(event=event_to_proto(seq, event))
+
+    async def GetThread(self, request: agent_pb2.GetThreadRequest, context: Context) -> agent_pb2.GetThreadResponse:
+        thread, messages = await self._tasks.thread(request.thread_id)
+        return agent_pb2.GetThreadResponse(thread=thread_to_proto(thread, messages))
 
     async def CancelTask(self, request: agent_pb2.CancelTaskRequest, context: Context) -> agent_pb2.CancelTaskResponse:
         return agent_pb2.CancelTaskResponse(task=task_to_proto(await self._tasks.cancel(request.task_id)))

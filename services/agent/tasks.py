@@ -1,25 +1,31 @@
-"""Tasks: submission (with idempotency keys), execution of structured plans, events and cancellation.
+"""Tasks: submission (with idempotency keys), execution of structured plans and of the LLM loop, events and
+cancellation.
 
 A task runs in the background of the replica that accepted it, in the caller's request context (tenant and token
 travel with it). Every state change is written to the store and announced on the task's event stream, which
-followers read with a blocking read instead of polling.
+followers read with a blocking read instead of polling. An input with a ``plan`` runs that plan; any other input goes
+to the agent's LLM (:mod:`services.agent.conversation`), continuing the task's thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 from altan import context
+from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
-from altan.errors import FailedPrecondition, NotFound
+from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound
 from altan.store import TenantStore
+from altan.v1 import runtime_pb2
 from altan.wire import json_bytes, new_id
 from services.agent.agents import AgentCatalog
+from services.agent.conversation import Conversation, LoopLimits, ModelTurn
 from services.agent.plan import (
     MAX_EXPANSION_BYTES,
     PlanFailed,
@@ -29,8 +35,9 @@ from services.agent.plan import (
     error_message,
     parse_plan,
 )
+from services.agent.threads import ThreadStore, coherent, fit_to_budget
 
-__all__ = ["TERMINAL", "TaskLimits", "TaskRunner", "ToolAnswer", "ToolInvoker"]
+__all__ = ["TERMINAL", "LlmBackend", "TaskLimits", "TaskRunner", "ToolAnswer", "ToolInvoker"]
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,17 @@ class TaskLimits:
 MissingTools = Callable[[list[str]], Awaitable[list[str]]]
 
 
+@dataclass(frozen=True)
+class LlmBackend:
+    """What the LLM loop needs: a model turn through the Integrator, the bound tools' specs, and its limits."""
+
+    model: ModelTurn
+    describe: Callable[[list[str]], Awaitable[list[runtime_pb2.ModelTool]]]
+    loop: LoopLimits
+    context_budget_tokens: int = 32_000
+    tool_concurrency: int = 16  # one tenant's tool calls in flight in this replica
+
+
 def _events(task_id: str) -> str:
     return f"events:{task_id}"
 
@@ -79,8 +97,12 @@ class TaskRunner:
         missing_tools: MissingTools,
         invoke: ToolInvoker,
         limits: TaskLimits | None = None,
+        llm: LlmBackend | None = None,
     ) -> None:
         self._limits = limits or TaskLimits()
+        self._llm = llm
+        self._threads = ThreadStore(store)
+        self._slots: dict[str, asyncio.Semaphore] = {}
         self._store = store
         self._agents = agents
         self._missing_tools = missing_tools
@@ -97,7 +119,18 @@ class TaskRunner:
             earlier = await self._store.get(_IDEMPOTENCY, idem_id)
             if earlier is not None:
                 return await self.get(earlier["task_id"]), False
-        plan = await self._plan(agent, task_input)
+        thread_id = submission.thread_id
+        if _is_plan(task_input):
+            plan = await self._plan(agent, task_input)
+            steps = [{"id": s.id, "tool": s.tool, "status": "pending"} for s in plan.steps]
+        else:
+            plan, steps = None, []
+            _text(task_input)  # refused now rather than when the task runs
+            if self._llm is None or not agent.get("llm"):
+                raise FailedPrecondition(
+                    'natural-language input needs an agent with an llm; give the agent one, or submit {"plan": [...]}'
+                )
+            thread_id = await self._threads.open(thread_id, agent_id)
         now = now_ms()
         task: dict[str, Any] = {
             "task_id": new_id("tsk"),
@@ -105,10 +138,10 @@ class TaskRunner:
             "status": "queued",
             "input": task_input,
             "result": None,
-            "steps": [{"id": s.id, "tool": s.tool, "status": "pending"} for s in plan.steps],
+            "steps": steps,
             "error": None,
             "usage": {"tool_calls": 0, "llm_calls": 0, "input_tokens": 0, "output_tokens": 0},
-            "thread_id": submission.thread_id,
+            "thread_id": thread_id,
             "created_at": now,
             "updated_at": now,
         }
@@ -122,18 +155,14 @@ class TaskRunner:
         await self._emit(task["task_id"], "task.queued", {})
         caller = context.current()
         key = (caller.tenant_id, task["task_id"])
-        runner = asyncio.create_task(self._run(agent, plan, task))
+        work = self._run(agent, plan, task) if plan is not None else self._converse(agent, task)
+        runner = asyncio.create_task(work)
         self._running[key] = runner
         self._callers[key] = caller
         runner.add_done_callback(lambda _: (self._running.pop(key, None), self._callers.pop(key, None)))
         return task, True
 
     async def _plan(self, agent: dict[str, Any], task_input: Any) -> Any:
-        if not (isinstance(task_input, dict) and "plan" in task_input):
-            raise FailedPrecondition(
-                "this build runs structured plans only: natural-language input needs the LLM loop; "
-                'submit {"plan": [...]}'
-            )
         steps = task_input["plan"] if isinstance(task_input["plan"], list) else []
         named = {s["tool"] for s in steps if isinstance(s, dict) and isinstance(s.get("tool"), str)}
         bound = set(agent.get("tools", []))
@@ -150,6 +179,10 @@ class TaskRunner:
             # A run cancelled before it took its first step never saw its cancellation: record it here.
             context.bind(caller)
             await self._record_cancelled(task_id)
+
+    async def thread(self, thread_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A thread of the current tenant and its messages, oldest first."""
+        return await self._threads.get(thread_id)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         task = await self._store.get(_TASKS, task_id)
@@ -258,14 +291,94 @@ class TaskRunner:
             else:
                 await asyncio.shield(self._finish(task, run, status="succeeded", result=outputs))
 
-    async def _save(self, task: dict[str, Any], run: PlanRun, **changes: Any) -> None:
-        task.update(changes, steps=[_step(s) for s in run.steps.values()], updated_at=now_ms())
+    async def _converse(self, agent: dict[str, Any], task: dict[str, Any]) -> None:
+        """Run a natural-language task: the agent's LLM loop, continuing the task's thread."""
+        assert self._llm is not None
+        llm = self._llm
+        task_id, thread_id = task["task_id"], task["thread_id"]
+        context.with_task(task_id)
+        this_run = asyncio.current_task()
+        assert this_run is not None
+        slots = self._slots.setdefault(context.current().tenant_id, asyncio.Semaphore(llm.tool_concurrency))
+        size = len(json_bytes(task["input"]))
+
+        async def run_tool(tool: str, arguments: dict[str, Any], step_id: str) -> tuple[Any, int]:
+            nonlocal size
+            if await self._store.get(_CANCELLATIONS, task_id) is not None:
+                this_run.cancel()
+                await asyncio.Event().wait()
+            async with slots:
+                answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id)
+            task["usage"]["tool_calls"] += 1
+            if size + 2 * answer.size > self._limits.task_bytes:
+                raise FailedPrecondition(
+                    f"its output of {answer.size} bytes would take the task past {self._limits.task_bytes} bytes "
+                    "(ALTAN_MAX_TASK_BYTES)"
+                )
+            size += 2 * answer.size
+            return answer.output, answer.http_status
+
+        async def changed() -> None:
+            await self._save(task, None)
+
+        async def emit(kind: str, data: dict[str, Any]) -> None:
+            await self._emit(task_id, kind, data)
+
+        async def record(message: dict[str, Any]) -> None:
+            await self._threads.add(thread_id, message)
+
+        try:
+            await self._save(task, None, status="running")
+            await self._emit(task_id, "task.started", {})
+            history = fit_to_budget(coherent(await self._threads.messages(thread_id)), llm.context_budget_tokens)
+            conversation = Conversation(
+                task=task,
+                agent=agent,
+                llm=agent_llm(agent["llm"]),
+                fallbacks=[agent_llm(f) for f in agent.get("fallback_llms", ())],
+                tools=await llm.describe(list(agent.get("tools", ()))),
+                history=history,
+                limits=llm.loop,
+                model=llm.model,
+                run_tool=run_tool,
+                emit=emit,
+                record=record,
+                changed=changed,
+            )
+            answer = await conversation.run(_text(task["input"]))
+        except AltanError as exc:
+            await self._finish(task, None, status="failed", error=exc.message)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._finish(task, None, status="cancelled", error="cancelled"))
+            raise
+        except Exception as exc:
+            log.exception("task crashed")
+            await self._finish(task, None, status="failed", error=f"internal error: {type(exc).__name__}")
+        else:
+            await asyncio.shield(self._finish(task, None, status="succeeded", result={"answer": answer}))
+
+    async def _save(self, task: dict[str, Any], run: PlanRun | None, **changes: Any) -> None:
+        if run is not None:
+            changes["steps"] = [_step(s) for s in run.steps.values()]
+        task.update(changes, updated_at=now_ms())
         await self._store.put(_TASKS, task["task_id"], task)
 
-    async def _finish(self, task: dict[str, Any], run: PlanRun, *, status: str, **changes: Any) -> None:
+    async def _finish(self, task: dict[str, Any], run: PlanRun | None, *, status: str, **changes: Any) -> None:
         await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
         await self._emit(task["task_id"], f"task.{status}", data)
+
+
+def _is_plan(task_input: Any) -> bool:
+    return isinstance(task_input, dict) and "plan" in task_input
+
+
+def _text(task_input: Any) -> str:
+    """What the model reads of a natural-language input: the text itself, or the JSON of any other value."""
+    text = task_input if isinstance(task_input, str) else json.dumps(task_input, ensure_ascii=False)
+    if not text.strip():
+        raise InvalidArgument("input: empty; give the agent something to do")
+    return text
 
 
 def _step(state: StepState) -> dict[str, Any]:

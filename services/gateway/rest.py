@@ -43,6 +43,7 @@ PageToken = Annotated[str, Query(max_length=200, description="next_page_token of
 AgentId = Annotated[str, Path(max_length=200)]
 ToolId = Annotated[str, Path(max_length=200)]
 TaskId = Annotated[str, Path(max_length=200)]
+ThreadId = Annotated[str, Path(max_length=200)]
 CredentialName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 
@@ -307,6 +308,11 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
                 yield {"event": event.type, "id": str(event.seq), "data": dump_json(tasks.event_json(event))}
 
         return EventSourceResponse(stream(), ping=15)
+
+    @api.route("GET", "/threads/{thread_id}", 200, tasks.Thread, "Read a conversation")
+    async def get_thread(thread_id: ThreadId) -> Response:
+        answer = await agent.call(agent.agents.GetThread, agent_pb2.GetThreadRequest(thread_id=thread_id))
+        return _json(tasks.thread_json(answer.thread))
 
     # --- audit --------------------------------------------------------------------------------------------
     @api.route("GET", "/audit", 200, audit.AuditList, "Read the audit trail")

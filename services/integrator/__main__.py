@@ -4,17 +4,34 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-from altan.bootstrap import run_service
+from altan.bootstrap import ConfigurationError, run_service
 from altan.clients import ToolClient
 from altan.config import Settings
+from altan.egress import EgressGuard, EgressPolicy
+from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
 from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
 from services.integrator.audit import AuditLog
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
+from services.integrator.llm.registry import PROVIDERS
+from services.integrator.models import InstallKey, ModelCaller
 from services.integrator.secrets import LocalSecretBackend
 from services.integrator.servicer import IntegratorRuntimeServicer, IntegratorServicer
+
+
+def install_keys(settings: Settings) -> dict[str, InstallKey]:
+    """The install's own LLM keys, each bound to the hosts it may be sent to."""
+    keys = {}
+    for provider, key, hosts in (
+        ("openai", settings.openai_api_key, settings.openai_api_hosts),
+        ("anthropic", settings.anthropic_api_key, settings.anthropic_api_hosts),
+    ):
+        if key is not None and key.get_secret_value():
+            allowed = frozenset(h.strip().lower() for h in hosts.split(",") if h.strip())
+            keys[provider] = InstallKey(key.get_secret_value(), allowed)
+    return keys
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -33,6 +50,23 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         deadline_seconds=settings.call_deadline_seconds,
         retry_after_cap=settings.retry_after_cap_seconds,
     )
+    try:
+        policy = EgressPolicy.parse(settings.egress_allow)
+    except ValueError as exc:
+        raise ConfigurationError(f"ALTAN_EGRESS_ALLOW: {exc}") from None
+    # LLM endpoints are outbound calls like any other: through the egress guard, one pooled client.
+    http = GuardedHttpClient(EgressGuard(policy), timeout=settings.llm_deadline_seconds)
+    stack.push_async_callback(http.aclose)
+    models = ModelCaller(
+        http,
+        broker,
+        audit,
+        attempts=settings.llm_retry_attempts,
+        deadline_seconds=settings.llm_deadline_seconds,
+        retry_after_cap=settings.retry_after_cap_seconds,
+        install_keys=install_keys(settings),
+        providers=PROVIDERS,
+    )
     return [
         GrpcService(
             integrator_pb2_grpc.add_IntegratorServiceServicer_to_server,
@@ -42,7 +76,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         ),
         GrpcService(
             runtime_pb2_grpc.add_IntegratorRuntimeServiceServicer_to_server,
-            IntegratorRuntimeServicer(caller),
+            IntegratorRuntimeServicer(caller, models),
             "altan.v1.IntegratorRuntimeService",
             ready=backend.ping,
         ),

@@ -13,7 +13,7 @@ __all__ = ["AuditLog"]
 
 _STREAM = "audit"
 _PER_TASK_MAX = 10_000
-_FIELDS = ("tool_id", "target", "outcome", "latency_ms", "reason", "credential")
+_FIELDS = ("tool_id", "target", "outcome", "latency_ms", "reason", "credential", "model")
 
 
 class AuditLog:
@@ -40,6 +40,7 @@ class AuditLog:
             "latency_ms": 0,
             "reason": "",
             "credential": "",
+            "model": "",
         }
         event.update({k: v for k, v in fields.items() if v is not None})
         await self._store.append(_STREAM, event, maxlen=self._max)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
+
 from altan.api.audit import audit_to_proto
 from altan.api.credentials import credential_spec_from_proto, credential_to_proto
 from altan.server import Context
@@ -10,6 +13,7 @@ from altan.wire import paginate
 from services.integrator.audit import AuditLog
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
+from services.integrator.models import ModelCaller
 
 __all__ = ["IntegratorRuntimeServicer", "IntegratorServicer"]
 
@@ -67,10 +71,35 @@ class IntegratorServicer(integrator_pb2_grpc.IntegratorServiceServicer):
 
 
 class IntegratorRuntimeServicer(runtime_pb2_grpc.IntegratorRuntimeServiceServicer):
-    """Tool calls of agents' tasks (internal: the agent and task of a call are the Agent Service's word)."""
+    """Tool calls and LLM turns of agents' tasks (internal: the agent and task of a call are the Agent Service's
+    word)."""
 
-    def __init__(self, caller: ToolCaller) -> None:
+    def __init__(self, caller: ToolCaller, models: ModelCaller) -> None:
         self._caller = caller
+        self._models = models
+
+    async def Complete(
+        self, request: runtime_pb2.CompleteRequest, context: Context
+    ) -> AsyncIterator[runtime_pb2.CompleteResponse]:
+        # The turn runs beside this stream: its text is passed on as it arrives, then the whole answer.
+        deltas: asyncio.Queue[str | None] = asyncio.Queue()
+
+        async def on_delta(text: str) -> None:
+            await deltas.put(text)
+
+        async def turn() -> runtime_pb2.ModelAnswer:
+            try:
+                return await self._models.complete(request, on_delta if request.stream else None)
+            finally:
+                await deltas.put(None)
+
+        running = asyncio.create_task(turn())
+        try:
+            while (text := await deltas.get()) is not None:
+                yield runtime_pb2.CompleteResponse(delta=text)
+            yield runtime_pb2.CompleteResponse(answer=await running)
+        finally:
+            running.cancel()
 
     async def RunTool(self, request: runtime_pb2.RunToolRequest, context: Context) -> runtime_pb2.RunToolResponse:
         result = await self._caller.invoke(

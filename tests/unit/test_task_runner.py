@@ -296,11 +296,12 @@ async def test_a_plan_naming_a_tool_it_may_not_use_is_refused(
     assert task["steps"][0]["id"] == "s1"
 
 
-async def test_natural_language_and_unknown_agents_are_refused(harness: Harness) -> None:
+async def test_natural_language_for_an_agent_without_an_llm_and_unknown_agents_are_refused(harness: Harness) -> None:
     as_caller()
     agent_id = await new_agent(harness)
-    with pytest.raises(FailedPrecondition, match=r"structured plans only.*submit \{\"plan\""):
+    with pytest.raises(FailedPrecondition, match=r"needs an agent with an llm.*submit \{\"plan\""):
         await harness.runner.submit(agent_id, parse_submission({"input": "book me a flight"}))
+    assert await TenantStore(harness.backend, "agent").all("tasks") == {}
     with pytest.raises(NotFound, match="agent 'agt_nope' not found"):
         await submit(harness.runner, "agt_nope", step("s1"))
     assert harness.tools.calls == []

@@ -33,6 +33,7 @@ __all__ = [
     "agent_spec_from_proto",
     "agent_spec_to_proto",
     "agent_to_proto",
+    "llm_to_proto",
     "parse_agent_patch",
     "parse_agent_spec",
     "patch_from_proto",
@@ -135,6 +136,13 @@ def _llm_to_proto(llm: dict[str, Any], out: agent_pb2.LlmConfig) -> None:
         out.auth.credential = auth.get("credential") or ""
     if llm.get("parameters"):
         python_to_struct(llm["parameters"], out.parameters)
+
+
+def llm_to_proto(llm: dict[str, Any]) -> agent_pb2.LlmConfig:
+    """The proto of a stored LLM configuration (what the Agent Service sends the Integrator for a turn)."""
+    out = agent_pb2.LlmConfig()
+    _llm_to_proto(llm, out)
+    return out
 
 
 def _llm_from_proto(msg: agent_pb2.LlmConfig) -> dict[str, Any]:

@@ -29,6 +29,7 @@ class AuditEvent(BaseModel):
     latency_ms: int
     reason: str | None
     credential: str | None
+    model: str | None = None
 
 
 class AuditList(BaseModel):
@@ -51,6 +52,7 @@ def audit_to_proto(event: dict[str, Any]) -> integrator_pb2.AuditEvent:
         latency_ms=event.get("latency_ms", 0),
         reason=event.get("reason", ""),
         credential=event.get("credential", ""),
+        model=event.get("model", ""),
     )
 
 
@@ -68,4 +70,5 @@ def audit_json(msg: integrator_pb2.AuditEvent) -> dict[str, Any]:
         "latency_ms": msg.latency_ms,
         "reason": msg.reason or None,
         "credential": msg.credential or None,
+        "model": msg.model or None,
     }

@@ -18,6 +18,7 @@ __all__ = [
     "TaskAccepted",
     "TaskEvent",
     "TaskSubmission",
+    "Thread",
     "Usage",
     "event_json",
     "event_to_proto",
@@ -27,6 +28,8 @@ __all__ = [
     "task_status_name",
     "task_status_value",
     "task_to_proto",
+    "thread_json",
+    "thread_to_proto",
 ]
 
 _TASK_STATUS = agent_pb2.TaskStatus.DESCRIPTOR
@@ -85,6 +88,9 @@ class Step(BaseModel):
     duration_ms: int | None
     output: JsonValue
     error: str | None
+    call_id: str | None = Field(
+        None, description="Only in a natural-language task: the model's id of the tool call (as in the thread)."
+    )
 
 
 class Usage(BaseModel):
@@ -117,7 +123,10 @@ class TaskEvent(BaseModel):
     """One Server-Sent Event of a task; the SSE id is ``seq``."""
 
     seq: int
-    type: str = Field(description="task.queued, task.started, tool.started, tool.finished, task.succeeded, ...")
+    type: str = Field(
+        description="task.queued, task.started, llm.called, message.delta, tool.started, tool.finished, "
+        "task.succeeded, task.failed, task.cancelled"
+    )
     task_id: str
     time: Timestamp
     step_id: str | None = None
@@ -125,6 +134,41 @@ class TaskEvent(BaseModel):
     status: StepStatus | None = None
     duration_ms: int | None = None
     error: str | None = None
+    model: str | None = Field(default=None, description="llm.called: the model that answered.")
+    provider: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    latency_ms: int | None = None
+    fallback_used: bool | None = None
+    text: str | None = Field(default=None, description="message.delta: the next piece of the answer.")
+
+
+class ToolCallOut(BaseModel):
+    """A tool call the model asked for."""
+
+    id: str
+    name: str
+    arguments_json: str
+
+
+class ThreadMessageOut(BaseModel):
+    """One message of a conversation."""
+
+    role: Literal["user", "assistant", "tool"]
+    content: str
+    task_id: str | None
+    tool_calls: list[ToolCallOut] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+    is_error: bool | None = None
+
+
+class Thread(BaseModel):
+    """A conversation: the messages its tasks added, oldest first."""
+
+    thread_id: str
+    agent_id: str
+    messages: list[ThreadMessageOut]
 
 
 def parse_submission(body: Any) -> TaskSubmission:
@@ -176,6 +220,7 @@ def task_to_proto(task: dict[str, Any]) -> agent_pb2.Task:
             status=step_status_value(step["status"]),  # type: ignore[arg-type]
             output_json=_json_or_empty(step.get("output")),
             error=step.get("error") or "",
+            call_id=step.get("call_id", ""),
         )
         if step.get("started_at") is not None:
             proto.started_at.CopyFrom(timestamp(step["started_at"]))
@@ -184,6 +229,44 @@ def task_to_proto(task: dict[str, Any]) -> agent_pb2.Task:
         if step.get("duration_ms") is not None:
             proto.duration_ms = step["duration_ms"]
     return out
+
+
+_MESSAGE_ROLE = agent_pb2.MessageRole.DESCRIPTOR
+
+
+def thread_to_proto(thread: dict[str, Any], messages: list[dict[str, Any]]) -> agent_pb2.Thread:
+    """The proto of a stored thread and its messages."""
+    out = agent_pb2.Thread(thread_id=thread["thread_id"], agent_id=thread["agent_id"])
+    for message in messages:
+        out.messages.add(
+            role=enum_value(_MESSAGE_ROLE, message["role"]),  # type: ignore[arg-type]
+            content=message.get("content", ""),
+            task_id=message.get("task_id", ""),
+            tool_calls=[agent_pb2.ToolCall(**call) for call in message.get("tool_calls", ())],
+            tool_call_id=message.get("tool_call_id", ""),
+            name=message.get("name", ""),
+            is_error=message.get("is_error", False),
+        )
+    return out
+
+
+def thread_json(msg: agent_pb2.Thread) -> dict[str, Any]:
+    """The REST form of a thread (the :class:`Thread` model)."""
+    messages = []
+    for m in msg.messages:
+        body: dict[str, Any] = {
+            "role": enum_name(_MESSAGE_ROLE, m.role) or "user",
+            "content": m.content,
+            "task_id": m.task_id or None,
+        }
+        if m.tool_calls:
+            body["tool_calls"] = [
+                {"id": c.id, "name": c.name, "arguments_json": c.arguments_json} for c in m.tool_calls
+            ]
+        if m.tool_call_id:
+            body.update(tool_call_id=m.tool_call_id, name=m.name, is_error=m.is_error)
+        messages.append(body)
+    return {"thread_id": msg.thread_id, "agent_id": msg.agent_id, "messages": messages}
 
 
 def event_to_proto(seq: int, event: dict[str, Any]) -> agent_pb2.TaskEvent:
@@ -202,6 +285,14 @@ def event_to_proto(seq: int, event: dict[str, Any]) -> agent_pb2.TaskEvent:
         out.status = step_status_value(data["status"])  # type: ignore[assignment]
     if data.get("duration_ms") is not None:
         out.duration_ms = data["duration_ms"]
+    if "model" in data:
+        out.model = data["model"]
+        out.provider = data.get("provider", "")
+        out.input_tokens = data.get("input_tokens", 0)
+        out.output_tokens = data.get("output_tokens", 0)
+        out.latency_ms = data.get("latency_ms", 0)
+        out.fallback_used = data.get("fallback_used", False)
+    out.text = data.get("text", "")
     return out
 
 
@@ -231,6 +322,7 @@ def task_json(msg: agent_pb2.Task) -> dict[str, Any]:
                 "output": _load(s.output_json),
                 "error": s.error or None,
             }
+            | ({"call_id": s.call_id} if s.call_id else {})
             for s in msg.steps
         ],
         "error": msg.error or None,
@@ -260,4 +352,15 @@ def event_json(msg: agent_pb2.TaskEvent) -> dict[str, Any]:
         body["duration_ms"] = msg.duration_ms
     if msg.error:
         body["error"] = msg.error
+    if msg.model:
+        body.update(
+            model=msg.model,
+            provider=msg.provider,
+            input_tokens=msg.input_tokens,
+            output_tokens=msg.output_tokens,
+            latency_ms=msg.latency_ms,
+            fallback_used=msg.fallback_used,
+        )
+    if msg.text:
+        body["text"] = msg.text
     return body

@@ -204,7 +204,9 @@ class LlmConfig(_message.Message):
     """The endpoint's URL, for example `https://api.openai.com/v1/chat/completions`."""
     @_builtins.property
     def auth(self) -> Global___LlmAuth:
-        """How to authenticate; unset means no authentication."""
+        """How to authenticate; unset: the install's own key for the provider when the endpoint is one of the hosts
+        configured for it (ALTAN_OPENAI_API_HOSTS, ALTAN_ANTHROPIC_API_HOSTS), else none.
+        """
 
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct:
@@ -616,6 +618,7 @@ class Step(_message.Message):
     DURATION_MS_FIELD_NUMBER: _builtins.int
     OUTPUT_JSON_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Step identifier (the plan's `id`)."""
     tool: _builtins.str
@@ -628,6 +631,8 @@ class Step(_message.Message):
     """The tool's output as JSON (UTF-8); empty until it succeeds."""
     error: _builtins.str
     """Why the step failed; empty otherwise."""
+    call_id: _builtins.str
+    """In a natural-language task: the model's id of the tool call the step runs (as in the thread); empty in a plan."""
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp:
         """Start time; unset before it starts."""
@@ -647,10 +652,11 @@ class Step(_message.Message):
         duration_ms: _builtins.int | None = ...,
         output_json: _builtins.bytes = ...,
         error: _builtins.str = ...,
+        call_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "duration_ms", b"duration_ms", "finished_at", b"finished_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "duration_ms", b"duration_ms", "error", b"error", "finished_at", b"finished_at", "id", b"id", "output_json", b"output_json", "started_at", b"started_at", "status", b"status", "tool", b"tool"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "call_id", b"call_id", "duration_ms", b"duration_ms", "error", b"error", "finished_at", b"finished_at", "id", b"id", "output_json", b"output_json", "started_at", b"started_at", "status", b"status", "tool", b"tool"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__duration_ms: _TypeAlias = _typing.Literal["duration_ms"]  # noqa: Y015
     _WhichOneofArgType__duration_ms: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms"]  # noqa: Y015
@@ -853,6 +859,13 @@ class TaskEvent(_message.Message):
     STATUS_FIELD_NUMBER: _builtins.int
     DURATION_MS_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    FALLBACK_USED_FIELD_NUMBER: _builtins.int
+    TEXT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Position of the event in the task's stream, from 1."""
     type: _builtins.str
@@ -869,6 +882,20 @@ class TaskEvent(_message.Message):
     """The step's wall time (tool.finished events)."""
     error: _builtins.str
     """Why the step or the task failed (tool.finished, task.failed, task.cancelled); empty otherwise."""
+    model: _builtins.str
+    """llm.called: the model that answered, as its provider names it."""
+    provider: _builtins.str
+    """llm.called: openai or anthropic."""
+    input_tokens: _builtins.int
+    """llm.called: tokens the model read."""
+    output_tokens: _builtins.int
+    """llm.called: tokens the model wrote."""
+    latency_ms: _builtins.int
+    """llm.called: the turn's wall time in milliseconds, retries included."""
+    fallback_used: _builtins.bool
+    """llm.called: whether a fallback LLM answered because the primary failed."""
+    text: _builtins.str
+    """message.delta: the next piece of the answer's text."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -885,14 +912,26 @@ class TaskEvent(_message.Message):
         status: Global___StepStatus.ValueType = ...,
         duration_ms: _builtins.int | None = ...,
         error: _builtins.str = ...,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        latency_ms: _builtins.int | None = ...,
+        fallback_used: _builtins.bool = ...,
+        text: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "duration_ms", b"duration_ms", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "_latency_ms", b"_latency_ms", "duration_ms", b"duration_ms", "latency_ms", b"latency_ms", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "duration_ms", b"duration_ms", "error", b"error", "seq", b"seq", "status", b"status", "step_id", b"step_id", "task_id", b"task_id", "time", b"time", "tool", b"tool", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "_latency_ms", b"_latency_ms", "duration_ms", b"duration_ms", "error", b"error", "fallback_used", b"fallback_used", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "model", b"model", "output_tokens", b"output_tokens", "provider", b"provider", "seq", b"seq", "status", b"status", "step_id", b"step_id", "task_id", b"task_id", "text", b"text", "time", b"time", "tool", b"tool", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__duration_ms: _TypeAlias = _typing.Literal["duration_ms"]  # noqa: Y015
     _WhichOneofArgType__duration_ms: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms"]  # noqa: Y015
+    _WhichOneofReturnType__latency_ms: _TypeAlias = _typing.Literal["latency_ms"]  # noqa: Y015
+    _WhichOneofArgType__latency_ms: _TypeAlias = _typing.Literal["_latency_ms", b"_latency_ms"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_ms) -> _WhichOneofReturnType__duration_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__latency_ms) -> _WhichOneofReturnType__latency_ms | None: ...
 
 Global___TaskEvent: _TypeAlias = TaskEvent  # noqa: Y015
 
@@ -967,6 +1006,36 @@ class CancelTaskResponse(_message.Message):
 Global___CancelTaskResponse: _TypeAlias = CancelTaskResponse  # noqa: Y015
 
 @_typing.final
+class ToolCall(_message.Message):
+    """A tool call an LLM asked for."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The model's identifier of the call; its result names it."""
+    name: _builtins.str
+    """The tool (its tool_id)."""
+    arguments_json: _builtins.str
+    """The arguments as the model wrote them (normally a JSON object; a malformed one is answered as an error)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        arguments_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "id", b"id", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ToolCall: _TypeAlias = ToolCall  # noqa: Y015
+
+@_typing.final
 class ThreadMessage(_message.Message):
     """One message of a conversation."""
 
@@ -975,26 +1044,90 @@ class ThreadMessage(_message.Message):
     ROLE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
+    TOOL_CALLS_FIELD_NUMBER: _builtins.int
+    TOOL_CALL_ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    IS_ERROR_FIELD_NUMBER: _builtins.int
     role: Global___MessageRole.ValueType
     """Who wrote it."""
     content: _builtins.str
     """The text."""
     task_id: _builtins.str
     """The task that added it."""
+    tool_call_id: _builtins.str
+    """Tool messages: the call this is the result of."""
+    name: _builtins.str
+    """Tool messages: the tool that was called."""
+    is_error: _builtins.bool
+    """Tool messages: whether the result reports a failure."""
+    @_builtins.property
+    def tool_calls(self) -> _containers.RepeatedCompositeFieldContainer[Global___ToolCall]:
+        """Assistant messages: the tool calls the model asked for."""
+
     def __init__(
         self,
         *,
         role: Global___MessageRole.ValueType = ...,
         content: _builtins.str = ...,
         task_id: _builtins.str = ...,
+        tool_calls: _abc.Iterable[Global___ToolCall] | None = ...,
+        tool_call_id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        is_error: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "role", b"role", "task_id", b"task_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "is_error", b"is_error", "name", b"name", "role", b"role", "task_id", b"task_id", "tool_call_id", b"tool_call_id", "tool_calls", b"tool_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ThreadMessage: _TypeAlias = ThreadMessage  # noqa: Y015
+
+@_typing.final
+class GetThreadRequest(_message.Message):
+    """Request of GetThread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_ID_FIELD_NUMBER: _builtins.int
+    thread_id: _builtins.str
+    """The thread to read."""
+    def __init__(
+        self,
+        *,
+        thread_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread_id", b"thread_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThreadRequest: _TypeAlias = GetThreadRequest  # noqa: Y015
+
+@_typing.final
+class GetThreadResponse(_message.Message):
+    """Response of GetThread."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THREAD_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def thread(self) -> Global___Thread:
+        """The thread."""
+
+    def __init__(
+        self,
+        *,
+        thread: Global___Thread | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["thread", b"thread"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetThreadResponse: _TypeAlias = GetThreadResponse  # noqa: Y015
 
 @_typing.final
 class Thread(_message.Message):

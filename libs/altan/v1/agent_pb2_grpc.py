@@ -82,6 +82,11 @@ class AgentServiceStub:
                 request_serializer=altan_dot_v1_dot_agent__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_agent__pb2.CancelTaskResponse.FromString,
                 _registered_method=True)
+        self.GetThread = channel.unary_unary(
+                '/altan.v1.AgentService/GetThread',
+                request_serializer=altan_dot_v1_dot_agent__pb2.GetThreadRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_agent__pb2.GetThreadResponse.FromString,
+                _registered_method=True)
 
 
 class AgentServiceServicer:
@@ -153,6 +158,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetThread(self, request, context):
+        """Reads a conversation: the messages its tasks added, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -200,6 +212,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=altan_dot_v1_dot_agent__pb2.CancelTaskRequest.FromString,
                     response_serializer=altan_dot_v1_dot_agent__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'GetThread': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetThread,
+                    request_deserializer=altan_dot_v1_dot_agent__pb2.GetThreadRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_agent__pb2.GetThreadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -448,6 +465,33 @@ class AgentService:
             '/altan.v1.AgentService/CancelTask',
             altan_dot_v1_dot_agent__pb2.CancelTaskRequest.SerializeToString,
             altan_dot_v1_dot_agent__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetThread(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.AgentService/GetThread',
+            altan_dot_v1_dot_agent__pb2.GetThreadRequest.SerializeToString,
+            altan_dot_v1_dot_agent__pb2.GetThreadResponse.FromString,
             options,
             channel_credentials,
             insecure,

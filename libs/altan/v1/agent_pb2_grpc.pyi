@@ -54,6 +54,8 @@ class AgentServiceStub:
     """Streams a task's events from a position, ending after the terminal event."""
     CancelTask: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.CancelTaskResponse]
     """Cancels a queued or running task."""
+    GetThread: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetThreadRequest, _agent_pb2.GetThreadResponse]
+    """Reads a conversation: the messages its tasks added, oldest first."""
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
@@ -81,6 +83,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Streams a task's events from a position, ending after the terminal event."""
     CancelTask: _aio.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """Cancels a queued or running task."""
+    GetThread: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetThreadRequest, _agent_pb2.GetThreadResponse]  # type: ignore[assignment]
+    """Reads a conversation: the messages its tasks added, oldest first."""
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     """AgentService owns agents (an LLM configuration plus bound tools) and their tasks. The tenant of every call
@@ -159,5 +163,13 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CancelTaskResponse, _abc.Awaitable[_agent_pb2.CancelTaskResponse]]:
         """Cancels a queued or running task."""
+
+    @_abc_1.abstractmethod
+    def GetThread(
+        self,
+        request: _agent_pb2.GetThreadRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.GetThreadResponse, _abc.Awaitable[_agent_pb2.GetThreadResponse]]:
+        """Reads a conversation: the messages its tasks added, oldest first."""
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

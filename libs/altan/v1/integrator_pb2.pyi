@@ -532,6 +532,7 @@ class AuditEvent(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant."""
     user: _builtins.str
@@ -552,6 +553,8 @@ class AuditEvent(_message.Message):
     """Why it failed or was refused; empty on success."""
     credential: _builtins.str
     """The credential concerned (its name only), if any."""
+    model: _builtins.str
+    """The LLM concerned (llm.call), if any."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -570,10 +573,11 @@ class AuditEvent(_message.Message):
         latency_ms: _builtins.int = ...,
         reason: _builtins.str = ...,
         credential: _builtins.str = ...,
+        model: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "credential", b"credential", "latency_ms", b"latency_ms", "outcome", b"outcome", "reason", b"reason", "target", b"target", "task_id", b"task_id", "tenant_id", b"tenant_id", "time", b"time", "tool_id", b"tool_id", "user", b"user"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "credential", b"credential", "latency_ms", b"latency_ms", "model", b"model", "outcome", b"outcome", "reason", b"reason", "target", b"target", "task_id", b"task_id", "tenant_id", b"tenant_id", "time", b"time", "tool_id", b"tool_id", "user", b"user"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

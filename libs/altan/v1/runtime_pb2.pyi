@@ -8,6 +8,7 @@ Nothing here is served on the gateway's public gRPC port: these RPCs take fields
 outputs travel as JSON bytes, as on the public services (docs/decisions.md, "Payload encoding").
 """
 
+from altan.v1 import agent_pb2 as _agent_pb2
 from altan.v1 import tool_pb2 as _tool_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
@@ -251,3 +252,169 @@ class DescribeToolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeToolsResponse: _TypeAlias = DescribeToolsResponse  # noqa: Y015
+
+@_typing.final
+class ModelTool(_message.Message):
+    """A tool offered to the model."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    INPUT_SCHEMA_JSON_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The tool's id, the name the model calls it by."""
+    description: _builtins.str
+    """What it does."""
+    input_schema_json: _builtins.bytes
+    """JSON Schema of its arguments, JSON (UTF-8)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        description: _builtins.str = ...,
+        input_schema_json: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "input_schema_json", b"input_schema_json", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelTool: _TypeAlias = ModelTool  # noqa: Y015
+
+@_typing.final
+class CompleteRequest(_message.Message):
+    """Request of Complete."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LLM_FIELD_NUMBER: _builtins.int
+    FALLBACK_LLMS_FIELD_NUMBER: _builtins.int
+    SYSTEM_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    system: _builtins.str
+    """The agent's instructions."""
+    stream: _builtins.bool
+    """Whether to stream the answer's text."""
+    task_id: _builtins.str
+    """The task the turn belongs to, for the audit trail."""
+    @_builtins.property
+    def llm(self) -> _agent_pb2.LlmConfig:
+        """The agent's LLM."""
+
+    @_builtins.property
+    def fallback_llms(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.LlmConfig]:
+        """Tried in order when the one before fails after its retries."""
+
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[_agent_pb2.ThreadMessage]:
+        """The conversation so far, oldest first."""
+
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedCompositeFieldContainer[Global___ModelTool]:
+        """The tools the model may call."""
+
+    def __init__(
+        self,
+        *,
+        llm: _agent_pb2.LlmConfig | None = ...,
+        fallback_llms: _abc.Iterable[_agent_pb2.LlmConfig] | None = ...,
+        system: _builtins.str = ...,
+        messages: _abc.Iterable[_agent_pb2.ThreadMessage] | None = ...,
+        tools: _abc.Iterable[Global___ModelTool] | None = ...,
+        stream: _builtins.bool = ...,
+        task_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["llm", b"llm"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_llms", b"fallback_llms", "llm", b"llm", "messages", b"messages", "stream", b"stream", "system", b"system", "task_id", b"task_id", "tools", b"tools"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompleteRequest: _TypeAlias = CompleteRequest  # noqa: Y015
+
+@_typing.final
+class ModelAnswer(_message.Message):
+    """What the model answered in one turn."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    INPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    OUTPUT_TOKENS_FIELD_NUMBER: _builtins.int
+    STOP_REASON_FIELD_NUMBER: _builtins.int
+    MODEL_FIELD_NUMBER: _builtins.int
+    PROVIDER_FIELD_NUMBER: _builtins.int
+    FALLBACK_USED_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    input_tokens: _builtins.int
+    """Tokens the model read."""
+    output_tokens: _builtins.int
+    """Tokens the model wrote."""
+    stop_reason: _builtins.str
+    """Why it stopped, in its provider's words."""
+    model: _builtins.str
+    """The model that answered."""
+    provider: _builtins.str
+    """Its provider."""
+    fallback_used: _builtins.bool
+    """Whether a fallback answered."""
+    latency_ms: _builtins.int
+    """The turn's wall time in milliseconds, retries and fallbacks included."""
+    @_builtins.property
+    def message(self) -> _agent_pb2.ThreadMessage:
+        """The assistant's message: text and tool calls."""
+
+    def __init__(
+        self,
+        *,
+        message: _agent_pb2.ThreadMessage | None = ...,
+        input_tokens: _builtins.int = ...,
+        output_tokens: _builtins.int = ...,
+        stop_reason: _builtins.str = ...,
+        model: _builtins.str = ...,
+        provider: _builtins.str = ...,
+        fallback_used: _builtins.bool = ...,
+        latency_ms: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fallback_used", b"fallback_used", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "message", b"message", "model", b"model", "output_tokens", b"output_tokens", "provider", b"provider", "stop_reason", b"stop_reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ModelAnswer: _TypeAlias = ModelAnswer  # noqa: Y015
+
+@_typing.final
+class CompleteResponse(_message.Message):
+    """One message of Complete's stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELTA_FIELD_NUMBER: _builtins.int
+    ANSWER_FIELD_NUMBER: _builtins.int
+    delta: _builtins.str
+    """The next piece of the answer's text."""
+    @_builtins.property
+    def answer(self) -> Global___ModelAnswer:
+        """The whole answer."""
+
+    def __init__(
+        self,
+        *,
+        delta: _builtins.str = ...,
+        answer: Global___ModelAnswer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "delta", b"delta", "kind", b"kind"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answer", b"answer", "delta", b"delta", "kind", b"kind"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["delta", "answer"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___CompleteResponse: _TypeAlias = CompleteResponse  # noqa: Y015

@@ -121,6 +121,11 @@ class IntegratorRuntimeServiceStub:
                 request_serializer=altan_dot_v1_dot_runtime__pb2.DescribeToolsRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_runtime__pb2.DescribeToolsResponse.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_stream(
+                '/altan.v1.IntegratorRuntimeService/Complete',
+                request_serializer=altan_dot_v1_dot_runtime__pb2.CompleteRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_runtime__pb2.CompleteResponse.FromString,
+                _registered_method=True)
 
 
 class IntegratorRuntimeServiceServicer:
@@ -141,6 +146,15 @@ class IntegratorRuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Complete(self, request, context):
+        """One turn of an agent's LLM: the conversation so far and the tools on offer, sent to the agent's LLM (its
+        fallbacks after it, in order) with the key the Integrator holds. Streams the answer's text as it comes when
+        asked to, then the whole answer.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntegratorRuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -153,6 +167,11 @@ def add_IntegratorRuntimeServiceServicer_to_server(servicer, server):
                     servicer.DescribeTools,
                     request_deserializer=altan_dot_v1_dot_runtime__pb2.DescribeToolsRequest.FromString,
                     response_serializer=altan_dot_v1_dot_runtime__pb2.DescribeToolsResponse.SerializeToString,
+            ),
+            'Complete': grpc.unary_stream_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=altan_dot_v1_dot_runtime__pb2.CompleteRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_runtime__pb2.CompleteResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -210,6 +229,33 @@ class IntegratorRuntimeService:
             '/altan.v1.IntegratorRuntimeService/DescribeTools',
             altan_dot_v1_dot_runtime__pb2.DescribeToolsRequest.SerializeToString,
             altan_dot_v1_dot_runtime__pb2.DescribeToolsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/altan.v1.IntegratorRuntimeService/Complete',
+            altan_dot_v1_dot_runtime__pb2.CompleteRequest.SerializeToString,
+            altan_dot_v1_dot_runtime__pb2.CompleteResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -73,6 +73,11 @@ class IntegratorRuntimeServiceStub:
     """Runs one tool call of an agent's task: binding check, credential, retries, deadline, audit."""
     DescribeTools: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.DescribeToolsRequest, _runtime_pb2.DescribeToolsResponse]
     """Describes tools by identifier, for agents that validate plans or offer tools to an LLM."""
+    Complete: _grpc.UnaryStreamMultiCallable[_runtime_pb2.CompleteRequest, _runtime_pb2.CompleteResponse]
+    """One turn of an agent's LLM: the conversation so far and the tools on offer, sent to the agent's LLM (its
+    fallbacks after it, in order) with the key the Integrator holds. Streams the answer's text as it comes when
+    asked to, then the whole answer.
+    """
 
 @_typing.type_check_only
 class IntegratorRuntimeServiceAsyncStub(IntegratorRuntimeServiceStub):
@@ -83,6 +88,11 @@ class IntegratorRuntimeServiceAsyncStub(IntegratorRuntimeServiceStub):
     """Runs one tool call of an agent's task: binding check, credential, retries, deadline, audit."""
     DescribeTools: _aio.UnaryUnaryMultiCallable[_runtime_pb2.DescribeToolsRequest, _runtime_pb2.DescribeToolsResponse]  # type: ignore[assignment]
     """Describes tools by identifier, for agents that validate plans or offer tools to an LLM."""
+    Complete: _aio.UnaryStreamMultiCallable[_runtime_pb2.CompleteRequest, _runtime_pb2.CompleteResponse]  # type: ignore[assignment]
+    """One turn of an agent's LLM: the conversation so far and the tools on offer, sent to the agent's LLM (its
+    fallbacks after it, in order) with the key the Integrator holds. Streams the answer's text as it comes when
+    asked to, then the whole answer.
+    """
 
 class IntegratorRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the Integrator Engine; called by the Agent Service only."""
@@ -102,5 +112,16 @@ class IntegratorRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runtime_pb2.DescribeToolsResponse, _abc.Awaitable[_runtime_pb2.DescribeToolsResponse]]:
         """Describes tools by identifier, for agents that validate plans or offer tools to an LLM."""
+
+    @_abc_1.abstractmethod
+    def Complete(
+        self,
+        request: _runtime_pb2.CompleteRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_runtime_pb2.CompleteResponse], _abc.AsyncIterator[_runtime_pb2.CompleteResponse]]:
+        """One turn of an agent's LLM: the conversation so far and the tools on offer, sent to the agent's LLM (its
+        fallbacks after it, in order) with the key the Integrator holds. Streams the answer's text as it comes when
+        asked to, then the whole answer.
+        """
 
 def add_IntegratorRuntimeServiceServicer_to_server(servicer: IntegratorRuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
