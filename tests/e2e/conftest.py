@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import redis
 
+from tests.e2e.fake_llms import INSTALL_KEY, Llms
 from tests.e2e.fake_third_party import FakeThirdParty, start_fake_third_party
 from tests.e2e.stack import Stack, free_port, new_tenant, remove_session_keys, start_stack
 from tests.redis_server import RedisServer
@@ -51,17 +52,29 @@ def closed_port() -> int:
     return free_port()
 
 
+@pytest.fixture(scope="session")
+def llms() -> Iterator[Llms]:
+    """The fake LLM APIs (OpenAI and Anthropic wire formats), shared by the session; each test scripts its own
+    models (see tests/e2e/fake_llms.py)."""
+    with Llms() as fakes:
+        yield fakes
+
+
 @pytest.fixture(scope="session", params=["embedded", "redis"])
 def stack(
     request: pytest.FixtureRequest,
     third_party: FakeThirdParty,
+    llms: Llms,
     closed_port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
-    allow = f"127.0.0.1:{third_party.port},127.0.0.1:{closed_port}"
-    running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url)
+    ports = (third_party.port, closed_port, llms.openai.port, llms.anthropic.port)
+    allow = ",".join([*(f"127.0.0.1:{port}" for port in ports), f"localhost:{llms.openai.port}"])
+    # The install's own OpenAI key, to be sent to 127.0.0.1 only (not to "localhost", the same server by another name).
+    install = {"ALTAN_OPENAI_API_KEY": INSTALL_KEY, "ALTAN_OPENAI_API_HOSTS": "127.0.0.1"}
+    running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url, extra_env=install)
     yield running
     try:
         code = running.stop()

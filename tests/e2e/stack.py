@@ -146,6 +146,7 @@ def start_stack(
     redis_url: str | None,
     startup_timeout: float | None = None,
     wait_ready: bool = True,
+    extra_env: dict[str, str] | None = None,
 ) -> Stack:
     """``altan up`` on free ports; returns once it says it is up (unless ``wait_ready`` is false)."""
     http_port, grpc_port = free_port(), free_port()
@@ -165,7 +166,9 @@ def start_stack(
         ALTAN_MAX_TASK_BYTES=str(1024 * 1024),
         ALTAN_CALL_DEADLINE_SECONDS="10",
         ALTAN_LOG_LEVEL="DEBUG",
+        ALTAN_LLM_DEADLINE_SECONDS="10",
     )
+    env.update(extra_env or {})
     if redis_url:
         env["REDIS_URL"] = redis_url
     command = [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
