@@ -139,6 +139,14 @@ class Settings(BaseSettings):
     openai_api_hosts: str = "api.openai.com"
     anthropic_api_key: SecretStr | None = None
     anthropic_api_hosts: str = "api.anthropic.com"
+    # Prometheus metrics of the integrator (LLM calls per provider and model) on this port; unset: not served.
+    integrator_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # The models that get a label of their own in those metrics; any other counts as "other" (model names are
+    # the tenants' to choose: they stay out of the operator's metrics unless listed here).
+    metrics_models: str = (
+        "gpt-4o,gpt-4o-mini,gpt-4.1,gpt-4.1-mini,gpt-4.1-nano,o3,o4-mini,gpt-5,gpt-5-mini,"
+        "claude-sonnet-4-5,claude-opus-4-1,claude-haiku-4-5,claude-3-5-haiku-latest"
+    )
 
     # ``altan up`` (the local stack): how long it waits for readiness, and for a clean stop.
     startup_timeout_seconds: float = Field(default=60.0, gt=0, le=3600)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
+from prometheus_client import CollectorRegistry, start_http_server
+
 from altan.bootstrap import ConfigurationError, run_service
 from altan.clients import ToolClient
 from altan.config import Settings
@@ -16,6 +18,7 @@ from services.integrator.audit import AuditLog
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
 from services.integrator.llm.registry import PROVIDERS
+from services.integrator.metrics import LlmMetrics
 from services.integrator.models import InstallKey, ModelCaller
 from services.integrator.secrets import LocalSecretBackend
 from services.integrator.servicer import IntegratorRuntimeServicer, IntegratorServicer
@@ -32,6 +35,20 @@ def install_keys(settings: Settings) -> dict[str, InstallKey]:
             allowed = frozenset(h.strip().lower() for h in hosts.split(",") if h.strip())
             keys[provider] = InstallKey(key.get_secret_value(), allowed)
     return keys
+
+
+def serve_metrics(settings: Settings, stack: AsyncExitStack) -> LlmMetrics | None:
+    """The LLM metrics, served in Prometheus' text format on their own port when one is configured."""
+    if settings.integrator_metrics_port is None:
+        return None
+    registry = CollectorRegistry()
+    models = frozenset(m.strip() for m in settings.metrics_models.split(",") if m.strip())
+    metrics = LlmMetrics(registry, models)
+    server, thread = start_http_server(settings.integrator_metrics_port, settings.bind_host, registry)
+    stack.callback(thread.join, 5)
+    stack.callback(server.server_close)
+    stack.callback(server.shutdown)
+    return metrics
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -66,6 +83,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         retry_after_cap=settings.retry_after_cap_seconds,
         install_keys=install_keys(settings),
         providers=PROVIDERS,
+        metrics=serve_metrics(settings, stack),
     )
     return [
         GrpcService(

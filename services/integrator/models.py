@@ -41,6 +41,7 @@ from services.integrator.llm.base import (
     ToolCall,
     ToolSpec,
 )
+from services.integrator.metrics import LlmMetrics
 
 __all__ = ["InstallKey", "ModelCaller"]
 
@@ -97,8 +98,10 @@ class ModelCaller:
         retry_after_cap: float,
         install_keys: dict[str, InstallKey],
         providers: Mapping[str, ModelProvider],
+        metrics: LlmMetrics | None = None,
     ) -> None:
         self._providers = providers
+        self._metrics = metrics
         self._http = http
         self._broker = broker
         self._audit = audit
@@ -135,6 +138,9 @@ class ModelCaller:
                     raise  # one LLM: its own error (a credential not found, egress refused...) says it best
                 failures.append(f"{llm.llm_id}: {_reason(exc.cause if isinstance(exc, _Streamed) else exc)}")
                 continue
+            if self._metrics is not None:
+                usage = turn.usage
+                self._metrics.answered(provider, llm.llm_id, usage.input_tokens, usage.output_tokens, index > 0)
             return runtime_pb2.ModelAnswer(
                 message=_to_proto(turn.message),
                 input_tokens=turn.usage.input_tokens,
@@ -211,16 +217,21 @@ class ModelCaller:
             cause = exc.cause if isinstance(exc, _Streamed) else exc
             if key and key in cause.message:  # an endpoint that echoes what it was sent
                 cause.message = cause.message.replace(key, "[redacted]")
+            outcome = "denied" if isinstance(exc, PermissionDenied | NotFound) else "error"
+            if self._metrics is not None:
+                self._metrics.called(provider_name, llm.llm_id, outcome, time.monotonic() - started)
             await self._audit.record(
                 "llm.call",
                 model=llm.llm_id,
                 target=getattr(exc, "target", "") or target,
-                outcome="denied" if isinstance(exc, PermissionDenied | NotFound) else "error",
+                outcome=outcome,
                 latency_ms=_ms(started),
                 reason=_reason(cause),
                 credential=credential,
             )
             raise
+        if self._metrics is not None:
+            self._metrics.called(provider_name, llm.llm_id, "ok", time.monotonic() - started)
         await self._audit.record(
             "llm.call", model=llm.llm_id, target=target, latency_ms=_ms(started), credential=credential
         )

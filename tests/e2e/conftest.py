@@ -73,8 +73,14 @@ def stack(
     ports = (third_party.port, closed_port, llms.openai.port, llms.anthropic.port)
     allow = ",".join([*(f"127.0.0.1:{port}" for port in ports), f"localhost:{llms.openai.port}"])
     # The install's own OpenAI key, to be sent to 127.0.0.1 only (not to "localhost", the same server by another name).
-    install = {"ALTAN_OPENAI_API_KEY": INSTALL_KEY, "ALTAN_OPENAI_API_HOSTS": "127.0.0.1"}
-    running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url, extra_env=install)
+    metrics_port = free_port()
+    env = {
+        "ALTAN_OPENAI_API_KEY": INSTALL_KEY,
+        "ALTAN_OPENAI_API_HOSTS": "127.0.0.1",
+        "ALTAN_INTEGRATOR_METRICS_PORT": str(metrics_port),
+    }
+    running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url, extra_env=env)
+    running.internal_ports["integrator-metrics"] = metrics_port
     yield running
     try:
         code = running.stop()

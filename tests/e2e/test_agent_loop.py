@@ -253,3 +253,25 @@ def test_an_agent_without_an_llm_refuses_natural_language(stack: Stack, tenant: 
         assert refused.status_code == 400
         assert "needs an agent with an llm" in refused.json()["error"]["message"]
         assert api.get("/v1/audit").json()["events"] == []
+
+
+def test_the_integrator_counts_llm_calls_per_provider_and_model(stack: Stack, tenant: str, llms: Llms) -> None:
+    def samples() -> dict[str, float]:
+        port = stack.internal_ports["integrator-metrics"]
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+        lines = (line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("altan_llm_"))
+        return {name: float(value) for name, value in lines}
+
+    ok = 'altan_llm_calls_total{model="gpt-4o",outcome="ok",provider="openai"}'
+    unlisted = 'altan_llm_calls_total{model="other",outcome="ok",provider="anthropic"}'
+    tokens = 'altan_llm_tokens_total{direction="output",model="gpt-4o",provider="openai"}'
+    before = samples()
+    llms.script("gpt-4o", Reply(text="counted", usage=(20, 7)))
+    secret_name = llms.model(Reply(text="counted too"))
+    with stack.client(tenant) as api:
+        for config in (llms.config("gpt-4o"), llms.config(secret_name, "anthropic")):
+            assert _run(api, _agent(api, config), "count me")["status"] == "succeeded"
+    after = samples()
+    assert after[ok] - before.get(ok, 0) == 1 and after[unlisted] - before.get(unlisted, 0) == 1
+    assert after[tokens] - before.get(tokens, 0) == 7
+    assert not any(secret_name in name or tenant in name for name in after)  # tenants' names stay out

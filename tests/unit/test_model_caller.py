@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
 from tenacity import AsyncRetrying
 
 from altan.api.credentials import parse_credential_spec
@@ -27,6 +28,7 @@ from services.integrator import models
 from services.integrator.audit import AuditLog
 from services.integrator.credentials import CredentialBroker
 from services.integrator.llm.base import Message, ModelRequest, ModelTurn, OnDelta, ProviderError, ToolCall, Usage
+from services.integrator.metrics import LlmMetrics
 from services.integrator.models import InstallKey, ModelCaller
 from services.integrator.secrets import LocalSecretBackend
 from tests.unit.test_tool_caller import caller_as
@@ -87,7 +89,7 @@ class Rig:
     audit: AuditLog
     waits: list[float]
 
-    def caller(self, *, attempts: int = 3, deadline: float = 10.0) -> ModelCaller:
+    def caller(self, *, attempts: int = 3, deadline: float = 10.0, metrics: LlmMetrics | None = None) -> ModelCaller:
         return ModelCaller(
             http=None,  # type: ignore[arg-type]  # the scripted provider sends nothing
             broker=self.broker,
@@ -97,6 +99,7 @@ class Rig:
             retry_after_cap=0.05,
             install_keys={"openai": InstallKey(INSTALL_KEY, frozenset({"api.openai.com"}))},
             providers={"openai": self.provider},
+            metrics=metrics,
         )
 
     async def events(self) -> list[dict[str, Any]]:
@@ -297,3 +300,24 @@ async def test_the_request_carries_the_conversation_tools_and_parameters(rig: Ri
     assert sent.messages[1].tool_calls == (ToolCall("c1", "echo", "{}"),)
     assert (sent.messages[2].tool_call_id, sent.messages[2].is_error) == ("c1", True)
     assert [(t.name, t.input_schema) for t in sent.tools] == [("echo", {"type": "object"})]
+
+
+# --- metrics --------------------------------------------------------------------------------------------------------
+
+
+async def test_metrics_count_per_provider_and_listed_model_and_every_other_model_is_other(rig: Rig) -> None:
+    registry = CollectorRegistry()
+    caller = rig.caller(metrics=LlmMetrics(registry, frozenset({"gpt-4o"})))
+    rig.provider.scripts["gpt-4o"] = [ProviderError("down", status=503, transient=True)]
+    rig.provider.scripts["acme-secret-finetune"] = [turn("hi")]
+    await caller.complete(ask(llm("gpt-4o"), llm("acme-secret-finetune")), None)
+
+    def value(name: str, **labels: str) -> float | None:
+        return registry.get_sample_value(name, labels)
+
+    assert value("altan_llm_calls_total", provider="openai", model="gpt-4o", outcome="error") == 1
+    assert value("altan_llm_calls_total", provider="openai", model="other", outcome="ok") == 1
+    assert value("altan_llm_tokens_total", provider="openai", model="other", direction="input") == 12
+    assert value("altan_llm_fallbacks_total", provider="openai", model="other") == 1
+    assert value("altan_llm_call_duration_seconds_count", provider="openai", model="gpt-4o") == 1
+    assert b"acme" not in generate_latest(registry)
