@@ -45,6 +45,7 @@ class LoopLimits:
     max_turns: int = 10
     max_tool_result_chars: int = 16_000
     max_tool_call_errors: int = 3
+    max_tool_calls_per_turn: int = 32  # more in one answer are answered with an error, not run
 
 
 def to_proto(message: dict[str, Any]) -> agent_pb2.ThreadMessage:
@@ -136,8 +137,13 @@ class Conversation:
             await self._add({"role": "assistant", "content": message.content, "tool_calls": calls})
             if not calls:
                 return str(message.content)
-            steps = [f"t{turn}c{index}" for index in range(1, len(calls) + 1)]
-            results = await asyncio.gather(*(self._call(call, step) for call, step in zip(calls, steps, strict=True)))
+            run, excess = calls[: self._limits.max_tool_calls_per_turn], calls[self._limits.max_tool_calls_per_turn :]
+            steps = [f"t{turn}c{index}" for index in range(1, len(run) + 1)]
+            results = await asyncio.gather(*(self._call(call, step) for call, step in zip(run, steps, strict=True)))
+            if excess:
+                reason = f"not run: at most {self._limits.max_tool_calls_per_turn} tool calls in one answer"
+                refused = await self._malformed({"role": "tool"}, reason)
+                results.extend({**refused, "tool_call_id": c["id"], "name": c["name"]} for c in excess)
             for result in results:
                 await self._add(result)
         raise FailedPrecondition(f"no answer after {self._limits.max_turns} model turns (ALTAN_MAX_LLM_TURNS)")

@@ -74,8 +74,8 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             yield agent_pb2.StreamTaskEventsResponse(event=event_to_proto(seq, event))
 
     async def GetThread(self, request: agent_pb2.GetThreadRequest, context: Context) -> agent_pb2.GetThreadResponse:
-        thread, messages = await self._tasks.thread(request.thread_id)
-        return agent_pb2.GetThreadResponse(thread=thread_to_proto(thread, messages))
+        thread, messages, token = await self._tasks.thread(request.thread_id, request.page_size, request.page_token)
+        return agent_pb2.GetThreadResponse(thread=thread_to_proto(thread, messages), next_page_token=token)
 
     async def CancelTask(self, request: agent_pb2.CancelTaskRequest, context: Context) -> agent_pb2.CancelTaskResponse:
         return agent_pb2.CancelTaskResponse(task=task_to_proto(await self._tasks.cancel(request.task_id)))

@@ -180,9 +180,11 @@ class TaskRunner:
             context.bind(caller)
             await self._record_cancelled(task_id)
 
-    async def thread(self, thread_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """A thread of the current tenant and its messages, oldest first."""
-        return await self._threads.get(thread_id)
+    async def thread(
+        self, thread_id: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+        """A thread of the current tenant, one page of its messages (oldest first), and the next page's token."""
+        return await self._threads.get(thread_id, page_size, page_token)
 
     async def get(self, task_id: str) -> dict[str, Any]:
         task = await self._store.get(_TASKS, task_id)
@@ -330,7 +332,8 @@ class TaskRunner:
         try:
             await self._save(task, None, status="running")
             await self._emit(task_id, "task.started", {})
-            history = fit_to_budget(coherent(await self._threads.messages(thread_id)), llm.context_budget_tokens)
+            budget = llm.context_budget_tokens
+            history = fit_to_budget(coherent(await self._threads.recent(thread_id, budget)), budget)
             conversation = Conversation(
                 task=task,
                 agent=agent,

@@ -7,18 +7,21 @@ tool), ``content``, ``task_id``, and ``tool_calls`` / ``tool_call_id`` / ``name`
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 from altan.api.convert import now_ms
-from altan.errors import FailedPrecondition, NotFound
+from altan.errors import FailedPrecondition, InvalidArgument, NotFound
 from altan.store import TenantStore
 from altan.wire import new_id
 
 __all__ = ["ThreadStore", "coherent", "fit_to_budget"]
 
 _THREADS = "threads"
-_MAX_MESSAGES = 100_000  # a thread's stream is trimmed beyond this (the newest are kept)
+MAX_MESSAGES = 10_000  # a thread's stream is trimmed beyond this (the newest are kept)
 CHARS_PER_TOKEN = 4  # what a token is estimated at when a thread is fitted to a model's context
+_PAGE_BYTES = 1024 * 1024  # a page of GET /v1/threads/{id} stops past this much text (one message at least)
 
 
 def _messages(thread_id: str) -> str:
@@ -43,25 +46,50 @@ class ThreadStore:
                 )
         return thread_id
 
-    async def get(self, thread_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """The thread and its messages, oldest first."""
+    async def get(
+        self, thread_id: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[dict[str, Any], list[dict[str, Any]], str]:
+        """The thread, one page of its messages (oldest first) and the token of the next page ("" at the end)."""
+        if page_size < 0:
+            raise InvalidArgument("page_size: must not be negative")
+        after = _decode(page_token)
         thread = await self._store.get(_THREADS, thread_id)
         if thread is None:
             raise NotFound(f"thread '{thread_id}' not found")
-        return thread, await self.messages(thread_id)
+        size = min(page_size or 100, 500)
+        page = await self._store.read(_messages(thread_id), after=after, count=size + 1)
+        messages: list[dict[str, Any]] = []
+        total = 0
+        for seq, message in page[:size]:
+            total += len(json.dumps(message))
+            if messages and total > _PAGE_BYTES:
+                return thread, messages, _encode(after)
+            messages.append(message)
+            after = seq
+        return thread, messages, _encode(after) if len(page) > size else ""
 
-    async def messages(self, thread_id: str) -> list[dict[str, Any]]:
-        found: list[dict[str, Any]] = []
-        after = 0
-        while True:
-            page = await self._store.read(_messages(thread_id), after=after, count=1000)
-            found.extend(message for _, message in page)
-            if len(page) < 1000:
-                return found
-            after = page[-1][0]
+    async def recent(self, thread_id: str, budget_tokens: int) -> list[dict[str, Any]]:
+        """The newest messages that may fit in ``budget_tokens`` (each message costs a few tokens at least)."""
+        return await self._store.tail(_messages(thread_id), min(MAX_MESSAGES, budget_tokens // 4 + 1))
 
     async def add(self, thread_id: str, message: dict[str, Any]) -> None:
-        await self._store.append(_messages(thread_id), message, maxlen=_MAX_MESSAGES)
+        await self._store.append(_messages(thread_id), message, maxlen=MAX_MESSAGES)
+
+
+def _encode(after: int) -> str:
+    return base64.urlsafe_b64encode(f"m{after}".encode()).decode()
+
+
+def _decode(token: str) -> int:
+    if not token:
+        return 0
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+        if text.startswith("m") and text[1:].isdigit():
+            return int(text[1:])
+    except ValueError:
+        pass
+    raise InvalidArgument("page_token: not a token this service issued")
 
 
 def _size(message: dict[str, Any]) -> int:

@@ -310,9 +310,10 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
         return EventSourceResponse(stream(), ping=15)
 
     @api.route("GET", "/threads/{thread_id}", 200, tasks.Thread, "Read a conversation")
-    async def get_thread(thread_id: ThreadId) -> Response:
-        answer = await agent.call(agent.agents.GetThread, agent_pb2.GetThreadRequest(thread_id=thread_id))
-        return _json(tasks.thread_json(answer.thread))
+    async def get_thread(thread_id: ThreadId, page_size: PageSize = 0, page_token: PageToken = "") -> Response:
+        request_pb = agent_pb2.GetThreadRequest(thread_id=thread_id, page_size=page_size, page_token=page_token)
+        answer = await agent.call(agent.agents.GetThread, request_pb)
+        return _json(tasks.thread_json(answer.thread, answer.next_page_token))
 
     # --- audit --------------------------------------------------------------------------------------------
     @api.route("GET", "/audit", 200, audit.AuditList, "Read the audit trail")

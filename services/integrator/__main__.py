@@ -72,7 +72,9 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     except ValueError as exc:
         raise ConfigurationError(f"ALTAN_EGRESS_ALLOW: {exc}") from None
     # LLM endpoints are outbound calls like any other: through the egress guard, one pooled client.
-    http = GuardedHttpClient(EgressGuard(policy), timeout=settings.llm_deadline_seconds)
+    http = GuardedHttpClient(
+        EgressGuard(policy), timeout=settings.llm_deadline_seconds, max_response_bytes=settings.max_output_bytes
+    )
     stack.push_async_callback(http.aclose)
     models = ModelCaller(
         http,

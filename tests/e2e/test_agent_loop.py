@@ -275,3 +275,31 @@ def test_the_integrator_counts_llm_calls_per_provider_and_model(stack: Stack, te
     assert after[ok] - before.get(ok, 0) == 1 and after[unlisted] - before.get(unlisted, 0) == 1
     assert after[tokens] - before.get(tokens, 0) == 7
     assert not any(secret_name in name or tenant in name for name in after)  # tenants' names stay out
+
+
+def test_a_long_thread_reads_in_pages(stack: Stack, tenant: str, llms: Llms) -> None:
+    model = llms.model(*[Reply(text=f"answer {i}") for i in range(3)])
+    with stack.client(tenant) as api:
+        agent_id = _agent(api, llms.config(model))
+        thread_id = _run(api, agent_id, "question 0")["thread_id"]
+        for i in (1, 2):
+            _run(api, agent_id, f"question {i}", thread_id=thread_id)
+        seen, token, pages = [], "", 0
+        while True:
+            params = {"page_size": 4} | ({"page_token": token} if token else {})
+            page = api.get(f"/v1/threads/{thread_id}", params=params).json()
+            seen += [m["content"] for m in page["messages"]]
+            pages += 1
+            token = page.get("next_page_token", "")
+            if not token:
+                break
+        refused = api.get(f"/v1/threads/{thread_id}", params={"page_token": "bm9wZQ=="})
+    assert seen == [text for i in range(3) for text in (f"question {i}", f"answer {i}")] and pages == 2
+    assert refused.status_code == 400 and "page_token" in refused.json()["error"]["message"]
+
+
+def test_a_model_answer_over_the_output_limit_fails_the_task_clearly(stack: Stack, tenant: str, llms: Llms) -> None:
+    model = llms.model(Reply(text="x" * 300_000))  # the e2e stack's ALTAN_MAX_OUTPUT_BYTES is 256 KiB
+    with stack.client(tenant) as api:
+        task = _run(api, _agent(api, llms.config(model)), "say a lot")
+    assert task["status"] == "failed" and "larger than 262144 bytes" in task["error"], task["error"]

@@ -251,3 +251,14 @@ def test_a_thread_that_two_tasks_wrote_at_once_is_put_back_together_without_unan
         ("t1", "assistant", "done one"),
         ("t2", "user", "second"),
     ]
+
+
+async def test_calls_beyond_the_limit_of_one_answer_are_refused_not_run() -> None:
+    calls = [(f"c{i}", "lookup", "{}") for i in range(5)]
+    rig = Rig([answer("", *calls), answer("fine")], LoopLimits(max_tool_calls_per_turn=3, max_tool_call_errors=1))
+    assert await rig.conversation.run("go") == "fine"
+    assert len(rig.tool_calls) == 3
+    results = rig.requests[1].messages[2:]
+    assert [m.tool_call_id for m in results] == ["c0", "c1", "c2", "c3", "c4"]
+    assert [m.is_error for m in results] == [False, False, False, True, True]
+    assert "at most 3 tool calls in one answer" in results[3].content

@@ -169,6 +169,9 @@ class Thread(BaseModel):
     thread_id: str
     agent_id: str
     messages: list[ThreadMessageOut]
+    next_page_token: str | None = Field(
+        None, description="Present when there are more messages: pass it as page_token."
+    )
 
 
 def parse_submission(body: Any) -> TaskSubmission:
@@ -250,7 +253,7 @@ def thread_to_proto(thread: dict[str, Any], messages: list[dict[str, Any]]) -> a
     return out
 
 
-def thread_json(msg: agent_pb2.Thread) -> dict[str, Any]:
+def thread_json(msg: agent_pb2.Thread, next_page_token: str = "") -> dict[str, Any]:
     """The REST form of a thread (the :class:`Thread` model)."""
     messages = []
     for m in msg.messages:
@@ -266,7 +269,8 @@ def thread_json(msg: agent_pb2.Thread) -> dict[str, Any]:
         if m.tool_call_id:
             body.update(tool_call_id=m.tool_call_id, name=m.name, is_error=m.is_error)
         messages.append(body)
-    return {"thread_id": msg.thread_id, "agent_id": msg.agent_id, "messages": messages}
+    body = {"thread_id": msg.thread_id, "agent_id": msg.agent_id, "messages": messages}
+    return body | ({"next_page_token": next_page_token} if next_page_token else {})
 
 
 def event_to_proto(seq: int, event: dict[str, Any]) -> agent_pb2.TaskEvent:
