@@ -108,7 +108,26 @@ def _success(operation: Operation, names: dict[Any, Any]) -> dict[str, Any]:
     if operation.response == "sse":
         return {
             "description": "Server-Sent Events: one JSON TaskEvent per event, ending with the terminal one.",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            # One parsed event (OpenAPI 3.1 reads `schema` per event; 3.2 calls it itemSchema).
+            "content": {
+                "text/event-stream": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["data"],
+                        "properties": {
+                            "id": {"type": "string", "description": "The event's sequence number (Last-Event-ID)."},
+                            "event": {"type": "string", "description": "The event's type, as in data.type."},
+                            "data": {
+                                "type": "string",
+                                "contentMediaType": "application/json",
+                                "contentSchema": {"$ref": _REF.format(model="TaskEvent")},
+                                "description": "The TaskEvent, as JSON.",
+                            },
+                            "retry": {"type": "integer"},
+                        },
+                    }
+                }
+            },
         }
     if operation.response == "text":
         return {"description": operation.summary, "content": {"text/plain": {"schema": {"type": "string"}}}}
