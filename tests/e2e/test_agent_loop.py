@@ -6,9 +6,12 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 
+from altan.api.tasks import thread_json
+from altan.v1 import agent_pb2, agent_pb2_grpc
 from tests.e2e.fake_llms import INSTALL_KEY, Llms
 from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack
@@ -303,3 +306,19 @@ def test_a_model_answer_over_the_output_limit_fails_the_task_clearly(stack: Stac
     with stack.client(tenant) as api:
         task = _run(api, _agent(api, llms.config(model)), "say a lot")
     assert task["status"] == "failed" and "larger than 262144 bytes" in task["error"], task["error"]
+
+
+def test_a_thread_reads_the_same_over_public_grpc(stack: Stack, tenant: str, llms: Llms) -> None:
+    model = llms.model(Reply(calls=(Call("text_template", {"template": "hi"}),)), Reply(text="Said hi."))
+    with stack.client(tenant) as api, grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+        thread_id = _run(api, _agent(api, llms.config(model), ["text_template"]), "greet")["thread_id"]
+        rest = api.get(f"/v1/threads/{thread_id}").json()
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        request = agent_pb2.GetThreadRequest(thread_id=thread_id)
+        answer = stub.GetThread(request, metadata=(("authorization", f"Bearer {stack.token(tenant)}"),), timeout=10)
+        with pytest.raises(grpc.RpcError) as other:
+            stub.GetThread(request, metadata=(("authorization", f"Bearer {stack.token(tenant + '-x')}"),), timeout=10)
+    assert thread_json(answer.thread, answer.next_page_token) == rest
+    assert [m["role"] for m in rest["messages"]] == ["user", "assistant", "tool", "assistant"]
+    assert rest["messages"][1]["tool_calls"][0]["name"] == "text_template"
+    assert other.value.code() == grpc.StatusCode.NOT_FOUND
