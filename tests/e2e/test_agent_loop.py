@@ -322,3 +322,22 @@ def test_a_thread_reads_the_same_over_public_grpc(stack: Stack, tenant: str, llm
     assert [m["role"] for m in rest["messages"]] == ["user", "assistant", "tool", "assistant"]
     assert rest["messages"][1]["tool_calls"][0]["name"] == "text_template"
     assert other.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_cancel_stops_the_tool_calls_in_flight(
+    stack: Stack, tenant: str, llms: Llms, third_party: FakeThirdParty
+) -> None:
+    model = llms.model(Reply(calls=(Call("http_request", {"url": f"{third_party.base_url}/sleep/6"}),)))
+    with stack.client(tenant) as api:
+        submitted = _submit(api, _agent(api, llms.config(model), ["http_request"]), "wait for it")
+        deadline = time.monotonic() + 10
+        while not any(s["status"] == "running" for s in api.get(f"/v1/tasks/{submitted['task_id']}").json()["steps"]):
+            assert time.monotonic() < deadline, "the tool call never started"
+            time.sleep(0.02)
+        started = time.monotonic()
+        assert api.post(f"/v1/tasks/{submitted['task_id']}/cancel").status_code == 200
+        events = _events(api, submitted["task_id"])
+        task = api.get(f"/v1/tasks/{submitted['task_id']}").json()
+    assert time.monotonic() - started < 4, "the cancel waited for the 6 s tool call"
+    assert task["status"] == "cancelled" and events[-1]["type"] == "task.cancelled"
+    assert len(llms.requests(model)) == 1  # the model was not asked again
