@@ -102,11 +102,12 @@ class GuardedHttpClient:
         self._max_bytes = max_response_bytes
         self._timeout = timeout
         limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
-        transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+        context = httpx.create_ssl_context(verify=verify, trust_env=False)  # ~40 ms: built once, used by both
+        transport = httpx.AsyncHTTPTransport(verify=context, limits=limits, trust_env=False)
         # httpx 0.28 has no public hook for the network backend, so swap the (still empty) pool it built for one
         # that can only reach pinned addresses. If a future httpx renames this, the pinned-name tests fail.
         transport._pool = httpcore.AsyncConnectionPool(
-            ssl_context=httpx.create_ssl_context(verify=verify, trust_env=False),
+            ssl_context=context,
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
