@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from altan.api.convert import now_ms
+from altan.api.tasks import message_to_proto
 from altan.errors import AltanError, FailedPrecondition, InvalidArgument
 from altan.v1 import agent_pb2, runtime_pb2
 
@@ -31,11 +32,6 @@ ModelTurn = Callable[
 ToolRun = Callable[[str, dict[str, Any], str], Awaitable[tuple[Any, int]]]
 Emit = Callable[[str, dict[str, Any]], Awaitable[None]]
 
-_ROLE = {
-    "user": agent_pb2.MESSAGE_ROLE_USER,
-    "assistant": agent_pb2.MESSAGE_ROLE_ASSISTANT,
-    "tool": agent_pb2.MESSAGE_ROLE_TOOL,
-}
 _DELTA_CHARS = 64  # streamed text is passed on in pieces of at least this many characters...
 _DELTA_SECONDS = 0.05  # ...or after this long, whichever comes first
 
@@ -46,18 +42,6 @@ class LoopLimits:
     max_tool_result_chars: int = 16_000
     max_tool_call_errors: int = 3
     max_tool_calls_per_turn: int = 32  # more in one answer are answered with an error, not run
-
-
-def to_proto(message: dict[str, Any]) -> agent_pb2.ThreadMessage:
-    return agent_pb2.ThreadMessage(
-        role=_ROLE[message["role"]],
-        content=message.get("content", ""),
-        task_id=message.get("task_id", ""),
-        tool_calls=[agent_pb2.ToolCall(**call) for call in message.get("tool_calls", ())],
-        tool_call_id=message.get("tool_call_id", ""),
-        name=message.get("name", ""),
-        is_error=message.get("is_error", False),
-    )
 
 
 def _calls(tool_calls: Any, turn: int) -> list[dict[str, Any]]:
@@ -158,7 +142,7 @@ class Conversation:
             llm=self._llm,
             fallback_llms=self._fallbacks,
             system=self._agent.get("instructions", ""),
-            messages=[to_proto(m) for m in self._messages],
+            messages=[message_to_proto(m) for m in self._messages],
             tools=self._tools,
             stream=True,
             task_id=self._task["task_id"],

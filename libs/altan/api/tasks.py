@@ -237,20 +237,24 @@ def task_to_proto(task: dict[str, Any]) -> agent_pb2.Task:
 _MESSAGE_ROLE = agent_pb2.MessageRole.DESCRIPTOR
 
 
+def message_to_proto(message: dict[str, Any]) -> agent_pb2.ThreadMessage:
+    """The proto of a stored thread message (services/agent/threads.py)."""
+    return agent_pb2.ThreadMessage(
+        role=enum_value(_MESSAGE_ROLE, message["role"]),  # type: ignore[arg-type]
+        content=message.get("content", ""),
+        task_id=message.get("task_id", ""),
+        tool_calls=[agent_pb2.ToolCall(**call) for call in message.get("tool_calls", ())],
+        tool_call_id=message.get("tool_call_id", ""),
+        name=message.get("name", ""),
+        is_error=message.get("is_error", False),
+    )
+
+
 def thread_to_proto(thread: dict[str, Any], messages: list[dict[str, Any]]) -> agent_pb2.Thread:
     """The proto of a stored thread and its messages."""
-    out = agent_pb2.Thread(thread_id=thread["thread_id"], agent_id=thread["agent_id"])
-    for message in messages:
-        out.messages.add(
-            role=enum_value(_MESSAGE_ROLE, message["role"]),  # type: ignore[arg-type]
-            content=message.get("content", ""),
-            task_id=message.get("task_id", ""),
-            tool_calls=[agent_pb2.ToolCall(**call) for call in message.get("tool_calls", ())],
-            tool_call_id=message.get("tool_call_id", ""),
-            name=message.get("name", ""),
-            is_error=message.get("is_error", False),
-        )
-    return out
+    return agent_pb2.Thread(
+        thread_id=thread["thread_id"], agent_id=thread["agent_id"], messages=[message_to_proto(m) for m in messages]
+    )
 
 
 def thread_json(msg: agent_pb2.Thread, next_page_token: str = "") -> dict[str, Any]:
