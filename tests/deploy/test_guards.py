@@ -130,6 +130,9 @@ SCHEMA_REFUSES = {
         _with(BASE, **{"secrets.jwtSecret": "", "config.jwt.jwksUrl": "http://idp.example.com/jwks"}),
         "/config/jwt/jwksUrl",
     ),
+    "llm-turns-zero": (_with(BASE, **{"config.llm.maxTurns": 0}), "/config/llm/maxTurns"),
+    "llm-deadline-zero": (_with(BASE, **{"config.llm.deadlineSeconds": 0}), "/config/llm/deadlineSeconds"),
+    "llm-unknown-key": (_with(BASE, **{"config.llm.maxTurn": 5}), "/config/llm"),
     # null removes the default, as `--set tool.resources.limits=null` would
     "resources-without-limits": (_with(BASE, **{"tool.resources.limits": None}), "/tool/resources"),
 }
