@@ -88,6 +88,35 @@ GUARDS = {
         _with(BASE, toolContainers=[_tc("ocr", "registry.example.com:5000/tools/ocr:latest")]),
         'must not use the tag "latest"',
     ),
+    "metrics-port-is-grpc-port": (
+        _with(BASE, **{"integrator.metrics.port": 50063}),
+        "integrator.metrics.port (50063) must differ from integrator.port",
+    ),
+    "metrics-from-every-namespace": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"namespaceSelector": {}}]}),
+        "networkPolicy.metrics.from[0] admits every pod of every namespace",
+    ),
+    "metrics-from-every-pod-by-empty-selectors": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"namespaceSelector": {"matchLabels": {}}, "podSelector": {}}]}),
+        "networkPolicy.metrics.from[0] admits every pod of every namespace",
+    ),
+    "metrics-from-every-address": (
+        _with(
+            BASE,
+            **{
+                "networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}}, {"ipBlock": {"cidr": "0.0.0.0/0"}}]
+            },
+        ),
+        "networkPolicy.metrics.from[1] admits every address (0.0.0.0/0)",
+    ),
+    "metrics-from-empty-peer": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{}]}),
+        "networkPolicy.metrics.from[0] names no ipBlock, namespaceSelector or podSelector",
+    ),
+    "metrics-from-ipblock-and-selector": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}, "podSelector": {}}]}),
+        "networkPolicy.metrics.from[0] combines ipBlock with a selector",
+    ),
     "duplicate-tool-container": (
         _with(BASE, toolContainers=[_tc("ocr", "ocr:1.0"), _tc("ocr", "ocr:2.0")]),
         "is used twice",
@@ -133,6 +162,15 @@ SCHEMA_REFUSES = {
     "llm-turns-zero": (_with(BASE, **{"config.llm.maxTurns": 0}), "/config/llm/maxTurns"),
     "llm-deadline-zero": (_with(BASE, **{"config.llm.deadlineSeconds": 0}), "/config/llm/deadlineSeconds"),
     "llm-unknown-key": (_with(BASE, **{"config.llm.maxTurn": 5}), "/config/llm"),
+    "metrics-port-as-string": (_with(BASE, **{"integrator.metrics.port": "9464"}), "/integrator/metrics/port"),
+    "metrics-model-with-comma": (
+        _with(BASE, **{"integrator.metrics.models": ["gpt-4o,o3"]}),
+        "/integrator/metrics/models/0",
+    ),
+    "metrics-peer-ipblock-and-selector": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}, "podSelector": {}}]}),
+        "/networkPolicy/metrics/from/0",
+    ),
     # null removes the default, as `--set tool.resources.limits=null` would
     "resources-without-limits": (_with(BASE, **{"tool.resources.limits": None}), "/tool/resources"),
 }

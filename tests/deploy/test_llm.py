@@ -171,3 +171,22 @@ def test_key_hosts_are_host_names_only(chart: helm_python.Chart, hosts: str) -> 
     for provider in PROVIDERS:
         with pytest.raises(helm_python.HelmError, match=re.escape(f"at '/integrator/{provider}ApiHosts'")):
             chart.validate_schema(scenario_values("default") | {"integrator": {f"{provider}ApiHosts": hosts}})
+
+
+def test_the_integrator_serves_metrics_when_a_port_is_set(rendered: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    metrics = rendered.values["integrator"]["metrics"]
+    for component in SERVICES:
+        environment, settings = service_settings(rendered, component, monkeypatch)
+        port = metrics.get("port") if component == "integrator" else None
+        assert settings.integrator_metrics_port == port, component
+        # The models list is rendered with the port only; without it, the service's own list.
+        models = ",".join(metrics["models"]) if port else ""
+        assert environment.get("ALTAN_METRICS_MODELS", "") == models, component
+        assert settings.metrics_models == (models or _default("metrics_models")), component
+
+
+def test_the_scenarios_serve_metrics_with_a_models_list() -> None:
+    given = [scenario_values(s).get("integrator", {}).get("metrics", {}) for s in SCENARIOS]
+    assert any(m.get("port") and m.get("models") for m in given)
+    assert any(m.get("port") and not m.get("models") for m in given)
+    assert any(not m.get("port") for m in given)

@@ -62,7 +62,20 @@ def expected_edges(render: Render) -> set[Edge]:
         edges |= {("tool", cidr_peer(c), _tcp(p)) for c in api["cidrs"] for p in api["ports"]}
 
     edges |= {("tool", f"tool-{tc['name']}", _tcp(tc["port"])) for tc in v["toolContainers"]}
+
+    metrics_port = v["integrator"]["metrics"].get("port")
+    if metrics_port:
+        scrapers = [_peer_name(peer) for peer in net["metrics"]["from"]]
+        edges |= {(s, "integrator", _tcp(metrics_port)) for s in scrapers}
     return edges
+
+
+def _peer_name(peer: Doc) -> str:
+    """The name netpol gives what a NetworkPolicy peer from the values admits outside the namespace."""
+    if "ipBlock" in peer:
+        return cidr_peer(peer["ipBlock"]["cidr"], peer["ipBlock"].get("except", ()))
+    assert "namespaceSelector" in peer, f"the scenarios name scrapers outside the namespace: {peer}"
+    return namespace_peer(peer["namespaceSelector"], peer.get("podSelector"))
 
 
 def _diff(actual: set[Edge], expected: set[Edge]) -> dict[str, list[Edge]]:
@@ -119,6 +132,32 @@ def test_every_configured_address_is_reachable(rendered: Render) -> None:
     assert needed == 5
 
 
+def test_the_metrics_port_is_reachable_only_from_the_named_peers(rendered: Render) -> None:
+    port = rendered.values["integrator"]["metrics"].get("port")
+    (container,) = pod_spec(rendered.workload("integrator"))["containers"]
+    declared = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert declared.get("metrics") == port
+    if not port:
+        return
+    scrapers = {e[0] for e in allowed_edges(rendered.docs, rendered.namespace) if e[1:] == ("integrator", _tcp(port))}
+    assert scrapers == {_peer_name(p) for p in rendered.values["networkPolicy"]["metrics"]["from"]}
+    assert not {s for s in scrapers if s == "*" or s.startswith(("ns(*)/pods(*)", "cidr(0.0.0.0/0"))}
+    # no rule of the integrator's policy leaves the port open (a rule without "from", or without ports)
+    policy = _policy(rendered.docs, "-integrator")
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from") and rule.get("ports"), rule
+
+
+def test_some_scenarios_serve_metrics_with_and_without_scrapers(renders: RenderCache) -> None:
+    """So that the check above sees a port that some peers may reach, and one that nothing may."""
+    seen = set()
+    for render in renders.all():
+        metrics = render.values["integrator"]["metrics"]
+        if metrics.get("port"):
+            seen.add(bool(render.values["networkPolicy"]["metrics"]["from"]))
+    assert seen == {True, False}
+
+
 # The checker itself must be able to fail: feed it policies with one change each.
 
 
@@ -169,6 +208,16 @@ def test_checker_flags_a_widened_internet_rule(baseline: Render) -> None:
     diff = _diff(allowed_edges(docs, baseline.namespace), expected_edges(baseline))
     assert len(diff["unexpected"]) == 1 and diff["unexpected"][0][0] == "integrator"
     assert len(diff["missing"]) == 1 and diff["missing"][0][0] == "integrator"
+
+
+def test_checker_flags_a_metrics_port_open_to_all(renders: RenderCache) -> None:
+    render = renders.get("tenant-a", *TENANTS[0])
+    port = render.values["integrator"]["metrics"]["port"]
+    docs = copy.deepcopy(render.docs)
+    (rule,) = [r for r in _policy(docs, "-integrator")["spec"]["ingress"] if r["ports"][0]["port"] == port]
+    del rule["from"]
+    diff = _diff(allowed_edges(docs, render.namespace), expected_edges(render))
+    assert ("*", "integrator", f"TCP/{port}") in diff["unexpected"]
 
 
 def test_checker_flags_any_namespace_ingress(baseline: Render) -> None:

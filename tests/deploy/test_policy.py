@@ -359,7 +359,11 @@ def test_services_find_each_other_by_service_dns(rendered: Render) -> None:
         # The port a service listens on is the one its container declares and its Service forwards to.
         if component != "gateway":
             assert env[f"ALTAN_{component.upper()}_PORT"]["value"] == str(ports[component])
-            assert [p["containerPort"] for p in container["ports"]] == [ports[component]]
+            metrics = values[component].get("metrics", {}).get("port")
+            assert [p["containerPort"] for p in container["ports"]] == [
+                ports[component],
+                *([metrics] if metrics else []),
+            ]
         assert ("REDIS_URL" in env) == (component in STATEFUL and _redis_enabled(rendered)), component
         assert container["envFrom"] == [{"configMapRef": {"name": container["envFrom"][0]["configMapRef"]["name"]}}]
 

@@ -160,12 +160,47 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- if and $v.tool.discovery.enabled (not $v.networkPolicy.kubeApiServer.cidrs) -}}
 {{- fail "tool.discovery.enabled needs networkPolicy.kubeApiServer.cidrs (the addresses from `kubectl get endpoints kubernetes -n default`), or set tool.discovery.enabled=false" -}}
 {{- end -}}
+{{- if and $v.integrator.metrics.port (eq (int $v.integrator.metrics.port) (int $v.integrator.port)) -}}
+{{- fail (printf "integrator.metrics.port (%v) must differ from integrator.port, the gRPC port" $v.integrator.metrics.port) -}}
+{{- end -}}
+{{- range $i, $peer := $v.networkPolicy.metrics.from -}}
+{{- with include "altan.peerProblem" $peer -}}
+{{- fail (printf "networkPolicy.metrics.from[%d] %s" $i .) -}}
+{{- end -}}
+{{- end -}}
 {{- $names := dict -}}
 {{- range $tc := $v.toolContainers -}}
 {{- if hasKey $names $tc.name -}}
 {{- fail (printf "toolContainers: the name %q is used twice" $tc.name) -}}
 {{- end -}}
 {{- $_ := set $names $tc.name true -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Why a NetworkPolicy peer from the values cannot be used, or nothing: it must name an ipBlock or selectors (an empty
+peer list would admit everyone), and admit neither every address (/0) nor every pod of every namespace.
+*/}}
+{{- define "altan.peerProblem" -}}
+{{- if not (kindIs "map" .) -}}
+is not a NetworkPolicy peer (ipBlock, namespaceSelector, podSelector)
+{{- else if hasKey . "ipBlock" -}}
+{{- $cidr := toString (dig "cidr" "" (.ipBlock | default dict)) -}}
+{{- if or (hasKey . "namespaceSelector") (hasKey . "podSelector") -}}
+combines ipBlock with a selector, which Kubernetes refuses
+{{- else if not $cidr -}}
+has an ipBlock without a cidr
+{{- else if hasSuffix "/0" $cidr -}}
+admits every address ({{ $cidr }}): name the addresses
+{{- end -}}
+{{- else if hasKey . "namespaceSelector" -}}
+{{- $ns := .namespaceSelector | default dict -}}
+{{- $pods := .podSelector | default dict -}}
+{{- if not (or $ns.matchLabels $ns.matchExpressions $pods.matchLabels $pods.matchExpressions) -}}
+admits every pod of every namespace: give the namespaceSelector or the podSelector labels
+{{- end -}}
+{{- else if not (hasKey . "podSelector") -}}
+names no ipBlock, namespaceSelector or podSelector
 {{- end -}}
 {{- end -}}
 
