@@ -55,6 +55,12 @@ NO_REDIS = _with(
     },
 )
 
+# A model server in another namespace, as a NetworkPolicy peer.
+_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "models"}},
+    "podSelector": {"matchLabels": {"app": "vllm"}},
+}
+
 GUARDS = {
     "latest-tag": (_with(BASE, **{"agent.image.tag": "latest"}), 'must not be "latest"'),
     "latest-global-tag": (_with(BASE, **{"image.tag": "Latest"}), 'must not be "latest"'),
@@ -117,6 +123,26 @@ GUARDS = {
         _with(BASE, **{"networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}, "podSelector": {}}]}),
         "networkPolicy.metrics.from[0] combines ipBlock with a selector",
     ),
+    "llm-egress-without-destination": (
+        _with(BASE, **{"integrator.llmEgress": [{"ports": [8000]}]}),
+        "integrator.llmEgress[0] needs either cidr or to",
+    ),
+    "llm-egress-with-cidr-and-peers": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "10.0.0.1/32", "to": [_PEER], "ports": [8000]}]}),
+        "integrator.llmEgress[0] needs either cidr or to",
+    ),
+    "llm-egress-without-ports": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "10.0.0.1/32", "ports": [8000]}, {"to": [_PEER]}]}),
+        "integrator.llmEgress[1] needs ports",
+    ),
+    "llm-egress-to-every-address": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "0.0.0.0/0", "ports": [8000]}]}),
+        "integrator.llmEgress[0].cidr admits every address (0.0.0.0/0)",
+    ),
+    "llm-egress-to-every-namespace": (
+        _with(BASE, **{"integrator.llmEgress": [{"to": [_PEER, {"namespaceSelector": {}}], "ports": [8000]}]}),
+        "integrator.llmEgress[0].to[1] admits every pod of every namespace",
+    ),
     "duplicate-tool-container": (
         _with(BASE, toolContainers=[_tc("ocr", "ocr:1.0"), _tc("ocr", "ocr:2.0")]),
         "is used twice",
@@ -170,6 +196,14 @@ SCHEMA_REFUSES = {
     "metrics-peer-ipblock-and-selector": (
         _with(BASE, **{"networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}, "podSelector": {}}]}),
         "/networkPolicy/metrics/from/0",
+    ),
+    "llm-egress-port-as-string": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "10.0.0.1/32", "ports": ["8000"]}]}),
+        "/integrator/llmEgress/0/ports/0",
+    ),
+    "llm-egress-unknown-key": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidrs": ["10.0.0.1/32"], "ports": [8000]}]}),
+        "/integrator/llmEgress/0",
     ),
     # null removes the default, as `--set tool.resources.limits=null` would
     "resources-without-limits": (_with(BASE, **{"tool.resources.limits": None}), "/tool/resources"),

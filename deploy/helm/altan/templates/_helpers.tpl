@@ -168,6 +168,28 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- fail (printf "networkPolicy.metrics.from[%d] %s" $i .) -}}
 {{- end -}}
 {{- end -}}
+{{- range $i, $rule := $v.integrator.llmEgress -}}
+{{- $where := printf "integrator.llmEgress[%d]" $i -}}
+{{- if not (kindIs "map" $rule) -}}
+{{- fail (printf "%s must be {cidr, ports} or {to, ports}" $where) -}}
+{{- end -}}
+{{- if eq (empty $rule.cidr) (empty $rule.to) -}}
+{{- fail (printf "%s needs either cidr or to (NetworkPolicy peers), not both: without them the rule would reach every address" $where) -}}
+{{- end -}}
+{{- if empty $rule.ports -}}
+{{- fail (printf "%s needs ports: without them the rule would open every port" $where) -}}
+{{- end -}}
+{{- with $rule.cidr -}}
+{{- with include "altan.peerProblem" (dict "ipBlock" (dict "cidr" .)) -}}
+{{- fail (printf "%s.cidr %s" $where .) -}}
+{{- end -}}
+{{- end -}}
+{{- range $j, $peer := $rule.to -}}
+{{- with include "altan.peerProblem" $peer -}}
+{{- fail (printf "%s.to[%d] %s" $where $j .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $names := dict -}}
 {{- range $tc := $v.toolContainers -}}
 {{- if hasKey $names $tc.name -}}
