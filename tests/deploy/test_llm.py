@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Mapping
+from typing import Any
 
 import annotated_types
 import helm_python
@@ -190,3 +192,28 @@ def test_the_scenarios_serve_metrics_with_a_models_list() -> None:
     assert any(m.get("port") and m.get("models") for m in given)
     assert any(m.get("port") and not m.get("models") for m in given)
     assert any(not m.get("port") for m in given)
+
+
+def _notes(chart: helm_python.Chart, integrator: Mapping[str, Any], network_policy: Mapping[str, Any]) -> str:
+    values = scenario_values("default") | {"integrator": integrator, "networkPolicy": network_policy}
+    files = chart.render(values, name="altan", namespace="tenant-notes", is_install=True)
+    return next(text for path, text in files.items() if path.endswith("NOTES.txt"))
+
+
+def test_the_notes_say_what_an_in_cluster_model_or_a_scraper_still_lacks(chart: helm_python.Chart) -> None:
+    egress_allow = {"egressAllow": "vllm.models.svc.cluster.local:8000"}
+    llm_egress = {"llmEgress": [{"to": [{"namespaceSelector": {"matchLabels": {"team": "ml"}}}], "ports": [8000]}]}
+    scraper = {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}
+    lacks_policy, lacks_guard = "integrator.llmEgress is empty", "integrator.egressAllow is empty"
+    lacks_scraper = "name your Prometheus in networkPolicy.metrics.from"
+
+    notes = _notes(chart, egress_allow, {})
+    assert lacks_policy in notes and lacks_guard not in notes
+    notes = _notes(chart, llm_egress, {})
+    assert lacks_guard in notes and lacks_policy not in notes
+    notes = _notes(chart, egress_allow | llm_egress | {"metrics": {"port": 9464}}, {})
+    assert lacks_policy not in notes and lacks_guard not in notes
+    assert 'port 9464 (container port "metrics")' in notes and lacks_scraper in notes
+    notes = _notes(chart, {"metrics": {"port": 9464}}, {"metrics": scraper})
+    assert "port 9464" in notes and lacks_scraper not in notes
+    assert "metrics" not in _notes(chart, {}, {})
