@@ -55,6 +55,12 @@ NO_REDIS = _with(
     },
 )
 
+# A model server in another namespace, as a NetworkPolicy peer.
+_PEER = {
+    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "models"}},
+    "podSelector": {"matchLabels": {"app": "vllm"}},
+}
+
 GUARDS = {
     "latest-tag": (_with(BASE, **{"agent.image.tag": "latest"}), 'must not be "latest"'),
     "latest-global-tag": (_with(BASE, **{"image.tag": "Latest"}), 'must not be "latest"'),
@@ -87,6 +93,55 @@ GUARDS = {
     "latest-tool-container": (
         _with(BASE, toolContainers=[_tc("ocr", "registry.example.com:5000/tools/ocr:latest")]),
         'must not use the tag "latest"',
+    ),
+    "metrics-port-is-grpc-port": (
+        _with(BASE, **{"integrator.metrics.port": 50063}),
+        "integrator.metrics.port (50063) must differ from integrator.port",
+    ),
+    "metrics-from-every-namespace": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"namespaceSelector": {}}]}),
+        "networkPolicy.metrics.from[0] admits every pod of every namespace",
+    ),
+    "metrics-from-every-pod-by-empty-selectors": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"namespaceSelector": {"matchLabels": {}}, "podSelector": {}}]}),
+        "networkPolicy.metrics.from[0] admits every pod of every namespace",
+    ),
+    "metrics-from-every-address": (
+        _with(
+            BASE,
+            **{
+                "networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}}, {"ipBlock": {"cidr": "0.0.0.0/0"}}]
+            },
+        ),
+        "networkPolicy.metrics.from[1] admits every address (0.0.0.0/0)",
+    ),
+    "metrics-from-empty-peer": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{}]}),
+        "networkPolicy.metrics.from[0] names no ipBlock, namespaceSelector or podSelector",
+    ),
+    "metrics-from-ipblock-and-selector": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}, "podSelector": {}}]}),
+        "networkPolicy.metrics.from[0] combines ipBlock with a selector",
+    ),
+    "llm-egress-without-destination": (
+        _with(BASE, **{"integrator.llmEgress": [{"ports": [8000]}]}),
+        "integrator.llmEgress[0] needs either cidr or to",
+    ),
+    "llm-egress-with-cidr-and-peers": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "10.0.0.1/32", "to": [_PEER], "ports": [8000]}]}),
+        "integrator.llmEgress[0] needs either cidr or to",
+    ),
+    "llm-egress-without-ports": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "10.0.0.1/32", "ports": [8000]}, {"to": [_PEER]}]}),
+        "integrator.llmEgress[1] needs ports",
+    ),
+    "llm-egress-to-every-address": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "0.0.0.0/0", "ports": [8000]}]}),
+        "integrator.llmEgress[0].cidr admits every address (0.0.0.0/0)",
+    ),
+    "llm-egress-to-every-namespace": (
+        _with(BASE, **{"integrator.llmEgress": [{"to": [_PEER, {"namespaceSelector": {}}], "ports": [8000]}]}),
+        "integrator.llmEgress[0].to[1] admits every pod of every namespace",
     ),
     "duplicate-tool-container": (
         _with(BASE, toolContainers=[_tc("ocr", "ocr:1.0"), _tc("ocr", "ocr:2.0")]),
@@ -129,6 +184,26 @@ SCHEMA_REFUSES = {
     "plain-http-jwks-url": (
         _with(BASE, **{"secrets.jwtSecret": "", "config.jwt.jwksUrl": "http://idp.example.com/jwks"}),
         "/config/jwt/jwksUrl",
+    ),
+    "llm-turns-zero": (_with(BASE, **{"config.llm.maxTurns": 0}), "/config/llm/maxTurns"),
+    "llm-deadline-zero": (_with(BASE, **{"config.llm.deadlineSeconds": 0}), "/config/llm/deadlineSeconds"),
+    "llm-unknown-key": (_with(BASE, **{"config.llm.maxTurn": 5}), "/config/llm"),
+    "metrics-port-as-string": (_with(BASE, **{"integrator.metrics.port": "9464"}), "/integrator/metrics/port"),
+    "metrics-model-with-comma": (
+        _with(BASE, **{"integrator.metrics.models": ["gpt-4o,o3"]}),
+        "/integrator/metrics/models/0",
+    ),
+    "metrics-peer-ipblock-and-selector": (
+        _with(BASE, **{"networkPolicy.metrics.from": [{"ipBlock": {"cidr": "10.0.0.1/32"}, "podSelector": {}}]}),
+        "/networkPolicy/metrics/from/0",
+    ),
+    "llm-egress-port-as-string": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidr": "10.0.0.1/32", "ports": ["8000"]}]}),
+        "/integrator/llmEgress/0/ports/0",
+    ),
+    "llm-egress-unknown-key": (
+        _with(BASE, **{"integrator.llmEgress": [{"cidrs": ["10.0.0.1/32"], "ports": [8000]}]}),
+        "/integrator/llmEgress/0",
     ),
     # null removes the default, as `--set tool.resources.limits=null` would
     "resources-without-limits": (_with(BASE, **{"tool.resources.limits": None}), "/tool/resources"),

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import copy
 
+import helm_python
 import pytest
 
-from .manifests import SERVICES, TENANTS, Doc, Render, RenderCache, env_of, pod_spec
+from .manifests import SERVICES, TENANTS, Doc, Render, RenderCache, env_of, pod_spec, scenario_values
+from .manifests import render as render_chart
 from .netpol import Edge, allowed_edges, cidr_peer, default_deny_problems, namespace_peer, port_name
 
 # Ranges that the internet rule must never reach, whatever the values say.
@@ -62,7 +64,24 @@ def expected_edges(render: Render) -> set[Edge]:
         edges |= {("tool", cidr_peer(c), _tcp(p)) for c in api["cidrs"] for p in api["ports"]}
 
     edges |= {("tool", f"tool-{tc['name']}", _tcp(tc["port"])) for tc in v["toolContainers"]}
+
+    for rule in v["integrator"]["llmEgress"]:
+        peers = [cidr_peer(rule["cidr"])] if "cidr" in rule else [_peer_name(p) for p in rule["to"]]
+        edges |= {("integrator", p, _tcp(port)) for p in peers for port in rule["ports"]}
+
+    metrics_port = v["integrator"]["metrics"].get("port")
+    if metrics_port:
+        scrapers = [_peer_name(peer) for peer in net["metrics"]["from"]]
+        edges |= {(s, "integrator", _tcp(metrics_port)) for s in scrapers}
     return edges
+
+
+def _peer_name(peer: Doc) -> str:
+    """The name netpol gives what a NetworkPolicy peer from the values admits outside the namespace."""
+    if "ipBlock" in peer:
+        return cidr_peer(peer["ipBlock"]["cidr"], peer["ipBlock"].get("except", ()))
+    assert "namespaceSelector" in peer, f"the scenarios name peers outside the namespace: {peer}"
+    return namespace_peer(peer["namespaceSelector"], peer.get("podSelector"))
 
 
 def _diff(actual: set[Edge], expected: set[Edge]) -> dict[str, list[Edge]]:
@@ -119,6 +138,52 @@ def test_every_configured_address_is_reachable(rendered: Render) -> None:
     assert needed == 5
 
 
+def test_the_metrics_port_is_reachable_only_from_the_named_peers(rendered: Render) -> None:
+    port = rendered.values["integrator"]["metrics"].get("port")
+    (container,) = pod_spec(rendered.workload("integrator"))["containers"]
+    declared = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert declared.get("metrics") == port
+    if not port:
+        return
+    scrapers = {e[0] for e in allowed_edges(rendered.docs, rendered.namespace) if e[1:] == ("integrator", _tcp(port))}
+    assert scrapers == {_peer_name(p) for p in rendered.values["networkPolicy"]["metrics"]["from"]}
+    assert not {s for s in scrapers if s == "*" or s.startswith(("ns(*)/pods(*)", "cidr(0.0.0.0/0"))}
+    # no rule of the integrator's policy leaves the port open (a rule without "from", or without ports)
+    policy = _policy(rendered.docs, "-integrator")
+    for rule in policy["spec"]["ingress"]:
+        assert rule.get("from") and rule.get("ports"), rule
+
+
+def test_some_scenarios_serve_metrics_with_and_without_scrapers(renders: RenderCache) -> None:
+    """So that the check above sees a port that some peers may reach, and one that nothing may."""
+    seen = set()
+    for each in renders.all():
+        if each.values["integrator"]["metrics"].get("port"):
+            seen.add(bool(each.values["networkPolicy"]["metrics"]["from"]))
+    assert seen == {True, False}
+
+
+def test_llm_egress_adds_only_the_integrators_rules(rendered: Render, chart: helm_python.Chart) -> None:
+    """integrator.llmEgress adds edges from the integrator only, to the named endpoints and ports (vs. without it)."""
+    llm = rendered.values["integrator"]["llmEgress"]
+    if not llm:
+        return
+    values = scenario_values(rendered.scenario)
+    values["integrator"]["llmEgress"] = []
+    without = render_chart(chart, values, release=rendered.release, namespace=rendered.namespace)
+    added = allowed_edges(rendered.docs, rendered.namespace) - allowed_edges(without.docs, without.namespace)
+    ports = {_tcp(p) for rule in llm for p in rule["ports"]}
+    assert added and {e[0] for e in added} == {"integrator"} and {e[2] for e in added} == ports
+    assert not {e for e in added if e[1] == "*" or e[1].startswith(("ns(*)/pods(*)", "cidr(0.0.0.0/0"))}
+
+
+def test_some_scenarios_reach_llm_endpoints_by_cidr_and_by_selector(renders: RenderCache) -> None:
+    kinds = {
+        "cidr" if "cidr" in rule else "to" for each in renders.all() for rule in each.values["integrator"]["llmEgress"]
+    }
+    assert kinds == {"cidr", "to"}
+
+
 # The checker itself must be able to fail: feed it policies with one change each.
 
 
@@ -169,6 +234,26 @@ def test_checker_flags_a_widened_internet_rule(baseline: Render) -> None:
     diff = _diff(allowed_edges(docs, baseline.namespace), expected_edges(baseline))
     assert len(diff["unexpected"]) == 1 and diff["unexpected"][0][0] == "integrator"
     assert len(diff["missing"]) == 1 and diff["missing"][0][0] == "integrator"
+
+
+def test_checker_flags_a_metrics_port_open_to_all(renders: RenderCache) -> None:
+    render = renders.get("tenant-a", *TENANTS[0])
+    port = render.values["integrator"]["metrics"]["port"]
+    docs = copy.deepcopy(render.docs)
+    (rule,) = [r for r in _policy(docs, "-integrator")["spec"]["ingress"] if r["ports"][0]["port"] == port]
+    del rule["from"]
+    diff = _diff(allowed_edges(docs, render.namespace), expected_edges(render))
+    assert ("*", "integrator", f"TCP/{port}") in diff["unexpected"]
+
+
+def test_checker_flags_llm_egress_to_every_port(renders: RenderCache) -> None:
+    render = renders.get("tenant-b", *TENANTS[0])
+    docs = copy.deepcopy(render.docs)
+    (rule,) = [r for r in _policy(docs, "-integrator")["spec"]["egress"] if r["ports"][0]["port"] == 11434]
+    del rule["ports"]
+    diff = _diff(allowed_edges(docs, render.namespace), expected_edges(render))
+    endpoint = ("integrator", "cidr(10.70.0.8/32)")
+    assert diff == {"unexpected": [(*endpoint, "*")], "missing": [(*endpoint, "TCP/11434")]}
 
 
 def test_checker_flags_any_namespace_ingress(baseline: Render) -> None:

@@ -260,7 +260,8 @@ def test_configmaps_hold_no_secret(rendered: Render) -> None:
     names = {c["metadata"]["name"] for c in configmaps}
     for configmap in configmaps:
         for key, value in (configmap.get("data") or {}).items():
-            assert not re.search(r"SECRET|PASSWORD|TOKEN|MASTER_KEY|REDIS_URL|API_KEY", key), key
+            # (TOKEN as a word: ALTAN_CONTEXT_BUDGET_TOKENS is a count, not a credential)
+            assert not re.search(r"SECRET|PASSWORD|(?<![A-Z])TOKEN(?![A-Z])|MASTER_KEY|REDIS_URL|API_KEY", key), key
             assert not any(s in value for s in secret_values), key
     for workload in rendered.workloads():
         spec = pod_spec(workload)
@@ -358,7 +359,11 @@ def test_services_find_each_other_by_service_dns(rendered: Render) -> None:
         # The port a service listens on is the one its container declares and its Service forwards to.
         if component != "gateway":
             assert env[f"ALTAN_{component.upper()}_PORT"]["value"] == str(ports[component])
-            assert [p["containerPort"] for p in container["ports"]] == [ports[component]]
+            metrics = values[component].get("metrics", {}).get("port")
+            assert [p["containerPort"] for p in container["ports"]] == [
+                ports[component],
+                *([metrics] if metrics else []),
+            ]
         assert ("REDIS_URL" in env) == (component in STATEFUL and _redis_enabled(rendered)), component
         assert container["envFrom"] == [{"configMapRef": {"name": container["envFrom"][0]["configMapRef"]["name"]}}]
 

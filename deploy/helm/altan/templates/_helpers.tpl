@@ -160,12 +160,69 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- if and $v.tool.discovery.enabled (not $v.networkPolicy.kubeApiServer.cidrs) -}}
 {{- fail "tool.discovery.enabled needs networkPolicy.kubeApiServer.cidrs (the addresses from `kubectl get endpoints kubernetes -n default`), or set tool.discovery.enabled=false" -}}
 {{- end -}}
+{{- if and $v.integrator.metrics.port (eq (int $v.integrator.metrics.port) (int $v.integrator.port)) -}}
+{{- fail (printf "integrator.metrics.port (%v) must differ from integrator.port, the gRPC port" $v.integrator.metrics.port) -}}
+{{- end -}}
+{{- range $i, $peer := $v.networkPolicy.metrics.from -}}
+{{- with include "altan.peerProblem" $peer -}}
+{{- fail (printf "networkPolicy.metrics.from[%d] %s" $i .) -}}
+{{- end -}}
+{{- end -}}
+{{- range $i, $rule := $v.integrator.llmEgress -}}
+{{- $where := printf "integrator.llmEgress[%d]" $i -}}
+{{- if not (kindIs "map" $rule) -}}
+{{- fail (printf "%s must be {cidr, ports} or {to, ports}" $where) -}}
+{{- end -}}
+{{- if eq (empty $rule.cidr) (empty $rule.to) -}}
+{{- fail (printf "%s needs either cidr or to (NetworkPolicy peers), not both: without them the rule would reach every address" $where) -}}
+{{- end -}}
+{{- if empty $rule.ports -}}
+{{- fail (printf "%s needs ports: without them the rule would open every port" $where) -}}
+{{- end -}}
+{{- with $rule.cidr -}}
+{{- with include "altan.peerProblem" (dict "ipBlock" (dict "cidr" .)) -}}
+{{- fail (printf "%s.cidr %s" $where .) -}}
+{{- end -}}
+{{- end -}}
+{{- range $j, $peer := $rule.to -}}
+{{- with include "altan.peerProblem" $peer -}}
+{{- fail (printf "%s.to[%d] %s" $where $j .) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
 {{- $names := dict -}}
 {{- range $tc := $v.toolContainers -}}
 {{- if hasKey $names $tc.name -}}
 {{- fail (printf "toolContainers: the name %q is used twice" $tc.name) -}}
 {{- end -}}
 {{- $_ := set $names $tc.name true -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Why a NetworkPolicy peer from the values cannot be used, or nothing: it must name an ipBlock or selectors (an empty
+peer list would admit everyone), and admit neither every address (/0) nor every pod of every namespace.
+*/}}
+{{- define "altan.peerProblem" -}}
+{{- if not (kindIs "map" .) -}}
+is not a NetworkPolicy peer (ipBlock, namespaceSelector, podSelector)
+{{- else if hasKey . "ipBlock" -}}
+{{- $cidr := toString (dig "cidr" "" (.ipBlock | default dict)) -}}
+{{- if or (hasKey . "namespaceSelector") (hasKey . "podSelector") -}}
+combines ipBlock with a selector, which Kubernetes refuses
+{{- else if not $cidr -}}
+has an ipBlock without a cidr
+{{- else if hasSuffix "/0" $cidr -}}
+admits every address ({{ $cidr }}): name the addresses
+{{- end -}}
+{{- else if hasKey . "namespaceSelector" -}}
+{{- $ns := .namespaceSelector | default dict -}}
+{{- $pods := .podSelector | default dict -}}
+{{- if not (or $ns.matchLabels $ns.matchExpressions $pods.matchLabels $pods.matchExpressions) -}}
+admits every pod of every namespace: give the namespaceSelector or the podSelector labels
+{{- end -}}
+{{- else if not (hasKey . "podSelector") -}}
+names no ipBlock, namespaceSelector or podSelector
 {{- end -}}
 {{- end -}}
 
