@@ -13,7 +13,7 @@ import asyncio
 import ipaddress
 import re
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,7 +22,7 @@ import idna
 
 from altan.errors import EgressRefused, FailedPrecondition, Unavailable
 
-__all__ = ["EgressGuard", "EgressPolicy", "HostPort", "ResolvedTarget"]
+__all__ = ["EgressGuard", "EgressPolicy", "HostBinding", "HostPort", "ResolvedTarget"]
 
 # getaddrinfo's "no such name" answers (NXDOMAIN, or a name without addresses); anything else may pass.
 _NO_SUCH_NAME = frozenset(
@@ -165,6 +165,90 @@ def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def _split(url: str) -> tuple[str, str, IPAddress | None, int, str]:
+    """``(scheme, normalized host, its IP if a literal, port, path and query)`` of a URL; EgressRefused if unusable.
+
+    The one reading of a URL's destination, for the guard and for a credential's hosts alike.
+    """
+    try:
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        raw_host, port = parts.hostname, parts.port
+    except ValueError:
+        raise EgressRefused("egress refused: the URL is malformed") from None
+    if scheme not in _DEFAULT_PORTS:
+        raise EgressRefused(f"egress refused: scheme {scheme[:16]!r} is not allowed (use http or https)")
+    port = _DEFAULT_PORTS[scheme] if port is None else port
+    if not raw_host or port == 0:
+        raise EgressRefused("egress refused: the URL has no host or port")
+    try:
+        host, literal = _normalize_host(raw_host)
+    except ValueError:
+        raise EgressRefused(f"egress refused: {raw_host[:64]!r} is not a valid host") from None
+    return scheme, host, literal, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+@dataclass(frozen=True)
+class HostBinding:
+    """Where a credential may be sent: its ``hosts``, each ``host`` or ``host:port`` (``[IPv6]:port``).
+
+    Hosts compare in the guard's canonical form, so every spelling of one host (case, a trailing dot, IDNA,
+    ``0x7f000001`` for ``127.0.0.1``, IPv4-mapped IPv6) is that host, and no other name is, even one that resolves
+    to the same address. An entry without a port allows https on 443 only: a secret never crosses the network in
+    the clear unless an admin names the port.
+    """
+
+    entries: frozenset[tuple[str, int | None]]
+
+    @classmethod
+    def parse(cls, hosts: Iterable[str]) -> HostBinding:
+        """ValueError names the first entry that is not a host."""
+        entries: set[tuple[str, int | None]] = set()
+        for raw in hosts:
+            host, port = raw, None
+            head, sep, tail = raw.rpartition(":")
+            if sep and tail.isdigit() and (head.endswith("]") or ":" not in head):
+                host, port = head, int(tail)
+                if not 0 < port < 65536:
+                    raise ValueError(f"{raw!r}: the port must be in 1-65535")
+            if host.startswith("[") and host.endswith("]"):
+                host = host[1:-1]
+            elif ":" in host:
+                raise ValueError(f"{raw!r}: write an IPv6 address in brackets, as [2001:db8::1]:8443")
+            try:
+                entries.add((_unmapped_text(_normalize_host(host)), port))
+            except (ValueError, UnicodeError):
+                raise ValueError(f"{raw!r} is not a host name or an IP address") from None
+        return cls(frozenset(entries))
+
+    def allows(self, scheme: str, host: str, port: int) -> bool:
+        """True when an entry names this normalized host and port (no port: https on 443)."""
+        host = _unmapped_text((host, _ip_or_none(host)))
+        if (host, port) in self.entries:
+            return True
+        return scheme == "https" and port == 443 and (host, None) in self.entries
+
+    def allows_url(self, url: str) -> bool:
+        """The same, for a URL read as the guard reads it; False for a URL the guard would refuse to read."""
+        try:
+            scheme, host, _, port, _ = _split(url)
+        except EgressRefused:
+            return False
+        return self.allows(scheme, host, port)
+
+
+def _ip_or_none(host: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
+def _unmapped_text(normalized: tuple[str, IPAddress | None]) -> str:
+    host, ip = normalized
+    return host if ip is None else str(_unmapped(ip))
+
+
 @dataclass(frozen=True)
 class HostPort:
     """An ``ALTAN_EGRESS_ALLOW`` entry naming one destination: a normalized host (name or IP) and a port."""
@@ -243,23 +327,8 @@ class EgressGuard:
 
     async def check(self, url: str) -> ResolvedTarget:
         """Return the pinned target for ``url``, or raise EgressRefused (Unavailable if the name won't resolve)."""
-        try:
-            parts = urlsplit(url)
-            scheme = parts.scheme.lower()
-            raw_host, port = parts.hostname, parts.port
-        except ValueError:
-            raise EgressRefused("egress refused: the URL is malformed") from None
-        if scheme not in _DEFAULT_PORTS:
-            raise EgressRefused(f"egress refused: scheme {scheme[:16]!r} is not allowed (use http or https)")
-        port = _DEFAULT_PORTS[scheme] if port is None else port
-        if not raw_host or port == 0:
-            raise EgressRefused("egress refused: the URL has no host or port")
-        try:
-            host, literal = _normalize_host(raw_host)
-        except ValueError:
-            raise EgressRefused(f"egress refused: {raw_host[:64]!r} is not a valid host") from None
+        scheme, host, literal, port, path_and_query = _split(url)
         target = _authority(host, port)
-        path_and_query = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
         if literal is not None:
             ips: list[IPAddress] = [literal]
         else:

@@ -23,8 +23,8 @@ from urllib.parse import urljoin
 import httpcore
 import httpx
 
-from altan.egress import EgressGuard, ResolvedTarget
-from altan.errors import FailedPrecondition, InvalidArgument, Unavailable
+from altan.egress import EgressGuard, HostBinding, ResolvedTarget
+from altan.errors import EgressRefused, FailedPrecondition, InvalidArgument, Unavailable
 
 __all__ = ["GuardedHttpClient", "HttpResult", "StreamedResponse"]
 
@@ -137,13 +137,15 @@ class GuardedHttpClient:
         content: bytes | None = None,
         timeout: float | None = None,
         sensitive_headers: Collection[str] = (),
+        bound_to: HostBinding | None = None,
     ) -> HttpResult:
         """Send a request, following redirects through the guard, and read the whole response.
 
         ``sensitive_headers`` names headers (a credential, say) that, like Authorization, Cookie and
         Proxy-Authorization, are dropped when a redirect leads to another host. ``timeout`` bounds the whole
-        call: resolution, every hop and the body. Raises EgressRefused, Unavailable (unreachable or timed out)
-        or FailedPrecondition (too many redirects, response too large).
+        call: resolution, every hop and the body. ``bound_to``: the only hosts the sensitive headers may reach; a
+        first hop elsewhere is refused, a redirect elsewhere loses them. Raises EgressRefused, Unavailable
+        (unreachable or timed out) or FailedPrecondition (too many redirects, response too large).
         """
         if json is not None and content is not None:
             raise ValueError("pass json or content, not both")
@@ -162,7 +164,8 @@ class GuardedHttpClient:
         state = {"target": "the destination"}  # for the timeout message
         try:
             async with asyncio.timeout(budget):
-                async with self._follow(method.upper(), url, hdrs, body, sensitive, budget, state) as (response, hop):
+                following = self._follow(method.upper(), url, hdrs, body, sensitive, bound_to, budget, state)
+                async with following as (response, hop):
                     return await self._read(response, hop)
         except TimeoutError:
             raise Unavailable(f"could not reach {state['target']}: timed out after {budget:g}s") from None
@@ -194,7 +197,8 @@ class GuardedHttpClient:
         state = {"target": "the destination"}
         try:
             async with asyncio.timeout(budget):
-                async with self._follow(method.upper(), url, hdrs, body, sensitive, budget, state) as (response, hop):
+                following = self._follow(method.upper(), url, hdrs, body, sensitive, None, budget, state)
+                async with following as (response, hop):
                     yield StreamedResponse(response, hop, self._max_bytes)
         except TimeoutError:
             raise Unavailable(f"could not reach {state['target']}: timed out after {budget:g}s") from None
@@ -207,6 +211,7 @@ class GuardedHttpClient:
         headers: dict[str, str],
         body: bytes | None,
         sensitive: frozenset[str],
+        bound_to: HostBinding | None,
         timeout: float,
         state: dict[str, str],
     ) -> AsyncIterator[tuple[httpx.Response, ResolvedTarget]]:
@@ -215,6 +220,10 @@ class GuardedHttpClient:
         for _ in range(self._max_redirects + 1):
             hop = await self._guard.check(url)
             state["target"] = hop.target
+            if bound_to is not None and not bound_to.allows(hop.scheme, hop.host, hop.port):
+                if previous is None:
+                    raise EgressRefused(f"the credential may not be sent to {hop.target}", target=hop.target)
+                headers = {k: v for k, v in headers.items() if k.lower() not in sensitive}
             # Credentials go to another host, or over plain http after https, only if the caller sends them there.
             if previous is not None and (
                 (previous.host, previous.port) != (hop.host, hop.port)

@@ -131,8 +131,10 @@ class ToolCaller:
             tool = await self._definition(tool_id)
             if tool is not None and tool.fallback_tool_id:
                 fallback.append(tool.fallback_tool_id)
-            credential_name = _credential_name(tool, tool_id, arguments_json)
-            credential = await self._broker.resolve(credential_name) if credential_name else None
+            credential_name, destination = _credential_use(tool, tool_id, arguments_json)
+            credential = (
+                await self._broker.resolve(credential_name, destination=destination) if credential_name else None
+            )
             response = await self._execute(tool_id, arguments_json, credential, deadline_at)
             target = response.target
         except AltanError as exc:
@@ -200,20 +202,24 @@ def _last_outcome(state: RetryCallState) -> runtime_pb2.ExecuteToolResponse:
     raise exc
 
 
-def _credential_name(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> str:
-    """The credential a call injects: a custom tool's own, or the one an http_request call names."""
+def _credential_use(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> tuple[str, str | None]:
+    """The credential a call injects and, for http_request, the URL the caller wants it sent to.
+
+    A custom tool's own credential goes to the endpoint its admin wrote; the one an http_request call names goes
+    only to one of the credential's hosts.
+    """
     if tool is None:
-        return ""
+        return "", None
     if tool.type == tool_pb2.TOOL_TYPE_CUSTOM and tool.auth not in (
         common_pb2.AUTH_TYPE_NONE,
         common_pb2.AUTH_TYPE_UNSPECIFIED,
     ):
-        return tool.credential
+        return tool.credential, None
     if tool_id == "http_request":
         arguments = parse_json(arguments_json, "arguments", default={})
         if isinstance(arguments, dict) and isinstance(arguments.get("credential"), str):
-            return str(arguments["credential"])
-    return ""
+            return str(arguments["credential"]), str(arguments.get("url", ""))
+    return "", None
 
 
 def _ms(started: float) -> int:

@@ -14,7 +14,8 @@ from pydantic import BaseModel
 from altan.api.convert import now_ms
 from altan.api.credentials import ApiKeySpec, OAuth2Spec, check_name
 from altan.context import require_admin
-from altan.errors import FailedPrecondition, NotFound
+from altan.egress import HostBinding
+from altan.errors import FailedPrecondition, NotFound, PermissionDenied
 from altan.store import TenantStore
 from services.integrator.secrets import SecretBackend
 
@@ -24,12 +25,13 @@ _CREDENTIALS = "credentials"
 
 
 class ResolvedCredential(BaseModel):
-    """A credential ready to inject: ``header: prefix + value``."""
+    """A credential ready to inject: ``header: prefix + value``, and the hosts ``http_request`` may send it to."""
 
     name: str
     header: str
     prefix: str
     value: str
+    hosts: list[str]
 
 
 class CredentialBroker:
@@ -77,18 +79,34 @@ class CredentialBroker:
             raise NotFound(f"credential '{name}' not found")
         await self._secrets.delete(name)
 
-    async def resolve(self, name: str) -> ResolvedCredential:
-        """The secret for one outbound call."""
+    async def resolve(self, name: str, *, destination: str | None = None) -> ResolvedCredential:
+        """The secret for one outbound call; for ``destination`` (an ``http_request`` URL), only if the credential's
+        ``hosts`` name it: the secret is not even read otherwise."""
         meta = await self._store.get(_CREDENTIALS, name)
         if meta is None:
             raise FailedPrecondition(f"credential '{name}' not found")
+        if destination is not None:
+            _check_destination(name, meta["hosts"], destination)
         raw = await self._secrets.get(name)
         if raw is None:
             raise FailedPrecondition(f"credential '{name}' has no stored secret")
         secret = json.loads(raw)
         if meta["type"] == "api_key":
-            return ResolvedCredential(name=name, header=meta["header"], prefix=meta["prefix"], value=secret["value"])
+            return ResolvedCredential(
+                name=name, header=meta["header"], prefix=meta["prefix"], value=secret["value"], hosts=meta["hosts"]
+            )
         token = secret.get("access_token")
         if not token:
             raise FailedPrecondition(f"credential '{name}' is not authorized yet (run the OAuth2 flow)")
-        return ResolvedCredential(name=name, header="Authorization", prefix="Bearer ", value=token)
+        return ResolvedCredential(name=name, header="Authorization", prefix="Bearer ", value=token, hosts=meta["hosts"])
+
+
+def _check_destination(name: str, hosts: list[str], url: str) -> None:
+    if not hosts:
+        raise PermissionDenied(f"credential '{name}' lists no hosts, so http_request may not send it anywhere")
+    if not HostBinding.parse(hosts).allows_url(url):
+        shown = ", ".join(hosts[:5]) + (", ..." if len(hosts) > 5 else "")
+        raise PermissionDenied(
+            f"credential '{name}' may not be sent to that URL: its hosts are {shown} (a host without a port means "
+            "https on 443)"
+        )

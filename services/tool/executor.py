@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from altan.egress import HostBinding
 from altan.errors import FailedPrecondition, InvalidArgument
 from altan.outbound import GuardedHttpClient, HttpResult
 from altan.wire import parse_json
@@ -16,7 +17,7 @@ from services.tool.builtins import run_builtin
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator, build_http_request
 
-__all__ = ["OFFLOAD_CHECK_BYTES", "Credential", "Execution", "ToolExecutor"]
+__all__ = ["OFFLOAD_CHECK_BYTES", "REDACTED", "Credential", "Execution", "ToolExecutor", "redact"]
 
 # Arguments larger than this are checked against the tool's schema in a worker thread (ArgumentValidator.check).
 OFFLOAD_CHECK_BYTES = 16 * 1024
@@ -30,6 +31,7 @@ class Credential:
     header: str
     prefix: str
     value: str
+    hosts: tuple[str, ...] = ()
 
     def as_headers(self) -> dict[str, str]:
         return {self.header: f"{self.prefix}{self.value}"}
@@ -48,6 +50,25 @@ class Execution:
 def _sensitive(credential: Credential | None) -> tuple[str, ...]:
     """The credential's header, like Authorization, is dropped when a redirect leaves the origin."""
     return (credential.header,) if credential is not None else ()
+
+
+REDACTED = "[redacted]"
+
+
+def redact(value: Any, secret: str) -> Any:
+    """``value`` with every occurrence of ``secret`` in its strings (object keys included) replaced by [redacted].
+
+    For a third party that echoes the credential it was sent (a debugging endpoint, an error page quoting the
+    request): the output goes on to the caller, a task, its events, an LLM prompt. Only the secret as sent is
+    recognised, not an encoding of it (base64, percent-encoding).
+    """
+    if isinstance(value, str):
+        return value.replace(secret, REDACTED) if secret in value else value
+    if isinstance(value, dict):
+        return {redact(k, secret): redact(v, secret) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(item, secret) for item in value]
+    return value
 
 
 def _decode(result: HttpResult) -> Any:
@@ -99,8 +120,10 @@ class ToolExecutor:
         if args.get("json") is not None and args.get("body") is not None:
             raise InvalidArgument("arguments: give 'json' or 'body', not both")
         headers = dict(args.get("headers") or {})
+        bound_to = None
         if credential is not None:
             headers.update(credential.as_headers())
+            bound_to = HostBinding.parse(credential.hosts)  # the integrator checked; this is where it is sent
         body = args.get("body")
         result = await self._http.request(
             args.get("method", "GET"),
@@ -111,8 +134,9 @@ class ToolExecutor:
             content=body.encode() if isinstance(body, str) else None,
             timeout=timeout,
             sensitive_headers=_sensitive(credential),
+            bound_to=bound_to,
         )
-        return self._execution(result)
+        return self._execution(result, credential)
 
     async def _custom(
         self, tool: dict[str, Any], args: dict[str, Any], credential: Credential | None, timeout: float | None
@@ -125,10 +149,11 @@ class ToolExecutor:
         result = await self._http.request(
             method, url, headers=headers, params=params, json=body, timeout=timeout, sensitive_headers=sensitive
         )
-        return self._execution(result)
+        return self._execution(result, credential)
 
     @staticmethod
-    def _execution(result: HttpResult) -> Execution:
-        return Execution(
-            output=_decode(result), http_status=result.status, target=result.target, retry_after=result.retry_after
-        )
+    def _execution(result: HttpResult, credential: Credential | None) -> Execution:
+        output = _decode(result)
+        if credential is not None:
+            output = redact(output, credential.value)
+        return Execution(output=output, http_status=result.status, target=result.target, retry_after=result.retry_after)

@@ -72,7 +72,7 @@ class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
         credential = None
         if request.HasField("credential"):
             c = request.credential
-            credential = Credential(name=c.name, header=c.header, prefix=c.prefix, value=c.value)
+            credential = Credential(name=c.name, header=c.header, prefix=c.prefix, value=c.value, hosts=tuple(c.hosts))
         result = await self._executor.execute(
             request.tool_id,
             parse_json(request.arguments_json, "arguments", default={}),

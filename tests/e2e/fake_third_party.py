@@ -39,6 +39,11 @@ class FakeThirdParty:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def origin(self) -> str:
+        """``host:port``, as a credential's ``hosts`` names it."""
+        return f"127.0.0.1:{self.port}"
+
     def requests_to(self, path: str) -> list[Received]:
         with self.lock:
             return [r for r in self.received if r.path == path]
@@ -88,6 +93,9 @@ def _handler(fake: FakeThirdParty) -> type[BaseHTTPRequestHandler]:
             elif path.startswith("/big/"):
                 # /big/<n>: a JSON object holding n characters.
                 self._answer(200, {"data": "x" * int(path.split("/")[2])})
+            elif path == "/echo-headers":
+                # A debugging endpoint that answers every header it was sent, as some APIs' error pages do.
+                self._answer(200, {"headers": dict(self.headers.items())})
             elif path == "/redirect":
                 self.send_response(302)
                 self.send_header("Location", query["to"][0])

@@ -150,7 +150,8 @@ def test_credential_values_with_line_breaks_are_refused_without_echo(stack: Stac
 def test_egress_refusal_with_a_credential_sends_and_shows_nothing(stack: Stack, tenant: str) -> None:
     secret = f"sk-{tenant}-never-sent"
     with stack.client(tenant) as api:
-        api.put("/v1/credentials/c", json={"type": "api_key", "value": secret})
+        # Even where the credential may go, the egress rules still decide.
+        api.put("/v1/credentials/c", json={"type": "api_key", "value": secret, "hosts": ["169.254.169.254:80"]})
         answer = api.post(
             "/v1/tools/http_request/invoke",
             json={"arguments": {"url": "http://169.254.169.254/latest/meta-data/", "credential": "c"}},
@@ -170,7 +171,7 @@ def test_cross_origin_redirect_drops_the_authorization_credential(
     landing = f"/landed-{tenant}"
     other_origin = f"http://[::ffff:127.0.0.1]:{third_party.port}{landing}"
     with stack.client(tenant) as api:
-        api.put("/v1/credentials/c", json={"type": "api_key", "value": secret})
+        api.put("/v1/credentials/c", json={"type": "api_key", "value": secret, "hosts": [third_party.origin]})
         answer = api.post(
             "/v1/tools/http_request/invoke",
             json={

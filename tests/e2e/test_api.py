@@ -230,7 +230,10 @@ def test_invoke_get_tool_sends_query_and_validates(stack: Stack, tenant: str, th
 
 def test_http_request_builtin_with_credential(stack: Stack, tenant: str, third_party: FakeThirdParty) -> None:
     with stack.client(tenant) as api:
-        api.put("/v1/credentials/svc", json={"type": "api_key", "value": f"tok-{tenant}"})
+        api.put(
+            "/v1/credentials/svc",
+            json={"type": "api_key", "value": f"tok-{tenant}", "hosts": [third_party.origin]},
+        )
         answer = api.post(
             "/v1/tools/http_request/invoke",
             json={

@@ -15,7 +15,8 @@ def test_a_secret_appears_nowhere(stack: Stack, tenant: str, third_party: FakeTh
     secret = f"sk-live-{tenant}-0123456789abcdef"
     seen: list[str] = []
     with stack.client(tenant) as api:
-        seen.append(api.put("/v1/credentials/vault", json={"type": "api_key", "value": secret}).text)
+        vault = {"type": "api_key", "value": secret, "hosts": [third_party.origin]}
+        seen.append(api.put("/v1/credentials/vault", json=vault).text)
         seen.append(api.get("/v1/credentials").text)
         seen.append(
             api.post(

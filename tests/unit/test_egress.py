@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from altan.egress import EgressGuard, EgressPolicy, HostPort
+from altan.egress import EgressGuard, EgressPolicy, HostBinding, HostPort
 from altan.errors import EgressRefused, FailedPrecondition, Unavailable
 from altan.outbound import GuardedHttpClient
 
@@ -574,3 +574,46 @@ async def test_a_streamed_answer_is_read_line_by_line_within_the_limits(servers:
     with pytest.raises(EgressRefused):
         async with client.stream("GET", "http://169.254.169.254/latest/"):
             pass
+
+
+# --- a credential's hosts -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url", "allowed"),
+    [
+        (["api.example.com"], "https://api.example.com/v1", True),
+        (["api.example.com"], "https://API.Example.COM./v1", True),  # case and the trailing dot
+        (["API.example.com."], "https://api.example.com:443/", True),
+        (["api.example.com"], "http://api.example.com/", False),  # no port: https on 443 only
+        (["api.example.com"], "https://api.example.com:8443/", False),
+        (["api.example.com:8443"], "https://api.example.com:8443/", True),
+        (["api.example.com:8080"], "http://api.example.com:8080/", True),  # an admin named the port
+        (["api.example.com"], "https://api.example.com.evil.net/", False),
+        (["api.example.com"], "https://evil.net/api.example.com", False),
+        (["api.example.com"], "https://api.example.com@evil.net/", False),
+        # One parser decides both the check and the connection: this is userinfo "evil.net\" and host
+        # api.example.com, and the request goes to api.example.com without the userinfo.
+        (["api.example.com"], "https://evil.net\\@api.example.com/", True),
+        (["api.example.com"], "https://evil.net#@api.example.com/", False),
+        (["api.example.com"], "https://sub.api.example.com/", False),  # no wildcards
+        (["bücher.example"], "https://xn--bcher-kva.example/", True),  # IDNA
+        (["xn--bcher-kva.example"], "https://BÜCHER.example/", True),
+        (["10.0.0.5:8443"], "https://0x0a000005:8443/", True),
+        (["10.0.0.5:8443"], "https://10.5:8443/", True),
+        (["10.0.0.5:8443"], "https://[::ffff:10.0.0.5]:8443/", True),
+        (["[2001:db8::1]:8443"], "https://[2001:DB8:0::1]:8443/", True),
+        (["localhost:8080"], "http://127.0.0.1:8080/", False),  # another name, even for the same address
+        (["api.example.com"], "ftp://api.example.com/", False),
+        (["api.example.com"], "not a url", False),
+        ([], "https://api.example.com/", False),
+    ],
+)
+def test_a_credential_goes_only_to_its_hosts_in_any_spelling(hosts: list[str], url: str, allowed: bool) -> None:
+    assert HostBinding.parse(hosts).allows_url(url) is allowed
+
+
+@pytest.mark.parametrize("entry", ["a..b", "api.example.com:0", "api.example.com:70000", "2001:db8::1", "ex ample", ""])
+def test_host_entries_that_are_not_hosts_are_refused(entry: str) -> None:
+    with pytest.raises(ValueError):
+        HostBinding.parse([entry])

@@ -190,7 +190,7 @@ async def test_api_key_put_list_resolve_delete(broker: CredentialBroker, backend
     assert API_KEY not in json.dumps(listed)
 
     assert await broker.resolve("openai") == ResolvedCredential(
-        name="openai", header="Authorization", prefix="Bearer ", value=API_KEY
+        name="openai", header="Authorization", prefix="Bearer ", value=API_KEY, hosts=[]
     )
     assert (await broker.resolve("weather")).value == "w-123"
 
@@ -204,6 +204,24 @@ async def test_api_key_put_list_resolve_delete(broker: CredentialBroker, backend
         await broker.resolve("openai")
     with pytest.raises(NotFound):
         await broker.delete("openai")
+
+
+async def test_an_http_request_destination_must_be_one_of_the_credential_hosts(
+    broker: CredentialBroker, backend: MemoryBackend
+) -> None:
+    as_caller("acme")
+    await put(broker, "gh", {"type": "api_key", "value": API_KEY, "hosts": ["api.github.com", "10.0.0.5:8443"]})
+    await put(broker, "nowhere", {"type": "api_key", "value": API_KEY})
+    resolved = await broker.resolve("gh", destination="https://API.GITHUB.com/user")
+    assert (resolved.value, resolved.hosts) == (API_KEY, ["api.github.com", "10.0.0.5:8443"])
+    assert (await broker.resolve("gh", destination="http://10.0.0.5:8443/")).value == API_KEY
+    for url in ("https://evil.example/", "http://api.github.com/", "https://10.0.0.5/", "nonsense"):
+        with pytest.raises(PermissionDenied, match="credential 'gh' may not be sent to that URL: its hosts are api"):
+            await broker.resolve("gh", destination=url)
+    with pytest.raises(PermissionDenied, match="credential 'nowhere' lists no hosts"):
+        await broker.resolve("nowhere", destination="https://api.github.com/")
+    # A custom tool's own credential has no destination to check: it goes to the endpoint its admin wrote.
+    assert (await broker.resolve("nowhere")).value == API_KEY
 
 
 async def test_replacing_keeps_created_at(broker: CredentialBroker) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
+import json
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -271,10 +272,22 @@ async def test_http_request_gets_the_credential_its_arguments_name_and_none_othe
     await rig.caller().invoke("http_request", b'{"url": "https://api.github.com/user", "credential": 7}')
     with_it, *without = rig.service.attempts
     assert with_it.credential == runtime_pb2.InjectedCredential(
-        name="github", header="Authorization", prefix="Bearer ", value=SECRET
+        name="github", header="Authorization", prefix="Bearer ", value=SECRET, hosts=["api.github.com"]
     )
     assert [a.credential for a in without] == [None, None]
     assert [e["credential"] for e in await rig.events()] == ["github", "", ""]
+
+
+async def test_http_request_to_a_host_the_credential_does_not_list_is_denied_before_it_runs(rig: Rig) -> None:
+    caller_as()
+    await store_api_key(rig, "github", header="Authorization", prefix="Bearer ", hosts=["api.github.com"])
+    rig.service.tools["http_request"] = tool_pb2.Tool(tool_id="http_request", type=tool_pb2.TOOL_TYPE_BUILTIN)
+    with pytest.raises(PermissionDenied, match="credential 'github' may not be sent to that URL"):
+        await rig.caller().invoke("http_request", b'{"url": "https://requestbin.example/x", "credential": "github"}')
+    assert rig.service.attempts == []  # the secret never left the integrator
+    (event,) = await rig.events()
+    assert (event["outcome"], event["credential"]) == ("denied", "github")
+    assert SECRET not in json.dumps(event)
 
 
 async def test_a_credential_that_is_not_stored_fails_the_call_before_it_runs(rig: Rig) -> None:

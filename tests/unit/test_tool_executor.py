@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -23,7 +23,7 @@ from altan.errors import EgressRefused, FailedPrecondition, InvalidArgument, Not
 from altan.outbound import GuardedHttpClient
 from altan.store import MemoryBackend, TenantStore
 from altan.wire import MAX_JSON_DEPTH
-from services.tool.executor import Credential, Execution, ToolExecutor
+from services.tool.executor import REDACTED, Credential, Execution, ToolExecutor, redact
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator
 from tests.unit.test_egress import FakeApi
@@ -45,6 +45,10 @@ class Rig:
     api: FakeApi  # allowed
     other: FakeApi  # allowed, another origin
     private: FakeApi  # on loopback and not allowed: the guard refuses it
+
+    def bound(self, credential: Credential, *hosts: str) -> Credential:
+        """``credential`` with ``hosts`` (``api``'s origin when none are given)."""
+        return replace(credential, hosts=hosts or (self.api.origin,))
 
     async def custom_tool(self, **fields: Any) -> str:
         """Store a custom tool (endpoint on ``api`` unless given) and return its id."""
@@ -162,7 +166,7 @@ async def test_http_request_naming_a_credential_that_did_not_arrive_fails_clearl
 async def test_the_credential_is_sent_with_its_call_only(rig: Rig) -> None:
     rig.api.routes["/me"] = (200, JSON, b'{"login": "ada"}')
     url = f"http://{rig.api.origin}/me"
-    result = await rig.executor.execute("http_request", {"url": url, "credential": "github"}, BEARER, 5)
+    result = await rig.executor.execute("http_request", {"url": url, "credential": "github"}, rig.bound(BEARER), 5)
     assert result.output == {"login": "ada"}
     await rig.executor.execute("http_request", {"url": url}, None, 5)
     with_it, without = rig.api.seen
@@ -177,12 +181,59 @@ async def test_the_credential_header_is_kept_on_the_same_origin_and_dropped_acro
     rig.api.routes["/moved"] = (307, {"Location": f"http://{rig.other.origin}/end"}, b"")
     rig.other.routes["/end"] = (200, JSON, b'{"done": true}')
     arguments = {"url": f"http://{rig.api.origin}/start", "headers": {"X-Trace": "abc"}, "credential": "crm-key"}
-    result = await rig.executor.execute("http_request", arguments, API_KEY, 5)
+    result = await rig.executor.execute("http_request", arguments, rig.bound(API_KEY), 5)
     assert (result.output, result.target) == ({"done": True}, rig.other.origin)
     assert [s.headers.get("x-api-key") for s in rig.api.seen] == ["key-123-secret", "key-123-secret"]
     (final,) = rig.other.seen
     assert "x-api-key" not in final.headers
     assert final.headers["x-trace"] == "abc"  # only the credential is dropped
+
+
+@pytest.mark.parametrize(
+    ("hosts", "url"),
+    [
+        ((), "http://{api}/"),  # no hosts: http_request may not use it at all
+        (("{other}",), "http://{api}/"),
+        (("127.0.0.1",), "http://{api}/"),  # no port: https on 443 only
+        (("{api}",), "http://{other}/"),
+        (("{api}",), "http://{api}@{other}/"),  # userinfo is not the host
+        (("{api}",), "http://{other}/?{api}"),
+    ],
+    ids=["no-hosts", "another-host", "no-port-means-443", "another-port", "userinfo", "in-the-query"],
+)
+async def test_http_request_sends_a_credential_only_to_its_hosts(rig: Rig, hosts: tuple[str, ...], url: str) -> None:
+    origins = {"api": rig.api.origin, "other": rig.other.origin}
+    credential = replace(API_KEY, hosts=tuple(h.format(**origins) for h in hosts))
+    with pytest.raises(EgressRefused, match=r"the credential may not be sent to 127\.0\.0\.1:") as caught:
+        await rig.executor.execute("http_request", {"url": url.format(**origins), "credential": "k"}, credential, 5)
+    assert caught.value.target in (rig.api.origin, rig.other.origin)
+    assert rig.api.seen == [] and rig.other.seen == []
+
+
+async def test_http_request_credential_hosts_match_every_spelling_of_the_host(rig: Rig) -> None:
+    rig.api.routes["/"] = (200, JSON, b"{}")
+    credential = rig.bound(API_KEY, f"127.0.0.1.:{rig.api.port}")
+    for spelling in ("127.0.0.1", "0x7f000001", "2130706433", "127.1", "[::ffff:127.0.0.1]"):
+        url = f"http://{spelling}:{rig.api.port}/"
+        await rig.executor.execute("http_request", {"url": url, "credential": "k"}, credential, 5)
+    assert [s.headers["x-api-key"] for s in rig.api.seen] == ["key-123-secret"] * 5
+
+
+async def test_a_secret_the_third_party_echoes_is_redacted_from_the_output(rig: Rig) -> None:
+    echoed = {"headers": {"X-Api-Key": "key-123-secret"}, "key-123-secret": ["a key-123-secret b", 1, None]}
+    rig.api.routes["/echo"] = (401, JSON, json.dumps(echoed).encode())
+    rig.api.routes["/text"] = (200, {}, b"you sent key-123-secret")
+    credential = rig.bound(API_KEY)
+    for path in ("/echo", "/text"):
+        result = await rig.executor.execute("http_request", {"url": f"http://{rig.api.origin}{path}"}, credential, 5)
+        assert "key-123-secret" not in json.dumps(result.output) and REDACTED in json.dumps(result.output)
+    as_admin()
+    tool_id = await rig.custom_tool(endpoint=f"http://{rig.api.origin}/echo", auth="api_key", credential="crm-key")
+    result = await rig.executor.execute(tool_id, {}, API_KEY, 5)
+    assert result.output == {"headers": {"X-Api-Key": REDACTED}, REDACTED: [f"a {REDACTED} b", 1, None]}
+    assert result.http_status == 401
+    # Without a credential nothing is rewritten.
+    assert redact({"a": ["x"]}, "y") == {"a": ["x"]}
 
 
 async def test_http_request_goes_through_the_egress_guard(rig: Rig) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, RootModel, field_validator
+from pydantic import AfterValidator, BaseModel, Field, RootModel, field_validator
 
 from altan.api.common import ABSENT, ApiModel, HttpUrl, Name, Timestamp, validate
 from altan.api.convert import enum_name, enum_value, rfc3339, timestamp
+from altan.egress import HostBinding
 from altan.errors import InvalidArgument
 from altan.v1 import common_pb2, integrator_pb2
 
@@ -30,9 +31,18 @@ _AUTH = common_pb2.AuthType.DESCRIPTOR
 _STATUS = integrator_pb2.CredentialStatus.DESCRIPTOR
 
 CredentialName = Name
-# `host` or `host:port`; IPv6 in brackets.
+
+
+def _one_host(value: str) -> str:
+    HostBinding.parse([value])  # ValueError, with the reason, for anything the egress guard could not read as a host
+    return value
+
+
+# `host` or `host:port`; IPv6 in brackets. The pattern is for the OpenAPI document; _one_host decides.
 Host = Annotated[
-    str, Field(pattern=r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$")
+    str,
+    Field(pattern=r"^(?:[A-Za-z0-9](?:[A-Za-z0-9.\-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\])(?::[0-9]{1,5})?$"),
+    AfterValidator(_one_host),
 ]
 Hosts = Annotated[list[Host], Field(max_length=50, description="Where http_request may send the credential.")]
 HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")]

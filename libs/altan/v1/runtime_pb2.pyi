@@ -35,6 +35,7 @@ class InjectedCredential(_message.Message):
     HEADER_FIELD_NUMBER: _builtins.int
     PREFIX_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
+    HOSTS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The credential's name."""
     header: _builtins.str
@@ -43,6 +44,12 @@ class InjectedCredential(_message.Message):
     """The value's prefix in that header (for example `Bearer `)."""
     value: _builtins.str
     """The secret itself: an API key or an OAuth2 access token."""
+    @_builtins.property
+    def hosts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The credential's `hosts`: the only destinations `http_request` may send it to (a custom tool sends it to its
+        own endpoint). Each `host` (https on 443) or `host:port`.
+        """
+
     def __init__(
         self,
         *,
@@ -50,10 +57,11 @@ class InjectedCredential(_message.Message):
         header: _builtins.str = ...,
         prefix: _builtins.str = ...,
         value: _builtins.str = ...,
+        hosts: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "name", b"name", "prefix", b"prefix", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "hosts", b"hosts", "name", b"name", "prefix", b"prefix", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
