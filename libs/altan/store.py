@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections import defaultdict
-from collections.abc import Iterator
+import time
+from collections import OrderedDict, defaultdict
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -47,14 +48,26 @@ class StateBackend(Protocol):
     async def append(self, key: str, value: str, maxlen: int) -> int: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
+    async def get_expiring(self, key: str) -> str | None: ...
+    async def set_expiring(self, key: str, value: str, ttl_seconds: float) -> None: ...
     async def ping(self) -> bool: ...
     async def aclose(self) -> None: ...
 
 
 class MemoryBackend:
-    """Embedded state for one process (``REDIS_URL`` unset)."""
+    """Embedded state for one process (``REDIS_URL`` unset).
 
-    def __init__(self) -> None:
+    Expiring values (a response cache) are bounded: past ``max_expiring_bytes`` of values the oldest writes go first,
+    as Redis with an eviction policy would do. ``clock`` is for tests.
+    """
+
+    def __init__(
+        self, *, max_expiring_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._expiring: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._expiring_bytes = 0
+        self._max_expiring_bytes = max_expiring_bytes
+        self._clock = clock
         self._hashes: dict[str, dict[str, str]] = defaultdict(dict)
         self._streams: dict[str, list[tuple[int, str]]] = defaultdict(list)
         self._seq: dict[str, int] = defaultdict(int)
@@ -113,6 +126,27 @@ class MemoryBackend:
 
     def _after(self, key: str, after: int, count: int) -> list[tuple[int, str]]:
         return [item for item in self._streams.get(key, ()) if item[0] > after][:count]
+
+    async def get_expiring(self, key: str) -> str | None:
+        entry = self._expiring.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self._clock():
+            self._drop_expiring(key)
+            return None
+        return entry[1]
+
+    async def set_expiring(self, key: str, value: str, ttl_seconds: float) -> None:
+        self._drop_expiring(key)
+        self._expiring[key] = (self._clock() + ttl_seconds, value)
+        self._expiring_bytes += len(value)
+        while self._expiring_bytes > self._max_expiring_bytes and self._expiring:
+            self._drop_expiring(next(iter(self._expiring)))
+
+    def _drop_expiring(self, key: str) -> None:
+        entry = self._expiring.pop(key, None)
+        if entry is not None:
+            self._expiring_bytes -= len(entry[1])
 
     async def ping(self) -> bool:
         return True
@@ -200,6 +234,14 @@ class RedisBackend:
             entries = await self._redis.xrevrange(key, count=count)
         return [(int(entry_id.split("-")[1]), fields["d"]) for entry_id, fields in reversed(entries)]
 
+    async def get_expiring(self, key: str) -> str | None:
+        with _unreachable_is_unavailable():
+            return await self._redis.get(key)
+
+    async def set_expiring(self, key: str, value: str, ttl_seconds: float) -> None:
+        with _unreachable_is_unavailable():
+            await self._redis.set(key, value, px=max(1, int(ttl_seconds * 1000)))
+
     async def ping(self) -> bool:
         with _unreachable_is_unavailable():
             return bool(await asyncio.wait_for(self._redis.ping(), 5))
@@ -268,3 +310,11 @@ class TenantStore:
     async def tail(self, stream: str, count: int) -> list[Doc]:
         """The newest ``count`` events, oldest first."""
         return [json.loads(value) for _, value in await self._backend.tail(self._key(stream), count)]
+
+    async def get_expiring(self, kind: str, key: str) -> str | None:
+        """A value stored with :meth:`set_expiring` that has not expired yet."""
+        return await self._backend.get_expiring(self._key(f"{kind}:{key}"))
+
+    async def set_expiring(self, kind: str, key: str, value: str, ttl_seconds: float) -> None:
+        """Store a value that disappears after ``ttl_seconds`` (or earlier, when embedded memory runs short)."""
+        await self._backend.set_expiring(self._key(f"{kind}:{key}"), value, ttl_seconds)

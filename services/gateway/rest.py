@@ -191,7 +191,8 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
         # The output is JSON the Tool Service wrote; it goes into the answer as it is, without a parse.
         output = answer.output_json or b"null"
         status = f',"status":{answer.http_status}' if answer.http_status else ""
-        return Response(b'{"output":' + output + status.encode() + b"}", media_type="application/json")
+        cached = ',"cached":true' if answer.cached else ""
+        return Response(b'{"output":' + output + (status + cached).encode() + b"}", media_type="application/json")
 
     # --- credentials --------------------------------------------------------------------------------------
     @api.route(

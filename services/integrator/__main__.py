@@ -15,6 +15,7 @@ from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
 from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
 from services.integrator.audit import AuditLog
+from services.integrator.cache import ResponseCache
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
 from services.integrator.llm.registry import PROVIDERS
@@ -66,6 +67,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         attempts=settings.tool_retry_attempts,
         deadline_seconds=settings.call_deadline_seconds,
         retry_after_cap=settings.retry_after_cap_seconds,
+        cache=ResponseCache(store),
     )
     try:
         policy = EgressPolicy.parse(settings.egress_allow)

@@ -27,6 +27,7 @@ from altan.errors import AltanError, DeadlineExceeded, NotFound, PermissionDenie
 from altan.v1 import common_pb2, runtime_pb2, tool_pb2
 from altan.wire import parse_json
 from services.integrator.audit import AuditLog
+from services.integrator.cache import ResponseCache
 from services.integrator.credentials import CredentialBroker, ResolvedCredential
 
 __all__ = ["CallResult", "ToolCaller"]
@@ -40,6 +41,7 @@ class CallResult:
 
     output_json: bytes
     http_status: int
+    cached: bool = False
 
 
 class _TransientStatus(Exception):
@@ -62,8 +64,10 @@ class ToolCaller:
         attempts: int,
         deadline_seconds: float,
         retry_after_cap: float,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._tools = tools
+        self._cache = cache
         self._broker = broker
         self._audit = audit
         self._attempts = attempts
@@ -132,6 +136,18 @@ class ToolCaller:
             if tool is not None and tool.fallback_tool_id:
                 fallback.append(tool.fallback_tool_id)
             credential_name, destination = _credential_use(tool, tool_id, arguments_json)
+            if tool is not None and tool.cacheable_seconds > 0 and self._cache is not None:
+                hit = await self._cache.get(tool, arguments_json)
+                if hit is not None:
+                    await self._audit.record(
+                        "tool.invoke",
+                        tool_id=tool_id,
+                        outcome="ok",
+                        latency_ms=_ms(started),
+                        reason="answered from the cache",
+                        credential=credential_name,
+                    )
+                    return CallResult(*hit, cached=True)
             credential = (
                 await self._broker.resolve(credential_name, destination=destination) if credential_name else None
             )
@@ -158,6 +174,8 @@ class ToolCaller:
             reason="" if response.http_status < 400 else f"HTTP {response.http_status}",
             credential=credential_name,
         )
+        if tool is not None and tool.cacheable_seconds > 0 and self._cache is not None:
+            await self._cache.put(tool, arguments_json, response.output_json, response.http_status)
         return CallResult(response.output_json, response.http_status)
 
     async def _execute(

@@ -61,7 +61,9 @@ class IntegratorServicer(integrator_pb2_grpc.IntegratorServiceServicer):
         self, request: integrator_pb2.InvokeToolRequest, context: Context
     ) -> integrator_pb2.InvokeToolResponse:
         result = await self._caller.invoke(request.tool_id, request.arguments_json or b"{}")
-        return integrator_pb2.InvokeToolResponse(output_json=result.output_json, http_status=result.http_status)
+        return integrator_pb2.InvokeToolResponse(
+            output_json=result.output_json, http_status=result.http_status, cached=result.cached
+        )
 
     async def ListAuditEvents(
         self, request: integrator_pb2.ListAuditEventsRequest, context: Context

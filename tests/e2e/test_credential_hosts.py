@@ -92,7 +92,9 @@ def test_a_secret_the_third_party_echoes_back_is_redacted_everywhere(
         direct = api.post("/v1/tools/debug/invoke", json={"arguments": {}})
         assert direct.status_code == 200, direct.text
         assert direct.json()["output"]["headers"]["Authorization"] == "Bearer [redacted]"
-        agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["debug", "http_request", "text_template"]}).json()["id"]
+        agent_id = api.post(
+            "/v1/agents", json={"name": "a", "tools": ["debug", "http_request", "text_template"]}
+        ).json()["id"]
         plan = {
             "plan": [
                 {"id": "s1", "tool": "debug", "arguments": {}},

@@ -253,6 +253,36 @@ async def test_memory_backend_trims_exactly() -> None:
     assert await backend.read("k", 0, 100) == [(8, "7"), (9, "8"), (10, "9")]
 
 
+# --- expiring values ----------------------------------------------------------------------------------------------
+
+
+async def test_expiring_values_are_per_tenant_and_expire(
+    harness: Harness, tenant: str, raw_redis: aioredis.Redis
+) -> None:
+    store = harness.store()
+    assert await store.get_expiring("cache", "k") is None
+    await store.set_expiring("cache", "k", "v1", 30)
+    await store.set_expiring("cache", "k", "v2", 30)  # a rewrite replaces
+    assert await store.get_expiring("cache", "k") == "v2"
+    as_tenant(harness.new_tenant())
+    assert await store.get_expiring("cache", "k") is None
+    if harness.kind == "redis":
+        ttl = await raw_redis.pttl(f"altan:{tenant}:svc:cache:k")
+        assert 29_000 < ttl <= 30_000
+
+
+async def test_memory_backend_expires_and_evicts_the_oldest_past_its_budget() -> None:
+    now = [0.0]
+    backend = MemoryBackend(max_expiring_bytes=10, clock=lambda: now[0])
+    await backend.set_expiring("a", "12345", 5)
+    await backend.set_expiring("b", "12345", 50)
+    now[0] = 5.0
+    assert (await backend.get_expiring("a"), await backend.get_expiring("b")) == (None, "12345")
+    await backend.set_expiring("c", "123", 50)
+    await backend.set_expiring("d", "1234567", 50)  # 15 bytes with b and c: b, the oldest, goes
+    assert [await backend.get_expiring(k) for k in "bcd"] == [None, "123", "1234567"]
+
+
 # --- tenancy ------------------------------------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from altan.store import MemoryBackend, TenantStore
 from altan.v1 import common_pb2, runtime_pb2, runtime_pb2_grpc, tool_pb2, tool_pb2_grpc
 from services.integrator import calls
 from services.integrator.audit import AuditLog
+from services.integrator.cache import ResponseCache
 from services.integrator.calls import CallResult, ToolCaller
 from services.integrator.credentials import CredentialBroker
 from services.integrator.secrets import LocalSecretBackend
@@ -121,10 +122,18 @@ class Rig:
     broker: CredentialBroker
     audit: AuditLog
     waits: list[float]  # what the caller slept between attempts, in order
+    cache: ResponseCache
+    now: list[float]  # the embedded store's clock, for cache expiry
 
     def caller(self, *, attempts: int = 3, deadline: float = 10.0, cap: float = CAP) -> ToolCaller:
         return ToolCaller(
-            self.client, self.broker, self.audit, attempts=attempts, deadline_seconds=deadline, retry_after_cap=cap
+            self.client,
+            self.broker,
+            self.audit,
+            attempts=attempts,
+            deadline_seconds=deadline,
+            retry_after_cap=cap,
+            cache=self.cache,
         )
 
     async def events(self, task_id: str = "") -> list[dict[str, Any]]:
@@ -147,11 +156,11 @@ async def rig(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     client = ToolClient(f"127.0.0.1:{port}", 10)
-    store = TenantStore(MemoryBackend(), "integrator")
+    now = [1000.0]
+    store = TenantStore(MemoryBackend(clock=lambda: now[0]), "integrator")
+    broker = CredentialBroker(store, LocalSecretBackend(store, os.urandom(32)))
     try:
-        yield Rig(
-            service, client, CredentialBroker(store, LocalSecretBackend(store, os.urandom(32))), AuditLog(store), waits
-        )
+        yield Rig(service, client, broker, AuditLog(store), waits, ResponseCache(store, max_entry_bytes=1000), now)
     finally:
         service.stopping.set()
         await client.aclose()
@@ -558,3 +567,38 @@ async def test_describe_answers_the_tools_that_exist_and_the_ids_that_do_not(rig
     found, missing = await rig.caller().describe(["search", "nope", "crm", "search", "gone"])
     assert [t.tool_id for t in found] == ["search", "crm"]
     assert missing == ["nope", "gone"]
+
+
+# --- response cache -------------------------------------------------------------------------------------------------
+
+
+async def test_a_cacheable_tool_answers_identical_arguments_from_the_tenants_cache(rig: Rig) -> None:
+    caller_as()
+    rig.service.tools["crm"] = custom("crm", cacheable_seconds=60)
+    rig.service.scripts["crm"] = [answer(b'{"n":1}'), answer(b'{"n":2}'), answer(b'{"n":3}'), answer(b'{"n":4}')]
+    first = await rig.caller().invoke("crm", b'{"q": "x", "page": 1}')
+    again = await rig.caller().invoke("crm", b'{"page":1,"q":"x"}')  # the same arguments, written differently
+    assert (first, again) == (CallResult(b'{"n":1}', 200), CallResult(b'{"n":1}', 200, cached=True))
+    assert (await rig.caller().invoke("crm", b'{"q": "y", "page": 1}')).output_json == b'{"n":2}'
+    assert len(rig.service.attempts) == 2
+    caller_as("globex")  # never shared between tenants
+    assert (await rig.caller().invoke("crm", b'{"q": "x", "page": 1}')).cached is False
+    caller_as()
+    rig.service.tools["crm"] = custom("crm", cacheable_seconds=60, description="changed")  # a new definition
+    assert (await rig.caller().invoke("crm", b'{"q": "x", "page": 1}')) == CallResult(b'{"n":4}', 200)
+    rig.now[0] += 61  # past cacheable_seconds
+    assert (await rig.caller().invoke("crm", b'{"q": "x", "page": 1}')).cached is False
+    reasons = [e["reason"] for e in await rig.events()]
+    assert reasons.count("answered from the cache") == 1
+
+
+async def test_failed_outsized_and_uncacheable_answers_are_never_cached(rig: Rig) -> None:
+    caller_as()
+    rig.service.tools["crm"] = custom("crm", cacheable_seconds=60)
+    rig.service.tools["plain"] = custom("plain")
+    rig.service.scripts["crm"] = [answer(status=404), answer(b'"' + b"x" * 2000 + b'"'), answer()]
+    for _ in range(3):
+        assert (await rig.caller().invoke("crm", ARGS)).cached is False
+        assert (await rig.caller().invoke("plain", ARGS)).cached is False
+    assert (await rig.caller().invoke("crm", ARGS)).cached is True  # the third answer was the first one kept
+    assert len(rig.service.attempts_of("crm")) == 3 and len(rig.service.attempts_of("plain")) == 3

@@ -283,6 +283,9 @@ class InvokeResult(BaseModel):
 
     output: JsonValue = Field(description="The output; for HTTP tools the response body, parsed when JSON.")
     status: int | None = Field(default=ABSENT, description="The third party's HTTP status (HTTP tools only).")
+    cached: bool | None = Field(
+        default=ABSENT, description="Present and true when answered from the tenant's cache (`cacheable_seconds`)."
+    )
 
 
 def parse_invoke_request(body: Any) -> InvokeRequest:

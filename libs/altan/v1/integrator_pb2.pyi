@@ -497,19 +497,23 @@ class InvokeToolResponse(_message.Message):
 
     OUTPUT_JSON_FIELD_NUMBER: _builtins.int
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    CACHED_FIELD_NUMBER: _builtins.int
     output_json: _builtins.bytes
     """The tool's output as JSON (UTF-8); for HTTP tools the response body, parsed when it is JSON."""
     http_status: _builtins.int
     """The third party's HTTP status for HTTP tools; 0 otherwise."""
+    cached: _builtins.bool
+    """True when the answer came from the tenant's cache (a tool with `cacheable_seconds`), without calling the tool."""
     def __init__(
         self,
         *,
         output_json: _builtins.bytes = ...,
         http_status: _builtins.int = ...,
+        cached: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_status", b"http_status", "output_json", b"output_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cached", b"cached", "http_status", b"http_status", "output_json", b"output_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
