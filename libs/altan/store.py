@@ -35,6 +35,24 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'd', ARGV[1])
 return n
 """
 
+# A token bucket, atomically: ``capacity`` tokens that refill in ``per_seconds``; take one, or answer how long until one
+# is there. Redis's own clock, so every replica sees one time. The answer is text: Lua numbers reach the client as
+# integers.
+_BUCKET = """
+local capacity, per = tonumber(ARGV[1]), tonumber(ARGV[2])
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) + tonumber(clock[2]) / 1000000
+local state = redis.call('HMGET', KEYS[1], 'tokens', 'at')
+local rate = capacity / per
+local elapsed = math.max(0, now - (tonumber(state[2]) or now))
+local tokens = math.min(capacity, (tonumber(state[1]) or capacity) + elapsed * rate)
+local wait = 0
+if tokens >= 1 then tokens = tokens - 1 else wait = (1 - tokens) / rate end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil(per * 1000) + 1000)
+return tostring(wait)
+"""
+
 
 class StateBackend(Protocol):
     """Raw key-addressed storage; only :class:`TenantStore` builds the keys."""
@@ -50,6 +68,7 @@ class StateBackend(Protocol):
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def get_expiring(self, key: str) -> str | None: ...
     async def set_expiring(self, key: str, value: str, ttl_seconds: float) -> None: ...
+    async def take_token(self, key: str, capacity: int, per_seconds: float) -> float: ...
     async def ping(self) -> bool: ...
     async def aclose(self) -> None: ...
 
@@ -65,6 +84,7 @@ class MemoryBackend:
         self, *, max_expiring_bytes: int = 64 * 1024 * 1024, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self._expiring: OrderedDict[str, tuple[float, str]] = OrderedDict()
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, at)
         self._expiring_bytes = 0
         self._max_expiring_bytes = max_expiring_bytes
         self._clock = clock
@@ -143,6 +163,18 @@ class MemoryBackend:
         while self._expiring_bytes > self._max_expiring_bytes and self._expiring:
             self._drop_expiring(next(iter(self._expiring)))
 
+    async def take_token(self, key: str, capacity: int, per_seconds: float) -> float:
+        now, rate = self._clock(), capacity / per_seconds
+        tokens, at = self._buckets.get(key, (float(capacity), now))
+        tokens = min(float(capacity), tokens + max(0.0, now - at) * rate)
+        wait = 0.0
+        if tokens >= 1:
+            tokens -= 1
+        else:
+            wait = (1 - tokens) / rate
+        self._buckets[key] = (tokens, now)
+        return wait
+
     def _drop_expiring(self, key: str) -> None:
         entry = self._expiring.pop(key, None)
         if entry is not None:
@@ -186,6 +218,7 @@ class RedisBackend:
         )
         self._blocking: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
         self._append = self._redis.register_script(_APPEND)
+        self._take_token = self._redis.register_script(_BUCKET)
 
     async def hget(self, key: str, field: str) -> str | None:
         with _unreachable_is_unavailable():
@@ -241,6 +274,10 @@ class RedisBackend:
     async def set_expiring(self, key: str, value: str, ttl_seconds: float) -> None:
         with _unreachable_is_unavailable():
             await self._redis.set(key, value, px=max(1, int(ttl_seconds * 1000)))
+
+    async def take_token(self, key: str, capacity: int, per_seconds: float) -> float:
+        with _unreachable_is_unavailable():
+            return float(await self._take_token(keys=[key], args=[capacity, per_seconds]))
 
     async def ping(self) -> bool:
         with _unreachable_is_unavailable():
@@ -318,3 +355,8 @@ class TenantStore:
     async def set_expiring(self, kind: str, key: str, value: str, ttl_seconds: float) -> None:
         """Store a value that disappears after ``ttl_seconds`` (or earlier, when embedded memory runs short)."""
         await self._backend.set_expiring(self._key(f"{kind}:{key}"), value, ttl_seconds)
+
+    async def take_token(self, bucket: str, capacity: int, per_seconds: float) -> float:
+        """Take one of ``capacity`` tokens that refill over ``per_seconds`` (atomic across replicas with Redis):
+        0 when taken, else the seconds until one is there (nothing taken)."""
+        return await self._backend.take_token(self._key(f"rate:{bucket}"), capacity, per_seconds)

@@ -68,6 +68,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         deadline_seconds=settings.call_deadline_seconds,
         retry_after_cap=settings.retry_after_cap_seconds,
         cache=ResponseCache(store),
+        limits=store,
     )
     try:
         policy = EgressPolicy.parse(settings.egress_allow)

@@ -8,6 +8,7 @@ arguments, and the caller parses the output.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -23,7 +24,15 @@ from tenacity.wait import wait_exponential_jitter
 from altan import context
 from altan.api.tools import SELF_CONTAINED_BUILTINS
 from altan.clients import ToolClient
-from altan.errors import AltanError, DeadlineExceeded, NotFound, PermissionDenied, Unavailable
+from altan.errors import (
+    AltanError,
+    DeadlineExceeded,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+)
+from altan.store import TenantStore
 from altan.v1 import common_pb2, runtime_pb2, tool_pb2
 from altan.wire import parse_json
 from services.integrator.audit import AuditLog
@@ -65,9 +74,11 @@ class ToolCaller:
         deadline_seconds: float,
         retry_after_cap: float,
         cache: ResponseCache | None = None,
+        limits: TenantStore | None = None,
     ) -> None:
         self._tools = tools
         self._cache = cache
+        self._limits = limits
         self._broker = broker
         self._audit = audit
         self._attempts = attempts
@@ -148,6 +159,8 @@ class ToolCaller:
                         credential=credential_name,
                     )
                     return CallResult(*hit, cached=True)
+            if tool is not None and tool.HasField("rate_limit") and self._limits is not None:
+                await self._within_rate_limit(tool, deadline_at)
             credential = (
                 await self._broker.resolve(credential_name, destination=destination) if credential_name else None
             )
@@ -177,6 +190,19 @@ class ToolCaller:
         if tool is not None and tool.cacheable_seconds > 0 and self._cache is not None:
             await self._cache.put(tool, arguments_json, response.output_json, response.http_status)
         return CallResult(response.output_json, response.http_status)
+
+    async def _within_rate_limit(self, tool: tool_pb2.Tool, deadline_at: float) -> None:
+        """Take a token of the tool's ``rate_limit`` (per tenant, shared by every replica). Over it, a direct call is
+        RESOURCE_EXHAUSTED with the wait in Retry-After; a task's step waits for capacity within its deadline."""
+        assert self._limits is not None
+        limit = tool.rate_limit
+        while delay := await self._limits.take_token(f"tool:{tool.tool_id}", limit.requests, limit.per_seconds):
+            if not context.current().task_id or time.monotonic() + delay >= deadline_at:
+                raise ResourceExhausted(
+                    f"tool '{tool.tool_id}' is over its rate limit of {limit.requests} calls per {limit.per_seconds}s",
+                    retry_after=delay,
+                )
+            await asyncio.sleep(delay)
 
     async def _execute(
         self, tool_id: str, arguments_json: bytes, credential: ResolvedCredential | None, deadline_at: float

@@ -22,6 +22,7 @@ class Received:
     query: dict[str, list[str]]
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # time.monotonic() on arrival
 
 
 @dataclass
@@ -72,7 +73,9 @@ def _handler(fake: FakeThirdParty) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(length) if length else b""
             query = parse_qs(parts.query)
             with fake.lock:
-                fake.received.append(Received(self.command, parts.path, query, dict(self.headers.items()), body))
+                fake.received.append(
+                    Received(self.command, parts.path, query, dict(self.headers.items()), body, time.monotonic())
+                )
             path = parts.path
             if path.startswith("/sleep/"):
                 seconds = float(path.split("/")[2])

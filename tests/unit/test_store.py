@@ -283,6 +283,36 @@ async def test_memory_backend_expires_and_evicts_the_oldest_past_its_budget() ->
     assert [await backend.get_expiring(k) for k in "bcd"] == [None, "123", "1234567"]
 
 
+# --- token buckets ------------------------------------------------------------------------------------------------
+
+
+async def test_a_bucket_shared_by_two_replicas_lets_exactly_its_capacity_through(harness: Harness, tenant: str) -> None:
+    # Two backends on one Redis are two replicas; embedded state has one process, so one backend.
+    other = RedisBackend(REDIS_URL) if harness.kind == "redis" else harness.backend
+    replicas = [harness.store(), TenantStore(other, "svc")]
+    try:
+        waits = await asyncio.gather(*(replicas[i % 2].take_token("tool:t", 10, 3600) for i in range(60)))
+    finally:
+        if other is not harness.backend:
+            await other.aclose()
+    assert sum(1 for w in waits if w == 0) == 10
+    # The rest are told how long until the next token: 3600 s / 10 tokens, give or take the time the test took.
+    assert all(355 < w <= 360 for w in waits if w)
+    as_tenant(harness.new_tenant())
+    assert await replicas[0].take_token("tool:t", 10, 3600) == 0  # another tenant's bucket is its own
+
+
+async def test_a_bucket_refills_at_its_rate() -> None:
+    now = [0.0]
+    store = TenantStore(MemoryBackend(clock=lambda: now[0]), "svc")
+    as_tenant("acme")
+    assert [await store.take_token("b", 2, 10) for _ in range(3)] == [0, 0, 5.0]
+    now[0] = 5.0  # one token back
+    assert [await store.take_token("b", 2, 10) for _ in range(2)] == [0, 5.0]
+    now[0] = 100.0  # never more than the capacity
+    assert [await store.take_token("b", 2, 10) for _ in range(3)] == [0, 0, 5.0]
+
+
 # --- tenancy ------------------------------------------------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ from altan.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unavailable,
 )
 from altan.server import AuthInterceptor
@@ -123,7 +124,8 @@ class Rig:
     audit: AuditLog
     waits: list[float]  # what the caller slept between attempts, in order
     cache: ResponseCache
-    now: list[float]  # the embedded store's clock, for cache expiry
+    now: list[float]  # the embedded store's clock, for cache expiry and rate limits
+    store: TenantStore
 
     def caller(self, *, attempts: int = 3, deadline: float = 10.0, cap: float = CAP) -> ToolCaller:
         return ToolCaller(
@@ -134,6 +136,7 @@ class Rig:
             deadline_seconds=deadline,
             retry_after_cap=cap,
             cache=self.cache,
+            limits=self.store,
         )
 
     async def events(self, task_id: str = "") -> list[dict[str, Any]]:
@@ -160,7 +163,8 @@ async def rig(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Rig]:
     store = TenantStore(MemoryBackend(clock=lambda: now[0]), "integrator")
     broker = CredentialBroker(store, LocalSecretBackend(store, os.urandom(32)))
     try:
-        yield Rig(service, client, broker, AuditLog(store), waits, ResponseCache(store, max_entry_bytes=1000), now)
+        cache = ResponseCache(store, max_entry_bytes=1000)
+        yield Rig(service, client, broker, AuditLog(store), waits, cache, now, store)
     finally:
         service.stopping.set()
         await client.aclose()
@@ -602,3 +606,34 @@ async def test_failed_outsized_and_uncacheable_answers_are_never_cached(rig: Rig
         assert (await rig.caller().invoke("plain", ARGS)).cached is False
     assert (await rig.caller().invoke("crm", ARGS)).cached is True  # the third answer was the first one kept
     assert len(rig.service.attempts_of("crm")) == 3 and len(rig.service.attempts_of("plain")) == 3
+
+
+# --- rate limits ----------------------------------------------------------------------------------------------------
+
+
+async def test_a_direct_call_over_the_tools_rate_limit_is_refused_with_the_wait(rig: Rig) -> None:
+    caller_as()
+    rig.service.tools["crm"] = custom("crm", rate_limit=tool_pb2.RateLimit(requests=2, per_seconds=60))
+    for _ in range(2):
+        await rig.caller().invoke("crm", ARGS)
+    with pytest.raises(ResourceExhausted, match=r"tool 'crm' is over its rate limit of 2 calls per 60s") as caught:
+        await rig.caller().invoke("crm", ARGS)
+    assert caught.value.retry_after == pytest.approx(30)
+    assert len(rig.service.attempts) == 2  # the third party never saw the third call
+    caller_as("globex")
+    await rig.caller().invoke("crm", ARGS)  # per tenant
+    caller_as()
+    rig.now[0] += 30
+    await rig.caller().invoke("crm", ARGS)
+    assert len(rig.service.attempts) == 4
+    (refused,) = [e for e in await rig.events() if e["outcome"] != "ok"]
+    assert "over its rate limit" in refused["reason"]
+
+
+async def test_cache_hits_do_not_spend_the_rate_limit(rig: Rig) -> None:
+    caller_as()
+    limit = tool_pb2.RateLimit(requests=1, per_seconds=60)
+    rig.service.tools["crm"] = custom("crm", rate_limit=limit, cacheable_seconds=60)
+    for _ in range(3):
+        await rig.caller().invoke("crm", ARGS)
+    assert len(rig.service.attempts) == 1

@@ -1,0 +1,39 @@
+"""A custom tool's ``rate_limit`` holds per tenant (API.md "Custom tool"): a direct invoke over it is 429 with
+``Retry-After`` and never reaches the third party; a task's steps wait for capacity instead of failing."""
+
+from __future__ import annotations
+
+from tests.e2e.fake_third_party import FakeThirdParty
+from tests.e2e.stack import Stack
+
+
+def test_over_the_limit_a_direct_call_is_429_and_a_task_step_waits(
+    stack: Stack, tenant: str, third_party: FakeThirdParty
+) -> None:
+    path = f"/limited-{tenant}"
+    tool = {
+        "tool_id": "limited",
+        "name": "Limited",
+        "endpoint": f"{third_party.base_url}{path}",
+        "method": "GET",
+        "rate_limit": {"requests": 1, "per_seconds": 1},
+    }
+    with stack.client(tenant) as api, stack.client(f"{tenant}-other") as other:
+        for client in (api, other):
+            assert client.post("/v1/tools", json=tool).status_code == 201
+        assert api.post("/v1/tools/limited/invoke", json={"arguments": {}}).status_code == 200
+        refused = api.post("/v1/tools/limited/invoke", json={"arguments": {}})
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+        assert 0 < float(refused.headers["Retry-After"]) <= 1
+        assert other.post("/v1/tools/limited/invoke", json={"arguments": {}}).status_code == 200  # per tenant
+        agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["limited"]}).json()["id"]
+        plan = {"plan": [{"id": f"s{i}", "tool": "limited", "arguments": {}} for i in range(3)]}
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
+        with api.stream("GET", f"/v1/tasks/{task_id}/events") as events:
+            assert "task.succeeded" in "".join(events.iter_text())
+    calls = third_party.requests_to(path)
+    assert len(calls) == 2 + 3  # the refused call never went out
+    # Three independent steps would run at once; at one call a second they spread over about two seconds.
+    task_calls = [c.at for c in calls[-3:]]
+    assert max(task_calls) - min(task_calls) >= 1.5
