@@ -17,7 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,8 @@ __all__ = [
     "Phase",
     "Processes",
     "closed_loop",
+    "cpu_model",
+    "cpu_ticks",
     "free_port",
     "percentile",
     "start_processes",
@@ -44,6 +46,23 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs since boot, from /proc/stat: a VM's neighbours show up as steal."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -66,6 +85,7 @@ class Processes:
     secret: str
     workdir: Path
     pids: dict[str, int] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=dict)  # the internal gRPC ports, by service name
 
     @property
     def base_url(self) -> str:
@@ -95,21 +115,33 @@ class Processes:
                 proc.wait(10)
 
 
-def start_processes(*, redis_url: str | None = None, startup_timeout: float = 60.0) -> Processes:
-    """Start the fake API and ``altan up`` on free ports; return once the gateway answers /readyz."""
+def start_processes(
+    *,
+    redis_url: str | None = None,
+    startup_timeout: float = 60.0,
+    egress_allow: Sequence[str] = (),
+    extra_env: Mapping[str, str] | None = None,
+) -> Processes:
+    """Start the fake API and ``altan up`` on free ports; return once the gateway answers /readyz.
+
+    ``egress_allow`` adds ``host:port`` destinations to the fake API's in ``ALTAN_EGRESS_ALLOW`` (a mock LLM);
+    ``extra_env`` is added to the stack's environment (an install's LLM key and its hosts, say).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="altan-bench-"))
     fake_port, http_port, grpc_port = free_port(), free_port(), free_port()
     fake = subprocess.Popen([sys.executable, str(REPO / "bench" / "fake_api.py"), str(fake_port)])
     secret = base64.b64encode(secrets.token_bytes(48)).decode()
+    ports = {"agent": free_port(), "tool": free_port(), "integrator": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
     env.update(
         ALTAN_JWT_SECRET=secret,
         ALTAN_DATA_DIR=str(workdir / "data"),
-        ALTAN_EGRESS_ALLOW=f"127.0.0.1:{fake_port}",
-        ALTAN_AGENT_PORT=str(free_port()),
-        ALTAN_TOOL_PORT=str(free_port()),
-        ALTAN_INTEGRATOR_PORT=str(free_port()),
+        ALTAN_EGRESS_ALLOW=",".join([f"127.0.0.1:{fake_port}", *egress_allow]),
+        ALTAN_AGENT_PORT=str(ports["agent"]),
+        ALTAN_TOOL_PORT=str(ports["tool"]),
+        ALTAN_INTEGRATOR_PORT=str(ports["integrator"]),
     )
+    env.update(extra_env or {})
     if redis_url:
         env["REDIS_URL"] = redis_url
     with (workdir / "stack.log").open("wb") as log:  # the child keeps its own descriptor
@@ -120,7 +152,7 @@ def start_processes(*, redis_url: str | None = None, startup_timeout: float = 60
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    running = Processes(stack, fake, http_port, fake_port, secret, workdir)
+    running = Processes(stack, fake, http_port, fake_port, secret, workdir, ports=ports)
     deadline = time.monotonic() + startup_timeout
     with httpx.Client(timeout=2, trust_env=False) as client:
         while time.monotonic() < deadline:
@@ -140,10 +172,14 @@ def start_processes(*, redis_url: str | None = None, startup_timeout: float = 60
 
 
 class CpuMeter:
-    """CPU seconds spent by each process of interest between :meth:`start` and :meth:`stop`."""
+    """CPU seconds spent by each process of interest between :meth:`start` and :meth:`stop`.
 
-    def __init__(self, processes: Processes) -> None:
+    ``extra`` names more processes to count, started by the benchmark itself (a mock LLM, a proxy to compare with).
+    """
+
+    def __init__(self, processes: Processes, extra: Mapping[str, int] | None = None) -> None:
         self._pids = {**processes.pids, "altan up": processes.stack.pid, "fake api": processes.fake.pid}
+        self._pids.update(extra or {})
         self._before: dict[str, float] = {}
 
     def _now(self) -> dict[str, float]:

@@ -119,16 +119,26 @@ def summarize(raw: Path, top: int) -> str:
     return "\n".join(lines)
 
 
+def find_py_spy() -> str | None:
+    """py-spy on PATH or beside this Python, if installed."""
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    return py_spy if Path(py_spy).exists() else None
+
+
+def start_sampler(py_spy: str, pid: int, seconds: float, rate: int, output: Path) -> subprocess.Popen[bytes]:
+    """One ``py-spy record`` of one process, writing collapsed stacks to ``output`` (read with :func:`summarize`)."""
+    command = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate)]
+    # --gil: only samples holding the GIL, so waiting in epoll or for the GIL is not counted as work.
+    command += ["--format", "raw", "--full-filenames", "--nonblocking", "--gil", "--output", str(output)]
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
 def start_samplers(py_spy: str, processes: Processes, seconds: float, rate: int) -> dict[str, subprocess.Popen[bytes]]:
     """One ``py-spy record`` per service, each writing collapsed stacks into the work directory."""
-    samplers = {}
-    for name, pid in processes.pids.items():
-        command = [py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", str(rate)]
-        # --gil: only samples holding the GIL, so waiting in epoll or for the GIL is not counted as work.
-        command += ["--format", "raw", "--full-filenames", "--nonblocking", "--gil"]
-        command += ["--output", str(processes.workdir / f"{name}.txt")]
-        samplers[name] = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return samplers
+    return {
+        name: start_sampler(py_spy, pid, seconds, rate, processes.workdir / f"{name}.txt")
+        for name, pid in processes.pids.items()
+    }
 
 
 def main() -> int:
@@ -139,8 +149,8 @@ def main() -> int:
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
     parser.add_argument("--top", type=int, default=8)
     args = parser.parse_args()
-    py_spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(py_spy).exists():
+    py_spy = find_py_spy()
+    if py_spy is None:
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/run.py` from anywhere
 
-from bench.harness import CpuMeter, Phase, Processes, closed_loop, start_processes
+from bench.harness import CpuMeter, Phase, Processes, closed_loop, cpu_model, cpu_ticks, start_processes
 from bench.scenarios import Worker, prepare
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
@@ -86,24 +86,10 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
-def _cpu_ticks() -> tuple[int, int]:
-    """(steal, total) jiffies of all CPUs since boot, from /proc/stat: a VM's neighbours show up as steal."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    return fields[7] if len(fields) > 7 else 0, sum(fields[:8])
-
-
 def _machine(state: str) -> str:
-    model = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     servers = [m for m in ("uvloop", "httptools") if importlib.util.find_spec(m) is not None]
     return (
-        f"{os.cpu_count()} vCPU ({model}), Linux {platform.release()}, Python {platform.python_version()}; "
+        f"{os.cpu_count()} vCPU ({cpu_model()}), Linux {platform.release()}, Python {platform.python_version()}; "
         f"everything on 127.0.0.1, {state}, log level INFO; "
         f"uvicorn extras installed: {', '.join(servers) or 'none (asyncio loop, h11)'}"
     )
@@ -200,7 +186,7 @@ def main() -> int:
     paths = [p for p in BOUNDS if p in args.paths] if args.paths else list(BOUNDS)
     print("starting the fake API and altan up ...", file=sys.stderr, flush=True)
     processes = start_processes(redis_url=args.redis_url)
-    steal_before, total_before = _cpu_ticks()
+    steal_before, total_before = cpu_ticks()
     try:
         results = asyncio.run(measure(processes, paths, 0.25 if args.quick else 1.0))
     except Exception:
@@ -209,7 +195,7 @@ def main() -> int:
     finally:
         processes.stop()
     shutil.rmtree(processes.workdir, ignore_errors=True)  # kept only when something failed, for its logs
-    steal_after, total_after = _cpu_ticks()
+    steal_after, total_after = cpu_ticks()
     steal = (steal_after - steal_before) / max(1, total_after - total_before)
     table = report(results, "Redis state" if args.redis_url else "embedded state", steal)
     print(table)
