@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKOV := .venv-checkov/bin/checkov
 SCHEMATHESIS := .venv-schemathesis/bin/st
+LITELLM := .venv-litellm/bin/litellm
 
-.PHONY: install run test lint proto check-proto
+.PHONY: install run test lint proto check-proto bench-llm
 
 install: $(STAMP)
 
@@ -28,6 +29,16 @@ $(SCHEMATHESIS): tests/e2e/schemathesis-requirements.txt | $(STAMP)
 	rm -rf .venv-schemathesis
 	$(PYTHON) -m venv .venv-schemathesis
 	.venv-schemathesis/bin/pip install --quiet -r tests/e2e/schemathesis-requirements.txt
+
+# LiteLLM's proxy, only to compare the integrator's LLM path with (bench/llm_path.py): never part of `make test`.
+$(LITELLM): bench/litellm-requirements.txt | $(STAMP)
+	rm -rf .venv-litellm
+	$(PYTHON) -m venv .venv-litellm
+	.venv-litellm/bin/pip install --quiet -r bench/litellm-requirements.txt
+
+# The integrator's LLM path next to a direct call and LiteLLM (about 2 minutes; writes docs/benchmarks.md).
+bench-llm: install $(LITELLM)
+	$(BIN)/python bench/llm_path.py
 
 test: install $(CHECKOV) $(SCHEMATHESIS) lint
 	$(BIN)/python -m pytest
