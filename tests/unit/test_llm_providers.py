@@ -25,6 +25,7 @@ from tests.fakes.llm import (
     FakeLlm,
     FakeOpenAI,
     HttpError,
+    Linger,
     Malformed,
     Reply,
     StreamError,
@@ -93,6 +94,25 @@ async def test_a_streamed_turn_equals_the_whole_one(fake: FakeLlm, http: Guarded
     assert streamed == whole
     assert "".join(deltas) == whole.message.content and len(deltas) > 1
     assert len(whole.message.tool_calls) == 2 and whole.usage.input_tokens == 31
+
+
+async def test_a_streamed_turn_leaves_its_connection_to_the_next(fake: FakeLlm, http: GuardedHttpClient) -> None:
+    # The parser stops at the answer's last event; the rest of the body must still be read, or the connection is
+    # closed instead of pooled and every turn pays for a new one (a TLS handshake, on a real endpoint).
+    for _ in range(3):
+        await complete(fake, http, ask(fake, stream=True))
+    assert len({received.peer for received in fake.requests}) == 1
+
+
+async def test_a_stream_that_stays_open_after_its_last_event_still_answers_at_once(
+    fake: FakeLlm, http: GuardedHttpClient
+) -> None:
+    fake.script(Linger(Reply(text="Sunny."), seconds=5))
+    started = time.monotonic()
+    turn = await complete(fake, http, ask(fake, stream=True))
+    assert turn.message.content == "Sunny."
+    assert time.monotonic() - started < 1.5  # a moment's wait for the body's end, then the connection is given up
+    assert (await complete(fake, http, ask(fake, stream=True))).message.content  # on a new connection
 
 
 @pytest.mark.parametrize(("status", "transient"), TRANSIENT.items())

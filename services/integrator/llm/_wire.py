@@ -8,6 +8,7 @@ quote (never the key, never a header), and where the deadline applies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -17,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from altan.errors import AltanError
 from altan.outbound import GuardedHttpClient
 from services.integrator.llm.base import ModelRequest, ModelTurn, ProviderError
 
@@ -37,6 +39,10 @@ _QUOTE_LIMIT = 300
 _KEY_PIECE = 6
 _WORD = re.compile(r"[A-Za-z0-9_\-]+")
 _REDACTED = "[redacted]"
+# How long a stream whose answer is complete may take to end, so that its connection can be reused; and how much of the
+# turn's time must be left for trying (the turn's own timeouts start a little before this module's clock).
+_DRAIN_SECONDS = 0.1
+_DRAIN_MARGIN = 0.05
 
 
 @dataclass(frozen=True)
@@ -170,6 +176,7 @@ async def exchange(
     ``key_header`` names the header that carries the key, so that a redirect to another host drops it. The HTTP
     client's own errors (EgressRefused, Unavailable, FailedPrecondition) pass through unchanged.
     """
+    deadline = asyncio.get_running_loop().time() + request.timeout
     common: dict[str, Any] = {
         "headers": headers,
         "json": body,
@@ -186,4 +193,25 @@ async def exchange(
             answer = await response.read()
             raise api_error(provider, response.status, answer, response.headers, response.retry_after, request.api_key)
         async with aclosing(server_sent_events(response.lines())) as events:
-            return await parse_stream(events)
+            turn = await parse_stream(events)
+            await _drain(events, deadline - asyncio.get_running_loop().time())
+            return turn
+
+
+async def _drain(events: AsyncIterator[ServerSentEvent], remaining: float) -> None:
+    """Read what a finished stream still sends (the blank line after ``[DONE]``, the end of the chunked body).
+
+    The parsers stop at the answer's last event, before the body's end; a response closed before its end cannot go
+    back to the pool, so every streamed turn would open a new connection (and a TLS handshake on a real endpoint).
+    Servers end the body right after that event; one that does not is given up on after a moment (its connection
+    closed, as before), always within the turn's deadline, so that a complete answer is never lost to the wait.
+    """
+    grace = min(_DRAIN_SECONDS, remaining - _DRAIN_MARGIN)
+    if grace <= 0:
+        return
+    try:
+        async with asyncio.timeout(grace):
+            async for _ in events:
+                pass
+    except (TimeoutError, ProviderError, AltanError):
+        pass  # the answer is complete: whatever goes wrong after it only costs the connection

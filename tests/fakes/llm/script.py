@@ -12,6 +12,7 @@ __all__ = [
     "CutShort",
     "Delay",
     "HttpError",
+    "Linger",
     "Malformed",
     "Received",
     "Reply",
@@ -88,7 +89,16 @@ class Delay:
     then: Answer = Reply(text=DEFAULT_TEXT)
 
 
-Answer = Reply | HttpError | Malformed | CutShort | StreamError | Delay
+@dataclass(frozen=True)
+class Linger:
+    """A streamed answer whose body stays open ``seconds`` after its last event before it ends, as a slow proxy might
+    hold it. A request that is not streamed gets the reply at once."""
+
+    reply: Reply = Reply(text=DEFAULT_TEXT)
+    seconds: float = 5.0
+
+
+Answer = Reply | HttpError | Malformed | CutShort | StreamError | Delay | Linger
 
 
 @dataclass(frozen=True)
@@ -98,3 +108,4 @@ class Received:
     headers: dict[str, str]  # lowercase names
     body: Any  # the parsed JSON; None when the body is not JSON
     raw: bytes
+    peer: tuple[str, int] = ("", 0)  # the client's address and port: the same for requests on one connection

@@ -20,6 +20,7 @@ from tests.fakes.llm.script import (
     CutShort,
     Delay,
     HttpError,
+    Linger,
     Malformed,
     Received,
     Reply,
@@ -58,7 +59,8 @@ class _Handler(BaseHTTPRequestHandler):
             body = json.loads(raw)
         except ValueError:
             body = None
-        received = Received(self.command, self.path, {k.lower(): v for k, v in self.headers.items()}, body, raw)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        received = Received(self.command, self.path, headers, body, raw, tuple(self.client_address[:2]))
         self.fake._answer(self, received)
 
     do_GET = do_PUT = do_DELETE = do_POST
@@ -73,8 +75,9 @@ class _Handler(BaseHTTPRequestHandler):
         if cut:
             self.close_connection = True
 
-    def send_stream(self, events: list[bytes], *, cut: bool = False) -> None:
-        """Server-Sent Events in chunked encoding, one event a chunk, as the APIs send them."""
+    def send_stream(self, events: list[bytes], *, cut: bool = False, linger: float = 0.0) -> None:
+        """Server-Sent Events in chunked encoding, one event a chunk, as the APIs send them; the body ends ``linger``
+        seconds after the last event."""
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
@@ -84,8 +87,13 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"%x\r\n%s\r\n" % (len(event), event))
         if cut:
             self.close_connection = True  # no last chunk: the body ends in the middle
-        else:
-            self.wfile.write(b"0\r\n\r\n")
+            return
+        if linger:
+            self.wfile.flush()
+            if self.fake._closing.wait(linger):
+                self.close_connection = True
+                return
+        self.wfile.write(b"0\r\n\r\n")
 
 
 class FakeLlm:
@@ -183,14 +191,14 @@ class FakeLlm:
                 status = 529 if answer.error_type == "overloaded_error" else 500
                 self._send_error(handler, HttpError(status, answer.message, answer.error_type))
         elif streamed:
-            reply = answer.reply if isinstance(answer, CutShort) else answer
+            reply = answer.reply if isinstance(answer, CutShort | Linger) else answer
             events = self.events(reply, body)
             if isinstance(answer, CutShort):
                 handler.send_stream(events[: answer.after], cut=not answer.clean)
             else:
-                handler.send_stream(events)
+                handler.send_stream(events, linger=answer.seconds if isinstance(answer, Linger) else 0.0)
         else:
-            reply = answer.reply if isinstance(answer, CutShort) else answer
+            reply = answer.reply if isinstance(answer, CutShort | Linger) else answer
             whole = dumps(self.whole(reply, body))
             handler.send_whole(200, whole, {"Content-Type": "application/json"}, cut=isinstance(answer, CutShort))
         return None
