@@ -395,7 +395,7 @@ def _ratio(ours: float, theirs: float) -> float | None:
 
 
 def _verdict(ratios: dict[str, float | None]) -> str:
-    missed = [f"{name} {value / TARGET:.1f}x" for name, value in ratios.items() if value is not None and value > TARGET]
+    missed = [f"{name} {value / TARGET:.2f}x" for name, value in ratios.items() if value is not None and value > TARGET]
     return "met" if not missed else "missed by " + ", ".join(missed)
 
 
@@ -406,7 +406,7 @@ def report(phases: Phases, litellm_version: str, steal: float) -> str:
         f"{platform.python_version()}, LiteLLM {litellm_version}; everything on 127.0.0.1, the load generator "
         f"included, embedded state, log level INFO; CPU stolen by the hypervisor during the run: {steal:.1%}.",
         "",
-        f'Ratios, integrator ÷ LiteLLM (target: at most {TARGET:.2f} for each; "missed by 2.0x" means twice '
+        f'Ratios, integrator ÷ LiteLLM (target: at most {TARGET:.2f} for each; "missed by 2.00x" means twice '
         "the target):",
         "",
         "| answer | in flight | CPU per call | added p50 | added p99 | target |",
