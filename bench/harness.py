@@ -34,6 +34,7 @@ __all__ = [
     "cpu_model",
     "cpu_ticks",
     "free_port",
+    "memory_kib",
     "percentile",
     "start_processes",
 ]
@@ -65,6 +66,19 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
+def memory_kib(pid: int) -> dict[str, int]:
+    """Resident memory of one process from ``/proc/<pid>/status``: ``VmRSS`` now, ``VmHWM`` its peak so far (KiB)."""
+    found: dict[str, int] = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                found[name] = int(value.split()[0])
+    except OSError:
+        pass
+    return found
+
+
 def _cpu_seconds(pid: int) -> float:
     """utime + stime of one process, in seconds (0 if it is gone)."""
     try:
@@ -86,6 +100,8 @@ class Processes:
     workdir: Path
     pids: dict[str, int] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=dict)  # the internal gRPC ports, by service name
+    llm: subprocess.Popen[bytes] | None = None  # bench/mock_llm.py, when asked for
+    llm_port: int = 0
 
     @property
     def base_url(self) -> str:
@@ -94,6 +110,11 @@ class Processes:
     @property
     def fake_url(self) -> str:
         return f"http://127.0.0.1:{self.fake_port}"
+
+    @property
+    def llm_url(self) -> str:
+        """The mock LLM's Chat Completions endpoint (``bench/mock_llm.py``)."""
+        return f"http://127.0.0.1:{self.llm_port}/v1/chat/completions"
 
     def token(self, tenant: str) -> str:
         now = int(time.time())
@@ -104,10 +125,11 @@ class Processes:
         return (self.workdir / "stack.log").read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
-        for proc in (self.stack, self.fake):
+        children = [p for p in (self.stack, self.fake, self.llm) if p is not None]
+        for proc in children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
-        for proc in (self.stack, self.fake):
+        for proc in children:
             try:
                 proc.wait(30)
             except subprocess.TimeoutExpired:
@@ -121,15 +143,29 @@ def start_processes(
     startup_timeout: float = 60.0,
     egress_allow: Sequence[str] = (),
     extra_env: Mapping[str, str] | None = None,
+    fake_delay_ms: float = 0.0,
+    llm_delay_ms: float | None = None,
 ) -> Processes:
     """Start the fake API and ``altan up`` on free ports; return once the gateway answers /readyz.
 
     ``egress_allow`` adds ``host:port`` destinations to the fake API's in ``ALTAN_EGRESS_ALLOW`` (a mock LLM);
     ``extra_env`` is added to the stack's environment (an install's LLM key and its hosts, say).
+    ``fake_delay_ms``: how long the fake API takes to answer. ``llm_delay_ms``: also start the mock LLM
+    (``bench/mock_llm.py``) answering after that long, which the stack may reach and sends the install's OpenAI key,
+    as it would to a provider.
     """
     workdir = Path(tempfile.mkdtemp(prefix="altan-bench-"))
     fake_port, http_port, grpc_port = free_port(), free_port(), free_port()
-    fake = subprocess.Popen([sys.executable, str(REPO / "bench" / "fake_api.py"), str(fake_port)])
+    fake = subprocess.Popen(
+        [sys.executable, str(REPO / "bench" / "fake_api.py"), str(fake_port), "--delay-ms", str(fake_delay_ms)],
+        stdout=subprocess.DEVNULL,
+    )
+    llm, llm_port = None, 0
+    if llm_delay_ms is not None:
+        llm_port = free_port()
+        command = [sys.executable, str(REPO / "bench" / "mock_llm.py"), str(llm_port), "--delay-ms", str(llm_delay_ms)]
+        llm = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+        egress_allow = [*egress_allow, f"127.0.0.1:{llm_port}"]
     secret = base64.b64encode(secrets.token_bytes(48)).decode()
     ports = {"agent": free_port(), "tool": free_port(), "integrator": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
@@ -141,6 +177,8 @@ def start_processes(
         ALTAN_TOOL_PORT=str(ports["tool"]),
         ALTAN_INTEGRATOR_PORT=str(ports["integrator"]),
     )
+    if llm is not None:
+        env.update(ALTAN_OPENAI_API_KEY="sk-bench-install-key", ALTAN_OPENAI_API_HOSTS="127.0.0.1")
     env.update(extra_env or {})
     if redis_url:
         env["REDIS_URL"] = redis_url
@@ -152,18 +190,20 @@ def start_processes(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    running = Processes(stack, fake, http_port, fake_port, secret, workdir, ports=ports)
+    running = Processes(stack, fake, http_port, fake_port, secret, workdir, ports=ports, llm=llm, llm_port=llm_port)
     deadline = time.monotonic() + startup_timeout
     with httpx.Client(timeout=2, trust_env=False) as client:
         while time.monotonic() < deadline:
-            if stack.poll() is not None or fake.poll() is not None:
+            if stack.poll() is not None or fake.poll() is not None or (llm is not None and llm.poll() is not None):
                 break
             try:
                 ready = client.get(f"{running.base_url}/readyz").status_code == 200
+                if llm is not None:
+                    socket.create_connection(("127.0.0.1", llm_port), timeout=2).close()
                 if ready and client.get(f"{running.fake_url}/ping").status_code == 200:
                     running.pids = service_pids(stack.pid)
                     return running
-            except httpx.HTTPError:
+            except (httpx.HTTPError, OSError):
                 pass
             time.sleep(0.2)
     log_tail = running.log_tail()
@@ -174,11 +214,14 @@ def start_processes(
 class CpuMeter:
     """CPU seconds spent by each process of interest between :meth:`start` and :meth:`stop`.
 
-    ``extra`` names more processes to count, started by the benchmark itself (a mock LLM, a proxy to compare with).
+    ``extra`` names more processes to count, started by the benchmark itself (a mock LLM, a proxy to compare with);
+    the mock LLM started with the stack is counted as ``mock llm``.
     """
 
     def __init__(self, processes: Processes, extra: Mapping[str, int] | None = None) -> None:
         self._pids = {**processes.pids, "altan up": processes.stack.pid, "fake api": processes.fake.pid}
+        if processes.llm is not None:
+            self._pids["mock llm"] = processes.llm.pid
         self._pids.update(extra or {})
         self._before: dict[str, float] = {}
 
