@@ -85,7 +85,8 @@ _BODY_HEADERS = frozenset({"content-type", "content-length", "transfer-encoding"
 class GuardedHttpClient:
     """The Tool Service's only way out: every hop is checked by the guard and connected to its checked address.
 
-    Holds one pooled ``httpx.AsyncClient`` for its whole life; call :meth:`aclose` on shutdown.
+    Holds one pooled ``httpx.AsyncClient`` for its whole life, of at most 100 connections (a call beyond waits for
+    one); call :meth:`aclose` on shutdown.
     """
 
     def __init__(
@@ -101,7 +102,9 @@ class GuardedHttpClient:
         self._max_redirects = max_redirects
         self._max_bytes = max_response_bytes
         self._timeout = timeout
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)
+        # Every connection opened is kept for the next call (until idle for 5 s): with fewer kept than may be open,
+        # each call beyond that many in flight opened a connection of its own, and over TLS a handshake.
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
         context = httpx.create_ssl_context(verify=verify, trust_env=False)  # ~40 ms: built once, used by both
         transport = httpx.AsyncHTTPTransport(verify=context, limits=limits, trust_env=False)
         # httpx 0.28 has no public hook for the network backend, so swap the (still empty) pool it built for one
