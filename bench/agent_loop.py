@@ -37,6 +37,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/agent_loop.py` from anywhere
 
 from bench.harness import REPO, CpuMeter, Phase, Processes, closed_loop, percentile, start_processes
+from bench.hotspots import find_py_spy, start_samplers, summarize
 from bench.nl_tasks import ANSWER, AgentTarget, follow_task, prepare_agent
 from bench.report import cpu_steal, machine, write_section
 
@@ -77,7 +78,7 @@ def _client(target: AgentTarget) -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=target.base_url, headers=headers, limits=limits, timeout=60, trust_env=False)
 
 
-async def run_stack(processes: Processes, target: AgentTarget, bounds: Bounds) -> Side:
+async def run_stack(processes: Processes, target: AgentTarget, bounds: Bounds, profile: float = 0.0) -> Side:
     clients = [_client(target) for _ in range(BUSY)]
     meter = CpuMeter(processes)
 
@@ -91,10 +92,23 @@ async def run_stack(processes: Processes, target: AgentTarget, bounds: Bounds) -
     try:
         await closed_loop(ops, max_ops=bounds.warmup, max_seconds=20)  # also opens every connection
         single = await closed_loop(ops[:1], max_ops=bounds.single_ops, max_seconds=bounds.single_seconds, meter=meter)
+        samplers = start_samplers(_sampler(), processes, profile, rate=100) if profile else {}
         busy = await closed_loop(ops, max_ops=bounds.busy_ops, max_seconds=bounds.busy_seconds, meter=meter)
+        await asyncio.gather(*(asyncio.to_thread(s.wait, profile + 30) for s in samplers.values()))
     finally:
         await asyncio.gather(*(c.aclose() for c in clients))
+    for name in SERVICES if profile else ():
+        raw = processes.workdir / f"{name}.txt"
+        if raw.exists():
+            print(f"stack at {BUSY} in flight, {name}:\n{summarize(raw, 12)}\n", file=sys.stderr)
     return Side("stack", single, busy, SERVICES)
+
+
+def _sampler() -> str:
+    found = find_py_spy()
+    if found is None:
+        raise SystemExit("--profile needs py-spy: pip install py-spy")
+    return found
 
 
 async def _direct_task(client: httpx.AsyncClient, llm: str, api: str) -> None:
@@ -213,6 +227,13 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="short phases, for a smoke run; never writes")
     parser.add_argument("--no-write", action="store_true", help="print only, leave docs/benchmarks.md alone")
     parser.add_argument("--no-langgraph", action="store_true", help="skip the LangGraph side")
+    parser.add_argument(
+        "--profile",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help=f"sample every service with py-spy for the stack's first SECONDS at {BUSY} in flight; print where",
+    )
     parser.add_argument("--tool-concurrency", type=int, help="ALTAN_TOOL_CONCURRENCY for the stack (default: its own)")
     args = parser.parse_args()
     if not args.no_langgraph and not LANGGRAPH_PYTHON.exists():
@@ -231,7 +252,7 @@ def main() -> int:
     try:
         print("  stack: warm-up, 1 and 64 in flight", file=sys.stderr, flush=True)
         target = asyncio.run(prepare_agent(processes, tools=2))
-        sides["stack"] = asyncio.run(run_stack(processes, target, bounds))
+        sides["stack"] = asyncio.run(run_stack(processes, target, bounds, args.profile))
         print("  direct: warm-up, 1 and 64 in flight", file=sys.stderr, flush=True)
         sides["direct"] = asyncio.run(run_direct(processes, bounds))
         if not args.no_langgraph:

@@ -32,7 +32,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/many_tasks.py` from anywhere
 
 from bench.harness import REPO, CpuMeter, Processes, memory_kib, percentile, start_processes
-from bench.hotspots import start_samplers, summarize
+from bench.hotspots import find_py_spy, start_samplers, summarize
 from bench.nl_tasks import AgentTarget, TaskTimes, follow_task, prepare_agent
 from bench.report import cpu_steal, machine, write_section
 
@@ -64,9 +64,9 @@ class Burst:
         return percentile([t.accepted for t in self.times], q)
 
 
-def _py_spy() -> str:
-    found = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
-    if not Path(found).exists():
+def _sampler() -> str:
+    found = find_py_spy()
+    if found is None:
         raise SystemExit("--profile needs py-spy: pip install py-spy")
     return found
 
@@ -103,7 +103,7 @@ async def burst(processes: Processes, workload: str, count: int, profile: float 
         rss_before = _rss(processes)
         peak = dict(rss_before)
         sampling = asyncio.create_task(_sample_peaks(processes, peak))
-        samplers = start_samplers(_py_spy(), processes, profile, rate=100) if profile else {}
+        samplers = start_samplers(_sampler(), processes, profile, rate=100) if profile else {}
         meter.start()
         t0 = time.perf_counter()
         times = await asyncio.gather(
