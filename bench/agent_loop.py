@@ -56,10 +56,11 @@ class Bounds:
     single_seconds: float
     busy_ops: int
     busy_seconds: float
+    idle_seconds: float
 
 
-FULL = Bounds(warmup=64, single_ops=300, single_seconds=8, busy_ops=5000, busy_seconds=15)
-QUICK = Bounds(warmup=64, single_ops=50, single_seconds=2, busy_ops=1000, busy_seconds=4)
+FULL = Bounds(warmup=64, single_ops=300, single_seconds=8, busy_ops=5000, busy_seconds=15, idle_seconds=4)
+QUICK = Bounds(warmup=64, single_ops=50, single_seconds=2, busy_ops=1000, busy_seconds=4, idle_seconds=1)
 
 
 @dataclass
@@ -70,6 +71,7 @@ class Side:
     single: Phase
     busy: Phase
     cpu_names: tuple[str, ...]
+    idle_cores: float = 0.0  # CPU the side spends with no task at all (timers, health checks), in cores
 
 
 def _client(target: AgentTarget) -> httpx.AsyncClient:
@@ -91,6 +93,9 @@ async def run_stack(processes: Processes, target: AgentTarget, bounds: Bounds, p
     ops = [op(c) for c in clients]
     try:
         await closed_loop(ops, max_ops=bounds.warmup, max_seconds=20)  # also opens every connection
+        meter.start()
+        await asyncio.sleep(bounds.idle_seconds)
+        idle = sum(meter.stop().get(n, 0.0) for n in SERVICES) / bounds.idle_seconds
         single = await closed_loop(ops[:1], max_ops=bounds.single_ops, max_seconds=bounds.single_seconds, meter=meter)
         samplers = start_samplers(_sampler(), processes, profile, rate=100) if profile else {}
         busy = await closed_loop(ops, max_ops=bounds.busy_ops, max_seconds=bounds.busy_seconds, meter=meter)
@@ -101,7 +106,7 @@ async def run_stack(processes: Processes, target: AgentTarget, bounds: Bounds, p
         raw = processes.workdir / f"{name}.txt"
         if raw.exists():
             print(f"stack at {BUSY} in flight, {name}:\n{summarize(raw, 12)}\n", file=sys.stderr)
-    return Side("stack", single, busy, SERVICES)
+    return Side("stack", single, busy, SERVICES, idle)
 
 
 def _sampler() -> str:
@@ -218,6 +223,10 @@ def report(sides: dict[str, Side], settings: dict[str, str], steal: float) -> st
             f"Stack CPU per task at {BUSY} in flight by process (ms): {per}; the load generator (the user's client) "
             f"{stack.busy.cpu_ms_per_op('load generator'):.2f}, not counted. Mock LLM + fake API per task, stack / "
             f"direct: {mock} (the same work on every side).",
+            "",
+            f"With no task at all the stack's four services spend {1000 * stack.idle_cores:.1f} ms of CPU a second "
+            f"(timers, health checks): {1000 * stack.idle_cores / stack.single.throughput:.1f} ms of each task's CPU "
+            f"at 1 in flight, {1000 * stack.idle_cores / stack.busy.throughput:.2f} ms at {BUSY}.",
         ]
     return "\n".join(lines)
 
