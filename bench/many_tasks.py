@@ -196,7 +196,7 @@ def main() -> int:
     count = args.tasks or (100 if args.quick else 1000)
     settings = dict(s.split("=", 1) for s in args.setting)
     print("starting the fake API, the mock LLM and altan up ...", file=sys.stderr, flush=True)
-    processes = start_processes(llm_delay_ms=LLM_DELAY_S * 1000, settings=settings)
+    processes = start_processes(llm_delay_ms=LLM_DELAY_S * 1000, extra_env=settings)
     steal = cpu_steal()
     bursts = []
     try:
