@@ -222,12 +222,24 @@ class TaskRunner:
         """The task's events after ``after``, ending with the terminal one (at once if that was already sent)."""
         task = await self.get(task_id)
         after = max(after, 0)
+        wait = 10.0
         if task["status"] in TERMINAL:
             for seq, event in await self._store.read(_events(task_id), after):
                 yield seq, event
-            return
+                after = seq
+                if event["type"] in _TERMINAL_EVENTS:
+                    return
+            last = await self._store.tail(_events(task_id), 1)
+            if last and last[0]["type"] in _TERMINAL_EVENTS:
+                return  # sent before ``after``: the stream of a finished task ends at once
+            # The terminal status is stored just before its event is appended: wait for that event, briefly (a
+            # process that died in between never appends it).
+            wait = 5.0
         while True:
-            for seq, event in await self._store.read(_events(task_id), after, block_seconds=10):
+            batch = await self._store.read(_events(task_id), after, block_seconds=wait)
+            if not batch and wait < 10:
+                return
+            for seq, event in batch:
                 yield seq, event
                 after = seq
                 if event["type"] in _TERMINAL_EVENTS:

@@ -580,6 +580,36 @@ async def test_aclose_cancels_the_running_tasks_so_they_end_cancelled(harness: H
 # --- following ------------------------------------------------------------------------------------------------------
 
 
+async def test_a_follower_arriving_between_the_terminal_status_and_its_event_still_gets_the_event(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The runner stores the terminal status, then appends the terminal event: a follower that reads the status in
+    between must wait for the event, not end the stream without it."""
+    as_caller()
+    agent_id = await new_agent(harness)
+    task, gate = await held(harness, agent_id)
+    emit = harness.runner._emit
+    stored, release = asyncio.Event(), asyncio.Event()
+
+    async def slow_terminal_emit(task_id: str, kind: str, data: dict[str, Any]) -> None:
+        if kind == "task.succeeded":
+            stored.set()
+            await release.wait()
+        await emit(task_id, kind, data)
+
+    monkeypatch.setattr(harness.runner, "_emit", slow_terminal_emit)
+    gate.opened.set()
+    await until(stored)
+    assert (await harness.runner.get(task["task_id"]))["status"] == "succeeded"
+    following = asyncio.create_task(follow(harness.runner, task["task_id"]))
+    await asyncio.sleep(0)  # one turn of the loop: the embedded store never yields, so the follower reads it all
+    release.set()
+    assert kinds(await following)[-1] == "task.succeeded"
+    # Once sent, a finished task's stream after its last event ends at once.
+    last_seq = (await follow(harness.runner, task["task_id"]))[-1][0]
+    assert await follow(harness.runner, task["task_id"], last_seq) == []
+
+
 async def test_a_follower_gets_events_as_they_happen_and_the_stream_ends_at_the_terminal_one(harness: Harness) -> None:
     as_caller()
     agent_id = await new_agent(harness)
