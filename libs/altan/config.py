@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=5.0, ge=0, le=60)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # Requests per second of one tenant at the gateway, REST and public gRPC together (a token bucket; with Redis
+    # shared by every gateway replica); 0: no limit. The burst is how many may come at once (0: twice the rate).
+    tenant_requests_per_second: float = Field(default=0.0, ge=0, le=1_000_000)
+    tenant_burst: int = Field(default=0, ge=0, le=10_000_000)
+
     # The LLM loop (docs/architecture.md, "The agent loop").
     llm_deadline_seconds: float = Field(default=120.0, gt=0, le=3600)  # one model turn, retries and fallbacks included
     llm_retry_attempts: int = Field(default=3, ge=1, le=10)  # per LLM, before its fallback

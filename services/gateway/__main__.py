@@ -15,8 +15,10 @@ from altan.bootstrap import load_settings
 from altan.listen import CannotListen, listen_socket
 from altan.logging import configure_logging
 from altan.server import serve_until_stopped, shutdown_event
+from altan.store import TenantStore, open_backend
 from services.gateway.backends import Backends
 from services.gateway.grpc_proxy import PUBLIC_SERVICES, PublicHealth, PublicProxy, public_descriptor_pool
+from services.gateway.limits import TenantLimiter
 from services.gateway.rest import create_app
 
 
@@ -46,7 +48,13 @@ def main() -> None:
         stop = shutdown_event()
         backends = Backends.connect(settings)
         verifier = TokenVerifier(settings)
-        app = create_app(backends, verifier, settings.max_body_bytes)
+        # The tenant's request rate needs state only when it is limited: Redis shares it among gateway replicas.
+        state = open_backend(settings.redis_url) if settings.tenant_requests_per_second > 0 else None
+        limiter = None
+        if state is not None:
+            rate, burst = settings.tenant_requests_per_second, settings.tenant_burst
+            limiter = TenantLimiter(TenantStore(state, "gateway"), rate, burst)
+        app = create_app(backends, verifier, settings.max_body_bytes, limiter)
         http = _Server(
             uvicorn.Config(
                 app,
@@ -57,7 +65,7 @@ def main() -> None:
                 timeout_graceful_shutdown=int(settings.shutdown_grace_seconds) or 1,
             )
         )
-        proxy = PublicProxy(backends.by_service())
+        proxy = PublicProxy(backends.by_service(), limiter)
 
         async def stop_http() -> None:
             await stop.wait()
@@ -85,6 +93,8 @@ def main() -> None:
             ended = await asyncio.gather(http.serve([rest]), stop_http(), serve_grpc(), return_exceptions=True)
         finally:
             await backends.aclose()
+            if state is not None:
+                await state.aclose()
         for outcome in ended:
             if isinstance(outcome, BaseException):
                 raise outcome

@@ -21,6 +21,7 @@ from altan.clients import ServiceChannel
 from altan.errors import from_rpc_error
 from altan.server import Context
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
+from services.gateway.limits import TenantLimiter
 
 __all__ = ["PUBLIC_METHODS", "PUBLIC_SERVICES", "PublicHealth", "PublicProxy", "public_descriptor_pool"]
 
@@ -89,11 +90,12 @@ def _metadata() -> tuple[tuple[str, str], ...]:
 
 
 class PublicProxy(grpc.GenericRpcHandler):
-    """Forwards public RPCs to the service that owns them."""
+    """Forwards public RPCs to the service that owns them, each first within the tenant's request rate."""
 
-    def __init__(self, backends: dict[str, ServiceChannel]) -> None:
+    def __init__(self, backends: dict[str, ServiceChannel], limiter: TenantLimiter | None = None) -> None:
         self._channels = {name: client.channel for name, client in backends.items()}
         self._streaming = _streaming()
+        self._limiter = limiter
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         path: str = details.method  # type: ignore[attr-defined]
@@ -102,14 +104,16 @@ class PublicProxy(grpc.GenericRpcHandler):
             return None
         channel = self._channels[path.split("/")[1]]
         if streaming:
-            return grpc.unary_stream_rpc_method_handler(self._stream(channel, path))
-        return grpc.unary_unary_rpc_method_handler(self._unary(channel, path))
+            return grpc.unary_stream_rpc_method_handler(self._stream(channel, path, self._limiter))
+        return grpc.unary_unary_rpc_method_handler(self._unary(channel, path, self._limiter))
 
     @staticmethod
-    def _unary(channel: grpc.aio.Channel, path: str) -> Any:
+    def _unary(channel: grpc.aio.Channel, path: str, limiter: TenantLimiter | None) -> Any:
         call: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(path)
 
         async def forward(request: bytes, ctx: Context) -> bytes:
+            if limiter is not None:
+                await limiter.check()
             try:
                 return await call(request, metadata=_metadata(), timeout=ctx.time_remaining() or 30)  # type: ignore[no-any-return]
             except grpc.aio.AioRpcError as exc:
@@ -118,10 +122,12 @@ class PublicProxy(grpc.GenericRpcHandler):
         return forward
 
     @staticmethod
-    def _stream(channel: grpc.aio.Channel, path: str) -> Any:
+    def _stream(channel: grpc.aio.Channel, path: str, limiter: TenantLimiter | None) -> Any:
         call: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(path)
 
         async def forward(request: bytes, ctx: Context) -> AsyncIterator[bytes]:
+            if limiter is not None:
+                await limiter.check()
             stream = call(request, metadata=_metadata(), timeout=ctx.time_remaining())
             try:
                 async for item in stream:

@@ -1,4 +1,4 @@
-"""ASGI middleware of the public REST port: body size limit and Prometheus metrics.
+"""ASGI middleware of the public REST port: authentication and the tenant's rate, body size limit, metrics.
 
 Both are plain ASGI (no per-request objects beyond what is needed) to keep the hot path short.
 """
@@ -14,7 +14,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from altan import context
 from altan.auth import TokenVerifier
-from altan.errors import Unauthenticated
+from altan.errors import AltanError, Unauthenticated, http_response
+from services.gateway.limits import TenantLimiter
 
 request_log = logging.getLogger("altan.gateway.requests")
 
@@ -38,9 +39,10 @@ class AuthMiddleware:
     The verified caller is bound to the request context, which the handlers and the gRPC clients read.
     """
 
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier) -> None:
+    def __init__(self, app: ASGIApp, verifier: TokenVerifier, limiter: TenantLimiter | None = None) -> None:
         self.app = app
         self.verifier = verifier
+        self.limiter = limiter
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
@@ -53,6 +55,14 @@ class AuthMiddleware:
             await _send_error(send, 401, "UNAUTHENTICATED", exc.message, [(b"www-authenticate", b"Bearer")])
             return
         context.bind(caller)
+        if self.limiter is not None:
+            try:
+                await self.limiter.check()
+            except AltanError as exc:  # over the limit, or the state store unreachable (503)
+                status, body, headers = http_response(exc)
+                extra = [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+                await _send_error(send, status, body["error"]["code"], body["error"]["message"], extra)
+                return
         await self.app(scope, receive, send)
 
 

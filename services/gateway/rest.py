@@ -31,6 +31,7 @@ from altan.errors import AltanError, InvalidArgument, code_for_http_status, erro
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
 from altan.wire import dump_json, json_bytes, parse_json
 from services.gateway.backends import Backends
+from services.gateway.limits import TenantLimiter
 from services.gateway.middleware import AuthMiddleware, BodyLimitMiddleware, MetricsMiddleware
 from services.gateway.openapi import Routes, openapi_document
 
@@ -73,8 +74,10 @@ async def _body(request: Request) -> Any:
     return parse_json(raw, "body")
 
 
-def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int) -> FastAPI:
-    """The REST application; ``backends`` must outlive it."""
+def create_app(
+    backends: Backends, verifier: TokenVerifier, max_body_bytes: int, limiter: TenantLimiter | None = None
+) -> FastAPI:
+    """The REST application; ``backends`` (and ``limiter``, the tenant's request rate) must outlive it."""
     registry = CollectorRegistry()
     app = FastAPI(
         title="Altan",
@@ -369,7 +372,7 @@ def create_app(backends: Backends, verifier: TokenVerifier, max_body_bytes: int)
     app.openapi = openapi  # type: ignore[method-assign]
     _install_error_handlers(app)
     # The last added runs first: metrics see every answer, then the size limit, then authentication.
-    app.add_middleware(AuthMiddleware, verifier=verifier)
+    app.add_middleware(AuthMiddleware, verifier=verifier, limiter=limiter)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)
     return app

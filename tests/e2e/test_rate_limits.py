@@ -1,10 +1,19 @@
-"""A custom tool's ``rate_limit`` holds per tenant (API.md "Custom tool"): a direct invoke over it is 429 with
-``Retry-After`` and never reaches the third party; a task's steps wait for capacity instead of failing."""
+"""Rate limits: a custom tool's ``rate_limit`` holds per tenant (API.md "Custom tool"): a direct invoke over it is 429
+with ``Retry-After`` and never reaches the third party; a task's steps wait for capacity instead of failing. And the
+operator's limit on each tenant's requests at the gateway."""
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import httpx
+import pytest
+
+from altan.v1 import tool_pb2, tool_pb2_grpc
 from tests.e2e.fake_third_party import FakeThirdParty
-from tests.e2e.stack import Stack
+from tests.e2e.stack import Stack, start_stack
 
 
 def test_over_the_limit_a_direct_call_is_429_and_a_task_step_waits(
@@ -37,3 +46,31 @@ def test_over_the_limit_a_direct_call_is_429_and_a_task_step_waits(
     # Three independent steps would run at once; at one call a second they spread over about two seconds.
     task_calls = [c.at for c in calls[-3:]]
     assert max(task_calls) - min(task_calls) >= 1.5
+
+
+def test_a_tenants_request_rate_at_the_gateway_holds_across_rest_and_grpc(
+    tmp_path: Path, redis_url: str, tenant: str
+) -> None:
+    """ALTAN_TENANT_REQUESTS_PER_SECOND: one bucket per tenant in Redis for both public ports; of twenty requests
+    sent at once with a burst of eight, exactly eight pass."""
+    env = {"ALTAN_TENANT_REQUESTS_PER_SECOND": "0.001", "ALTAN_TENANT_BURST": "8"}  # no refill within the test
+    stack = start_stack(data_dir=tmp_path, egress_allow="", redis_url=redis_url, extra_env=env)
+    try:
+        with stack.client(tenant) as api, ThreadPoolExecutor(20) as pool:
+            statuses = list(pool.map(lambda _: api.get("/v1/tools").status_code, range(20)))
+            assert sorted(statuses) == [200] * 8 + [429] * 12
+            refused = api.get("/v1/agents")
+            assert refused.status_code == 429 and refused.json()["error"]["code"] == "RESOURCE_EXHAUSTED"
+            assert int(refused.headers["Retry-After"]) > 900
+            metadata = (("authorization", f"Bearer {stack.token(tenant)}"),)
+            with grpc.insecure_channel(f"127.0.0.1:{stack.grpc_port}") as channel:
+                with pytest.raises(grpc.RpcError) as caught:
+                    tool_pb2_grpc.ToolServiceStub(channel).ListTools(
+                        tool_pb2.ListToolsRequest(), metadata=metadata, timeout=10
+                    )
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            with stack.client(f"{tenant}-other") as other:
+                assert other.get("/v1/tools").status_code == 200  # a bucket per tenant
+            assert httpx.get(f"{stack.base_url}/healthz").status_code == 200  # probes are not the tenant's
+    finally:
+        stack.stop()
