@@ -8,9 +8,9 @@ malformed call (not JSON, an unknown tool, arguments the tool's schema refuses) 
 bounded number of times. The loop ends with an answer without tool calls, or fails after too many turns.
 
 A ``tool_choice`` in the LLM's ``parameters`` that forces a call (OpenAI's ``"required"`` or a named function,
-Anthropic's ``any`` or a named tool) is sent only until the model has called a tool in this task; after that the
-model may choose (``auto``), so that it can answer instead of calling again until it runs out of turns. That is what
-the OpenAI Agents SDK does by default (``reset_tool_choice``).
+Anthropic's ``any`` or a named tool) is sent only until the model has called a tool in this task; after that it is
+left out, so that the model chooses (the APIs' default when tools are offered: ``auto``) and can answer instead of
+calling again until it runs out of turns. That is what the OpenAI Agents SDK does by default (``reset_tool_choice``).
 """
 
 from __future__ import annotations
@@ -60,34 +60,40 @@ def _calls(tool_calls: Any, turn: int) -> list[dict[str, Any]]:
     return calls
 
 
-def _auto(choice: Any) -> Any:
-    """The ``tool_choice`` that lets the model choose in place of ``choice``; None when ``choice`` forces nothing."""
+_DEFAULT = object()  # leave tool_choice out: the API's default, which is auto when tools are offered
+
+
+def _choosing(choice: Any) -> Any:
+    """What replaces a forcing ``tool_choice``: ``_DEFAULT``, or a choosing form where the choice carries other
+    settings that must stay; None when ``choice`` forces nothing."""
     if choice in ("required", "any"):  # OpenAI; "any" is the same in Mistral's and some gateways' words
-        return "auto"
+        return _DEFAULT
     if not isinstance(choice, dict):
         return None
     kind = choice.get("type")
     if kind == "function":  # OpenAI: {"type": "function", "function": {"name": ...}}
-        return "auto"
-    if kind in ("any", "tool"):  # Anthropic: {"type": "tool", "name": ...}; other keys (disable_parallel_tool_use) stay
-        return {key: value for key, value in choice.items() if key != "name"} | {"type": "auto"}
+        return _DEFAULT
+    if kind in ("any", "tool"):  # Anthropic: {"type": "tool", "name": ...}, maybe with disable_parallel_tool_use
+        rest = {key: value for key, value in choice.items() if key not in ("type", "name")}
+        return {"type": "auto", **rest} if rest else _DEFAULT
     allowed = choice.get("allowed_tools")
     if kind == "allowed_tools" and isinstance(allowed, dict) and allowed.get("mode") == "required":
-        return choice | {"allowed_tools": allowed | {"mode": "auto"}}  # OpenAI: the same tools, no longer forced
+        return choice | {"allowed_tools": allowed | {"mode": "auto"}}  # OpenAI: still only those tools, not forced
     return None
 
 
 def _unforced(llm: agent_pb2.LlmConfig) -> agent_pb2.LlmConfig:
-    """``llm`` with a forcing ``tool_choice`` among its parameters turned into the choosing one; else ``llm`` itself."""
+    """``llm`` without a forcing ``tool_choice`` among its parameters (see :func:`_choosing`); else ``llm`` itself."""
     if "tool_choice" not in llm.parameters.fields:
         return llm
-    relaxed = _auto(value_to_python(llm.parameters.fields["tool_choice"]))
-    if relaxed is None:
+    choosing = _choosing(value_to_python(llm.parameters.fields["tool_choice"]))
+    if choosing is None:
         return llm
     unforced = agent_pb2.LlmConfig()
     unforced.CopyFrom(llm)
-    del unforced.parameters.fields["tool_choice"]  # written into as it is, an object would keep its old keys
-    python_to_value(relaxed, unforced.parameters.fields["tool_choice"])
+    del unforced.parameters.fields["tool_choice"]  # (written into as it is, an object would keep its old keys)
+    if choosing is not _DEFAULT:
+        python_to_value(choosing, unforced.parameters.fields["tool_choice"])
     return unforced
 
 

@@ -40,6 +40,7 @@ class Rig:
         limits: LoopLimits | None = None,
         llm: agent_pb2.LlmConfig | None = None,
         fallbacks: list[agent_pb2.LlmConfig] | None = None,
+        history: list[dict[str, Any]] | None = None,
     ) -> None:
         self.script = list(script)
         self.requests: list[runtime_pb2.CompleteRequest] = []
@@ -60,7 +61,7 @@ class Rig:
             llm=llm or agent_pb2.LlmConfig(llm_id="m-1", provider=agent_pb2.LLM_PROVIDER_OPENAI),
             fallbacks=fallbacks or [],
             tools=TOOLS,
-            history=[],
+            history=history or [],
             limits=limits or LoopLimits(max_turns=5, max_tool_result_chars=50, max_tool_call_errors=1),
             model=self.model,
             run_tool=self.run_tool,
@@ -219,19 +220,15 @@ def llm_with(provider: agent_pb2.LlmProvider.ValueType, **parameters: Any) -> ag
 
 
 @pytest.mark.parametrize(
-    ("forced", "relaxed"),
+    "forced",
     [
-        ("required", "auto"),
-        ({"type": "function", "function": {"name": "lookup"}}, "auto"),
-        (
-            {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function"}]}},
-            {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function"}]}},
-        ),
+        "required",
+        {"type": "function", "function": {"name": "lookup"}},
+        {"type": "tool", "name": "lookup"},  # Anthropic's
+        {"type": "any"},
     ],
 )
-async def test_a_forced_tool_choice_holds_until_the_model_calls_a_tool_then_the_model_may_answer(
-    forced: Any, relaxed: Any
-) -> None:
+async def test_a_forced_tool_choice_holds_until_the_model_calls_a_tool_then_the_model_may_answer(forced: Any) -> None:
     llm = llm_with(agent_pb2.LLM_PROVIDER_OPENAI, tool_choice=forced, temperature=0.0)
     fallback = llm_with(agent_pb2.LLM_PROVIDER_ANTHROPIC, tool_choice={"type": "tool", "name": "lookup"})
     script = [answer("", ("c1", "lookup", "{}")), answer("", ("c2", "lookup", "{}")), answer("done")]
@@ -239,22 +236,29 @@ async def test_a_forced_tool_choice_holds_until_the_model_calls_a_tool_then_the_
     assert await rig.conversation.run("go") == "done"
     sent = [(struct_to_dict(r.llm.parameters), struct_to_dict(r.fallback_llms[0].parameters)) for r in rig.requests]
     assert sent[0] == ({"tool_choice": forced, "temperature": 0.0}, {"tool_choice": {"type": "tool", "name": "lookup"}})
-    # after the first call the model chooses, as with the OpenAI Agents SDK's reset_tool_choice; the rest stays
-    assert sent[1] == sent[2] == ({"tool_choice": relaxed, "temperature": 0.0}, {"tool_choice": {"type": "auto"}})
+    # After the first call tool_choice is left out (the APIs' default: auto), as the OpenAI Agents SDK's
+    # reset_tool_choice does; the other parameters stay.
+    assert sent[1] == sent[2] == ({"temperature": 0.0}, {})
     assert struct_to_dict(llm.parameters)["tool_choice"] == forced  # the agent's own configuration is untouched
 
 
-async def test_anthropic_forcing_is_relaxed_keeping_its_other_settings() -> None:
-    forced = {"type": "any", "disable_parallel_tool_use": True}
-    rig = Rig(
-        [answer("", ("c1", "lookup", "{}")), answer("done")],
-        llm=llm_with(agent_pb2.LLM_PROVIDER_ANTHROPIC, tool_choice=forced),
-    )
+@pytest.mark.parametrize(
+    ("forced", "choosing"),
+    [
+        ({"type": "any", "disable_parallel_tool_use": True}, {"type": "auto", "disable_parallel_tool_use": True}),
+        (
+            {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function"}]}},
+            {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function"}]}},
+        ),
+    ],
+)
+async def test_a_forcing_choice_with_other_settings_becomes_the_choosing_one_that_keeps_them(
+    forced: Any, choosing: Any
+) -> None:
+    llm = llm_with(agent_pb2.LLM_PROVIDER_ANTHROPIC, tool_choice=forced)
+    rig = Rig([answer("", ("c1", "lookup", "{}")), answer("done")], llm=llm)
     assert await rig.conversation.run("go") == "done"
-    assert [struct_to_dict(r.llm.parameters)["tool_choice"] for r in rig.requests] == [
-        forced,
-        {"type": "auto", "disable_parallel_tool_use": True},
-    ]
+    assert [struct_to_dict(r.llm.parameters)["tool_choice"] for r in rig.requests] == [forced, choosing]
 
 
 @pytest.mark.parametrize("choice", ["auto", "none", {"type": "auto"}, {"type": "none"}])
@@ -267,16 +271,16 @@ async def test_a_tool_choice_that_forces_nothing_is_sent_as_it_is_on_every_turn(
 
 async def test_a_forced_tool_choice_is_not_relaxed_by_the_tool_calls_of_earlier_tasks_of_the_thread() -> None:
     llm = llm_with(agent_pb2.LLM_PROVIDER_OPENAI, tool_choice="required")
-    rig = Rig([answer("", ("c2", "lookup", "{}")), answer("done")], llm=llm)
     earlier_call = {"id": "c1", "name": "lookup", "arguments_json": "{}"}
-    rig.conversation._messages = [
+    history = [
         {"role": "user", "content": "before", "task_id": "tsk_0"},
         {"role": "assistant", "content": "", "tool_calls": [earlier_call], "task_id": "tsk_0"},
         {"role": "tool", "content": "{}", "tool_call_id": "c1", "name": "lookup", "task_id": "tsk_0"},
         {"role": "assistant", "content": "then", "task_id": "tsk_0"},
     ]
+    rig = Rig([answer("", ("c2", "lookup", "{}")), answer("done")], llm=llm, history=history)
     assert await rig.conversation.run("go") == "done"
-    assert [struct_to_dict(r.llm.parameters)["tool_choice"] for r in rig.requests] == ["required", "auto"]
+    assert [struct_to_dict(r.llm.parameters).get("tool_choice") for r in rig.requests] == ["required", None]
 
 
 def message(role: str, content: str = "", **more: Any) -> dict[str, Any]:
