@@ -225,7 +225,9 @@ class Conversation:
         tool = call["name"]
         result: dict[str, Any] = {"role": "tool", "tool_call_id": call["id"], "name": tool}
         try:
-            arguments = json.loads(call["arguments_json"] or "{}")
+            # strict=False: a raw newline or tab inside a string is still read. A grammar-constrained model writes
+            # them (llama.cpp's server does), and the meaning is plain; anything else that is not JSON stays refused.
+            arguments = json.loads(call["arguments_json"] or "{}", strict=False)
         except ValueError:
             arguments = None
         if tool not in self._tool_names:

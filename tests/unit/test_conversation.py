@@ -169,6 +169,12 @@ async def test_a_malformed_call_goes_back_to_the_model_a_bounded_number_of_times
     assert rig.tool_calls == []
 
 
+async def test_arguments_with_a_raw_newline_inside_a_string_are_read() -> None:
+    rig = Rig([answer("", ("c1", "lookup", '{"customer": "Ada\n\tLovelace"}')), answer("found")])
+    assert await rig.conversation.run("go") == "found"
+    assert rig.tool_calls == [("lookup", {"customer": "Ada\n\tLovelace"}, "t1c1")]
+
+
 async def test_a_tool_that_fails_is_reported_to_the_model_which_may_recover() -> None:
     rig = Rig([answer("", ("c1", "lookup", "{}"), ("c2", "slow", "{}")), answer("recovered")])
     rig.tool_answers["t1c1"] = PermissionDenied("egress refused: 10.0.0.1 is a private address")
