@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.fake_third_party import FakeThirdParty, start_fake_third_party
-from tests.e2e.stack import Stack, new_tenant, start_stack
+from tests.e2e import conftest as e2e
+from tests.e2e.fake_third_party import FakeThirdParty
+from tests.e2e.stack import Stack, start_stack
 from tests.interop.llama_server import LlamaServer, smollm2_gguf
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -40,12 +41,9 @@ def llama(llama_python: Path) -> Iterator[LlamaServer]:
     server.stop()
 
 
-@pytest.fixture(scope="session")
-def third_party() -> Iterator[FakeThirdParty]:
-    fake = start_fake_third_party()
-    yield fake
-    fake.server.shutdown()
-    fake.server.server_close()
+# The end-to-end suite's fake third party and fresh tenant, fixtures here too.
+third_party = e2e.third_party
+tenant = e2e.tenant
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +64,3 @@ def stack(llama: LlamaServer, third_party: FakeThirdParty, tmp_path_factory: pyt
     yield running
     code = running.stop()
     assert code == 0, f"altan up did not stop cleanly ({code}):\n{running.logs()[-5000:]}"
-
-
-@pytest.fixture
-def tenant() -> str:
-    return new_tenant()
