@@ -6,6 +6,11 @@ tools' JSON Schemas to the Integrator, which holds the key and talks to the mode
 per tenant), each as a step of the task; their results go back to the model, cut to a size with a note saying so. A
 malformed call (not JSON, an unknown tool, arguments the tool's schema refuses) goes back as an error message, a
 bounded number of times. The loop ends with an answer without tool calls, or fails after too many turns.
+
+A ``tool_choice`` in the LLM's ``parameters`` that forces a call (OpenAI's ``"required"`` or a named function,
+Anthropic's ``any`` or a named tool) is sent only until the model has called a tool in this task; after that it is
+left out, so that the model chooses (the APIs' default when tools are offered: ``auto``) and can answer instead of
+calling again until it runs out of turns. That is what the OpenAI Agents SDK does by default (``reset_tool_choice``).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from altan.api.convert import now_ms
+from altan.api.convert import now_ms, python_to_value, value_to_python
 from altan.api.tasks import message_to_proto
 from altan.errors import AltanError, FailedPrecondition, InvalidArgument
 from altan.v1 import agent_pb2, runtime_pb2
@@ -53,6 +58,43 @@ def _calls(tool_calls: Any, turn: int) -> list[dict[str, Any]]:
         seen.add(call_id)
         calls.append({"id": call_id, "name": call.name, "arguments_json": call.arguments_json})
     return calls
+
+
+_DEFAULT = object()  # leave tool_choice out: the API's default, which is auto when tools are offered
+
+
+def _choosing(choice: Any) -> Any:
+    """What replaces a forcing ``tool_choice``: ``_DEFAULT``, or a choosing form where the choice carries other
+    settings that must stay; None when ``choice`` forces nothing."""
+    if choice in ("required", "any"):  # OpenAI; "any" is the same in Mistral's and some gateways' words
+        return _DEFAULT
+    if not isinstance(choice, dict):
+        return None
+    kind = choice.get("type")
+    if kind == "function":  # OpenAI: {"type": "function", "function": {"name": ...}}
+        return _DEFAULT
+    if kind in ("any", "tool"):  # Anthropic: {"type": "tool", "name": ...}, maybe with disable_parallel_tool_use
+        rest = {key: value for key, value in choice.items() if key not in ("type", "name")}
+        return {"type": "auto", **rest} if rest else _DEFAULT
+    allowed = choice.get("allowed_tools")
+    if kind == "allowed_tools" and isinstance(allowed, dict) and allowed.get("mode") == "required":
+        return choice | {"allowed_tools": allowed | {"mode": "auto"}}  # OpenAI: still only those tools, not forced
+    return None
+
+
+def _unforced(llm: agent_pb2.LlmConfig) -> agent_pb2.LlmConfig:
+    """``llm`` without a forcing ``tool_choice`` among its parameters (see :func:`_choosing`); else ``llm`` itself."""
+    if "tool_choice" not in llm.parameters.fields:
+        return llm
+    choosing = _choosing(value_to_python(llm.parameters.fields["tool_choice"]))
+    if choosing is None:
+        return llm
+    unforced = agent_pb2.LlmConfig()
+    unforced.CopyFrom(llm)
+    del unforced.parameters.fields["tool_choice"]  # (written into as it is, an object would keep its old keys)
+    if choosing is not _DEFAULT:
+        python_to_value(choosing, unforced.parameters.fields["tool_choice"])
+    return unforced
 
 
 class _Deltas:
@@ -110,6 +152,7 @@ class Conversation:
         self._record = record
         self._changed = changed
         self._errors = 0
+        self._called_a_tool = False  # in this task: from then on a forcing tool_choice is relaxed (see _unforced)
 
     async def run(self, user_input: str) -> str:
         """The model's final answer; FailedPrecondition when the loop cannot reach one."""
@@ -121,6 +164,7 @@ class Conversation:
             await self._add({"role": "assistant", "content": message.content, "tool_calls": calls})
             if not calls:
                 return str(message.content)
+            self._called_a_tool = True
             run, excess = calls[: self._limits.max_tool_calls_per_turn], calls[self._limits.max_tool_calls_per_turn :]
             steps = [f"t{turn}c{index}" for index in range(1, len(run) + 1)]
             results = await asyncio.gather(*(self._call(call, step) for call, step in zip(run, steps, strict=True)))
@@ -138,9 +182,13 @@ class Conversation:
         await self._record(message)
 
     async def _turn(self) -> runtime_pb2.ModelAnswer:
+        # Every turn is built here, so this is the one place where a forced tool_choice is relaxed.
+        llm, fallbacks = self._llm, self._fallbacks
+        if self._called_a_tool:
+            llm, fallbacks = _unforced(llm), [_unforced(fallback) for fallback in fallbacks]
         request = runtime_pb2.CompleteRequest(
-            llm=self._llm,
-            fallback_llms=self._fallbacks,
+            llm=llm,
+            fallback_llms=fallbacks,
             system=self._agent.get("instructions", ""),
             messages=[message_to_proto(m) for m in self._messages],
             tools=self._tools,
@@ -177,7 +225,9 @@ class Conversation:
         tool = call["name"]
         result: dict[str, Any] = {"role": "tool", "tool_call_id": call["id"], "name": tool}
         try:
-            arguments = json.loads(call["arguments_json"] or "{}")
+            # strict=False: a raw newline or tab inside a string is still read. A grammar-constrained model writes
+            # them (llama.cpp's server does), and the meaning is plain; anything else that is not JSON stays refused.
+            arguments = json.loads(call["arguments_json"] or "{}", strict=False)
         except ValueError:
             arguments = None
         if tool not in self._tool_names:

@@ -341,3 +341,21 @@ def test_cancel_stops_the_tool_calls_in_flight(
     assert time.monotonic() - started < 4, "the cancel waited for the 6 s tool call"
     assert task["status"] == "cancelled" and events[-1]["type"] == "task.cancelled"
     assert len(llms.requests(model)) == 1  # the model was not asked again
+
+
+def test_a_forced_tool_choice_holds_for_the_first_call_then_the_model_answers(
+    stack: Stack, tenant: str, llms: Llms
+) -> None:
+    forced = {"type": "function", "function": {"name": "text_template"}}
+    model = llms.model(
+        Reply(calls=(Call("text_template", {"template": "Hi {{ name }}", "values": {"name": "Ada"}}),)),
+        Reply(text="It says: Hi Ada"),
+    )
+    parameters = {"tool_choice": forced, "temperature": 0}
+    with stack.client(tenant) as api:
+        task = _run(api, _agent(api, llms.config(model, parameters=parameters), ["text_template"]), "Greet Ada.")
+    assert task["status"] == "succeeded" and task["result"] == {"answer": "It says: Hi Ada"}, task
+    first, second = (r.body for r in llms.requests(model))
+    assert (first["tool_choice"], first["temperature"]) == (forced, 0)
+    # Once the model has called the tool it may answer: forced again, it could only call the tool until max turns.
+    assert "tool_choice" not in second and second["temperature"] == 0  # the API's default when tools are offered: auto

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from altan.api.convert import python_to_struct, struct_to_dict
 from altan.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from altan.v1 import agent_pb2, runtime_pb2
 from services.agent.conversation import Conversation, LoopLimits
@@ -33,7 +34,14 @@ def answer(text: str = "", *calls: tuple[str, str, str], tokens: tuple[int, int]
 class Rig:
     """A conversation with a scripted model and recorded tools, events and thread messages."""
 
-    def __init__(self, script: list[runtime_pb2.ModelAnswer], limits: LoopLimits | None = None) -> None:
+    def __init__(
+        self,
+        script: list[runtime_pb2.ModelAnswer],
+        limits: LoopLimits | None = None,
+        llm: agent_pb2.LlmConfig | None = None,
+        fallbacks: list[agent_pb2.LlmConfig] | None = None,
+        history: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.script = list(script)
         self.requests: list[runtime_pb2.CompleteRequest] = []
         self.events: list[tuple[str, dict[str, Any]]] = []
@@ -50,10 +58,10 @@ class Rig:
         self.conversation = Conversation(
             task=self.task,
             agent={"instructions": "Be brief."},
-            llm=agent_pb2.LlmConfig(llm_id="m-1", provider=agent_pb2.LLM_PROVIDER_OPENAI),
-            fallbacks=[],
+            llm=llm or agent_pb2.LlmConfig(llm_id="m-1", provider=agent_pb2.LLM_PROVIDER_OPENAI),
+            fallbacks=fallbacks or [],
             tools=TOOLS,
-            history=[],
+            history=history or [],
             limits=limits or LoopLimits(max_turns=5, max_tool_result_chars=50, max_tool_call_errors=1),
             model=self.model,
             run_tool=self.run_tool,
@@ -161,6 +169,12 @@ async def test_a_malformed_call_goes_back_to_the_model_a_bounded_number_of_times
     assert rig.tool_calls == []
 
 
+async def test_arguments_with_a_raw_newline_inside_a_string_are_read() -> None:
+    rig = Rig([answer("", ("c1", "lookup", '{"customer": "Ada\n\tLovelace"}')), answer("found")])
+    assert await rig.conversation.run("go") == "found"
+    assert rig.tool_calls == [("lookup", {"customer": "Ada\n\tLovelace"}, "t1c1")]
+
+
 async def test_a_tool_that_fails_is_reported_to_the_model_which_may_recover() -> None:
     rig = Rig([answer("", ("c1", "lookup", "{}"), ("c2", "slow", "{}")), answer("recovered")])
     rig.tool_answers["t1c1"] = PermissionDenied("egress refused: 10.0.0.1 is a private address")
@@ -205,6 +219,74 @@ async def test_steps_have_the_platforms_ids_even_when_the_model_repeats_or_omits
     sent = rig.requests[1].messages
     assert [c.id for c in sent[1].tool_calls] == ["call_0", "call_t1c2", "call_t1c3"]
     assert [m.tool_call_id for m in sent[2:]] == ["call_0", "call_t1c2", "call_t1c3"]
+
+
+def llm_with(provider: agent_pb2.LlmProvider.ValueType, **parameters: Any) -> agent_pb2.LlmConfig:
+    return agent_pb2.LlmConfig(llm_id="m-1", provider=provider, parameters=python_to_struct(parameters))
+
+
+@pytest.mark.parametrize(
+    "forced",
+    [
+        "required",
+        {"type": "function", "function": {"name": "lookup"}},
+        {"type": "tool", "name": "lookup"},  # Anthropic's
+        {"type": "any"},
+    ],
+)
+async def test_a_forced_tool_choice_holds_until_the_model_calls_a_tool_then_the_model_may_answer(forced: Any) -> None:
+    llm = llm_with(agent_pb2.LLM_PROVIDER_OPENAI, tool_choice=forced, temperature=0.0)
+    fallback = llm_with(agent_pb2.LLM_PROVIDER_ANTHROPIC, tool_choice={"type": "tool", "name": "lookup"})
+    script = [answer("", ("c1", "lookup", "{}")), answer("", ("c2", "lookup", "{}")), answer("done")]
+    rig = Rig(script, llm=llm, fallbacks=[fallback])
+    assert await rig.conversation.run("go") == "done"
+    sent = [(struct_to_dict(r.llm.parameters), struct_to_dict(r.fallback_llms[0].parameters)) for r in rig.requests]
+    assert sent[0] == ({"tool_choice": forced, "temperature": 0.0}, {"tool_choice": {"type": "tool", "name": "lookup"}})
+    # After the first call tool_choice is left out (the APIs' default: auto), as the OpenAI Agents SDK's
+    # reset_tool_choice does; the other parameters stay.
+    assert sent[1] == sent[2] == ({"temperature": 0.0}, {})
+    assert struct_to_dict(llm.parameters)["tool_choice"] == forced  # the agent's own configuration is untouched
+
+
+@pytest.mark.parametrize(
+    ("forced", "choosing"),
+    [
+        ({"type": "any", "disable_parallel_tool_use": True}, {"type": "auto", "disable_parallel_tool_use": True}),
+        (
+            {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": [{"type": "function"}]}},
+            {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function"}]}},
+        ),
+    ],
+)
+async def test_a_forcing_choice_with_other_settings_becomes_the_choosing_one_that_keeps_them(
+    forced: Any, choosing: Any
+) -> None:
+    llm = llm_with(agent_pb2.LLM_PROVIDER_ANTHROPIC, tool_choice=forced)
+    rig = Rig([answer("", ("c1", "lookup", "{}")), answer("done")], llm=llm)
+    assert await rig.conversation.run("go") == "done"
+    assert [struct_to_dict(r.llm.parameters)["tool_choice"] for r in rig.requests] == [forced, choosing]
+
+
+@pytest.mark.parametrize("choice", ["auto", "none", {"type": "auto"}, {"type": "none"}])
+async def test_a_tool_choice_that_forces_nothing_is_sent_as_it_is_on_every_turn(choice: Any) -> None:
+    llm = llm_with(agent_pb2.LLM_PROVIDER_OPENAI, tool_choice=choice)
+    rig = Rig([answer("", ("c1", "lookup", "{}")), answer("done")], llm=llm)
+    assert await rig.conversation.run("go") == "done"
+    assert [r.llm for r in rig.requests] == [llm, llm]
+
+
+async def test_a_forced_tool_choice_is_not_relaxed_by_the_tool_calls_of_earlier_tasks_of_the_thread() -> None:
+    llm = llm_with(agent_pb2.LLM_PROVIDER_OPENAI, tool_choice="required")
+    earlier_call = {"id": "c1", "name": "lookup", "arguments_json": "{}"}
+    history = [
+        {"role": "user", "content": "before", "task_id": "tsk_0"},
+        {"role": "assistant", "content": "", "tool_calls": [earlier_call], "task_id": "tsk_0"},
+        {"role": "tool", "content": "{}", "tool_call_id": "c1", "name": "lookup", "task_id": "tsk_0"},
+        {"role": "assistant", "content": "then", "task_id": "tsk_0"},
+    ]
+    rig = Rig([answer("", ("c2", "lookup", "{}")), answer("done")], llm=llm, history=history)
+    assert await rig.conversation.run("go") == "done"
+    assert [struct_to_dict(r.llm.parameters).get("tool_choice") for r in rig.requests] == ["required", None]
 
 
 def message(role: str, content: str = "", **more: Any) -> dict[str, Any]:
