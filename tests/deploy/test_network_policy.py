@@ -53,7 +53,10 @@ def expected_edges(render: Render) -> set[Edge]:
 
     if v["redis"]["url"] or v["redis"]["urlInExistingSecret"]:
         redis = [cidr_peer(c) for c in v["redis"]["cidrs"]]
-        edges |= {(c, r, _tcp(v["redis"]["port"])) for c in ("agent", "tool", "integrator") for r in redis}
+        users = ["agent", "tool", "integrator"]
+        if v["gateway"]["tenantRateLimit"]["requestsPerSecond"] > 0:
+            users.append("gateway")  # the tenants' request-rate buckets, shared by its replicas
+        edges |= {(c, r, _tcp(v["redis"]["port"])) for c in users for r in redis}
 
     internet = cidr_peer("0.0.0.0/0", net["internet"]["except"])
     callers = {"tool", "integrator"} | ({"gateway", "agent"} if v["config"]["jwt"]["jwksUrl"] else set())

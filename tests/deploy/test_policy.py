@@ -42,6 +42,12 @@ def _redis_enabled(render: Render) -> bool:
     return bool(render.values["redis"]["url"] or render.values["redis"]["urlInExistingSecret"])
 
 
+def _uses_redis(render: Render, component: str) -> bool:
+    """The stateful services, and the gateway when its replicas share the tenants' request-rate buckets."""
+    limited = render.values["gateway"]["tenantRateLimit"]["requestsPerSecond"] > 0
+    return _redis_enabled(render) and (component in STATEFUL or (component == "gateway" and limited))
+
+
 def test_selectors_match_pod_labels(rendered: Render) -> None:
     for workload in rendered.workloads():
         selector = workload["spec"]["selector"]
@@ -171,7 +177,7 @@ def test_redis_ca_is_mounted_where_redis_is_used(rendered: Render) -> None:
     for component in SERVICES:
         (container,) = pod_spec(rendered.workload(component))["containers"]
         mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
-        wanted = bool(ca) and component in STATEFUL
+        wanted = bool(ca) and _uses_redis(rendered, component)
         assert ("/etc/altan/redis-ca" in mounts) == wanted, component
         if wanted:
             assert mounts["/etc/altan/redis-ca"]["readOnly"] is True
@@ -212,7 +218,8 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
 
     jwt = bool(values["secrets"]["jwtSecret"] or existing)
     expected_keys = {
-        "gateway": {"ALTAN_JWT_SECRET"} if jwt else set(),
+        "gateway": ({"ALTAN_JWT_SECRET"} if jwt else set())
+        | ({"REDIS_URL"} if _uses_redis(rendered, "gateway") else set()),
         "agent": ({"ALTAN_JWT_SECRET"} if jwt else set()) | ({"REDIS_URL"} if _redis_enabled(rendered) else set()),
     }
     expected_keys["tool"] = expected_keys["agent"]
@@ -364,7 +371,7 @@ def test_services_find_each_other_by_service_dns(rendered: Render) -> None:
                 ports[component],
                 *([metrics] if metrics else []),
             ]
-        assert ("REDIS_URL" in env) == (component in STATEFUL and _redis_enabled(rendered)), component
+        assert ("REDIS_URL" in env) == _uses_redis(rendered, component), component
         assert container["envFrom"] == [{"configMapRef": {"name": container["envFrom"][0]["configMapRef"]["name"]}}]
 
     config = rendered.get(

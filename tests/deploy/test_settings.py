@@ -24,4 +24,12 @@ def test_settings_accept_the_rendered_environment(rendered: Render, monkeypatch:
             assert len(settings.master_key_bytes()) == 32
             assert str(settings.data_dir) == "/var/lib/altan"
         redis = rendered.values["redis"]["url"] or rendered.values["redis"]["urlInExistingSecret"]
-        assert (settings.redis_url is not None) == bool(redis and component != "gateway"), component
+        limit = rendered.values["gateway"]["tenantRateLimit"]
+        if component == "gateway":
+            assert settings.tenant_requests_per_second == limit["requestsPerSecond"]
+            assert settings.tenant_burst == limit["burst"]
+        # The gateway reaches Redis only to share the tenants' request-rate buckets among its replicas.
+        uses_redis = component != "gateway" or limit["requestsPerSecond"] > 0
+        assert (settings.redis_url is not None) == bool(redis and uses_redis), component
+        if rendered.values["redis"]["caCert"] and redis and uses_redis:
+            assert "ssl_ca_certs=/etc/altan/redis-ca/ca.crt" in str(settings.redis_url), component

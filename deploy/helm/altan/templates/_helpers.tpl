@@ -100,6 +100,17 @@ app.kubernetes.io/component: {{ .component }}
 {{- $image -}}
 {{- end -}}
 
+{{/*
+Does a component use Redis? The stateful services always when it is configured; the gateway only to share a limit
+on each tenant's request rate among its replicas. Takes (dict "ctx" $ "component" "agent"); prints "true" or nothing.
+*/}}
+{{- define "altan.usesRedis" -}}
+{{- $v := .ctx.Values -}}
+{{- if include "altan.redisEnabled" .ctx -}}
+{{- if or (has .component (list "agent" "tool" "integrator")) (and (eq .component "gateway") (gt (float64 $v.gateway.tenantRateLimit.requestsPerSecond) 0.0)) -}}true{{- end -}}
+{{- end -}}
+{{- end -}}
+
 {{/* Is Redis (REDIS_URL) configured? Prints "true" or nothing. */}}
 {{- define "altan.redisEnabled" -}}
 {{- if or .Values.redis.url .Values.redis.urlInExistingSecret -}}true{{- end -}}
@@ -300,7 +311,7 @@ envFrom:
 
 {{/*
 Environment from the Secret that a component needs, by secretKeyRef (never envFrom, so that each service sees only
-its own keys): ALTAN_JWT_SECRET for every service unless a JWKS verifies tokens, REDIS_URL for the stateful services,
+its own keys): ALTAN_JWT_SECRET for every service unless a JWKS verifies tokens, REDIS_URL where altan.usesRedis says,
 ALTAN_MASTER_KEY and the bootstrap secrets for the integrator. Takes (dict "ctx" $ "component" "agent").
 */}}
 {{- define "altan.secretEnv" -}}
@@ -313,7 +324,7 @@ ALTAN_MASTER_KEY and the bootstrap secrets for the integrator. Takes (dict "ctx"
 {{- $optional := and $v.secrets.existingSecret (include "altan.jwksEnabled" $ctx) | empty | not -}}
 {{- $env = append $env (dict "name" "ALTAN_JWT_SECRET" "optional" $optional) -}}
 {{- end -}}
-{{- if and (has .component (list "agent" "tool" "integrator")) (include "altan.redisEnabled" $ctx) -}}
+{{- if include "altan.usesRedis" . -}}
 {{- $env = append $env (dict "name" "REDIS_URL" "optional" false) -}}
 {{- end -}}
 {{- if eq .component "integrator" -}}
@@ -344,7 +355,7 @@ for the services that use Redis. Takes (dict "ctx" $ "component" "agent").
   mountPath: /etc/altan/jwks
   readOnly: true
 {{- end }}
-{{- if and .ctx.Values.redis.caCert (has .component (list "agent" "tool" "integrator")) }}
+{{- if and .ctx.Values.redis.caCert (include "altan.usesRedis" .) }}
 - name: redis-ca
   mountPath: /etc/altan/redis-ca
   readOnly: true
@@ -361,7 +372,7 @@ for the services that use Redis. Takes (dict "ctx" $ "component" "agent").
   configMap:
     name: {{ include "altan.fullname" .ctx }}-jwks
 {{- end }}
-{{- if and .ctx.Values.redis.caCert (has .component (list "agent" "tool" "integrator")) }}
+{{- if and .ctx.Values.redis.caCert (include "altan.usesRedis" .) }}
 - name: redis-ca
   configMap:
     name: {{ include "altan.fullname" .ctx }}-redis-ca
