@@ -22,7 +22,7 @@ import idna
 
 from altan.errors import EgressRefused, FailedPrecondition, Unavailable
 
-__all__ = ["EgressGuard", "EgressPolicy", "HostBinding", "HostPort", "ResolvedTarget"]
+__all__ = ["EgressGuard", "EgressPolicy", "HostBinding", "HostPort", "ResolvedTarget", "destination"]
 
 # getaddrinfo's "no such name" answers (NXDOMAIN, or a name without addresses); anything else may pass.
 _NO_SUCH_NAME = frozenset(
@@ -186,6 +186,15 @@ def _split(url: str) -> tuple[str, str, IPAddress | None, int, str]:
     except ValueError:
         raise EgressRefused(f"egress refused: {raw_host[:64]!r} is not a valid host") from None
     return scheme, host, literal, port, (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+
+
+def destination(url: str) -> str:
+    """``host:port`` of a URL as the guard reads it (and as the audit names it), or "" when it cannot be read."""
+    try:
+        _, host, _, port, _ = _split(url)
+    except EgressRefused:
+        return ""
+    return _authority(host, port)
 
 
 @dataclass(frozen=True)

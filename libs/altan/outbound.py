@@ -304,7 +304,7 @@ class GuardedHttpClient:
             headers=headers,
             body=b"".join(chunks),
             target=hop.target,
-            retry_after=_parse_retry_after(headers.get("retry-after")),
+            retry_after=_wait_asked(headers),
         )
 
 
@@ -356,6 +356,22 @@ def _describe(exc: Exception) -> str:
     if isinstance(exc, httpx.ConnectError | httpx.NetworkError) and not isinstance(exc, httpx.LocalProtocolError):
         return f"{type(exc).__name__}: {exc}"[:200] if str(exc) else type(exc).__name__
     return type(exc).__name__
+
+
+def _wait_asked(headers: dict[str, str]) -> float | None:
+    """How long the third party asks callers to wait: ``Retry-After``, else the reset of a rate limit it says is
+    used up (``X-RateLimit-Remaining: 0`` with ``X-RateLimit-Reset`` in seconds or as a Unix time; the IETF draft's
+    ``RateLimit-*`` alike); None when it asks nothing."""
+    asked = _parse_retry_after(headers.get("retry-after"))
+    if asked is not None:
+        return asked
+    for prefix in ("x-ratelimit-", "ratelimit-"):
+        if headers.get(prefix + "remaining", "").strip() == "0":
+            reset = headers.get(prefix + "reset", "").strip()
+            if reset.isdigit():
+                value = float(reset)
+                return max(0.0, value - time.time()) if value > 1_000_000_000 else value
+    return None
 
 
 def _parse_retry_after(value: str | None) -> float | None:

@@ -24,6 +24,7 @@ from tenacity.wait import wait_exponential_jitter
 from altan import context
 from altan.api.tools import SELF_CONTAINED_BUILTINS
 from altan.clients import ToolClient
+from altan.egress import destination
 from altan.errors import (
     AltanError,
     DeadlineExceeded,
@@ -42,6 +43,8 @@ from services.integrator.credentials import CredentialBroker, ResolvedCredential
 __all__ = ["CallResult", "ToolCaller"]
 
 _TRANSIENT_STATUS = frozenset({429, 502, 503, 504})
+_HOST_HOLDS = "host-hold"  # per tenant: a third party's host -> until when it asked to be left alone (Unix time)
+_MAX_HOST_HOLD_SECONDS = 3600.0
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,16 @@ class ToolCaller:
                     return CallResult(*hit, cached=True)
             if tool is not None and tool.HasField("rate_limit") and self._limits is not None:
                 await self._within_rate_limit(tool, deadline_at)
+            host = _destination(tool, tool_id, arguments_json)
+            if host and self._limits is not None:
+                await self._after_host_hold(host, deadline_at)
             credential = (
                 await self._broker.resolve(credential_name, destination=destination) if credential_name else None
             )
             response = await self._execute(tool_id, arguments_json, credential, deadline_at)
             target = response.target
+            if response.retry_after_seconds > 0 and response.target and self._limits is not None:
+                await self._hold_host(response.target, response.retry_after_seconds)
         except AltanError as exc:
             target = getattr(exc, "target", "") or target
             await self._audit.record(
@@ -190,6 +198,25 @@ class ToolCaller:
         if tool is not None and tool.cacheable_seconds > 0 and self._cache is not None:
             await self._cache.put(tool, arguments_json, response.output_json, response.http_status)
         return CallResult(response.output_json, response.http_status)
+
+    async def _after_host_hold(self, host: str, deadline_at: float) -> None:
+        """A host that asked this tenant to wait (429 with Retry-After, or its rate limit used up) is not called
+        before that time: a direct call is RESOURCE_EXHAUSTED with the rest of the wait, a task's step waits it out
+        within its deadline."""
+        assert self._limits is not None
+        until = await self._limits.get_expiring(_HOST_HOLDS, host)
+        wait = float(until) - time.time() if until else 0.0
+        if wait <= 0:
+            return
+        if not context.current().task_id or time.monotonic() + wait >= deadline_at:
+            raise ResourceExhausted(f"{host} asked to wait {wait:.1f}s before the next call", retry_after=wait)
+        await asyncio.sleep(wait)
+
+    async def _hold_host(self, host: str, seconds: float) -> None:
+        """Remember, for every replica, that ``host`` asked this tenant to wait ``seconds`` (at most an hour)."""
+        assert self._limits is not None
+        seconds = min(seconds, _MAX_HOST_HOLD_SECONDS)
+        await self._limits.set_expiring(_HOST_HOLDS, host, repr(time.time() + seconds), seconds)
 
     async def _within_rate_limit(self, tool: tool_pb2.Tool, deadline_at: float) -> None:
         """Take a token of the tool's ``rate_limit`` (per tenant, shared by every replica). Over it, a direct call is
@@ -264,6 +291,17 @@ def _credential_use(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: by
         if isinstance(arguments, dict) and isinstance(arguments.get("credential"), str):
             return str(arguments["credential"]), str(arguments.get("url", ""))
     return "", None
+
+
+def _destination(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> str:
+    """``host:port`` the call will go to, when known before it runs: a custom tool's endpoint, an http_request URL."""
+    if tool is not None and tool.type == tool_pb2.TOOL_TYPE_CUSTOM:
+        return destination(tool.endpoint)
+    if tool_id == "http_request":
+        arguments = parse_json(arguments_json, "arguments", default={})
+        if isinstance(arguments, dict) and isinstance(arguments.get("url"), str):
+            return destination(arguments["url"])
+    return ""
 
 
 def _ms(started: float) -> int:

@@ -74,3 +74,19 @@ def test_a_tenants_request_rate_at_the_gateway_holds_across_rest_and_grpc(
             assert httpx.get(f"{stack.base_url}/healthz").status_code == 200  # probes are not the tenant's
     finally:
         stack.stop()
+
+
+def test_a_host_that_asks_to_wait_is_not_called_again_before_then(
+    stack: Stack, tenant: str, third_party: FakeThirdParty
+) -> None:
+    """A third party that keeps answering 503 with ``Retry-After: 60`` is left alone by that tenant for a minute."""
+    busy = f"{third_party.base_url}/flaky/{tenant}/1000/60"
+    with stack.client(tenant) as api, stack.client(f"{tenant}-other") as other:
+        first = api.post("/v1/tools/http_request/invoke", json={"arguments": {"url": busy}})
+        assert first.status_code == 200 and first.json()["status"] == 503  # its answer, after the call's retries
+        calls = len(third_party.requests_to(f"/flaky/{tenant}/1000/60"))
+        again = api.post("/v1/tools/http_request/invoke", json={"arguments": {"url": f"{third_party.base_url}/x"}})
+        assert again.status_code == 429 and "asked to wait" in again.json()["error"]["message"]
+        assert 55 <= int(again.headers["Retry-After"]) <= 60
+        assert len(third_party.requests_to(f"/flaky/{tenant}/1000/60")) == calls
+        assert other.post("/v1/tools/http_request/invoke", json={"arguments": {"url": busy}}).status_code == 200

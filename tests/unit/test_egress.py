@@ -10,6 +10,7 @@ import datetime as dt
 import email.utils
 import socket
 import ssl
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -477,6 +478,23 @@ async def test_retry_after_is_parsed(servers: Any, clients: Any) -> None:
     from_date = (await client.request("GET", f"http://{api.origin}/date")).retry_after
     assert from_date is not None and 50 < from_date <= 60
     assert (await client.request("GET", f"http://{api.origin}/junk")).retry_after is None
+
+
+async def test_a_used_up_rate_limit_asks_to_wait_until_its_reset(servers: Any, clients: Any) -> None:
+    epoch = str(int(time.time()) + 60)
+    api = await servers(
+        {
+            "/delta": (200, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "12"}, b""),
+            "/epoch": (429, {"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": epoch}, b""),
+            "/draft": (200, {"RateLimit-Remaining": "0", "RateLimit-Reset": "5"}, b""),
+            "/left": (200, {"X-RateLimit-Remaining": "3", "X-RateLimit-Reset": "12"}, b""),
+            "/both": (429, {"Retry-After": "2", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "12"}, b""),
+        }
+    )
+    client = clients(api.origin)
+    asked = {path: (await client.request("GET", f"http://{api.origin}{path}")).retry_after for path in api.routes}
+    assert (asked["/delta"], asked["/draft"], asked["/left"], asked["/both"]) == (12.0, 5.0, None, 2.0)
+    assert asked["/epoch"] is not None and 50 < asked["/epoch"] <= 60
 
 
 async def test_connection_refused_is_unavailable(clients: Any) -> None:

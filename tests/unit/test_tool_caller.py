@@ -15,6 +15,7 @@ import functools
 import itertools
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -637,3 +638,42 @@ async def test_cache_hits_do_not_spend_the_rate_limit(rig: Rig) -> None:
     for _ in range(3):
         await rig.caller().invoke("crm", ARGS)
     assert len(rig.service.attempts) == 1
+
+
+# --- a host that asked to wait --------------------------------------------------------------------------------------
+
+
+async def test_a_host_that_asked_to_wait_is_left_alone_for_that_long(rig: Rig) -> None:
+    caller_as()
+    endpoint = "https://api.example.com/v1/things"
+    rig.service.tools["crm"] = custom("crm", endpoint=endpoint)
+    rig.service.tools["other"] = custom("other", endpoint="https://api.example.com:8443/")
+    target = "api.example.com:443"
+    rig.service.scripts["crm"] = [answer(status=429, retry_after_seconds=20, target=target), answer(target=target)]
+    assert (await rig.caller(attempts=1).invoke("crm", ARGS)).http_status == 429
+    with pytest.raises(ResourceExhausted, match=r"api\.example\.com:443 asked to wait") as caught:
+        await rig.caller().invoke("crm", ARGS)
+    assert caught.value.retry_after is not None and 19 < caught.value.retry_after <= 20
+    http_request = b'{"url": "https://API.example.com/other"}'  # any call to that host, by any tool
+    rig.service.tools["http_request"] = tool_pb2.Tool(tool_id="http_request", type=tool_pb2.TOOL_TYPE_BUILTIN)
+    with pytest.raises(ResourceExhausted):
+        await rig.caller().invoke("http_request", http_request)
+    await rig.caller().invoke("other", ARGS)  # another port is another host
+    caller_as("globex")
+    await rig.caller().invoke("crm", ARGS)  # another tenant was not asked
+    assert rig.service.executed() == ["crm", "other", "crm"]
+    caller_as()
+    rig.now[0] += 21  # the hold has expired
+    assert (await rig.caller().invoke("crm", ARGS)).http_status == 200
+
+
+async def test_a_task_step_waits_out_a_short_hold_instead_of_failing(rig: Rig) -> None:
+    caller_as()
+    rig.service.tools["crm"] = custom("crm", endpoint="https://api.example.com/")
+    target = "api.example.com:443"
+    rig.service.scripts["crm"] = [answer(retry_after_seconds=0.2, target=target), answer(target=target)]
+    await rig.caller().invoke("crm", ARGS)  # a 200 that says the rate limit is used up for 0.2 s
+    started = time.monotonic()
+    assert (await rig.caller().invoke("crm", ARGS, task_id="tsk_1")).http_status == 200
+    assert time.monotonic() - started >= 0.15
+    assert len(rig.service.attempts_of("crm")) == 2
