@@ -47,12 +47,14 @@ BOUNDS = {
     "baseline": Bounds(warmup=200, single_ops=1000, single_seconds=4, busy=32, busy_ops=20000, busy_seconds=6),
     "builtin": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
     "custom": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
+    "cached": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
     "task": Bounds(warmup=30, single_ops=200, single_seconds=5, busy=16, busy_ops=3000, busy_seconds=12),
 }
 LABELS = {
     "baseline": "baseline: httpx → fake API, direct",
     "builtin": "tool invoke, builtin `json_extract`",
     "custom": "tool invoke, custom HTTP tool + API key",
+    "cached": "tool invoke, the same tool answered from the cache",
     "task": "task: 3-step plan, submit → SSE terminal",
 }
 

@@ -4,6 +4,7 @@
 ``builtin``: ``json_extract`` invoked through REST → gateway → integrator → tool and back.
 ``custom``: a custom HTTP tool with an API-key credential (the README's ``crm_lookup``), which adds the
 credential lookup, the egress guard and the outbound call to the fake API.
+``cached``: the same custom tool with ``cacheable_seconds``, answered from the tenant's cache (the warm-up fills it).
 ``task``: the README's 3-step structured plan, submitted and followed on its Server-Sent Events to the end.
 """
 
@@ -99,6 +100,12 @@ class Worker:
         if answer != {"output": RECORD, "status": 200}:
             raise UnexpectedAnswer(f"crm_lookup answered {answer}")
 
+    async def cached(self) -> None:
+        body = {"arguments": {"customer": "ada"}}
+        answer = _check(await self.api.post("/v1/tools/crm_cached/invoke", json=body), 200)
+        if answer["output"] != RECORD:
+            raise UnexpectedAnswer(f"crm_cached answered {answer}")
+
     async def task(self) -> None:
         url = f"/v1/agents/{self.target.agent_id}/tasks"
         submitted = _check(await self.api.post(url, json={"input": {"plan": PLAN}}), 202)
@@ -117,6 +124,7 @@ class Worker:
             "baseline": self.baseline,
             "builtin": self.builtin,
             "custom": self.custom,
+            "cached": self.cached,
             "task": self.task,
         }
         return operations[path]
@@ -144,6 +152,8 @@ async def prepare(processes: Processes) -> Target:
             "credential": "crm",
         }
         _check(await api.post("/v1/tools", json=tool), 201)
+        cached = tool | {"tool_id": "crm_cached", "cacheable_seconds": 3600}
+        _check(await api.post("/v1/tools", json=cached), 201)
         tools = ["crm_lookup", "parse_email", "text_template"]
         agent = {"name": "support", "instructions": "Answer customers.", "tools": tools}
         agent_id = _check(await api.post("/v1/agents", json=agent), 201)["id"]
