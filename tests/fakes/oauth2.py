@@ -51,6 +51,7 @@ class FakeOAuth2Provider:
     access_tokens: dict[str, tuple[float, str]] = field(default_factory=dict)  # token -> (expires at, family)
     refresh_tokens: dict[str, tuple[str, bool]] = field(default_factory=dict)  # token -> (family, used)
     revoked_families: set[str] = field(default_factory=set)
+    family_clients: dict[str, str] = field(default_factory=dict)  # family -> client_id
     # What happened, for tests: grant types served, refused grants, revocation requests, Authorization headers seen.
     grants: list[str] = field(default_factory=list)
     invalid_grants: int = 0
@@ -73,6 +74,14 @@ class FakeOAuth2Provider:
     def refreshes(self) -> int:
         with self.lock:
             return self.grants.count("refresh_token")
+
+    def tokens_of(self, client_id: str) -> list[str]:
+        """Every access and refresh token issued to the client."""
+        with self.lock:
+            families = {f for f, c in self.family_clients.items() if c == client_id}
+            return [t for t, (_, f) in self.access_tokens.items() if f in families] + [
+                t for t, (f, _) in self.refresh_tokens.items() if f in families
+            ]
 
     def expire_access_tokens(self) -> None:
         """Every access token issued so far stops working (a provider that revoked them early)."""
@@ -153,7 +162,9 @@ class FakeOAuth2Provider:
         if not verifier or not secrets.compare_digest(challenge, code.challenge):
             return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
         with self.lock:
-            return 200, self._issue(secrets.token_hex(8), code.scope)
+            family = secrets.token_hex(8)
+            self.family_clients[family] = client_id
+            return 200, self._issue(family, code.scope)
 
     def _refresh(self, form: dict[str, str]) -> tuple[int, dict[str, Any]]:
         with self.lock:
