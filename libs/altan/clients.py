@@ -35,7 +35,9 @@ _CHANNEL_OPTIONS = (
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {context.current().token}"),)
+    # No caller (a tokenless RPC such as FinishOAuth2): no token, and any other RPC answers UNAUTHENTICATED.
+    caller = context.current_or_none()
+    return (("authorization", f"Bearer {caller.token}"),) if caller is not None and caller.token else ()
 
 
 class ServiceChannel:

@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "ALTAN_REDIS_URL"))
     data_dir: Path = Field(default_factory=default_data_dir)
     master_key: str | None = None
+    # OAuth2: how long an authorization's one-time `state` (and its PKCE verifier) waits for the callback; how long
+    # before an access token's expiry it is refreshed.
+    oauth2_state_ttl_seconds: float = Field(default=600.0, gt=0, le=3600)
+    oauth2_refresh_margin_seconds: float = Field(default=60.0, ge=0, le=3600)
 
     # Outbound calls and limits.
     egress_allow: str = ""

@@ -25,7 +25,7 @@ from altan.errors import InvalidArgument, abort
 from altan.health import Probe, ProbedHealthServicer
 from altan.listen import CannotListen, bind_problem, split_address
 
-__all__ = ["AuthInterceptor", "Context", "GrpcService", "serve_until_stopped", "shutdown_event"]
+__all__ = ["TOKENLESS_METHODS", "AuthInterceptor", "Context", "GrpcService", "serve_until_stopped", "shutdown_event"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,10 @@ else:
     Context = grpc.aio.ServicerContext
 
 _UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+# RPCs whose request carries its own proof instead of a bearer token, on every port that serves them: the browser
+# coming back from an OAuth2 provider has no token, and FinishOAuth2's one-time `state` names the tenant. Their
+# servicer binds the caller itself; any token sent along is ignored.
+TOKENLESS_METHODS = frozenset({"/altan.v1.IntegratorService/FinishOAuth2"})
 _UNDECODABLE = object()
 
 
@@ -80,15 +84,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         handler = await continuation(details)
         if handler is None or details.method.startswith(_UNAUTHENTICATED_PREFIXES):
             return handler
-        verify = self._verifier.verify
         method: str = details.method  # type: ignore[attr-defined]
+        tokenless = method in TOKENLESS_METHODS
+
+        def authenticate(authorization: str | None) -> None:
+            if not tokenless:
+                context.bind(self._verifier.verify(authorization))
 
         if handler.unary_unary:
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, ctx: Context) -> Any:
                 try:
-                    context.bind(verify(_metadata_value(ctx.invocation_metadata(), "authorization")))
+                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"))
                     _check_decoded(request, method)
                     return await inner(request, ctx)
                 except grpc.aio.AbortError:
@@ -104,7 +112,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, ctx: Context) -> AsyncIterator[Any]:
                 try:
-                    context.bind(verify(_metadata_value(ctx.invocation_metadata(), "authorization")))
+                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"))
                     _check_decoded(request, method)
                     async for item in inner_stream(request, ctx):
                         yield item

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
@@ -24,7 +25,17 @@ import redis.exceptions
 from altan import context
 from altan.errors import Unavailable
 
-__all__ = ["RETRY_AFTER_SECONDS", "MemoryBackend", "RedisBackend", "StateBackend", "TenantStore", "open_backend"]
+__all__ = [
+    "RETRY_AFTER_SECONDS",
+    "MemoryBackend",
+    "RedisBackend",
+    "SharedStore",
+    "StateBackend",
+    "TenantStore",
+    "open_backend",
+]
+
+log = logging.getLogger(__name__)
 
 Doc = dict[str, Any]
 
@@ -68,7 +79,9 @@ class StateBackend(Protocol):
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def get_expiring(self, key: str) -> str | None: ...
     async def set_expiring(self, key: str, value: str, ttl_seconds: float) -> None: ...
+    async def take_expiring(self, key: str) -> str | None: ...
     async def take_token(self, key: str, capacity: int, per_seconds: float) -> float: ...
+    def lock(self, key: str, ttl_seconds: float, wait_seconds: float) -> AbstractAsyncContextManager[None]: ...
     async def ping(self) -> bool: ...
     async def aclose(self) -> None: ...
 
@@ -92,6 +105,7 @@ class MemoryBackend:
         self._streams: dict[str, list[tuple[int, str]]] = defaultdict(list)
         self._seq: dict[str, int] = defaultdict(int)
         self._changed: dict[str, asyncio.Condition] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # key -> (lock, holders and waiters)
 
     async def hget(self, key: str, field: str) -> str | None:
         return self._hashes.get(key, {}).get(field)
@@ -162,6 +176,34 @@ class MemoryBackend:
         self._expiring_bytes += len(value)
         while self._expiring_bytes > self._max_expiring_bytes and self._expiring:
             self._drop_expiring(next(iter(self._expiring)))
+
+    async def take_expiring(self, key: str) -> str | None:
+        value = await self.get_expiring(key)
+        self._drop_expiring(key)
+        return value
+
+    @asynccontextmanager
+    async def lock(self, key: str, ttl_seconds: float, wait_seconds: float) -> AsyncIterator[None]:
+        # One process: an asyncio lock is the whole story (ttl_seconds matters only across processes).
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            try:
+                async with asyncio.timeout(wait_seconds):
+                    await lock.acquire()
+            except TimeoutError:
+                busy = "a lock is held too long; try again shortly"
+                raise Unavailable(busy, retry_after=RETRY_AFTER_SECONDS) from None
+            try:
+                yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
 
     async def take_token(self, key: str, capacity: int, per_seconds: float) -> float:
         now, rate = self._clock(), capacity / per_seconds
@@ -275,6 +317,27 @@ class RedisBackend:
         with _unreachable_is_unavailable():
             await self._redis.set(key, value, px=max(1, int(ttl_seconds * 1000)))
 
+    async def take_expiring(self, key: str) -> str | None:
+        with _unreachable_is_unavailable():
+            return await self._redis.getdel(key)  # atomic: of two takers, one gets the value
+
+    @asynccontextmanager
+    async def lock(self, key: str, ttl_seconds: float, wait_seconds: float) -> AsyncIterator[None]:
+        # redis-py's lock: SET NX PX with a random token, released by a script only by its owner; ttl_seconds frees
+        # it if its holder dies.
+        lock = self._redis.lock(key, timeout=ttl_seconds, blocking_timeout=wait_seconds)
+        with _unreachable_is_unavailable():
+            if not await lock.acquire():
+                raise Unavailable("a lock is held too long; try again shortly", retry_after=RETRY_AFTER_SECONDS)
+        try:
+            yield
+        finally:
+            with _unreachable_is_unavailable():
+                try:
+                    await lock.release()
+                except redis.exceptions.LockNotOwnedError:
+                    log.warning("a lock expired before its holder released it", extra={"lock": key.rsplit(":", 1)[0]})
+
     async def take_token(self, key: str, capacity: int, per_seconds: float) -> float:
         with _unreachable_is_unavailable():
             return float(await self._take_token(keys=[key], args=[capacity, per_seconds]))
@@ -356,7 +419,38 @@ class TenantStore:
         """Store a value that disappears after ``ttl_seconds`` (or earlier, when embedded memory runs short)."""
         await self._backend.set_expiring(self._key(f"{kind}:{key}"), value, ttl_seconds)
 
+    async def take_expiring(self, kind: str, key: str) -> str | None:
+        """Read and delete an expiring value at once: of concurrent takers (any replica), one gets it."""
+        return await self._backend.take_expiring(self._key(f"{kind}:{key}"))
+
+    def lock(self, name: str, ttl_seconds: float, wait_seconds: float) -> AbstractAsyncContextManager[None]:
+        """A lock of the tenant's, across replicas with Redis; held at most ``ttl_seconds``, waited for at most
+        ``wait_seconds`` (then UNAVAILABLE, try again)."""
+        return self._backend.lock(self._key(f"lock:{name}"), ttl_seconds, wait_seconds)
+
     async def take_token(self, bucket: str, capacity: int, per_seconds: float) -> float:
         """Take one of ``capacity`` tokens that refill over ``per_seconds`` (atomic across replicas with Redis):
         0 when taken, else the seconds until one is there (nothing taken)."""
         return await self._backend.take_token(self._key(f"rate:{bucket}"), capacity, per_seconds)
+
+
+class SharedStore:
+    """Expiring values that belong to no tenant yet: what a request without a token must find by a secret it carries
+    (an OAuth2 ``state`` coming back from a browser), which then says the tenant.
+
+    Keys are ``altan::<namespace>:<kind>:<key>``: the empty tenant part is one no tenant can have.
+    """
+
+    def __init__(self, backend: StateBackend, namespace: str) -> None:
+        self._backend = backend
+        self._namespace = namespace
+
+    def _key(self, kind: str, key: str) -> str:
+        return f"altan::{self._namespace}:{kind}:{key}"
+
+    async def set_expiring(self, kind: str, key: str, value: str, ttl_seconds: float) -> None:
+        await self._backend.set_expiring(self._key(kind, key), value, ttl_seconds)
+
+    async def take_expiring(self, kind: str, key: str) -> str | None:
+        """Read and delete at once: of concurrent takers (any replica), one gets the value."""
+        return await self._backend.take_expiring(self._key(kind, key))

@@ -19,7 +19,7 @@ from grpc_health.v1 import health, health_pb2
 from altan import context
 from altan.clients import ServiceChannel
 from altan.errors import from_rpc_error
-from altan.server import Context
+from altan.server import TOKENLESS_METHODS, Context
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
 from services.gateway.limits import TenantLimiter
 
@@ -47,6 +47,8 @@ PUBLIC_METHODS = frozenset(
         "/altan.v1.IntegratorService/GetCredential",
         "/altan.v1.IntegratorService/ListCredentials",
         "/altan.v1.IntegratorService/DeleteCredential",
+        "/altan.v1.IntegratorService/AuthorizeCredential",
+        "/altan.v1.IntegratorService/FinishOAuth2",
         "/altan.v1.IntegratorService/InvokeTool",
         "/altan.v1.IntegratorService/ListAuditEvents",
     }
@@ -86,7 +88,9 @@ def public_descriptor_pool() -> descriptor_pool.DescriptorPool:
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {context.current().token}"),)
+    # A tokenless RPC (altan.server.TOKENLESS_METHODS) has no caller here: it is forwarded without a token.
+    caller = context.current_or_none()
+    return (("authorization", f"Bearer {caller.token}"),) if caller is not None else ()
 
 
 class PublicProxy(grpc.GenericRpcHandler):
@@ -103,9 +107,11 @@ class PublicProxy(grpc.GenericRpcHandler):
         if streaming is None:
             return None
         channel = self._channels[path.split("/")[1]]
+        # A tokenless RPC has no tenant yet to count it against (its state names one only in the integrator).
+        limiter = None if path in TOKENLESS_METHODS else self._limiter
         if streaming:
-            return grpc.unary_stream_rpc_method_handler(self._stream(channel, path, self._limiter))
-        return grpc.unary_unary_rpc_method_handler(self._unary(channel, path, self._limiter))
+            return grpc.unary_stream_rpc_method_handler(self._stream(channel, path, limiter))
+        return grpc.unary_unary_rpc_method_handler(self._unary(channel, path, limiter))
 
     @staticmethod
     def _unary(channel: grpc.aio.Channel, path: str, limiter: TenantLimiter | None) -> Any:

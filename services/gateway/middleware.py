@@ -37,15 +37,23 @@ class AuthMiddleware:
     """Verifies the bearer token of every ``/v1`` request before anything else reads it (even the body).
 
     The verified caller is bound to the request context, which the handlers and the gRPC clients read.
+    ``tokenless_paths`` take no token (the OAuth2 callback, which a browser reaches): their request proves itself.
     """
 
-    def __init__(self, app: ASGIApp, verifier: TokenVerifier, limiter: TenantLimiter | None = None) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        verifier: TokenVerifier,
+        limiter: TenantLimiter | None = None,
+        tokenless_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.verifier = verifier
         self.limiter = limiter
+        self.tokenless_paths = tokenless_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith("/v1/"):
+        if scope["type"] != "http" or not scope["path"].startswith("/v1/") or scope["path"] in self.tokenless_paths:
             await self.app(scope, receive, send)
             return
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k == b"authorization"), None)

@@ -241,6 +241,46 @@ def create_app(
         await integrator.call(integrator.integrator.DeleteCredential, integrator_pb2.DeleteCredentialRequest(name=name))
         return Response(status_code=204)
 
+    @api.route(
+        "POST",
+        "/credentials/{name}/authorize",
+        200,
+        credentials.Authorization,
+        "Start the OAuth2 flow of a credential",
+        admin=True,
+        description=(
+            "Authorization code with PKCE (S256) for an oauth2 credential, from any status (re-authorization "
+            "included): send the user's browser to authorization_url; the provider redirects it to the credential's "
+            "redirect_uri with a code and the state, which GET /v1/oauth2/callback takes."
+        ),
+    )
+    async def authorize_credential(name: CredentialName) -> Response:
+        request_pb = integrator_pb2.AuthorizeCredentialRequest(name=name)
+        answer = await integrator.call(integrator.integrator.AuthorizeCredential, request_pb)
+        return _json({"authorization_url": answer.authorization_url, "state": answer.state})
+
+    @api.route(
+        "GET",
+        "/oauth2/callback",
+        200,
+        credentials.OAuth2Connected,
+        "Finish an OAuth2 flow",
+        auth=False,
+        errors=(400, 403, 429, 503, 504),
+        description=(
+            "The redirect_uri the provider sends the browser back to. Takes no bearer token: the one-time state names "
+            "the tenant and the credential. An unknown, used or expired state is 400 and changes nothing."
+        ),
+    )
+    async def oauth2_callback(
+        state: Annotated[str, Query(min_length=1, max_length=512)],
+        code: Annotated[str, Query(max_length=4096)] = "",
+        error: Annotated[str, Query(max_length=256, description="The provider's error instead of a code.")] = "",
+    ) -> Response:
+        request_pb = integrator_pb2.FinishOAuth2Request(code=code, state=state, error=error)
+        answer = await integrator.call(integrator.integrator.FinishOAuth2, request_pb)
+        return _json({"credential": answer.credential, "status": credentials.credential_status_name(answer.status)})
+
     # --- tasks --------------------------------------------------------------------------------------------
     @api.route(
         "POST",
@@ -372,7 +412,8 @@ def create_app(
     app.openapi = openapi  # type: ignore[method-assign]
     _install_error_handlers(app)
     # The last added runs first: metrics see every answer, then the size limit, then authentication.
-    app.add_middleware(AuthMiddleware, verifier=verifier, limiter=limiter)
+    tokenless = frozenset(path for (_, path), operation in api.operations.items() if not operation.auth)
+    app.add_middleware(AuthMiddleware, verifier=verifier, limiter=limiter, tokenless_paths=tokenless)
     app.add_middleware(BodyLimitMiddleware, max_bytes=max_body_bytes)
     app.add_middleware(MetricsMiddleware, registry=registry)
     return app

@@ -12,7 +12,7 @@ from altan.config import Settings
 from altan.egress import EgressGuard, EgressPolicy
 from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
-from altan.store import TenantStore, open_backend
+from altan.store import SharedStore, TenantStore, open_backend
 from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
 from services.integrator.audit import AuditLog
 from services.integrator.cache import ResponseCache
@@ -21,6 +21,7 @@ from services.integrator.credentials import CredentialBroker
 from services.integrator.llm.registry import PROVIDERS
 from services.integrator.metrics import LlmMetrics
 from services.integrator.models import InstallKey, ModelCaller
+from services.integrator.oauth2 import OAuth2Flows
 from services.integrator.secrets import LocalSecretBackend
 from services.integrator.servicer import IntegratorRuntimeServicer, IntegratorServicer
 
@@ -59,7 +60,28 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     stack.push_async_callback(tools.aclose)
     store = TenantStore(backend, "integrator")
     audit = AuditLog(store)
-    broker = CredentialBroker(store, LocalSecretBackend(store, settings.master_key_bytes()))
+    try:
+        policy = EgressPolicy.parse(settings.egress_allow)
+    except ValueError as exc:
+        raise ConfigurationError(f"ALTAN_EGRESS_ALLOW: {exc}") from None
+    secrets = LocalSecretBackend(store, settings.master_key_bytes())
+    # OAuth2 token and revocation endpoints are outbound calls like any other, through the egress guard; they never
+    # redirect (a redirect would carry the code or a refresh token elsewhere), and answer small documents.
+    oauth2_http = GuardedHttpClient(
+        EgressGuard(policy), max_redirects=0, timeout=settings.call_deadline_seconds, max_response_bytes=64 * 1024
+    )
+    stack.push_async_callback(oauth2_http.aclose)
+    oauth2 = OAuth2Flows(
+        store,
+        SharedStore(backend, "integrator"),
+        secrets,
+        oauth2_http,
+        audit,
+        state_ttl_seconds=settings.oauth2_state_ttl_seconds,
+        refresh_margin_seconds=settings.oauth2_refresh_margin_seconds,
+        deadline_seconds=settings.call_deadline_seconds,
+    )
+    broker = CredentialBroker(store, secrets, oauth2)
     caller = ToolCaller(
         tools,
         broker,
@@ -70,10 +92,6 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         cache=ResponseCache(store),
         limits=store,
     )
-    try:
-        policy = EgressPolicy.parse(settings.egress_allow)
-    except ValueError as exc:
-        raise ConfigurationError(f"ALTAN_EGRESS_ALLOW: {exc}") from None
     # LLM endpoints are outbound calls like any other: through the egress guard, one pooled client.
     http = GuardedHttpClient(
         EgressGuard(policy), timeout=settings.llm_deadline_seconds, max_response_bytes=settings.max_output_bytes

@@ -171,6 +171,10 @@ class ToolCaller:
                 await self._broker.resolve(credential_name, destination=destination) if credential_name else None
             )
             response = await self._execute(tool_id, arguments_json, credential, deadline_at)
+            if response.http_status == 401 and credential is not None and credential.refreshable:
+                # The third party refused the access token (revoked, expired early): refresh once, try once more.
+                credential = await self._broker.refresh(credential_name, stale=credential.value)
+                response = await self._execute(tool_id, arguments_json, credential, deadline_at)
             target = response.target
             if response.retry_after_seconds > 0 and response.target and self._limits is not None:
                 await self._hold_host(response.target, response.retry_after_seconds)
@@ -236,7 +240,7 @@ class ToolCaller:
     ) -> runtime_pb2.ExecuteToolResponse:
         request = runtime_pb2.ExecuteToolRequest(tool_id=tool_id, arguments_json=arguments_json)
         if credential is not None:
-            request.credential.CopyFrom(runtime_pb2.InjectedCredential(**credential.model_dump()))
+            request.credential.CopyFrom(runtime_pb2.InjectedCredential(**credential.injected()))
         retrying = AsyncRetrying(
             # No wait that would end past the deadline: then the last answer stands (or the last error is raised).
             stop=stop_after_attempt(self._attempts) | stop_before_delay(max(0.0, deadline_at - time.monotonic())),

@@ -57,6 +57,19 @@ class IntegratorServicer(integrator_pb2_grpc.IntegratorServiceServicer):
         await self._audit.record("credential.delete", credential=request.name)
         return integrator_pb2.DeleteCredentialResponse()
 
+    async def AuthorizeCredential(
+        self, request: integrator_pb2.AuthorizeCredentialRequest, context: Context
+    ) -> integrator_pb2.AuthorizeCredentialResponse:
+        url, state = await self._broker.authorize(request.name)
+        return integrator_pb2.AuthorizeCredentialResponse(authorization_url=url, state=state)
+
+    async def FinishOAuth2(
+        self, request: integrator_pb2.FinishOAuth2Request, context: Context
+    ) -> integrator_pb2.FinishOAuth2Response:
+        # Tokenless (altan.server.TOKENLESS_METHODS): the state names the tenant, and the broker binds it.
+        name = await self._broker.finish_oauth2(request.code, request.state, request.error)
+        return integrator_pb2.FinishOAuth2Response(credential=name, status=integrator_pb2.CREDENTIAL_STATUS_CONNECTED)
+
     async def InvokeTool(
         self, request: integrator_pb2.InvokeToolRequest, context: Context
     ) -> integrator_pb2.InvokeToolResponse:

@@ -13,6 +13,7 @@ import redis
 from tests.e2e.fake_llms import INSTALL_KEY, Llms
 from tests.e2e.fake_third_party import FakeThirdParty, start_fake_third_party
 from tests.e2e.stack import Stack, free_port, new_tenant, remove_session_keys, start_stack
+from tests.fakes.oauth2 import FakeOAuth2Provider, start_fake_oauth2_provider
 from tests.redis_server import RedisServer
 
 
@@ -47,6 +48,14 @@ def third_party() -> Iterator[FakeThirdParty]:
 
 
 @pytest.fixture(scope="session")
+def oauth2_provider() -> Iterator[FakeOAuth2Provider]:
+    fake = start_fake_oauth2_provider()
+    yield fake
+    fake.server.shutdown()
+    fake.server.server_close()
+
+
+@pytest.fixture(scope="session")
 def closed_port() -> int:
     """An allowed egress destination where nothing listens: connection refused, every time."""
     return free_port()
@@ -64,13 +73,14 @@ def llms() -> Iterator[Llms]:
 def stack(
     request: pytest.FixtureRequest,
     third_party: FakeThirdParty,
+    oauth2_provider: FakeOAuth2Provider,
     llms: Llms,
     closed_port: int,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
-    ports = (third_party.port, closed_port, llms.openai.port, llms.anthropic.port)
+    ports = (third_party.port, closed_port, llms.openai.port, llms.anthropic.port, oauth2_provider.port)
     allow = ",".join([*(f"127.0.0.1:{port}" for port in ports), f"localhost:{llms.openai.port}"])
     # The install's own OpenAI key, to be sent to 127.0.0.1 only (not to "localhost", the same server by another name).
     metrics_port = free_port()

@@ -82,6 +82,7 @@ class Stack:
     grpc_port: int
     mode: str
     internal_ports: dict[str, int]
+    env: dict[str, str] = field(default_factory=dict)  # what the services were started with (another replica's)
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread = field(init=False)
@@ -181,7 +182,7 @@ def start_stack(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal)
+    stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal, env)
     stack.reader = threading.Thread(target=stack._read, daemon=True)
     stack.reader.start()
     if not wait_ready:

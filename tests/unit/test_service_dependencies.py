@@ -25,6 +25,7 @@ MODULES = {
     "jsonschema": ["jsonschema", "referencing", "jsonschema_specifications"],
     "google-re2": ["re2"],
     "tenacity": ["tenacity"],
+    "authlib": ["authlib"],
 }
 
 BLOCKER = """

@@ -14,15 +14,18 @@ from altan.v1 import common_pb2, integrator_pb2
 
 __all__ = [
     "ApiKeySpec",
+    "Authorization",
     "Credential",
     "CredentialList",
     "CredentialName",
     "CredentialSpec",
+    "OAuth2Connected",
     "OAuth2Spec",
     "check_name",
     "credential_json",
     "credential_spec_from_proto",
     "credential_spec_to_proto",
+    "credential_status_name",
     "credential_to_proto",
     "parse_credential_spec",
 ]
@@ -112,6 +115,22 @@ class CredentialList(BaseModel):
 
     credentials: list[Credential]
     next_page_token: str | None = Field(default=ABSENT, description="Present when there is another page.")
+
+
+class Authorization(BaseModel):
+    """Where to send the user's browser to authorize an oauth2 credential."""
+
+    authorization_url: str = Field(
+        description="The provider's authorization URL, with the S256 code challenge and the state."
+    )
+    state: str = Field(description="One-time, valid for a few minutes; it comes back to the callback with the code.")
+
+
+class OAuth2Connected(BaseModel):
+    """The answer of the OAuth2 callback: the credential now holds its tokens."""
+
+    credential: str
+    status: Literal["connected"]
 
 
 class CredentialSpec(RootModel[Annotated[ApiKeySpec | OAuth2Spec, Field(discriminator="type")]]):
@@ -217,13 +236,18 @@ def credential_to_proto(meta: dict[str, Any]) -> integrator_pb2.Credential:
 # --- REST -------------------------------------------------------------------------------------------------
 
 
+def credential_status_name(status: int) -> str:
+    """``connected``, ``pending``, ... of a CredentialStatus."""
+    return enum_name(_STATUS, status) or "error"
+
+
 def credential_json(msg: integrator_pb2.Credential) -> dict[str, Any]:
     """The REST form of credential metadata (the :class:`Credential` model)."""
     kind = enum_name(_AUTH, msg.type) or "api_key"
     body: dict[str, Any] = {
         "name": msg.name,
         "type": kind,
-        "status": enum_name(_STATUS, msg.status) or "error",
+        "status": credential_status_name(msg.status),
         "hosts": list(msg.hosts),
     }
     if kind == "api_key":

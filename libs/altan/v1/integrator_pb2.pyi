@@ -464,6 +464,110 @@ class DeleteCredentialResponse(_message.Message):
 Global___DeleteCredentialResponse: _TypeAlias = DeleteCredentialResponse  # noqa: Y015
 
 @_typing.final
+class AuthorizeCredentialRequest(_message.Message):
+    """Request of AuthorizeCredential."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The oauth2 credential to authorize (again, from any status)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeCredentialRequest: _TypeAlias = AuthorizeCredentialRequest  # noqa: Y015
+
+@_typing.final
+class AuthorizeCredentialResponse(_message.Message):
+    """Response of AuthorizeCredential."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTHORIZATION_URL_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    authorization_url: _builtins.str
+    """The provider's authorization URL, with client_id, redirect_uri, scope, state and the S256 code challenge."""
+    state: _builtins.str
+    """The one-time state, valid for a few minutes (ALTAN_OAUTH2_STATE_TTL_SECONDS)."""
+    def __init__(
+        self,
+        *,
+        authorization_url: _builtins.str = ...,
+        state: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["authorization_url", b"authorization_url", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AuthorizeCredentialResponse: _TypeAlias = AuthorizeCredentialResponse  # noqa: Y015
+
+@_typing.final
+class FinishOAuth2Request(_message.Message):
+    """Request of FinishOAuth2: what the provider sent to the redirect URI."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    code: _builtins.str
+    """The authorization code."""
+    state: _builtins.str
+    """The state that AuthorizeCredential answered."""
+    error: _builtins.str
+    """The provider's `error` instead of a code (the user refused, say); empty otherwise."""
+    def __init__(
+        self,
+        *,
+        code: _builtins.str = ...,
+        state: _builtins.str = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "error", b"error", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishOAuth2Request: _TypeAlias = FinishOAuth2Request  # noqa: Y015
+
+@_typing.final
+class FinishOAuth2Response(_message.Message):
+    """Response of FinishOAuth2."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    credential: _builtins.str
+    """The credential now authorized."""
+    status: Global___CredentialStatus.ValueType
+    """Its status: connected."""
+    def __init__(
+        self,
+        *,
+        credential: _builtins.str = ...,
+        status: Global___CredentialStatus.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinishOAuth2Response: _TypeAlias = FinishOAuth2Response  # noqa: Y015
+
+@_typing.final
 class InvokeToolRequest(_message.Message):
     """Request of InvokeTool."""
 

@@ -56,6 +56,16 @@ class IntegratorServiceStub:
                 request_serializer=altan_dot_v1_dot_integrator__pb2.DeleteCredentialRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_integrator__pb2.DeleteCredentialResponse.FromString,
                 _registered_method=True)
+        self.AuthorizeCredential = channel.unary_unary(
+                '/altan.v1.IntegratorService/AuthorizeCredential',
+                request_serializer=altan_dot_v1_dot_integrator__pb2.AuthorizeCredentialRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_integrator__pb2.AuthorizeCredentialResponse.FromString,
+                _registered_method=True)
+        self.FinishOAuth2 = channel.unary_unary(
+                '/altan.v1.IntegratorService/FinishOAuth2',
+                request_serializer=altan_dot_v1_dot_integrator__pb2.FinishOAuth2Request.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_integrator__pb2.FinishOAuth2Response.FromString,
+                _registered_method=True)
         self.InvokeTool = channel.unary_unary(
                 '/altan.v1.IntegratorService/InvokeTool',
                 request_serializer=altan_dot_v1_dot_integrator__pb2.InvokeToolRequest.SerializeToString,
@@ -101,6 +111,22 @@ class IntegratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuthorizeCredential(self, request, context):
+        """Starts the OAuth2 authorization-code flow with PKCE of an oauth2 credential; admin only. Answers the URL to
+        send the user's browser to and the one-time `state` that comes back with it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def FinishOAuth2(self, request, context):
+        """Finishes an OAuth2 flow: exchanges the code for tokens. Takes no bearer token: the browser coming back from the
+        provider has none, so the one-time `state` alone names the tenant and the credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def InvokeTool(self, request, context):
         """Runs one tool with its credential, retries and an audit event.
         """
@@ -137,6 +163,16 @@ def add_IntegratorServiceServicer_to_server(servicer, server):
                     servicer.DeleteCredential,
                     request_deserializer=altan_dot_v1_dot_integrator__pb2.DeleteCredentialRequest.FromString,
                     response_serializer=altan_dot_v1_dot_integrator__pb2.DeleteCredentialResponse.SerializeToString,
+            ),
+            'AuthorizeCredential': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuthorizeCredential,
+                    request_deserializer=altan_dot_v1_dot_integrator__pb2.AuthorizeCredentialRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_integrator__pb2.AuthorizeCredentialResponse.SerializeToString,
+            ),
+            'FinishOAuth2': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinishOAuth2,
+                    request_deserializer=altan_dot_v1_dot_integrator__pb2.FinishOAuth2Request.FromString,
+                    response_serializer=altan_dot_v1_dot_integrator__pb2.FinishOAuth2Response.SerializeToString,
             ),
             'InvokeTool': grpc.unary_unary_rpc_method_handler(
                     servicer.InvokeTool,
@@ -259,6 +295,60 @@ class IntegratorService:
             '/altan.v1.IntegratorService/DeleteCredential',
             altan_dot_v1_dot_integrator__pb2.DeleteCredentialRequest.SerializeToString,
             altan_dot_v1_dot_integrator__pb2.DeleteCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuthorizeCredential(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.IntegratorService/AuthorizeCredential',
+            altan_dot_v1_dot_integrator__pb2.AuthorizeCredentialRequest.SerializeToString,
+            altan_dot_v1_dot_integrator__pb2.AuthorizeCredentialResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinishOAuth2(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.IntegratorService/FinishOAuth2',
+            altan_dot_v1_dot_integrator__pb2.FinishOAuth2Request.SerializeToString,
+            altan_dot_v1_dot_integrator__pb2.FinishOAuth2Response.FromString,
             options,
             channel_credentials,
             insecure,

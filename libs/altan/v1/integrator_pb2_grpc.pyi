@@ -43,6 +43,14 @@ class IntegratorServiceStub:
     """Lists credential metadata."""
     DeleteCredential: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.DeleteCredentialRequest, _integrator_pb2.DeleteCredentialResponse]
     """Deletes a credential; admin only."""
+    AuthorizeCredential: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.AuthorizeCredentialRequest, _integrator_pb2.AuthorizeCredentialResponse]
+    """Starts the OAuth2 authorization-code flow with PKCE of an oauth2 credential; admin only. Answers the URL to
+    send the user's browser to and the one-time `state` that comes back with it.
+    """
+    FinishOAuth2: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.FinishOAuth2Request, _integrator_pb2.FinishOAuth2Response]
+    """Finishes an OAuth2 flow: exchanges the code for tokens. Takes no bearer token: the browser coming back from the
+    provider has none, so the one-time `state` alone names the tenant and the credential.
+    """
     InvokeTool: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.InvokeToolRequest, _integrator_pb2.InvokeToolResponse]
     """Runs one tool with its credential, retries and an audit event."""
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.ListAuditEventsRequest, _integrator_pb2.ListAuditEventsResponse]
@@ -63,6 +71,14 @@ class IntegratorServiceAsyncStub(IntegratorServiceStub):
     """Lists credential metadata."""
     DeleteCredential: _aio.UnaryUnaryMultiCallable[_integrator_pb2.DeleteCredentialRequest, _integrator_pb2.DeleteCredentialResponse]  # type: ignore[assignment]
     """Deletes a credential; admin only."""
+    AuthorizeCredential: _aio.UnaryUnaryMultiCallable[_integrator_pb2.AuthorizeCredentialRequest, _integrator_pb2.AuthorizeCredentialResponse]  # type: ignore[assignment]
+    """Starts the OAuth2 authorization-code flow with PKCE of an oauth2 credential; admin only. Answers the URL to
+    send the user's browser to and the one-time `state` that comes back with it.
+    """
+    FinishOAuth2: _aio.UnaryUnaryMultiCallable[_integrator_pb2.FinishOAuth2Request, _integrator_pb2.FinishOAuth2Response]  # type: ignore[assignment]
+    """Finishes an OAuth2 flow: exchanges the code for tokens. Takes no bearer token: the browser coming back from the
+    provider has none, so the one-time `state` alone names the tenant and the credential.
+    """
     InvokeTool: _aio.UnaryUnaryMultiCallable[_integrator_pb2.InvokeToolRequest, _integrator_pb2.InvokeToolResponse]  # type: ignore[assignment]
     """Runs one tool with its credential, retries and an audit event."""
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_integrator_pb2.ListAuditEventsRequest, _integrator_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
@@ -104,6 +120,26 @@ class IntegratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_integrator_pb2.DeleteCredentialResponse, _abc.Awaitable[_integrator_pb2.DeleteCredentialResponse]]:
         """Deletes a credential; admin only."""
+
+    @_abc_1.abstractmethod
+    def AuthorizeCredential(
+        self,
+        request: _integrator_pb2.AuthorizeCredentialRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_integrator_pb2.AuthorizeCredentialResponse, _abc.Awaitable[_integrator_pb2.AuthorizeCredentialResponse]]:
+        """Starts the OAuth2 authorization-code flow with PKCE of an oauth2 credential; admin only. Answers the URL to
+        send the user's browser to and the one-time `state` that comes back with it.
+        """
+
+    @_abc_1.abstractmethod
+    def FinishOAuth2(
+        self,
+        request: _integrator_pb2.FinishOAuth2Request,
+        context: _ServicerContext,
+    ) -> _typing.Union[_integrator_pb2.FinishOAuth2Response, _abc.Awaitable[_integrator_pb2.FinishOAuth2Response]]:
+        """Finishes an OAuth2 flow: exchanges the code for tokens. Takes no bearer token: the browser coming back from the
+        provider has none, so the one-time `state` alone names the tenant and the credential.
+        """
 
     @_abc_1.abstractmethod
     def InvokeTool(
