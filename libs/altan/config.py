@@ -143,6 +143,9 @@ class Settings(BaseSettings):
     max_tool_call_errors: int = Field(default=3, ge=0, le=20)  # malformed tool calls answered before the task fails
     context_budget_tokens: int = Field(default=32_000, ge=1_000, le=2_000_000)  # a thread's history sent to the model
     tool_concurrency: int = Field(default=16, ge=1, le=256)  # one tenant's tool calls in flight in one agent replica
+    # Connections one process keeps open to third parties and LLM endpoints, all of them together; a call past it
+    # waits for one to be free. An LLM turn holds its connection for as long as the model thinks.
+    outbound_max_connections: int = Field(default=100, ge=1, le=10_000)
     # Install-level keys, used for an agent whose llm names no credential, and only towards these hosts.
     openai_api_key: SecretStr | None = None
     openai_api_hosts: str = "api.openai.com"

@@ -97,6 +97,7 @@ class GuardedHttpClient:
         max_response_bytes: int = 10 * 1024 * 1024,
         timeout: float = 30.0,
         verify: ssl.SSLContext | bool = True,
+        max_connections: int = 100,
     ) -> None:
         self._guard = guard
         self._max_redirects = max_redirects
@@ -104,7 +105,7 @@ class GuardedHttpClient:
         self._timeout = timeout
         # Every connection opened is kept for the next call (until idle for 5 s): with fewer kept than may be open,
         # each call beyond that many in flight opened a connection of its own, and over TLS a handshake.
-        limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
         context = httpx.create_ssl_context(verify=verify, trust_env=False)  # ~40 ms: built once, used by both
         transport = httpx.AsyncHTTPTransport(verify=context, limits=limits, trust_env=False)
         # httpx 0.28 has no public hook for the network backend, so swap the (still empty) pool it built for one

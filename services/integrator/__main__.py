@@ -94,7 +94,10 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     # LLM endpoints are outbound calls like any other: through the egress guard, one pooled client.
     http = GuardedHttpClient(
-        EgressGuard(policy), timeout=settings.llm_deadline_seconds, max_response_bytes=settings.max_output_bytes
+        EgressGuard(policy),
+        timeout=settings.llm_deadline_seconds,
+        max_response_bytes=settings.max_output_bytes,
+        max_connections=settings.outbound_max_connections,
     )
     stack.push_async_callback(http.aclose)
     models = ModelCaller(

@@ -27,7 +27,10 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     guard = EgressGuard(policy)
     # A body larger than an output may be is not even read to the end.
     http = GuardedHttpClient(
-        guard, timeout=settings.call_deadline_seconds, max_response_bytes=settings.max_output_bytes
+        guard,
+        timeout=settings.call_deadline_seconds,
+        max_response_bytes=settings.max_output_bytes,
+        max_connections=settings.outbound_max_connections,
     )
     stack.push_async_callback(http.aclose)
     registry = ToolRegistry(TenantStore(backend, "tool"))
