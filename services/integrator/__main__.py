@@ -14,14 +14,14 @@ from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
 from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
-from services.integrator.audit import AuditLog
+from services.integrator.audit import AuditLog, open_audit_sink
 from services.integrator.cache import ResponseCache
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
 from services.integrator.llm.registry import PROVIDERS
 from services.integrator.metrics import LlmMetrics
 from services.integrator.models import InstallKey, ModelCaller
-from services.integrator.secrets import LocalSecretBackend
+from services.integrator.secrets import open_secret_backend
 from services.integrator.servicer import IntegratorRuntimeServicer, IntegratorServicer
 
 
@@ -58,8 +58,13 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     tools = ToolClient(settings.tool_addr, settings.call_deadline_seconds)
     stack.push_async_callback(tools.aclose)
     store = TenantStore(backend, "integrator")
-    audit = AuditLog(store)
-    broker = CredentialBroker(store, LocalSecretBackend(store, settings.master_key_bytes()))
+    sink = open_audit_sink(settings)
+    if sink is not None:
+        stack.push_async_callback(sink.aclose)
+    audit = AuditLog(store, sink=sink)
+    secrets = open_secret_backend(settings, store)
+    stack.push_async_callback(secrets.aclose)
+    broker = CredentialBroker(store, secrets)
     caller = ToolCaller(
         tools,
         broker,

@@ -39,6 +39,10 @@ _RETRY_AFTER_REFUSED = 30.0  # an IAM fix takes minutes to propagate: no point i
 
 C = TypeVar("C")
 
+# After an outage a channel waits its reconnect backoff before it tries again (up to 120 s by gRPC's default), and
+# fails every call meanwhile: capped, calls work again within a second of Google (or the network) coming back.
+_CHANNEL_OPTIONS = [("grpc.max_reconnect_backoff_ms", 1000)]
+
 
 def open_client(settings: Settings, client_type: type[C], transport_type: type[Any], setting: str) -> C:
     """An asyncio client of one Google API; call inside the running event loop (its channel belongs to it).
@@ -46,10 +50,14 @@ def open_client(settings: Settings, client_type: type[C], transport_type: type[A
     A missing identity stops the process at start with a line naming ``setting``, rather than failing every call.
     """
     if settings.gcp_emulator_host:
-        channel = grpc.aio.insecure_channel(settings.gcp_emulator_host)
+        channel = grpc.aio.insecure_channel(settings.gcp_emulator_host, options=_CHANNEL_OPTIONS)
         return client_type(transport=transport_type(channel=channel))  # type: ignore[call-arg]
+
+    def create_channel(*args: Any, options: list[tuple[str, Any]], **kwargs: Any) -> grpc.aio.Channel:
+        return transport_type.create_channel(*args, options=[*options, *_CHANNEL_OPTIONS], **kwargs)  # type: ignore[no-any-return]
+
     try:
-        return client_type()
+        return client_type(transport=transport_type(channel=create_channel))  # type: ignore[call-arg]
     except auth_errors.DefaultCredentialsError:
         raise ConfigurationError(
             f"{setting}=gcp: no Google credentials found (Workload Identity on GKE, or GOOGLE_APPLICATION_CREDENTIALS)"
