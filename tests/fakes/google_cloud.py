@@ -246,6 +246,10 @@ class FakeGoogleCloud:
         self.port = 0
 
     @property
+    def serving(self) -> bool:
+        return self._server is not None
+
+    @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
