@@ -115,6 +115,23 @@ class Settings(BaseSettings):
     # before an access token's expiry it is refreshed.
     oauth2_state_ttl_seconds: float = Field(default=600.0, gt=0, le=3600)
     oauth2_refresh_margin_seconds: float = Field(default=60.0, ge=0, le=3600)
+    # Where the integrator keeps credential secrets: "local" (encrypted in the state store with keys derived from the
+    # master key) or "gcp" (one Google Secret Manager secret per tenant credential, in gcp_project). Never both: an
+    # unreachable backend is an error, not a reason to use the other.
+    secret_backend: Literal["local", "gcp"] = "local"  # noqa: S105 (a backend's name, not a secret)
+    # Optional copy of every audit event to Google Cloud Logging (the log gcp_audit_log_name in gcp_project), written
+    # ahead of each call: a call whose audit entry cannot be written does not run.
+    audit_sink: Literal["none", "gcp"] = "none"
+    gcp_project: str | None = Field(default=None, pattern=r"^[a-z][a-z0-9-]{4,28}[a-z0-9]$")
+    # Secret ids are "<prefix>-<sha256 of tenant and name>": the prefix tells installs sharing a project apart and
+    # lets IAM conditions grant an install exactly its own secrets (resource.name.startsWith).
+    gcp_secret_prefix: str = Field(default="altan", pattern=r"^[A-Za-z][A-Za-z0-9_-]{0,62}$")
+    gcp_audit_log_name: str = Field(default="altan-audit", pattern=r"^[A-Za-z0-9_.-]{1,100}$")
+    # One Google API call, its retries of transient failures included.
+    gcp_timeout_seconds: float = Field(default=10.0, gt=0, le=60)
+    # A local emulator (host:port on loopback) in place of Google's endpoint: plaintext gRPC, no credentials. For
+    # tests and development only; the secret is sent in the clear, hence loopback only.
+    gcp_emulator_host: str | None = Field(default=None, pattern=r"^(127\.0\.0\.1|localhost|\[::1\]):[0-9]{1,5}$")
 
     # Outbound calls and limits.
     egress_allow: str = ""
@@ -206,6 +223,8 @@ class Settings(BaseSettings):
             raise ValueError("ALTAN_JWT_ALGORITHMS must not mix HS* with asymmetric algorithms")
         if not symmetric and not (self.jwt_jwks_url or self.jwt_jwks_file):
             raise ValueError("asymmetric algorithms need ALTAN_JWT_JWKS_URL or ALTAN_JWT_JWKS_FILE")
+        if "gcp" in (self.secret_backend, self.audit_sink) and not self.gcp_project:
+            raise ValueError("ALTAN_SECRET_BACKEND=gcp and ALTAN_AUDIT_SINK=gcp need ALTAN_GCP_PROJECT")
         return self
 
     def master_key_bytes(self) -> bytes:

@@ -14,7 +14,7 @@ from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import SharedStore, TenantStore, open_backend
 from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
-from services.integrator.audit import AuditLog
+from services.integrator.audit import AuditLog, open_audit_sink
 from services.integrator.cache import ResponseCache
 from services.integrator.calls import ToolCaller
 from services.integrator.credentials import CredentialBroker
@@ -22,7 +22,7 @@ from services.integrator.llm.registry import PROVIDERS
 from services.integrator.metrics import LlmMetrics
 from services.integrator.models import InstallKey, ModelCaller
 from services.integrator.oauth2 import OAuth2Flows
-from services.integrator.secrets import LocalSecretBackend
+from services.integrator.secrets import open_secret_backend
 from services.integrator.servicer import IntegratorRuntimeServicer, IntegratorServicer
 
 
@@ -59,12 +59,16 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     tools = ToolClient(settings.tool_addr, settings.call_deadline_seconds)
     stack.push_async_callback(tools.aclose)
     store = TenantStore(backend, "integrator")
-    audit = AuditLog(store)
+    sink = open_audit_sink(settings)
+    if sink is not None:
+        stack.push_async_callback(sink.aclose)
+    audit = AuditLog(store, sink=sink)
     try:
         policy = EgressPolicy.parse(settings.egress_allow)
     except ValueError as exc:
         raise ConfigurationError(f"ALTAN_EGRESS_ALLOW: {exc}") from None
-    secrets = LocalSecretBackend(store, settings.master_key_bytes())
+    secrets = open_secret_backend(settings, store)
+    stack.push_async_callback(secrets.aclose)
     # OAuth2 token and revocation endpoints are outbound calls like any other, through the egress guard; they never
     # redirect (a redirect would carry the code or a refresh token elsewhere), and answer small documents.
     oauth2_http = GuardedHttpClient(

@@ -36,7 +36,7 @@ from altan.errors import (
 from altan.store import TenantStore
 from altan.v1 import common_pb2, runtime_pb2, tool_pb2
 from altan.wire import parse_json
-from services.integrator.audit import AuditLog
+from services.integrator.audit import AuditIntent, AuditLog
 from services.integrator.cache import ResponseCache
 from services.integrator.credentials import CredentialBroker, ResolvedCredential
 
@@ -143,6 +143,7 @@ class ToolCaller:
         started = time.monotonic()
         target = ""
         credential_name = ""
+        intent: AuditIntent | None = None
         try:
             if agent_id and tool_id not in bound:
                 raise PermissionDenied(f"tool '{tool_id}' is not bound to agent '{agent_id}'")
@@ -167,6 +168,8 @@ class ToolCaller:
             host = _destination(tool, tool_id, arguments_json)
             if host and self._limits is not None:
                 await self._after_host_hold(host, deadline_at)
+            # Fail closed: no secret is read and no call runs until its audit entry is written.
+            intent = await self._audit.begin("tool.invoke", tool_id=tool_id, credential=credential_name)
             credential = (
                 await self._broker.resolve(credential_name, destination=destination) if credential_name else None
             )
@@ -182,6 +185,7 @@ class ToolCaller:
             target = getattr(exc, "target", "") or target
             await self._audit.record(
                 "tool.invoke",
+                intent=intent,
                 tool_id=tool_id,
                 target=target,
                 outcome="denied" if isinstance(exc, PermissionDenied | NotFound) else "error",
@@ -192,6 +196,7 @@ class ToolCaller:
             raise
         await self._audit.record(
             "tool.invoke",
+            intent=intent,
             tool_id=tool_id,
             target=target,
             outcome="ok" if response.http_status < 400 else "error",

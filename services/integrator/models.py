@@ -30,7 +30,7 @@ from altan.api.convert import enum_name, struct_to_dict
 from altan.errors import AltanError, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from altan.outbound import GuardedHttpClient
 from altan.v1 import agent_pb2, common_pb2, runtime_pb2
-from services.integrator.audit import AuditLog
+from services.integrator.audit import AuditIntent, AuditLog
 from services.integrator.credentials import CredentialBroker
 from services.integrator.llm.base import (
     Message,
@@ -168,10 +168,13 @@ class ModelCaller:
         credential = llm.auth.credential if llm.HasField("auth") else ""
         target = _target(llm.endpoint)
         key: str | None = None
+        intent: AuditIntent | None = None
         try:
             provider = self._providers.get(provider_name)
             if provider is None:
                 raise FailedPrecondition(f"no provider {provider_name!r} in this build")
+            # Fail closed: no key is read and no model is called until the call's audit entry is written.
+            intent = await self._audit.begin("llm.call", model=llm.llm_id, target=target, credential=credential)
             key = await self._key(llm, provider_name)
             model_request = ModelRequest(
                 model=llm.llm_id,
@@ -222,6 +225,7 @@ class ModelCaller:
                 self._metrics.called(provider_name, llm.llm_id, outcome, time.monotonic() - started)
             await self._audit.record(
                 "llm.call",
+                intent=intent,
                 model=llm.llm_id,
                 target=getattr(exc, "target", "") or target,
                 outcome=outcome,
@@ -233,7 +237,7 @@ class ModelCaller:
         if self._metrics is not None:
             self._metrics.called(provider_name, llm.llm_id, "ok", time.monotonic() - started)
         await self._audit.record(
-            "llm.call", model=llm.llm_id, target=target, latency_ms=_ms(started), credential=credential
+            "llm.call", intent=intent, model=llm.llm_id, target=target, latency_ms=_ms(started), credential=credential
         )
         return turn, provider_name
 

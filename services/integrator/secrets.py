@@ -2,13 +2,15 @@
 
 Each tenant's key is derived from the master key with HKDF, and every ciphertext is bound to its tenant and name
 as associated data, so a ciphertext copied to another tenant or name fails to decrypt instead of leaking.
-Google Secret Manager will implement the same :class:`SecretBackend` interface.
+Google Secret Manager (services/integrator/secret_manager.py) implements the same :class:`SecretBackend` interface;
+``ALTAN_SECRET_BACKEND`` picks one from :data:`SECRET_BACKENDS`.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Protocol
 
@@ -18,10 +20,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from altan import context
+from altan.config import Settings
 from altan.errors import FailedPrecondition
 from altan.store import TenantStore
 
-__all__ = ["LocalSecretBackend", "SecretBackend"]
+__all__ = ["SECRET_BACKENDS", "LocalSecretBackend", "SecretBackend", "open_secret_backend"]
 
 _SECRETS = "secrets"
 
@@ -32,6 +35,7 @@ class SecretBackend(Protocol):
     async def put(self, name: str, secret: bytes) -> None: ...
     async def get(self, name: str) -> bytes | None: ...
     async def delete(self, name: str) -> None: ...
+    async def aclose(self) -> None: ...
 
 
 class LocalSecretBackend:
@@ -66,6 +70,30 @@ class LocalSecretBackend:
 
     async def delete(self, name: str) -> None:
         await self._store.delete(_SECRETS, name)
+
+    async def aclose(self) -> None:
+        pass  # the state store is closed by its owner
+
+
+def _local(settings: Settings, store: TenantStore) -> SecretBackend:
+    return LocalSecretBackend(store, settings.master_key_bytes())
+
+
+def _gcp(settings: Settings, store: TenantStore) -> SecretBackend:
+    # Imported here: only installs that choose Google pay for loading its client library.
+    from services.integrator.secret_manager import SecretManagerBackend
+
+    return SecretManagerBackend.open(settings)
+
+
+# ALTAN_SECRET_BACKEND -> how to open it (inside the running event loop). Exactly one is used: an unreachable backend
+# is an error (503), never a reason to read or write another.
+SECRET_BACKENDS: dict[str, Callable[[Settings, TenantStore], SecretBackend]] = {"local": _local, "gcp": _gcp}
+
+
+def open_secret_backend(settings: Settings, store: TenantStore) -> SecretBackend:
+    """The secret backend ``settings`` select."""
+    return SECRET_BACKENDS[settings.secret_backend](settings, store)
 
 
 def _derive(master_key: bytes, tenant: str) -> bytes:

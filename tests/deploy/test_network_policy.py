@@ -72,6 +72,11 @@ def expected_edges(render: Render) -> set[Edge]:
         peers = [cidr_peer(rule["cidr"])] if "cidr" in rule else [_peer_name(p) for p in rule["to"]]
         edges |= {("integrator", p, _tcp(port)) for p in peers for port in rule["ports"]}
 
+    if "gcp" in (v["integrator"]["secretBackend"], v["integrator"]["auditSink"]["type"]):
+        # Workload Identity's tokens come from the GKE metadata server (Google's APIs are on the internet rule).
+        edges |= {("integrator", cidr_peer("169.254.169.254/32"), _tcp(80))}
+        edges |= {("integrator", cidr_peer("169.254.169.252/32"), _tcp(988))}
+
     metrics_port = v["integrator"]["metrics"].get("port")
     if metrics_port:
         scrapers = [_peer_name(peer) for peer in net["metrics"]["from"]]

@@ -93,6 +93,33 @@ def test_operations_endpoints(stack: Stack) -> None:
         assert spec["paths"]["/v1/agents"]["post"]["security"] == [{"bearer": []}]
 
 
+def test_public_metrics_carry_no_tenant_identifiers_or_per_tenant_volumes(stack: Stack, tenant: str) -> None:
+    """API.md: /metrics never shows one tenant's identifiers or volumes to another (it needs no token at all)."""
+    import httpx
+
+    marker = f"{tenant}-metrics"
+    with stack.client(marker) as api:
+        agent_id = api.post("/v1/agents", json={"name": "metrics-probe", "tools": ["json_extract"]}).json()["id"]
+        api.put("/v1/credentials/crm-metrics-probe", json={"type": "api_key", "value": "sk-metrics-probe"})
+        for _ in range(3):
+            api.get(f"/v1/agents/{agent_id}")
+            api.get("/v1/tools/json_extract-metrics-probe")
+            api.post("/v1/tools/json_extract/invoke", json={"arguments": {"data": {}, "path": "x"}})
+    with httpx.Client(base_url=stack.base_url, trust_env=False) as anonymous:
+        text = anonymous.get("/metrics").text
+    for identifier in (marker, tenant, agent_id, "crm-metrics-probe", "metrics-probe", "sk-metrics-probe"):
+        assert identifier not in text
+    labels = {
+        name
+        for line in text.splitlines()
+        if "{" in line and not line.startswith("#")
+        for name in (pair.split("=")[0] for pair in line.split("{", 1)[1].split("}")[0].split(","))
+    }
+    assert not {label for label in labels if "tenant" in label or "user" in label or "sub" in label}
+    routes = {line.split('route="')[1].split('"')[0] for line in text.splitlines() if 'route="' in line}
+    assert "/v1/agents/{agent_id}" in routes, "requests are counted by route template, not by path"
+
+
 def test_deep_nesting_and_broken_unicode_are_400(stack: Stack, tenant: str) -> None:
     deep: object = "x"
     for _ in range(600):
