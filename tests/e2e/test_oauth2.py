@@ -280,11 +280,11 @@ def replica(stack: Stack) -> Iterator[str]:
         assert process.returncode == 0, output[-3000:]
 
 
+@pytest.mark.parametrize("stack", ["redis"], indirect=True)  # replicas share their state through Redis
 def test_two_replicas_refreshing_at_once_refresh_once(
     stack: Stack, tenant: str, oauth2_provider: FakeOAuth2Provider, replica: str, request: pytest.FixtureRequest
 ) -> None:
-    if stack.mode != "redis":
-        pytest.skip("replicas share their state through Redis")
+    assert stack.mode == "redis"
     oauth2_provider.expires_in, oauth2_provider.refresh_delay = 30, 0.0
     connected = Connected(stack, tenant, oauth2_provider)  # through the stack's integrator
     request.addfinalizer(connected.api.close)
