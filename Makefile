@@ -46,8 +46,8 @@ test: install $(CHECKOV) $(SCHEMATHESIS) lint
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check libs services tests scripts bench
-	$(BIN)/ruff format --check libs services tests scripts bench
+	$(BIN)/ruff check libs services tests scripts bench examples
+	$(BIN)/ruff format --check libs services tests scripts bench examples
 	$(BIN)/mypy libs services
 
 # Regenerate libs/altan/v1 from proto/ (the generated code is checked in; tests fail when it drifts).

@@ -1,4 +1,5 @@
-"""The ``altan`` command: ``altan up`` runs the whole stack locally, ``altan token`` prints a development token.
+"""The ``altan`` command: ``altan up`` runs the whole stack locally, ``altan token`` prints a development token,
+``altan serve-tools module.py --port N`` serves a module's ``@tool`` functions as a tool container.
 
 ``altan up`` starts the gateway and the agent, tool and integrator services as separate processes that talk gRPC
 over loopback, prefixes their log lines, waits until all are healthy, stops them all on Ctrl-C or SIGTERM, and
@@ -16,9 +17,8 @@ import time
 from collections.abc import Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
 from pydantic import ValidationError
 
 from altan.config import (
@@ -29,11 +29,15 @@ from altan.config import (
     development_secret,
     setting_name,
 )
-from altan.listen import bind_problem, join_address
+from altan.listen import CannotListen, bind_problem, join_address
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["main"]
 
 SERVICES = ("tool", "integrator", "agent", "gateway")
+DEFAULT_TOOL_CONTAINER_PORT = 7000
 _PIPE_LIMIT = 1024 * 1024
 _COLORS = {"tool": "36", "integrator": "35", "agent": "33", "gateway": "32"}
 _KEY_VARIABLES = ("ALTAN_JWT_SECRET", "ALTAN_JWT_JWKS_URL", "ALTAN_JWT_JWKS_FILE")
@@ -135,6 +139,8 @@ async def _wait_ready(
     Gives up at the deadline (``None``: none) or when a process dies, and then says why not: what the gateway
     answered last ("agent not serving"), or "" when it never answered.
     """
+    import httpx  # here: a tool container's image runs `altan serve-tools` without the stack's packages
+
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.05
     why = ""
@@ -249,6 +255,31 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_tools(args: argparse.Namespace) -> int:
+    from altan.logging import configure_logging
+    from altan.sdk.container import load_tools, serve_tools
+    from altan.server import shutdown_event
+
+    # As `altan up`: without configured keys, the development secret of the data directory, so that the tokens of a
+    # local stack are accepted.
+    settings, _ = _development_settings({})
+    configure_logging("tool-container", settings.log_level)
+    try:
+        tools = load_tools(args.module)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise _Refused(f"cannot serve {args.module}: {exc}") from None
+    address = join_address(args.host or settings.bind_host, args.port)
+
+    async def serve() -> None:
+        await serve_tools(tools, settings, address, shutdown_event())
+
+    try:
+        asyncio.run(serve())
+    except CannotListen as exc:
+        raise _Refused(exc.line("tool container", "--port"), 1) from None
+    return 0
+
+
 def _version() -> str:
     try:
         return version("altan")
@@ -280,6 +311,16 @@ def _parser() -> argparse.ArgumentParser:
     token.add_argument("--sub", default="dev")
     token.add_argument("--role", choices=("admin", "member"), default="admin")
     token.add_argument("--ttl", type=int, default=3600, help="lifetime in seconds")
+    serve = commands.add_parser(
+        "serve-tools",
+        help="serve the @tool functions of a module as a tool container (gRPC)",
+        description="Serve every @tool of a module (a .py file or a dotted module name) over gRPC, for the Tool "
+        "Service to find through ALTAN_TOOL_CONTAINERS. Tokens are verified with the ALTAN_JWT_* settings (without "
+        "them, the development secret that `altan up` uses).",
+    )
+    serve.add_argument("module", help="weather.py, or a dotted module name")
+    serve.add_argument("--port", type=int, default=DEFAULT_TOOL_CONTAINER_PORT, help="gRPC port (default: %(default)s)")
+    serve.add_argument("--host", help="address to bind (default: ALTAN_BIND_HOST, 127.0.0.1)")
     return parser
 
 
@@ -288,6 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "token":
             return _token(args)
+        if args.command == "serve-tools":
+            return _serve_tools(args)
         return asyncio.run(_up(args))
     except _Refused as exc:
         print("".join(f"altan: {line}\n" for line in str(exc).splitlines()), end="", file=sys.stderr, flush=True)

@@ -38,8 +38,10 @@ else:
 _UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # RPCs whose request carries its own proof instead of a bearer token, on every port that serves them: the browser
 # coming back from an OAuth2 provider has no token, and FinishOAuth2's one-time `state` names the tenant. Their
-# servicer binds the caller itself; any token sent along is ignored.
-TOKENLESS_METHODS = frozenset({"/altan.v1.IntegratorService/FinishOAuth2"})
+# servicer binds the caller itself; any token sent along is ignored. A tool container's ListTools needs no caller at
+# all: the Tool Service lists containers outside any request, and it describes code, not a tenant's data
+# (docs/decisions.md, "Tool containers").
+TOKENLESS_METHODS = frozenset({"/altan.v1.IntegratorService/FinishOAuth2", "/altan.v1.ToolContainerService/ListTools"})
 _UNDECODABLE = object()
 
 
