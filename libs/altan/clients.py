@@ -18,9 +18,17 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from altan import context
 from altan.errors import from_rpc_error
-from altan.v1 import agent_pb2_grpc, integrator_pb2_grpc, runtime_pb2_grpc, tool_pb2_grpc
+from altan.v1 import (
+    agent_pb2_grpc,
+    container_pb2,
+    container_pb2_grpc,
+    integrator_pb2_grpc,
+    runtime_pb2_grpc,
+    tool_pb2,
+    tool_pb2_grpc,
+)
 
-__all__ = ["AgentClient", "IntegratorClient", "ServiceChannel", "ToolClient"]
+__all__ = ["AgentClient", "IntegratorClient", "ServiceChannel", "ToolClient", "ToolContainerClient"]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -43,9 +51,9 @@ def _metadata() -> tuple[tuple[str, str], ...]:
 class ServiceChannel:
     """A channel to one service; subclasses add that service's typed stubs."""
 
-    def __init__(self, target: str, deadline_seconds: float) -> None:
+    def __init__(self, target: str, deadline_seconds: float, options: tuple[tuple[str, int | str], ...] = ()) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=_CHANNEL_OPTIONS)
+        self.channel = grpc.aio.insecure_channel(target, options=(*_CHANNEL_OPTIONS, *options))
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._deadline = deadline_seconds
 
@@ -107,3 +115,23 @@ class IntegratorClient(ServiceChannel):
         super().__init__(target, deadline_seconds)
         self.integrator = integrator_pb2_grpc.IntegratorServiceStub(self.channel)
         self.runtime = runtime_pb2_grpc.IntegratorRuntimeServiceStub(self.channel)
+
+
+class ToolContainerClient(ServiceChannel):
+    """A tool container (``altan serve-tools``): its tool list, and calls as the current caller."""
+
+    # A container that went away is tried again within a second or two of coming back (gRPC's default backoff
+    # reaches two minutes), so that its tools recover as soon as it does.
+    _OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000))
+
+    def __init__(self, target: str, deadline_seconds: float) -> None:
+        super().__init__(target, deadline_seconds, self._OPTIONS)
+        self.container = container_pb2_grpc.ToolContainerServiceStub(self.channel)
+
+    async def list_tools(self, timeout: float) -> list[tool_pb2.Tool]:
+        """The container's tools. Needs no caller: the Tool Service lists containers outside any request."""
+        try:
+            answer = await self.container.ListTools(container_pb2.ListContainerToolsRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise from_rpc_error(exc) from None
+        return list(answer.tools)

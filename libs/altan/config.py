@@ -106,6 +106,10 @@ class Settings(BaseSettings):
     agent_addr: str = "127.0.0.1:50061"
     tool_addr: str = "127.0.0.1:50062"
     integrator_addr: str = "127.0.0.1:50063"
+    # Tool containers (docs/tool-developers.md): the `host:port` of each, comma-separated, listed by the Tool Service
+    # at start-up and every `tool_containers_refresh_seconds` (sooner while one is unreachable).
+    tool_containers: Annotated[tuple[str, ...], NoDecode] = ()
+    tool_containers_refresh_seconds: float = Field(default=30.0, ge=1, le=3600)
 
     # State and secrets.
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "ALTAN_REDIS_URL"))
@@ -194,6 +198,24 @@ class Settings(BaseSettings):
         unknown = set(value) - _JWT_ALGORITHMS
         if unknown:
             raise ValueError(f"unsupported JWT algorithms: {sorted(unknown)} ('none' is never accepted)")
+        return value
+
+    @field_validator("tool_containers", mode="before")
+    @classmethod
+    def _split_containers(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(a.strip() for a in value.split(",") if a.strip())
+        return value
+
+    @field_validator("tool_containers")
+    @classmethod
+    def _containers_are_addresses(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for address in value:
+            host, _, port = address.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in host:
+                raise ValueError("each entry must be host:port (port 1 to 65535)")
+        if len(set(value)) != len(value):
+            raise ValueError("a container is named twice")
         return value
 
     @field_validator("jwt_secret")

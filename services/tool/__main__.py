@@ -5,12 +5,15 @@ from __future__ import annotations
 from contextlib import AsyncExitStack
 
 from altan.bootstrap import ConfigurationError, run_service
+from altan.clients import ToolContainerClient
 from altan.config import Settings
 from altan.egress import EgressGuard, EgressPolicy
 from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import TenantStore, open_backend
 from altan.v1 import runtime_pb2_grpc, tool_pb2_grpc
+from services.tool.builtins import BUILTIN_TOOLS
+from services.tool.containers import ContainerTools
 from services.tool.executor import ToolExecutor
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator
@@ -33,8 +36,18 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         max_connections=settings.outbound_max_connections,
     )
     stack.push_async_callback(http.aclose)
-    registry = ToolRegistry(TenantStore(backend, "tool"))
-    executor = ToolExecutor(registry, http, ArgumentValidator())
+    deadline = settings.call_deadline_seconds
+    containers = ContainerTools(
+        settings.tool_containers,
+        reserved=BUILTIN_TOOLS,
+        refresh_seconds=settings.tool_containers_refresh_seconds,
+        max_output_bytes=settings.max_output_bytes,
+        connect=lambda address: ToolContainerClient(address, deadline),
+    )
+    stack.push_async_callback(containers.aclose)
+    await containers.start()  # the containers that are up are in the catalogue before the service answers
+    registry = ToolRegistry(TenantStore(backend, "tool"), containers)
+    executor = ToolExecutor(registry, http, ArgumentValidator(), containers=containers, default_timeout=deadline)
     return [
         GrpcService(
             tool_pb2_grpc.add_ToolServiceServicer_to_server,

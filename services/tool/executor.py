@@ -1,13 +1,14 @@
-"""Runs one tool call: validate the arguments, then run a built-in or call the tool's HTTP endpoint.
+"""Runs one tool call: validate the arguments, then run a built-in, call the tool's HTTP endpoint, or call the
+tool container that serves it.
 
 Every outbound request goes through the :class:`GuardedHttpClient` (the egress guard). A credential arrives with
-the call from the Integrator Engine and lives only in this call's headers.
+the call from the Integrator Engine and lives only in this call's headers; it is never sent to a tool container.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from altan.egress import HostBinding
 from altan.errors import FailedPrecondition, InvalidArgument
@@ -17,7 +18,15 @@ from services.tool.builtins import run_builtin
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator, build_http_request
 
-__all__ = ["OFFLOAD_CHECK_BYTES", "REDACTED", "Credential", "Execution", "ToolExecutor", "redact"]
+__all__ = [
+    "OFFLOAD_CHECK_BYTES",
+    "REDACTED",
+    "ContainerCalls",
+    "Credential",
+    "Execution",
+    "ToolExecutor",
+    "redact",
+]
 
 # Arguments larger than this are checked against the tool's schema in a worker thread (ArgumentValidator.check).
 OFFLOAD_CHECK_BYTES = 16 * 1024
@@ -83,13 +92,29 @@ def _decode(result: HttpResult) -> Any:
     return result.body.decode("utf-8", errors="replace")
 
 
+class ContainerCalls(Protocol):
+    """Runs a tool of a tool container (services.tool.containers.ContainerTools)."""
+
+    async def invoke(self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float) -> Any: ...
+
+
 class ToolExecutor:
     """Executes tools of the current tenant."""
 
-    def __init__(self, registry: ToolRegistry, http: GuardedHttpClient, validator: ArgumentValidator) -> None:
+    def __init__(
+        self,
+        registry: ToolRegistry,
+        http: GuardedHttpClient,
+        validator: ArgumentValidator,
+        *,
+        containers: ContainerCalls | None = None,
+        default_timeout: float = 30.0,
+    ) -> None:
         self._registry = registry
         self._http = http
         self._validator = validator
+        self._containers = containers
+        self._default_timeout = default_timeout
 
     async def execute(
         self,
@@ -106,6 +131,10 @@ class ToolExecutor:
             raise InvalidArgument("arguments: must be a JSON object")
         if tool["type"] == "builtin" and tool_id != "http_request":
             return Execution(output=await run_builtin(tool_id, arguments))  # validates the arguments itself
+        if tool["type"] == "container" and self._containers is not None:
+            # The container checks the arguments with the model its schema was made from: one set of rules.
+            output = await self._containers.invoke(tool, arguments, timeout or self._default_timeout)
+            return Execution(output=output, target=tool["container"])
         offload = arguments_size > OFFLOAD_CHECK_BYTES
         await self._validator.check(tool_id, tool["input_schema"], arguments, offload=offload)
         if tool_id == "http_request":

@@ -1,9 +1,14 @@
-"""The tenant's tool registry: built-in tools for everyone, custom tools per tenant."""
+"""The tenant's tool registry: built-in tools and container tools for everyone, custom tools per tenant.
+
+A tool id names one tool in a tenant. Built-ins come first and cannot be taken. A custom tool may not take the id of
+a container tool (409); a custom tool created before a container offered its id keeps it in its tenant, where the
+container's tool is hidden (a deployment must not change what a tenant's agents call).
+"""
 
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from typing import Any, Protocol
 
 from altan.api.convert import now_ms
 from altan.api.tools import CustomToolSpec
@@ -13,31 +18,51 @@ from altan.store import TenantStore
 from services.tool.builtins import BUILTIN_TOOLS
 from services.tool.schema import check_custom_tool
 
-__all__ = ["ToolRegistry"]
+__all__ = ["SharedTools", "ToolRegistry"]
 
 _TOOLS = "tools"
+
+
+class SharedTools(Protocol):
+    """Tools every tenant of the install has besides the built-ins (the tool containers')."""
+
+    def get(self, tool_id: str) -> dict[str, Any] | None: ...
+
+    def all(self) -> list[dict[str, Any]]: ...
+
+
+class _NoSharedTools:
+    def get(self, tool_id: str) -> dict[str, Any] | None:
+        return None
+
+    def all(self) -> list[dict[str, Any]]:
+        return []
 
 
 class ToolRegistry:
     """Reads and writes tool definitions in the current tenant."""
 
-    def __init__(self, store: TenantStore) -> None:
+    def __init__(self, store: TenantStore, shared: SharedTools | None = None) -> None:
         self._store = store
+        self._shared = shared or _NoSharedTools()
 
     async def all(self) -> list[dict[str, Any]]:
-        custom = sorted((await self._store.all(_TOOLS)).values(), key=lambda t: (t["created_at"], t["tool_id"]))
-        return [*BUILTIN_TOOLS.values(), *custom]
+        """Built-in tools, then container tools by id, then custom tools by creation time."""
+        stored = await self._store.all(_TOOLS)
+        custom = sorted(stored.values(), key=lambda t: (t["created_at"], t["tool_id"]))
+        shared = [tool for tool in self._shared.all() if tool["tool_id"] not in stored]
+        return [*BUILTIN_TOOLS.values(), *shared, *custom]
 
     async def some(self, tool_ids: list[str]) -> list[dict[str, Any]]:
         """The tools that exist among ``tool_ids``, in that order."""
         custom = await self._store.get_many(_TOOLS, [t for t in tool_ids if t not in BUILTIN_TOOLS])
-        found = [BUILTIN_TOOLS.get(t) or custom.get(t) for t in tool_ids]
+        found = [BUILTIN_TOOLS.get(t) or custom.get(t) or self._shared.get(t) for t in tool_ids]
         return [tool for tool in found if tool is not None]
 
     async def get(self, tool_id: str) -> dict[str, Any]:
         if tool_id in BUILTIN_TOOLS:
             return BUILTIN_TOOLS[tool_id]
-        tool = await self._store.get(_TOOLS, tool_id)
+        tool = await self._store.get(_TOOLS, tool_id) or self._shared.get(tool_id)
         if tool is None:
             raise NotFound(f"tool '{tool_id}' not found")
         return tool
@@ -47,6 +72,8 @@ class ToolRegistry:
         tool = check_custom_tool(spec)
         if tool["tool_id"] in BUILTIN_TOOLS:
             raise AlreadyExists(f"tool '{tool['tool_id']}' already exists (built-in)")
+        if self._shared.get(tool["tool_id"]) is not None:
+            raise AlreadyExists(f"tool '{tool['tool_id']}' already exists (served by a tool container)")
         tool["created_at"] = now_ms()
         tool["revision"] = secrets.token_hex(8)  # never shown; tells one definition of a tool id from the next
         if not await self._store.put_new(_TOOLS, tool["tool_id"], tool):
@@ -57,5 +84,8 @@ class ToolRegistry:
         require_admin("deleting a tool")
         if tool_id in BUILTIN_TOOLS:
             raise PermissionDenied(f"tool '{tool_id}' is built in and cannot be deleted")
-        if not await self._store.delete(_TOOLS, tool_id):
-            raise NotFound(f"tool '{tool_id}' not found")
+        if await self._store.delete(_TOOLS, tool_id):
+            return
+        if self._shared.get(tool_id) is not None:
+            raise PermissionDenied(f"tool '{tool_id}' is served by a tool container and cannot be deleted")
+        raise NotFound(f"tool '{tool_id}' not found")

@@ -31,6 +31,8 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         tool call makes."""
         if tool.get("type") == "builtin":
             key = ("", tool["tool_id"], "builtin")
+        elif tool.get("type") == "container":
+            key = ("", tool["tool_id"], tool["revision"])  # the same for every tenant
         elif tool.get("revision"):
             key = (context.current().tenant_id, tool["tool_id"], tool["revision"])
         else:
