@@ -106,8 +106,11 @@ class ContainerTools:
         while True:
             wait = self._refresh_seconds if container.reachable else retry
             retry = _RETRY_FIRST_SECONDS if container.reachable else min(retry * 2, self._refresh_seconds)
+            # Woken early by a failed call. (Not wait_for: on 3.11 it may swallow a cancellation that comes together
+            # with the wake-up, and the follower would outlive aclose.)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(container.wake.wait(), wait)  # woken early by a failed call
+                async with asyncio.timeout(wait):
+                    await container.wake.wait()
             container.wake.clear()
             await self._refresh(container)
 

@@ -98,9 +98,25 @@ def test_bad_algorithm_lists_stop_the_process(monkeypatch: pytest.MonkeyPatch, r
         Settings()
 
 
+def test_tool_containers_comma_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().tool_containers == ()
+    monkeypatch.setenv("ALTAN_TOOL_CONTAINERS", " 127.0.0.1:7000, weather.tools.svc:7000 ,")
+    assert Settings().tool_containers == ("127.0.0.1:7000", "weather.tools.svc:7000")
+
+
+@pytest.mark.parametrize("raw", ["weather", "weather:0", "weather:http", ":7000", "a:1,a:1", "http://weather:7000"])
+def test_bad_tool_containers_stop_the_process_without_their_value(monkeypatch: pytest.MonkeyPatch, raw: str) -> None:
+    monkeypatch.setenv("ALTAN_TOOL_CONTAINERS", raw)
+    with pytest.raises(ValidationError) as caught:
+        Settings()
+    [line] = configuration_problems(caught.value)
+    assert line.startswith("ALTAN_TOOL_CONTAINERS: ") and raw not in line
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
+        ("ALTAN_TOOL_CONTAINERS_REFRESH_SECONDS", "0.5"),
         ("ALTAN_JWT_LEEWAY_SECONDS", "61"),
         ("ALTAN_HTTP_PORT", "70000"),
         ("ALTAN_LOG_LEVEL", "CHATTY"),

@@ -193,7 +193,7 @@ async def test_a_tool_past_its_time_budget_is_a_deadline_exceeded() -> None:
 
 def test_tool_id_and_description_can_be_given() -> None:
     @tool(tool_id="send-report", description="Sends the report.")
-    def sendReport() -> None:  # noqa: N802 (a name the tool id rule would refuse)
+    def sendReport() -> None:
         """Internal notes."""
 
     assert sendReport.tool_id == "send-report" and sendReport.description == "Sends the report."
@@ -210,7 +210,7 @@ def test_tool_id_and_description_can_be_given() -> None:
 )
 def test_functions_that_cannot_be_tools_are_refused_at_import(source: str, message: str) -> None:
     namespace: dict[str, Any] = {"Iterator": Any}
-    exec(source, namespace)  # noqa: S102
+    exec(source, namespace)
     function = next(v for k, v in namespace.items() if callable(v) and k != "Iterator")
     with pytest.raises((ValueError, TypeError), match=re.escape(message)):
         tool(function)

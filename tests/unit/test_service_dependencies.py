@@ -69,3 +69,12 @@ def test_blocker_catches_a_forbidden_import() -> None:
     code = "BLOCKED = {'fastapi', 'starlette'}\n" + BLOCKER % "gateway"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.returncode != 0 and "not in this service's extra" in result.stderr
+
+
+def test_a_tool_container_needs_only_the_core() -> None:
+    """A tool container's image installs `altan` without extras: `altan serve-tools` must import with no extra."""
+    blocked = sorted({m for mods in MODULES.values() for m in mods})
+    code = f"BLOCKED = {set(blocked)!r}\n" + BLOCKER.replace("import services.%s.__main__", "%s")
+    code = code % "import altan.cli, altan.sdk.container\naltan.cli._parser().parse_args(['serve-tools', 'x.py'])"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
