@@ -1,0 +1,280 @@
+"""Tool containers end to end: `altan serve-tools` processes and a stack that finds them through
+ALTAN_TOOL_CONTAINERS; their tools listed, invoked, in plans and in the agent loop, as a tenant sees them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from altan.v1 import container_pb2, container_pb2_grpc
+from tests.e2e.fake_llms import Llms
+from tests.e2e.fake_third_party import FakeThirdParty
+from tests.e2e.stack import JWT_SECRET, Stack, free_port, new_tenant, start_stack
+from tests.e2e.test_tasks import _finished
+from tests.fakes.llm import Call, Reply
+
+ROOT = Path(__file__).resolve().parents[2]
+
+WHOAMI = '''
+from altan.sdk import ToolContext, tool
+
+@tool
+def whoami(ctx: ToolContext) -> dict:
+    """Who called."""
+    return {"tenant": ctx.tenant_id, "user": ctx.user, "role": ctx.role}
+'''
+
+
+@dataclass
+class Container:
+    process: subprocess.Popen[str]
+    port: int
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> int:
+        self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(timeout=30)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+        return code
+
+
+def serve_tools(module: Path, port: int) -> Container:
+    """`altan serve-tools module --port port`, returned once its gRPC health check answers SERVING."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_")}
+    env.update(ALTAN_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1")
+    command = [sys.executable, "-m", "altan.cli", "serve-tools", str(module), "--port", str(port)]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    container = Container(process, port)
+    with grpc.insecure_channel(container.address) as channel:
+        request = health_pb2.HealthCheckRequest(service="altan.v1.ToolContainerService")
+        # wait_for_ready: the call waits (up to its deadline) until the port accepts, instead of polling.
+        answer = health_pb2_grpc.HealthStub(channel).Check(request, timeout=30, wait_for_ready=True)
+    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    return container
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 20) -> None:
+    """Ask again until ``condition`` holds (the tool service re-lists containers every second here)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def weather() -> Iterator[Container]:
+    container = serve_tools(ROOT / "examples" / "weather.py", free_port())
+    yield container
+    assert container.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def notifier() -> Iterator[Container]:
+    container = serve_tools(ROOT / "examples" / "slack_notifier.py", free_port())
+    yield container
+    assert container.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def spare_port() -> int:
+    """A container the stack is told about, started (and stopped) by a test."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def stack(
+    weather: Container,
+    notifier: Container,
+    spare_port: int,
+    third_party: FakeThirdParty,
+    llms: Llms,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Stack]:
+    containers = f"{weather.address},{notifier.address},127.0.0.1:{spare_port}"
+    allow = f"127.0.0.1:{third_party.port},127.0.0.1:{llms.openai.port}"
+    env = {"ALTAN_TOOL_CONTAINERS": containers, "ALTAN_TOOL_CONTAINERS_REFRESH_SECONDS": "1"}
+    running = start_stack(
+        data_dir=tmp_path_factory.mktemp("data-containers"), egress_allow=allow, redis_url=None, extra_env=env
+    )
+    yield running
+    assert running.stop() == 0, running.logs()[-5000:]
+
+
+def _tools(api: Any) -> dict[str, dict[str, Any]]:
+    answer = api.get("/v1/tools")
+    assert answer.status_code == 200, answer.text
+    return {t["tool_id"]: t for t in answer.json()["tools"]}
+
+
+def test_container_tools_are_in_every_tenants_catalogue(stack: Stack, tenant: str) -> None:
+    for who in (tenant, new_tenant()):
+        with stack.client(who, role="member") as api:
+            tools = _tools(api)
+            forecast = tools["forecast"]
+            assert forecast["type"] == "container" and forecast["description"] == "Forecast for a city."
+            assert forecast["input_schema"]["required"] == ["city"]
+            assert forecast["input_schema"]["properties"]["days"]["default"] == 1
+            assert tools["slack_message"]["type"] == "container"
+            assert "container" not in forecast and "revision" not in forecast  # where it runs is not the tenant's
+            assert api.get("/v1/tools/forecast").json() == forecast
+    listed = list(tools)
+    assert listed.index("http_request") < listed.index("forecast")  # built-ins first, then container tools
+
+
+def test_a_container_tool_is_invoked_as_any_tool_and_audited(stack: Stack, tenant: str, weather: Container) -> None:
+    with stack.client(tenant, role="member") as api:
+        answer = api.post("/v1/tools/forecast/invoke", json={"arguments": {"city": "Paris", "days": 3}})
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == {"output": {"city": "Paris", "days": 3}}
+        refused = api.post("/v1/tools/forecast/invoke", json={"arguments": {"days": 3}})
+        assert refused.status_code == 400
+        assert refused.json()["error"] == {"code": "INVALID_ARGUMENT", "message": "city: required"}
+        events = api.get("/v1/audit").json()["events"]
+    assert [(e["tool_id"], e["outcome"]) for e in events] == [("forecast", "ok"), ("forecast", "error")]
+    assert events[0]["target"] == weather.address and events[0]["user"] == "alice"
+
+
+def test_a_custom_tool_may_not_take_a_container_tools_id(stack: Stack, tenant: str) -> None:
+    with stack.client(tenant) as api:
+        spec = {"tool_id": "forecast", "name": "Mine", "endpoint": "https://api.example.com/x"}
+        answer = api.post("/v1/tools", json=spec)
+        assert answer.status_code == 409 and "tool container" in answer.json()["error"]["message"]
+        assert api.delete("/v1/tools/forecast").status_code == 403
+
+
+def test_container_tools_run_in_parallel_plan_steps(stack: Stack, tenant: str) -> None:
+    plan = [
+        {"id": "s1", "tool": "forecast", "arguments": {"city": "Oslo", "days": 2}},
+        {"id": "s2", "tool": "forecast", "arguments": {"city": "Rome"}},
+        {
+            "id": "s3",
+            "tool": "text_template",
+            "depends_on": ["s1", "s2"],
+            "arguments": {
+                "template": "{{ a }} for {{ n }} days, {{ b }}",
+                "values": {"a": "${s1.output.city}", "n": "${s1.output.days}", "b": "${s2.output.city}"},
+            },
+        },
+    ]
+    with stack.client(tenant) as api:
+        agent = api.post("/v1/agents", json={"name": "w", "tools": ["forecast", "text_template"]}).json()
+        submitted = api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": {"plan": plan}})
+        assert submitted.status_code == 202, submitted.text
+        task = _finished(api, submitted.json()["task_id"])
+    assert task["status"] == "succeeded", task
+    assert task["result"]["s3"] == {"text": "Oslo for 2 days, Rome"}
+
+
+def test_the_agent_loop_calls_a_container_tool(stack: Stack, tenant: str, llms: Llms) -> None:
+    model = llms.model(Reply(calls=(Call("forecast", {"city": "Lima", "days": 4}),)), Reply(text="Lima, 4 days."))
+    with stack.client(tenant) as api:
+        body = {"name": "w", "instructions": "Be brief.", "llm": llms.config(model), "tools": ["forecast"]}
+        agent = api.post("/v1/agents", json=body).json()
+        submitted = api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": "Weather in Lima?"})
+        task = _finished(api, submitted.json()["task_id"])
+    assert task["status"] == "succeeded", task
+    assert task["result"] == {"answer": "Lima, 4 days."}
+    [step] = task["steps"]
+    assert step["tool"] == "forecast" and step["output"] == {"city": "Lima", "days": 4}
+    first, second = llms.requests(model)
+    offered = first.body["tools"][0]["function"]
+    assert offered["name"] == "forecast" and offered["parameters"]["required"] == ["city"]
+    assert '"city": "Lima"' in second.body["messages"][-1]["content"].replace('":"', '": "')
+
+
+def test_the_slack_example_writes_what_a_custom_tool_with_the_credential_sends(
+    stack: Stack, tenant: str, third_party: FakeThirdParty
+) -> None:
+    with stack.client(tenant) as api:
+        credential = {"type": "api_key", "value": "xoxb-e2e-slack-token"}
+        assert api.put("/v1/credentials/slack", json=credential).status_code == 201
+        post = {
+            "tool_id": "slack_post",
+            "name": "Post to Slack",
+            "endpoint": f"{third_party.base_url}/api/chat.postMessage",
+            "auth": "api_key",
+            "credential": "slack",
+            "input_schema": {"type": "object"},
+        }
+        assert api.post("/v1/tools", json=post).status_code == 201
+        plan = [
+            {"id": "write", "tool": "slack_message", "arguments": {"channel_id": "C0123ABCD", "text": "Deploy done"}},
+            {
+                "id": "send",
+                "tool": "slack_post",
+                "depends_on": ["write"],
+                "arguments": {
+                    "channel": "${write.output.channel}",
+                    "text": "${write.output.text}",
+                    "blocks": "${write.output.blocks}",
+                },
+            },
+        ]
+        agent = api.post("/v1/agents", json={"name": "n", "tools": ["slack_message", "slack_post"]}).json()
+        submitted = api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": {"plan": plan}})
+        task = _finished(api, submitted.json()["task_id"])
+    assert task["status"] == "succeeded", task
+    sent = task["result"]["send"]
+    assert sent["authenticated"] is True and sent["path"] == "/api/chat.postMessage"
+    assert sent["json"]["channel"] == "C0123ABCD" and sent["json"]["text"] == ":information_source: Deploy done"
+    assert sent["json"]["blocks"][1]["elements"][0]["text"] == f"sent by alice of {tenant} through Altan"
+    [request] = [r for r in third_party.requests_to("/api/chat.postMessage") if b"Deploy done" in r.body]
+    assert request.headers["Authorization"] == "Bearer xoxb-e2e-slack-token"
+
+
+def test_a_container_that_stops_makes_its_tools_fail_clearly_never_the_catalogue(
+    stack: Stack, tenant: str, spare_port: int, tmp_path: Path
+) -> None:
+    module = tmp_path / "spare.py"
+    module.write_text(WHOAMI)
+    with stack.client(tenant, role="member") as api:
+        assert "whoami" not in _tools(api)  # nothing listens there yet
+        spare = serve_tools(module, spare_port)
+        try:
+            wait_until(lambda: "whoami" in _tools(api))  # found without restarting anything
+            answer = api.post("/v1/tools/whoami/invoke", json={"arguments": {}})
+            assert answer.json() == {"output": {"tenant": tenant, "user": "alice", "role": "member"}}
+        finally:
+            assert spare.stop() == 0
+        down = api.post("/v1/tools/whoami/invoke", json={"arguments": {}})
+        assert down.status_code == 503, down.text
+        assert down.json()["error"]["code"] == "UNAVAILABLE" and "is unavailable" in down.json()["error"]["message"]
+        tools = _tools(api)  # the catalogue still answers, the other containers' tools still run
+        assert tools["whoami"]["type"] == "container" and "forecast" in tools
+        assert api.post("/v1/tools/forecast/invoke", json={"arguments": {"city": "Bern"}}).status_code == 200
+
+
+def test_a_container_checks_the_tenants_token_as_every_service_does(weather: Container) -> None:
+    claims = {"tenant_id": "acme", "sub": "x", "aud": "altan", "iss": "altan-dev", "exp": 2**40}
+    other_key = jwt.encode(claims, "signed-with-another-secret-0123456789")
+    request = container_pb2.InvokeContainerToolRequest(tool_id="forecast", arguments_json=b'{"city": "Paris"}')
+    with grpc.insecure_channel(weather.address) as channel:
+        stub = container_pb2_grpc.ToolContainerServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer not-a-token"),), (("authorization", f"Bearer {other_key}"),)):
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.InvokeTool(request, metadata=metadata, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # Listing needs no token (the Tool Service lists containers outside any request); reflection names it.
+        assert [t.tool_id for t in stub.ListTools(container_pb2.ListContainerToolsRequest(), timeout=10).tools] == [
+            "forecast"
+        ]
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        [answer] = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        assert "altan.v1.ToolContainerService" in {s.name for s in answer.list_services_response.service}
