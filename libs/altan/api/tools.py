@@ -265,7 +265,7 @@ class Tool(BaseModel):
 
 
 class ToolList(BaseModel):
-    """One page of tools: built-in first, then custom by creation time."""
+    """One page of tools: built-in first, then container tools by id, then custom by creation time."""
 
     tools: list[Tool]
     next_page_token: str | None = Field(default=ABSENT, description="Present when there is another page.")

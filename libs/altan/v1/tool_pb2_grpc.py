@@ -64,7 +64,7 @@ class ToolServiceServicer:
     """
 
     def ListTools(self, request, context):
-        """Lists the tenant's tools (built-in first, then custom by creation time).
+        """Lists the tenant's tools: built-in first, then container tools by id, then custom by creation time.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

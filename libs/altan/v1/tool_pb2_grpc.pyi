@@ -36,7 +36,7 @@ class ToolServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> ToolServiceAsyncStub: ...
     ListTools: _grpc.UnaryUnaryMultiCallable[_tool_pb2.ListToolsRequest, _tool_pb2.ListToolsResponse]
-    """Lists the tenant's tools (built-in first, then custom by creation time)."""
+    """Lists the tenant's tools: built-in first, then container tools by id, then custom by creation time."""
     GetTool: _grpc.UnaryUnaryMultiCallable[_tool_pb2.GetToolRequest, _tool_pb2.GetToolResponse]
     """Reads one tool."""
     CreateTool: _grpc.UnaryUnaryMultiCallable[_tool_pb2.CreateToolRequest, _tool_pb2.CreateToolResponse]
@@ -52,7 +52,7 @@ class ToolServiceAsyncStub(ToolServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListTools: _aio.UnaryUnaryMultiCallable[_tool_pb2.ListToolsRequest, _tool_pb2.ListToolsResponse]  # type: ignore[assignment]
-    """Lists the tenant's tools (built-in first, then custom by creation time)."""
+    """Lists the tenant's tools: built-in first, then container tools by id, then custom by creation time."""
     GetTool: _aio.UnaryUnaryMultiCallable[_tool_pb2.GetToolRequest, _tool_pb2.GetToolResponse]  # type: ignore[assignment]
     """Reads one tool."""
     CreateTool: _aio.UnaryUnaryMultiCallable[_tool_pb2.CreateToolRequest, _tool_pb2.CreateToolResponse]  # type: ignore[assignment]
@@ -71,7 +71,7 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _tool_pb2.ListToolsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_tool_pb2.ListToolsResponse, _abc.Awaitable[_tool_pb2.ListToolsResponse]]:
-        """Lists the tenant's tools (built-in first, then custom by creation time)."""
+        """Lists the tenant's tools: built-in first, then container tools by id, then custom by creation time."""
 
     @_abc_1.abstractmethod
     def GetTool(
