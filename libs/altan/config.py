@@ -166,7 +166,7 @@ class Settings(BaseSettings):
     tool_concurrency: int = Field(default=16, ge=1, le=256)  # one tenant's tool calls in flight in one agent replica
     # Connections one process keeps open to third parties and LLM endpoints, all of them together; a call past it
     # waits for one to be free. An LLM turn holds its connection for as long as the model thinks.
-    outbound_max_connections: int = Field(default=100, ge=1, le=10_000)
+    outbound_max_connections: int = Field(default=512, ge=1, le=10_000)
     # Install-level keys, used for an agent whose llm names no credential, and only towards these hosts.
     openai_api_key: SecretStr | None = None
     openai_api_hosts: str = "api.openai.com"

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from altan import outbound
 from altan.egress import EgressGuard, EgressPolicy, HostBinding, HostPort
 from altan.errors import EgressRefused, FailedPrecondition, Unavailable
 from altan.outbound import GuardedHttpClient
@@ -49,10 +50,16 @@ class FakeApi:
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _writers: set[asyncio.StreamWriter] = field(default_factory=set)
     _closing: asyncio.Event = field(default_factory=asyncio.Event)
+    _arrived: asyncio.Condition = field(default_factory=asyncio.Condition)
 
     @property
     def origin(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    async def received(self, path: str, count: int) -> None:
+        """Until ``count`` requests for ``path`` have arrived."""
+        async with self._arrived:
+            await self._arrived.wait_for(lambda: len([s for s in self.seen if s.path == path]) >= count)
 
     async def start(self) -> FakeApi:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
@@ -83,6 +90,8 @@ class FakeApi:
                     headers[name.strip().lower()] = value.strip()
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 self.seen.append(Seen(method, path, headers, body))
+                async with self._arrived:
+                    self._arrived.notify_all()
                 reply = self.routes.get(path.partition("?")[0], (404, {}, b"no such route"))
                 if reply == "hang":
                     await self._closing.wait()
@@ -635,3 +644,29 @@ def test_a_credential_goes_only_to_its_hosts_in_any_spelling(hosts: list[str], u
 def test_host_entries_that_are_not_hosts_are_refused(entry: str) -> None:
     with pytest.raises(ValueError):
         HostBinding.parse([entry])
+
+
+# --- the connection pools -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("connections", "sizes"), [(1, [1]), (64, [64]), (100, [50, 50]), (130, [44, 43, 43])])
+def test_connections_are_split_into_pools_of_at_most_64(connections: int, sizes: list[int]) -> None:
+    assert outbound._shard_sizes(connections) == sizes
+
+
+async def test_requests_go_to_the_least_busy_pool_and_one_pool_serves_a_light_load(servers: Any, clients: Any) -> None:
+    api = await servers({"/fast": (200, {}, b"ok"), "/slow": "hang"})
+    client = clients(api.origin, max_connections=130)
+    sharded = client._client._transport._pool
+    for _ in range(3):  # one after the other: the first pool, its one kept-alive connection
+        await client.request("GET", f"http://{api.origin}/fast")
+    assert [len(pool.connections) for pool in sharded._pools] == [1, 0, 0]
+    assert sharded._active == [0, 0, 0]
+    calls = [asyncio.create_task(client.request("GET", f"http://{api.origin}/slow", timeout=5)) for _ in range(6)]
+    async with asyncio.timeout(5):
+        await api.received("/slow", 6)  # each is in a pool, waiting for its answer
+    assert sharded._active == [2, 2, 2]  # spread evenly
+    await api.stop()  # the answers never come: the connections drop
+    outcomes = await asyncio.gather(*calls, return_exceptions=True)
+    assert all(isinstance(o, Unavailable) for o in outcomes), outcomes
+    assert sharded._active == [0, 0, 0]  # a failed request frees its place too
