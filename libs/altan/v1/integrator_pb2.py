@@ -23,62 +23,67 @@ _sym_db = _symbol_database.Default()
 
 
 from altan.v1 import common_pb2 as altan_dot_v1_dot_common__pb2
+from altan.v1 import tool_pb2 as altan_dot_v1_dot_tool__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61ltan/v1/integrator.proto\x12\x08\x61ltan.v1\x1a\x15\x61ltan/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\nApiKeySpec\x12\r\n\x05value\x18\x01 \x01(\t\x12\x13\n\x06header\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06prefix\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_headerB\t\n\x07_prefix\"\x9a\x01\n\nOAuth2Spec\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x15\n\rauthorize_url\x18\x03 \x01(\t\x12\x11\n\ttoken_url\x18\x04 \x01(\t\x12\x12\n\nrevoke_url\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x14\n\x0credirect_uri\x18\x07 \x01(\t\"x\n\x0e\x43redentialSpec\x12\'\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.altan.v1.ApiKeySpecH\x00\x12&\n\x06oauth2\x18\x02 \x01(\x0b\x32\x14.altan.v1.OAuth2SpecH\x00\x12\r\n\x05hosts\x18\x03 \x03(\tB\x06\n\x04kind\"\x9d\x02\n\nCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04type\x18\x02 \x01(\x0e\x32\x12.altan.v1.AuthType\x12\x0e\n\x06header\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\r\n\x05hosts\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.altan.v1.CredentialStatus\x12$\n\x06oauth2\x18\x07 \x01(\x0b\x32\x14.altan.v1.OAuth2Spec\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x14PutCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\ncredential\x18\x02 \x01(\x0b\x32\x18.altan.v1.CredentialSpec\"R\n\x15PutCredentialResponse\x12(\n\ncredential\x18\x01 \x01(\x0b\x32\x14.altan.v1.Credential\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"$\n\x14GetCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x15GetCredentialResponse\x12(\n\ncredential\x18\x01 \x01(\x0b\x32\x14.altan.v1.Credential\"?\n\x16ListCredentialsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x17ListCredentialsResponse\x12)\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x14.altan.v1.Credential\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCredentialResponse\"*\n\x1a\x41uthorizeCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x1b\x41uthorizeCredentialResponse\x12\x19\n\x11\x61uthorization_url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"A\n\x13\x46inishOAuth2Request\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"V\n\x14\x46inishOAuth2Response\x12\x12\n\ncredential\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.altan.v1.CredentialStatus\"<\n\x11InvokeToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\"N\n\x12InvokeToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x89\x02\n\nAuditEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07tool_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\'\n\x07outcome\x18\x08 \x01(\x0e\x32\x16.altan.v1.AuditOutcome\x12\x12\n\nlatency_ms\x18\t \x01(\x03\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\ncredential\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"8\n\x16ListAuditEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"?\n\x17ListAuditEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.altan.v1.AuditEvent*\xb6\x01\n\x10\x43redentialStatus\x12!\n\x1d\x43REDENTIAL_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43REDENTIAL_STATUS_CONNECTED\x10\x01\x12\x1d\n\x19\x43REDENTIAL_STATUS_PENDING\x10\x02\x12\"\n\x1e\x43REDENTIAL_STATUS_NEEDS_REAUTH\x10\x03\x12\x1b\n\x17\x43REDENTIAL_STATUS_ERROR\x10\x04*v\n\x0c\x41uditOutcome\x12\x1d\n\x19\x41UDIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UDIT_OUTCOME_OK\x10\x01\x12\x17\n\x13\x41UDIT_OUTCOME_ERROR\x10\x02\x12\x18\n\x14\x41UDIT_OUTCOME_DENIED\x10\x03\x32\xbe\x05\n\x11IntegratorService\x12P\n\rPutCredential\x12\x1e.altan.v1.PutCredentialRequest\x1a\x1f.altan.v1.PutCredentialResponse\x12P\n\rGetCredential\x12\x1e.altan.v1.GetCredentialRequest\x1a\x1f.altan.v1.GetCredentialResponse\x12V\n\x0fListCredentials\x12 .altan.v1.ListCredentialsRequest\x1a!.altan.v1.ListCredentialsResponse\x12Y\n\x10\x44\x65leteCredential\x12!.altan.v1.DeleteCredentialRequest\x1a\".altan.v1.DeleteCredentialResponse\x12\x62\n\x13\x41uthorizeCredential\x12$.altan.v1.AuthorizeCredentialRequest\x1a%.altan.v1.AuthorizeCredentialResponse\x12M\n\x0c\x46inishOAuth2\x12\x1d.altan.v1.FinishOAuth2Request\x1a\x1e.altan.v1.FinishOAuth2Response\x12G\n\nInvokeTool\x12\x1b.altan.v1.InvokeToolRequest\x1a\x1c.altan.v1.InvokeToolResponse\x12V\n\x0fListAuditEvents\x12 .altan.v1.ListAuditEventsRequest\x1a!.altan.v1.ListAuditEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x61ltan/v1/integrator.proto\x12\x08\x61ltan.v1\x1a\x15\x61ltan/v1/common.proto\x1a\x13\x61ltan/v1/tool.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"[\n\nApiKeySpec\x12\r\n\x05value\x18\x01 \x01(\t\x12\x13\n\x06header\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x13\n\x06prefix\x18\x03 \x01(\tH\x01\x88\x01\x01\x42\t\n\x07_headerB\t\n\x07_prefix\"\x9a\x01\n\nOAuth2Spec\x12\x11\n\tclient_id\x18\x01 \x01(\t\x12\x15\n\rclient_secret\x18\x02 \x01(\t\x12\x15\n\rauthorize_url\x18\x03 \x01(\t\x12\x11\n\ttoken_url\x18\x04 \x01(\t\x12\x12\n\nrevoke_url\x18\x05 \x01(\t\x12\x0e\n\x06scopes\x18\x06 \x03(\t\x12\x14\n\x0credirect_uri\x18\x07 \x01(\t\"x\n\x0e\x43redentialSpec\x12\'\n\x07\x61pi_key\x18\x01 \x01(\x0b\x32\x14.altan.v1.ApiKeySpecH\x00\x12&\n\x06oauth2\x18\x02 \x01(\x0b\x32\x14.altan.v1.OAuth2SpecH\x00\x12\r\n\x05hosts\x18\x03 \x03(\tB\x06\n\x04kind\"\x9d\x02\n\nCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12 \n\x04type\x18\x02 \x01(\x0e\x32\x12.altan.v1.AuthType\x12\x0e\n\x06header\x18\x03 \x01(\t\x12\x0e\n\x06prefix\x18\x04 \x01(\t\x12\r\n\x05hosts\x18\x05 \x03(\t\x12*\n\x06status\x18\x06 \x01(\x0e\x32\x1a.altan.v1.CredentialStatus\x12$\n\x06oauth2\x18\x07 \x01(\x0b\x32\x14.altan.v1.OAuth2Spec\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"R\n\x14PutCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\ncredential\x18\x02 \x01(\x0b\x32\x18.altan.v1.CredentialSpec\"R\n\x15PutCredentialResponse\x12(\n\ncredential\x18\x01 \x01(\x0b\x32\x14.altan.v1.Credential\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"$\n\x14GetCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x15GetCredentialResponse\x12(\n\ncredential\x18\x01 \x01(\x0b\x32\x14.altan.v1.Credential\"?\n\x16ListCredentialsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"]\n\x17ListCredentialsResponse\x12)\n\x0b\x63redentials\x18\x01 \x03(\x0b\x32\x14.altan.v1.Credential\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\'\n\x17\x44\x65leteCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCredentialResponse\"*\n\x1a\x41uthorizeCredentialRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"G\n\x1b\x41uthorizeCredentialResponse\x12\x19\n\x11\x61uthorization_url\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\"A\n\x13\x46inishOAuth2Request\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\r\n\x05\x65rror\x18\x03 \x01(\t\"V\n\x14\x46inishOAuth2Response\x12\x12\n\ncredential\x18\x01 \x01(\t\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.altan.v1.CredentialStatus\"<\n\x11InvokeToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\"N\n\x12InvokeToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x03 \x01(\x08\"\x89\x02\n\nAuditEvent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x11\n\ttenant_id\x18\x02 \x01(\t\x12\x0c\n\x04user\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0f\n\x07tool_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\x12\x0e\n\x06target\x18\x07 \x01(\t\x12\'\n\x07outcome\x18\x08 \x01(\x0e\x32\x16.altan.v1.AuditOutcome\x12\x12\n\nlatency_ms\x18\t \x01(\x03\x12\x0e\n\x06reason\x18\n \x01(\t\x12\x12\n\ncredential\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"8\n\x16ListAuditEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"?\n\x17ListAuditEventsResponse\x12$\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x14.altan.v1.AuditEvent\":\n\x13PutMcpServerRequest\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\"L\n\x14PutMcpServerResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08*\xb6\x01\n\x10\x43redentialStatus\x12!\n\x1d\x43REDENTIAL_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43REDENTIAL_STATUS_CONNECTED\x10\x01\x12\x1d\n\x19\x43REDENTIAL_STATUS_PENDING\x10\x02\x12\"\n\x1e\x43REDENTIAL_STATUS_NEEDS_REAUTH\x10\x03\x12\x1b\n\x17\x43REDENTIAL_STATUS_ERROR\x10\x04*v\n\x0c\x41uditOutcome\x12\x1d\n\x19\x41UDIT_OUTCOME_UNSPECIFIED\x10\x00\x12\x14\n\x10\x41UDIT_OUTCOME_OK\x10\x01\x12\x17\n\x13\x41UDIT_OUTCOME_ERROR\x10\x02\x12\x18\n\x14\x41UDIT_OUTCOME_DENIED\x10\x03\x32\x8d\x06\n\x11IntegratorService\x12P\n\rPutCredential\x12\x1e.altan.v1.PutCredentialRequest\x1a\x1f.altan.v1.PutCredentialResponse\x12P\n\rGetCredential\x12\x1e.altan.v1.GetCredentialRequest\x1a\x1f.altan.v1.GetCredentialResponse\x12V\n\x0fListCredentials\x12 .altan.v1.ListCredentialsRequest\x1a!.altan.v1.ListCredentialsResponse\x12Y\n\x10\x44\x65leteCredential\x12!.altan.v1.DeleteCredentialRequest\x1a\".altan.v1.DeleteCredentialResponse\x12\x62\n\x13\x41uthorizeCredential\x12$.altan.v1.AuthorizeCredentialRequest\x1a%.altan.v1.AuthorizeCredentialResponse\x12M\n\x0c\x46inishOAuth2\x12\x1d.altan.v1.FinishOAuth2Request\x1a\x1e.altan.v1.FinishOAuth2Response\x12G\n\nInvokeTool\x12\x1b.altan.v1.InvokeToolRequest\x1a\x1c.altan.v1.InvokeToolResponse\x12M\n\x0cPutMcpServer\x12\x1d.altan.v1.PutMcpServerRequest\x1a\x1e.altan.v1.PutMcpServerResponse\x12V\n\x0fListAuditEvents\x12 .altan.v1.ListAuditEventsRequest\x1a!.altan.v1.ListAuditEventsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'altan.v1.integrator_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CREDENTIALSTATUS']._serialized_start=2063
-  _globals['_CREDENTIALSTATUS']._serialized_end=2245
-  _globals['_AUDITOUTCOME']._serialized_start=2247
-  _globals['_AUDITOUTCOME']._serialized_end=2365
-  _globals['_APIKEYSPEC']._serialized_start=95
-  _globals['_APIKEYSPEC']._serialized_end=186
-  _globals['_OAUTH2SPEC']._serialized_start=189
-  _globals['_OAUTH2SPEC']._serialized_end=343
-  _globals['_CREDENTIALSPEC']._serialized_start=345
-  _globals['_CREDENTIALSPEC']._serialized_end=465
-  _globals['_CREDENTIAL']._serialized_start=468
-  _globals['_CREDENTIAL']._serialized_end=753
-  _globals['_PUTCREDENTIALREQUEST']._serialized_start=755
-  _globals['_PUTCREDENTIALREQUEST']._serialized_end=837
-  _globals['_PUTCREDENTIALRESPONSE']._serialized_start=839
-  _globals['_PUTCREDENTIALRESPONSE']._serialized_end=921
-  _globals['_GETCREDENTIALREQUEST']._serialized_start=923
-  _globals['_GETCREDENTIALREQUEST']._serialized_end=959
-  _globals['_GETCREDENTIALRESPONSE']._serialized_start=961
-  _globals['_GETCREDENTIALRESPONSE']._serialized_end=1026
-  _globals['_LISTCREDENTIALSREQUEST']._serialized_start=1028
-  _globals['_LISTCREDENTIALSREQUEST']._serialized_end=1091
-  _globals['_LISTCREDENTIALSRESPONSE']._serialized_start=1093
-  _globals['_LISTCREDENTIALSRESPONSE']._serialized_end=1186
-  _globals['_DELETECREDENTIALREQUEST']._serialized_start=1188
-  _globals['_DELETECREDENTIALREQUEST']._serialized_end=1227
-  _globals['_DELETECREDENTIALRESPONSE']._serialized_start=1229
-  _globals['_DELETECREDENTIALRESPONSE']._serialized_end=1255
-  _globals['_AUTHORIZECREDENTIALREQUEST']._serialized_start=1257
-  _globals['_AUTHORIZECREDENTIALREQUEST']._serialized_end=1299
-  _globals['_AUTHORIZECREDENTIALRESPONSE']._serialized_start=1301
-  _globals['_AUTHORIZECREDENTIALRESPONSE']._serialized_end=1372
-  _globals['_FINISHOAUTH2REQUEST']._serialized_start=1374
-  _globals['_FINISHOAUTH2REQUEST']._serialized_end=1439
-  _globals['_FINISHOAUTH2RESPONSE']._serialized_start=1441
-  _globals['_FINISHOAUTH2RESPONSE']._serialized_end=1527
-  _globals['_INVOKETOOLREQUEST']._serialized_start=1529
-  _globals['_INVOKETOOLREQUEST']._serialized_end=1589
-  _globals['_INVOKETOOLRESPONSE']._serialized_start=1591
-  _globals['_INVOKETOOLRESPONSE']._serialized_end=1669
-  _globals['_AUDITEVENT']._serialized_start=1672
-  _globals['_AUDITEVENT']._serialized_end=1937
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1939
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=1995
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=1997
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2060
-  _globals['_INTEGRATORSERVICE']._serialized_start=2368
-  _globals['_INTEGRATORSERVICE']._serialized_end=3070
+  _globals['_CREDENTIALSTATUS']._serialized_start=2222
+  _globals['_CREDENTIALSTATUS']._serialized_end=2404
+  _globals['_AUDITOUTCOME']._serialized_start=2406
+  _globals['_AUDITOUTCOME']._serialized_end=2524
+  _globals['_APIKEYSPEC']._serialized_start=116
+  _globals['_APIKEYSPEC']._serialized_end=207
+  _globals['_OAUTH2SPEC']._serialized_start=210
+  _globals['_OAUTH2SPEC']._serialized_end=364
+  _globals['_CREDENTIALSPEC']._serialized_start=366
+  _globals['_CREDENTIALSPEC']._serialized_end=486
+  _globals['_CREDENTIAL']._serialized_start=489
+  _globals['_CREDENTIAL']._serialized_end=774
+  _globals['_PUTCREDENTIALREQUEST']._serialized_start=776
+  _globals['_PUTCREDENTIALREQUEST']._serialized_end=858
+  _globals['_PUTCREDENTIALRESPONSE']._serialized_start=860
+  _globals['_PUTCREDENTIALRESPONSE']._serialized_end=942
+  _globals['_GETCREDENTIALREQUEST']._serialized_start=944
+  _globals['_GETCREDENTIALREQUEST']._serialized_end=980
+  _globals['_GETCREDENTIALRESPONSE']._serialized_start=982
+  _globals['_GETCREDENTIALRESPONSE']._serialized_end=1047
+  _globals['_LISTCREDENTIALSREQUEST']._serialized_start=1049
+  _globals['_LISTCREDENTIALSREQUEST']._serialized_end=1112
+  _globals['_LISTCREDENTIALSRESPONSE']._serialized_start=1114
+  _globals['_LISTCREDENTIALSRESPONSE']._serialized_end=1207
+  _globals['_DELETECREDENTIALREQUEST']._serialized_start=1209
+  _globals['_DELETECREDENTIALREQUEST']._serialized_end=1248
+  _globals['_DELETECREDENTIALRESPONSE']._serialized_start=1250
+  _globals['_DELETECREDENTIALRESPONSE']._serialized_end=1276
+  _globals['_AUTHORIZECREDENTIALREQUEST']._serialized_start=1278
+  _globals['_AUTHORIZECREDENTIALREQUEST']._serialized_end=1320
+  _globals['_AUTHORIZECREDENTIALRESPONSE']._serialized_start=1322
+  _globals['_AUTHORIZECREDENTIALRESPONSE']._serialized_end=1393
+  _globals['_FINISHOAUTH2REQUEST']._serialized_start=1395
+  _globals['_FINISHOAUTH2REQUEST']._serialized_end=1460
+  _globals['_FINISHOAUTH2RESPONSE']._serialized_start=1462
+  _globals['_FINISHOAUTH2RESPONSE']._serialized_end=1548
+  _globals['_INVOKETOOLREQUEST']._serialized_start=1550
+  _globals['_INVOKETOOLREQUEST']._serialized_end=1610
+  _globals['_INVOKETOOLRESPONSE']._serialized_start=1612
+  _globals['_INVOKETOOLRESPONSE']._serialized_end=1690
+  _globals['_AUDITEVENT']._serialized_start=1693
+  _globals['_AUDITEVENT']._serialized_end=1958
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=1960
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2016
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2018
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2081
+  _globals['_PUTMCPSERVERREQUEST']._serialized_start=2083
+  _globals['_PUTMCPSERVERREQUEST']._serialized_end=2141
+  _globals['_PUTMCPSERVERRESPONSE']._serialized_start=2143
+  _globals['_PUTMCPSERVERRESPONSE']._serialized_end=2219
+  _globals['_INTEGRATORSERVICE']._serialized_start=2527
+  _globals['_INTEGRATORSERVICE']._serialized_end=3308
 # @@protoc_insertion_point(module_scope)

@@ -4,6 +4,7 @@ isort:skip_file
 Integrator Engine: the trust boundary between tenants' tasks and the outside world."""
 
 from altan.v1 import common_pb2 as _common_pb2
+from altan.v1 import tool_pb2 as _tool_pb2
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -740,3 +741,55 @@ class ListAuditEventsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAuditEventsResponse: _TypeAlias = ListAuditEventsResponse  # noqa: Y015
+
+@_typing.final
+class PutMcpServerRequest(_message.Message):
+    """Request of PutMcpServer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def server(self) -> _tool_pb2.McpServer:
+        """The server: name, url and optionally credential; output-only fields must be left unset."""
+
+    def __init__(
+        self,
+        *,
+        server: _tool_pb2.McpServer | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutMcpServerRequest: _TypeAlias = PutMcpServerRequest  # noqa: Y015
+
+@_typing.final
+class PutMcpServerResponse(_message.Message):
+    """Response of PutMcpServer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when an existing server was replaced."""
+    @_builtins.property
+    def server(self) -> _tool_pb2.McpServer:
+        """The stored server, with the ids of its tools."""
+
+    def __init__(
+        self,
+        *,
+        server: _tool_pb2.McpServer | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "server", b"server"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutMcpServerResponse: _TypeAlias = PutMcpServerResponse  # noqa: Y015

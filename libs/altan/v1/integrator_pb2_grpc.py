@@ -71,6 +71,11 @@ class IntegratorServiceStub:
                 request_serializer=altan_dot_v1_dot_integrator__pb2.InvokeToolRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_integrator__pb2.InvokeToolResponse.FromString,
                 _registered_method=True)
+        self.PutMcpServer = channel.unary_unary(
+                '/altan.v1.IntegratorService/PutMcpServer',
+                request_serializer=altan_dot_v1_dot_integrator__pb2.PutMcpServerRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_integrator__pb2.PutMcpServerResponse.FromString,
+                _registered_method=True)
         self.ListAuditEvents = channel.unary_unary(
                 '/altan.v1.IntegratorService/ListAuditEvents',
                 request_serializer=altan_dot_v1_dot_integrator__pb2.ListAuditEventsRequest.SerializeToString,
@@ -134,6 +139,14 @@ class IntegratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutMcpServer(self, request, context):
+        """Registers or replaces an MCP server and lists its tools (with its credential, audited); admin only. Reading,
+        listing and deleting servers are ToolService's.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListAuditEvents(self, request, context):
         """Reads the tenant's audit events, oldest first.
         """
@@ -178,6 +191,11 @@ def add_IntegratorServiceServicer_to_server(servicer, server):
                     servicer.InvokeTool,
                     request_deserializer=altan_dot_v1_dot_integrator__pb2.InvokeToolRequest.FromString,
                     response_serializer=altan_dot_v1_dot_integrator__pb2.InvokeToolResponse.SerializeToString,
+            ),
+            'PutMcpServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.PutMcpServer,
+                    request_deserializer=altan_dot_v1_dot_integrator__pb2.PutMcpServerRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_integrator__pb2.PutMcpServerResponse.SerializeToString,
             ),
             'ListAuditEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAuditEvents,
@@ -376,6 +394,33 @@ class IntegratorService:
             '/altan.v1.IntegratorService/InvokeTool',
             altan_dot_v1_dot_integrator__pb2.InvokeToolRequest.SerializeToString,
             altan_dot_v1_dot_integrator__pb2.InvokeToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutMcpServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.IntegratorService/PutMcpServer',
+            altan_dot_v1_dot_integrator__pb2.PutMcpServerRequest.SerializeToString,
+            altan_dot_v1_dot_integrator__pb2.PutMcpServerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -53,6 +53,10 @@ class IntegratorServiceStub:
     """
     InvokeTool: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.InvokeToolRequest, _integrator_pb2.InvokeToolResponse]
     """Runs one tool with its credential, retries and an audit event."""
+    PutMcpServer: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.PutMcpServerRequest, _integrator_pb2.PutMcpServerResponse]
+    """Registers or replaces an MCP server and lists its tools (with its credential, audited); admin only. Reading,
+    listing and deleting servers are ToolService's.
+    """
     ListAuditEvents: _grpc.UnaryUnaryMultiCallable[_integrator_pb2.ListAuditEventsRequest, _integrator_pb2.ListAuditEventsResponse]
     """Reads the tenant's audit events, oldest first."""
 
@@ -81,6 +85,10 @@ class IntegratorServiceAsyncStub(IntegratorServiceStub):
     """
     InvokeTool: _aio.UnaryUnaryMultiCallable[_integrator_pb2.InvokeToolRequest, _integrator_pb2.InvokeToolResponse]  # type: ignore[assignment]
     """Runs one tool with its credential, retries and an audit event."""
+    PutMcpServer: _aio.UnaryUnaryMultiCallable[_integrator_pb2.PutMcpServerRequest, _integrator_pb2.PutMcpServerResponse]  # type: ignore[assignment]
+    """Registers or replaces an MCP server and lists its tools (with its credential, audited); admin only. Reading,
+    listing and deleting servers are ToolService's.
+    """
     ListAuditEvents: _aio.UnaryUnaryMultiCallable[_integrator_pb2.ListAuditEventsRequest, _integrator_pb2.ListAuditEventsResponse]  # type: ignore[assignment]
     """Reads the tenant's audit events, oldest first."""
 
@@ -148,6 +156,16 @@ class IntegratorServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_integrator_pb2.InvokeToolResponse, _abc.Awaitable[_integrator_pb2.InvokeToolResponse]]:
         """Runs one tool with its credential, retries and an audit event."""
+
+    @_abc_1.abstractmethod
+    def PutMcpServer(
+        self,
+        request: _integrator_pb2.PutMcpServerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_integrator_pb2.PutMcpServerResponse, _abc.Awaitable[_integrator_pb2.PutMcpServerResponse]]:
+        """Registers or replaces an MCP server and lists its tools (with its credential, audited); admin only. Reading,
+        listing and deleting servers are ToolService's.
+        """
 
     @_abc_1.abstractmethod
     def ListAuditEvents(

@@ -426,3 +426,65 @@ class CompleteResponse(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
 
 Global___CompleteResponse: _TypeAlias = CompleteResponse  # noqa: Y015
+
+@_typing.final
+class SyncMcpServerRequest(_message.Message):
+    """Request of SyncMcpServer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    timeout_seconds: _builtins.float
+    """Time budget for the listing in seconds (0: the service default)."""
+    @_builtins.property
+    def server(self) -> _tool_pb2.McpServer:
+        """The server to register (name, url, credential), checked by the integrator."""
+
+    @_builtins.property
+    def credential(self) -> Global___InjectedCredential:
+        """Its credential, resolved for this listing; unset when the server has none."""
+
+    def __init__(
+        self,
+        *,
+        server: _tool_pb2.McpServer | None = ...,
+        credential: Global___InjectedCredential | None = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "server", b"server"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "server", b"server", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncMcpServerRequest: _TypeAlias = SyncMcpServerRequest  # noqa: Y015
+
+@_typing.final
+class SyncMcpServerResponse(_message.Message):
+    """Response of SyncMcpServer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVER_FIELD_NUMBER: _builtins.int
+    CREATED_FIELD_NUMBER: _builtins.int
+    created: _builtins.bool
+    """False when an existing server was replaced."""
+    @_builtins.property
+    def server(self) -> _tool_pb2.McpServer:
+        """The stored server, with the ids of its tools."""
+
+    def __init__(
+        self,
+        *,
+        server: _tool_pb2.McpServer | None = ...,
+        created: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "server", b"server"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SyncMcpServerResponse: _TypeAlias = SyncMcpServerResponse  # noqa: Y015

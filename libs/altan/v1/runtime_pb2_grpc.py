@@ -40,6 +40,11 @@ class ToolRuntimeServiceStub:
                 request_serializer=altan_dot_v1_dot_runtime__pb2.ExecuteToolRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_runtime__pb2.ExecuteToolResponse.FromString,
                 _registered_method=True)
+        self.SyncMcpServer = channel.unary_unary(
+                '/altan.v1.ToolRuntimeService/SyncMcpServer',
+                request_serializer=altan_dot_v1_dot_runtime__pb2.SyncMcpServerRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_runtime__pb2.SyncMcpServerResponse.FromString,
+                _registered_method=True)
 
 
 class ToolRuntimeServiceServicer:
@@ -53,6 +58,13 @@ class ToolRuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SyncMcpServer(self, request, context):
+        """Connects to an MCP server (with the credential the integrator resolved), lists its tools and stores the server.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolRuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +72,11 @@ def add_ToolRuntimeServiceServicer_to_server(servicer, server):
                     servicer.ExecuteTool,
                     request_deserializer=altan_dot_v1_dot_runtime__pb2.ExecuteToolRequest.FromString,
                     response_serializer=altan_dot_v1_dot_runtime__pb2.ExecuteToolResponse.SerializeToString,
+            ),
+            'SyncMcpServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.SyncMcpServer,
+                    request_deserializer=altan_dot_v1_dot_runtime__pb2.SyncMcpServerRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_runtime__pb2.SyncMcpServerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +107,33 @@ class ToolRuntimeService:
             '/altan.v1.ToolRuntimeService/ExecuteTool',
             altan_dot_v1_dot_runtime__pb2.ExecuteToolRequest.SerializeToString,
             altan_dot_v1_dot_runtime__pb2.ExecuteToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SyncMcpServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.ToolRuntimeService/SyncMcpServer',
+            altan_dot_v1_dot_runtime__pb2.SyncMcpServerRequest.SerializeToString,
+            altan_dot_v1_dot_runtime__pb2.SyncMcpServerResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -40,6 +40,8 @@ class ToolRuntimeServiceStub:
     def __new__(cls, channel: _aio.Channel) -> ToolRuntimeServiceAsyncStub: ...
     ExecuteTool: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.ExecuteToolRequest, _runtime_pb2.ExecuteToolResponse]
     """Validates the arguments and runs the tool once, with the credential the integrator resolved for this call."""
+    SyncMcpServer: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.SyncMcpServerRequest, _runtime_pb2.SyncMcpServerResponse]
+    """Connects to an MCP server (with the credential the integrator resolved), lists its tools and stores the server."""
 
 @_typing.type_check_only
 class ToolRuntimeServiceAsyncStub(ToolRuntimeServiceStub):
@@ -48,6 +50,8 @@ class ToolRuntimeServiceAsyncStub(ToolRuntimeServiceStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     ExecuteTool: _aio.UnaryUnaryMultiCallable[_runtime_pb2.ExecuteToolRequest, _runtime_pb2.ExecuteToolResponse]  # type: ignore[assignment]
     """Validates the arguments and runs the tool once, with the credential the integrator resolved for this call."""
+    SyncMcpServer: _aio.UnaryUnaryMultiCallable[_runtime_pb2.SyncMcpServerRequest, _runtime_pb2.SyncMcpServerResponse]  # type: ignore[assignment]
+    """Connects to an MCP server (with the credential the integrator resolved), lists its tools and stores the server."""
 
 class ToolRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the Tool Service; called by the Integrator Engine only."""
@@ -59,6 +63,14 @@ class ToolRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_runtime_pb2.ExecuteToolResponse, _abc.Awaitable[_runtime_pb2.ExecuteToolResponse]]:
         """Validates the arguments and runs the tool once, with the credential the integrator resolved for this call."""
+
+    @_abc_1.abstractmethod
+    def SyncMcpServer(
+        self,
+        request: _runtime_pb2.SyncMcpServerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.SyncMcpServerResponse, _abc.Awaitable[_runtime_pb2.SyncMcpServerResponse]]:
+        """Connects to an MCP server (with the credential the integrator resolved), lists its tools and stores the server."""
 
 def add_ToolRuntimeServiceServicer_to_server(servicer: ToolRuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
 

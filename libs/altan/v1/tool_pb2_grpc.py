@@ -56,6 +56,21 @@ class ToolServiceStub:
                 request_serializer=altan_dot_v1_dot_tool__pb2.DeleteToolRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_tool__pb2.DeleteToolResponse.FromString,
                 _registered_method=True)
+        self.GetMcpServer = channel.unary_unary(
+                '/altan.v1.ToolService/GetMcpServer',
+                request_serializer=altan_dot_v1_dot_tool__pb2.GetMcpServerRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_tool__pb2.GetMcpServerResponse.FromString,
+                _registered_method=True)
+        self.ListMcpServers = channel.unary_unary(
+                '/altan.v1.ToolService/ListMcpServers',
+                request_serializer=altan_dot_v1_dot_tool__pb2.ListMcpServersRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_tool__pb2.ListMcpServersResponse.FromString,
+                _registered_method=True)
+        self.DeleteMcpServer = channel.unary_unary(
+                '/altan.v1.ToolService/DeleteMcpServer',
+                request_serializer=altan_dot_v1_dot_tool__pb2.DeleteMcpServerRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_tool__pb2.DeleteMcpServerResponse.FromString,
+                _registered_method=True)
 
 
 class ToolServiceServicer:
@@ -91,6 +106,27 @@ class ToolServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetMcpServer(self, request, context):
+        """Reads one of the tenant's MCP servers (registered with IntegratorService.PutMcpServer).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMcpServers(self, request, context):
+        """Lists the tenant's MCP servers by name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteMcpServer(self, request, context):
+        """Deletes one of the tenant's MCP servers, and so its tools; admin only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ToolServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +149,21 @@ def add_ToolServiceServicer_to_server(servicer, server):
                     servicer.DeleteTool,
                     request_deserializer=altan_dot_v1_dot_tool__pb2.DeleteToolRequest.FromString,
                     response_serializer=altan_dot_v1_dot_tool__pb2.DeleteToolResponse.SerializeToString,
+            ),
+            'GetMcpServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMcpServer,
+                    request_deserializer=altan_dot_v1_dot_tool__pb2.GetMcpServerRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_tool__pb2.GetMcpServerResponse.SerializeToString,
+            ),
+            'ListMcpServers': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMcpServers,
+                    request_deserializer=altan_dot_v1_dot_tool__pb2.ListMcpServersRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_tool__pb2.ListMcpServersResponse.SerializeToString,
+            ),
+            'DeleteMcpServer': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteMcpServer,
+                    request_deserializer=altan_dot_v1_dot_tool__pb2.DeleteMcpServerRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_tool__pb2.DeleteMcpServerResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +276,87 @@ class ToolService:
             '/altan.v1.ToolService/DeleteTool',
             altan_dot_v1_dot_tool__pb2.DeleteToolRequest.SerializeToString,
             altan_dot_v1_dot_tool__pb2.DeleteToolResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMcpServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.ToolService/GetMcpServer',
+            altan_dot_v1_dot_tool__pb2.GetMcpServerRequest.SerializeToString,
+            altan_dot_v1_dot_tool__pb2.GetMcpServerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMcpServers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.ToolService/ListMcpServers',
+            altan_dot_v1_dot_tool__pb2.ListMcpServersRequest.SerializeToString,
+            altan_dot_v1_dot_tool__pb2.ListMcpServersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteMcpServer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.ToolService/DeleteMcpServer',
+            altan_dot_v1_dot_tool__pb2.DeleteMcpServerRequest.SerializeToString,
+            altan_dot_v1_dot_tool__pb2.DeleteMcpServerResponse.FromString,
             options,
             channel_credentials,
             insecure,

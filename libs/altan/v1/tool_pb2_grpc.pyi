@@ -43,6 +43,12 @@ class ToolServiceStub:
     """Registers a custom tool; admin only."""
     DeleteTool: _grpc.UnaryUnaryMultiCallable[_tool_pb2.DeleteToolRequest, _tool_pb2.DeleteToolResponse]
     """Deletes a custom tool; admin only."""
+    GetMcpServer: _grpc.UnaryUnaryMultiCallable[_tool_pb2.GetMcpServerRequest, _tool_pb2.GetMcpServerResponse]
+    """Reads one of the tenant's MCP servers (registered with IntegratorService.PutMcpServer)."""
+    ListMcpServers: _grpc.UnaryUnaryMultiCallable[_tool_pb2.ListMcpServersRequest, _tool_pb2.ListMcpServersResponse]
+    """Lists the tenant's MCP servers by name."""
+    DeleteMcpServer: _grpc.UnaryUnaryMultiCallable[_tool_pb2.DeleteMcpServerRequest, _tool_pb2.DeleteMcpServerResponse]
+    """Deletes one of the tenant's MCP servers, and so its tools; admin only."""
 
 @_typing.type_check_only
 class ToolServiceAsyncStub(ToolServiceStub):
@@ -59,6 +65,12 @@ class ToolServiceAsyncStub(ToolServiceStub):
     """Registers a custom tool; admin only."""
     DeleteTool: _aio.UnaryUnaryMultiCallable[_tool_pb2.DeleteToolRequest, _tool_pb2.DeleteToolResponse]  # type: ignore[assignment]
     """Deletes a custom tool; admin only."""
+    GetMcpServer: _aio.UnaryUnaryMultiCallable[_tool_pb2.GetMcpServerRequest, _tool_pb2.GetMcpServerResponse]  # type: ignore[assignment]
+    """Reads one of the tenant's MCP servers (registered with IntegratorService.PutMcpServer)."""
+    ListMcpServers: _aio.UnaryUnaryMultiCallable[_tool_pb2.ListMcpServersRequest, _tool_pb2.ListMcpServersResponse]  # type: ignore[assignment]
+    """Lists the tenant's MCP servers by name."""
+    DeleteMcpServer: _aio.UnaryUnaryMultiCallable[_tool_pb2.DeleteMcpServerRequest, _tool_pb2.DeleteMcpServerResponse]  # type: ignore[assignment]
+    """Deletes one of the tenant's MCP servers, and so its tools; admin only."""
 
 class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
     """ToolService holds the tenant's built-in, custom and container tools. Public: served on the gateway's gRPC port.
@@ -96,5 +108,29 @@ class ToolServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tool_pb2.DeleteToolResponse, _abc.Awaitable[_tool_pb2.DeleteToolResponse]]:
         """Deletes a custom tool; admin only."""
+
+    @_abc_1.abstractmethod
+    def GetMcpServer(
+        self,
+        request: _tool_pb2.GetMcpServerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tool_pb2.GetMcpServerResponse, _abc.Awaitable[_tool_pb2.GetMcpServerResponse]]:
+        """Reads one of the tenant's MCP servers (registered with IntegratorService.PutMcpServer)."""
+
+    @_abc_1.abstractmethod
+    def ListMcpServers(
+        self,
+        request: _tool_pb2.ListMcpServersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tool_pb2.ListMcpServersResponse, _abc.Awaitable[_tool_pb2.ListMcpServersResponse]]:
+        """Lists the tenant's MCP servers by name."""
+
+    @_abc_1.abstractmethod
+    def DeleteMcpServer(
+        self,
+        request: _tool_pb2.DeleteMcpServerRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tool_pb2.DeleteMcpServerResponse, _abc.Awaitable[_tool_pb2.DeleteMcpServerResponse]]:
+        """Deletes one of the tenant's MCP servers, and so its tools; admin only."""
 
 def add_ToolServiceServicer_to_server(servicer: ToolServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
