@@ -26,7 +26,7 @@ import httpx
 from altan.egress import EgressGuard, HostBinding, ResolvedTarget
 from altan.errors import EgressRefused, FailedPrecondition, InvalidArgument, Unavailable
 
-__all__ = ["GuardedHttpClient", "HttpResult", "StreamedResponse"]
+__all__ = ["GuardedHttpClient", "GuardedTransport", "HttpResult", "StreamedResponse"]
 
 
 # The (host, port, ip) the guard checked for the request this task is sending; read by the network backend.
@@ -130,6 +130,68 @@ def _released(response: httpcore.Response, release: Callable[[], None]) -> httpc
 
     response.stream = _Stream()
     return response
+class GuardedTransport(httpx.AsyncBaseTransport):
+    """The egress guard for an ``httpx.AsyncClient`` that another library drives (the MCP SDK).
+
+    Every request, whatever URL the library builds, is checked by the guard and connected to the checked address
+    through the owner's pinned pool. A redirect is never followed: it is refused (the library cannot re-check where
+    it leads). A body is not read past ``max_bytes``. Closing the transport leaves the shared pool open. The first
+    egress refusal is kept in :attr:`refusal`, for the caller to report it whatever the library made of it.
+    """
+
+    def __init__(self, guard: EgressGuard, inner: httpx.AsyncBaseTransport, max_bytes: int) -> None:
+        self._guard = guard
+        self._inner = inner
+        self._max_bytes = max_bytes
+        self.refusal: EgressRefused | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        try:
+            hop = await self._guard.check(str(request.url))
+        except EgressRefused as exc:
+            self.refusal = self.refusal or exc
+            raise
+        token = _PIN.set((hop.host, hop.port, hop.ip))
+        try:
+            response = await self._inner.handle_async_request(request)
+        finally:
+            _PIN.reset(token)
+        if response.status_code in _REDIRECTS:
+            await response.aclose()
+            self.refusal = self.refusal or EgressRefused(
+                f"egress refused: {hop.target} answered a redirect, which is not followed here", target=hop.target
+            )
+            raise self.refusal
+        declared = response.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > self._max_bytes:
+            await response.aclose()
+            raise FailedPrecondition(f"response from {hop.target} is larger than {self._max_bytes} bytes")
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _CappedStream(response.stream, self._max_bytes, hop.target)
+        return response
+
+    async def aclose(self) -> None:
+        pass  # the pool belongs to the GuardedHttpClient
+
+
+class _CappedStream(httpx.AsyncByteStream):
+    """A response body that stops with an error past ``max_bytes`` (a streamed answer has no Content-Length)."""
+
+    def __init__(self, inner: httpx.AsyncByteStream, max_bytes: int, target: str) -> None:
+        self._inner = inner
+        self._max_bytes = max_bytes
+        self._target = target
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        size = 0
+        async for chunk in self._inner:
+            size += len(chunk)
+            if size > self._max_bytes:
+                raise FailedPrecondition(f"response from {self._target} is larger than {self._max_bytes} bytes")
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 @dataclass(frozen=True)
@@ -200,6 +262,11 @@ class GuardedHttpClient:
     async def aclose(self) -> None:
         """Close pooled connections."""
         await self._client.aclose()
+
+    def transport(self) -> GuardedTransport:
+        """An httpx transport, over this client's pinned pool, for an ``httpx.AsyncClient`` that a library builds
+        (the MCP SDK's): see :class:`GuardedTransport`."""
+        return GuardedTransport(self._guard, self._client._transport, self._max_bytes)
 
     async def request(
         self,

@@ -43,6 +43,9 @@ PUBLIC_METHODS = frozenset(
         "/altan.v1.ToolService/GetTool",
         "/altan.v1.ToolService/CreateTool",
         "/altan.v1.ToolService/DeleteTool",
+        "/altan.v1.ToolService/GetMcpServer",
+        "/altan.v1.ToolService/ListMcpServers",
+        "/altan.v1.ToolService/DeleteMcpServer",
         "/altan.v1.IntegratorService/PutCredential",
         "/altan.v1.IntegratorService/GetCredential",
         "/altan.v1.IntegratorService/ListCredentials",
@@ -50,6 +53,7 @@ PUBLIC_METHODS = frozenset(
         "/altan.v1.IntegratorService/AuthorizeCredential",
         "/altan.v1.IntegratorService/FinishOAuth2",
         "/altan.v1.IntegratorService/InvokeTool",
+        "/altan.v1.IntegratorService/PutMcpServer",
         "/altan.v1.IntegratorService/ListAuditEvents",
     }
 )

@@ -24,7 +24,7 @@ from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from altan import context
-from altan.api import agents, audit, credentials, tasks, tools
+from altan.api import agents, audit, credentials, mcp, tasks, tools
 from altan.api.common import describe_error
 from altan.auth import TokenVerifier
 from altan.errors import AltanError, InvalidArgument, code_for_http_status, error_body, http_response
@@ -46,6 +46,7 @@ ToolId = Annotated[str, Path(max_length=200)]
 TaskId = Annotated[str, Path(max_length=200)]
 ThreadId = Annotated[str, Path(max_length=200)]
 CredentialName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
+McpServerName = Annotated[str, Path(pattern=mcp.MCP_SERVER_NAME_PATTERN)]
 _EVENT_ID = re.compile(r"[0-9]{1,18}")
 
 
@@ -280,6 +281,48 @@ def create_app(
         request_pb = integrator_pb2.FinishOAuth2Request(code=code, state=state, error=error)
         answer = await integrator.call(integrator.integrator.FinishOAuth2, request_pb)
         return _json({"credential": answer.credential, "status": credentials.credential_status_name(answer.status)})
+
+    # --- MCP servers --------------------------------------------------------------------------------------
+    @api.route(
+        "PUT",
+        "/mcp-servers/{name}",
+        200,
+        mcp.McpServer,
+        "Register an MCP server",
+        body=mcp.McpServerSpec,
+        admin=True,
+        also=(201,),
+        description=(
+            "201 when the server was registered, 200 when it replaced one. The integrator connects to the server "
+            "(streamable HTTP, through the egress rules, with the credential when one is named), lists its tools, "
+            "and they join the tenant's tools as `<name>__<tool>`, type mcp. An unreachable server is 503."
+        ),
+        links={
+            "GetMcpServer": ("get_mcp_server", {"name": "$response.body#/name"}),
+            "DeleteMcpServer": ("delete_mcp_server", {"name": "$response.body#/name"}),
+        },
+    )
+    async def put_mcp_server(name: McpServerName, request: Request) -> Response:
+        spec = mcp.parse_mcp_server_spec(await _body(request))
+        request_pb = integrator_pb2.PutMcpServerRequest(server=mcp.server_spec_to_proto(name, spec))
+        answer = await integrator.call(integrator.integrator.PutMcpServer, request_pb)
+        return _json(mcp.mcp_server_json(answer.server), 201 if answer.created else 200)
+
+    @api.route("GET", "/mcp-servers", 200, mcp.McpServerList, "List MCP servers")
+    async def list_mcp_servers(page_size: PageSize = 0, page_token: PageToken = "") -> Response:
+        request_pb = tool_pb2.ListMcpServersRequest(page_size=page_size, page_token=page_token)
+        answer = await tool.call(tool.catalog.ListMcpServers, request_pb)
+        return _page("mcp_servers", [mcp.mcp_server_json(s) for s in answer.servers], answer.next_page_token)
+
+    @api.route("GET", "/mcp-servers/{name}", 200, mcp.McpServer, "Read an MCP server")
+    async def get_mcp_server(name: McpServerName) -> Response:
+        answer = await tool.call(tool.catalog.GetMcpServer, tool_pb2.GetMcpServerRequest(name=name))
+        return _json(mcp.mcp_server_json(answer.server))
+
+    @api.route("DELETE", "/mcp-servers/{name}", 204, None, "Delete an MCP server (and so its tools)", admin=True)
+    async def delete_mcp_server(name: McpServerName) -> Response:
+        await tool.call(tool.catalog.DeleteMcpServer, tool_pb2.DeleteMcpServerRequest(name=name))
+        return Response(status_code=204)
 
     # --- tasks --------------------------------------------------------------------------------------------
     @api.route(

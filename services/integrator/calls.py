@@ -22,8 +22,10 @@ from tenacity import (
 from tenacity.wait import wait_exponential_jitter
 
 from altan import context
+from altan.api.mcp import server_spec_from_proto
 from altan.api.tools import SELF_CONTAINED_BUILTINS
 from altan.clients import ToolClient
+from altan.context import require_admin
 from altan.egress import destination
 from altan.errors import (
     AltanError,
@@ -96,6 +98,44 @@ class ToolCaller:
         answer = await self._tools.call(self._tools.catalog.ListTools, request)
         found = {t.tool_id for t in answer.tools}
         return list(answer.tools), [t for t in tool_ids if t not in found]
+
+    async def put_mcp_server(self, server: tool_pb2.McpServer) -> tuple[tool_pb2.McpServer, bool]:
+        """Register an MCP server: the Tool Service connects with its credential and lists its tools; audited as
+        ``mcp.list`` like a call. The server's URL is where its admin meant the credential to go."""
+        require_admin("registering an MCP server")
+        name, spec = server_spec_from_proto(server)
+        started = time.monotonic()
+        target = destination(spec.url)
+        credential_name = spec.credential or ""
+        intent: AuditIntent | None = None
+        try:
+            intent = await self._audit.begin("mcp.list", target=target, credential=credential_name)
+            credential = await self._broker.resolve(credential_name) if credential_name else None
+            request = runtime_pb2.SyncMcpServerRequest(server=server, timeout_seconds=self._deadline)
+            if credential is not None:
+                request.credential.CopyFrom(runtime_pb2.InjectedCredential(**credential.injected()))
+            answer = await self._tools.call(self._tools.runtime.SyncMcpServer, request, timeout=self._deadline + 1)
+        except AltanError as exc:
+            await self._audit.record(
+                "mcp.list",
+                intent=intent,
+                target=getattr(exc, "target", "") or target,
+                outcome="denied" if isinstance(exc, PermissionDenied | NotFound) else "error",
+                latency_ms=_ms(started),
+                reason=exc.message,
+                credential=credential_name,
+            )
+            raise
+        await self._audit.record(
+            "mcp.list",
+            intent=intent,
+            target=target,
+            outcome="ok",
+            latency_ms=_ms(started),
+            reason=f"server '{name}': {len(answer.server.tools)} tools",
+            credential=credential_name,
+        )
+        return answer.server, answer.created
 
     async def invoke(
         self,
@@ -285,11 +325,13 @@ def _last_outcome(state: RetryCallState) -> runtime_pb2.ExecuteToolResponse:
 def _credential_use(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> tuple[str, str | None]:
     """The credential a call injects and, for http_request, the URL the caller wants it sent to.
 
-    A custom tool's own credential goes to the endpoint its admin wrote; the one an http_request call names goes
-    only to one of the credential's hosts.
+    A custom tool's own credential goes to the endpoint its admin wrote (an MCP tool's, to its server); the one an
+    http_request call names goes only to one of the credential's hosts.
     """
     if tool is None:
         return "", None
+    if tool.type == tool_pb2.TOOL_TYPE_MCP:
+        return tool.credential, None  # to the MCP server its admin registered with it
     if tool.type == tool_pb2.TOOL_TYPE_CUSTOM and tool.auth not in (
         common_pb2.AUTH_TYPE_NONE,
         common_pb2.AUTH_TYPE_UNSPECIFIED,

@@ -70,6 +70,12 @@ class IntegratorServicer(integrator_pb2_grpc.IntegratorServiceServicer):
         name = await self._broker.finish_oauth2(request.code, request.state, request.error)
         return integrator_pb2.FinishOAuth2Response(credential=name, status=integrator_pb2.CREDENTIAL_STATUS_CONNECTED)
 
+    async def PutMcpServer(
+        self, request: integrator_pb2.PutMcpServerRequest, context: Context
+    ) -> integrator_pb2.PutMcpServerResponse:
+        server, created = await self._caller.put_mcp_server(request.server)
+        return integrator_pb2.PutMcpServerResponse(server=server, created=created)
+
     async def InvokeTool(
         self, request: integrator_pb2.InvokeToolRequest, context: Context
     ) -> integrator_pb2.InvokeToolResponse:

@@ -15,6 +15,7 @@ from altan.v1 import runtime_pb2_grpc, tool_pb2_grpc
 from services.tool.builtins import BUILTIN_TOOLS
 from services.tool.containers import ContainerTools
 from services.tool.executor import ToolExecutor
+from services.tool.mcp import McpServers
 from services.tool.registry import ToolRegistry
 from services.tool.schema import ArgumentValidator
 from services.tool.servicer import ToolRuntimeServicer, ToolServicer
@@ -46,18 +47,22 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     stack.push_async_callback(containers.aclose)
     await containers.start()  # the containers that are up are in the catalogue before the service answers
-    registry = ToolRegistry(TenantStore(backend, "tool"), containers)
-    executor = ToolExecutor(registry, http, ArgumentValidator(), containers=containers, default_timeout=deadline)
+    store = TenantStore(backend, "tool")
+    mcp = McpServers(store, http.transport, default_timeout=deadline)
+    registry = ToolRegistry(store, containers, mcp)
+    executor = ToolExecutor(
+        registry, http, ArgumentValidator(), containers=containers, mcp=mcp, default_timeout=deadline
+    )
     return [
         GrpcService(
             tool_pb2_grpc.add_ToolServiceServicer_to_server,
-            ToolServicer(registry),
+            ToolServicer(registry, mcp),
             "altan.v1.ToolService",
             ready=backend.ping,
         ),
         GrpcService(
             runtime_pb2_grpc.add_ToolRuntimeServiceServicer_to_server,
-            ToolRuntimeServicer(executor, settings.max_output_bytes),
+            ToolRuntimeServicer(executor, mcp, settings.max_output_bytes),
             "altan.v1.ToolRuntimeService",
             ready=backend.ping,
         ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from altan.egress import HostBinding
+from altan.egress import HostBinding, destination
 from altan.errors import FailedPrecondition, InvalidArgument
 from altan.outbound import GuardedHttpClient, HttpResult
 from altan.wire import parse_json
@@ -24,6 +24,7 @@ __all__ = [
     "ContainerCalls",
     "Credential",
     "Execution",
+    "McpCalls",
     "ToolExecutor",
     "redact",
 ]
@@ -98,6 +99,14 @@ class ContainerCalls(Protocol):
     async def invoke(self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float) -> Any: ...
 
 
+class McpCalls(Protocol):
+    """Runs a tool of a tenant's MCP server (services.tool.mcp.McpServers)."""
+
+    async def invoke(
+        self, tool: dict[str, Any], arguments: dict[str, Any], credential: Credential | None, timeout: float | None
+    ) -> Any: ...
+
+
 class ToolExecutor:
     """Executes tools of the current tenant."""
 
@@ -108,8 +117,10 @@ class ToolExecutor:
         validator: ArgumentValidator,
         *,
         containers: ContainerCalls | None = None,
+        mcp: McpCalls | None = None,
         default_timeout: float = 30.0,
     ) -> None:
+        self._mcp = mcp
         self._registry = registry
         self._http = http
         self._validator = validator
@@ -137,6 +148,10 @@ class ToolExecutor:
             return Execution(output=output, target=tool["container"])
         offload = arguments_size > OFFLOAD_CHECK_BYTES
         await self._validator.check(tool_id, tool["input_schema"], arguments, offload=offload)
+        if tool["type"] == "mcp" and self._mcp is not None:
+            # Its arguments were checked above, against a schema bounded as any tenant's: a bad call never leaves.
+            output = await self._mcp.invoke(tool, arguments, credential, timeout or self._default_timeout)
+            return Execution(output=output, target=destination(tool["mcp_url"]))
         if tool_id == "http_request":
             return await self._http_request(arguments, credential, timeout)
         return await self._custom(tool, arguments, credential, timeout)

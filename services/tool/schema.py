@@ -32,6 +32,7 @@ __all__ = [
     "ArgumentValidator",
     "build_http_request",
     "check_custom_tool",
+    "check_input_schema",
     "parse_custom_tool",
 ]
 
@@ -56,11 +57,12 @@ def check_custom_tool(spec: CustomToolSpec) -> dict[str, Any]:
     """The normalized tool of a validated spec, once its ``input_schema`` passes as a JSON Schema."""
     tool = spec.stored()
     field = "parameters" if spec.input_schema is None else "input_schema"
-    tool["input_schema"] = _check_input_schema(tool["input_schema"], field=field)
+    tool["input_schema"] = check_input_schema(tool["input_schema"], field=field)
     return tool
 
 
-def _check_input_schema(schema: Any, *, field: str = "input_schema") -> dict[str, Any]:
+def check_input_schema(schema: Any, *, field: str = "input_schema") -> dict[str, Any]:
+    """A copy of a tenant's JSON Schema for arguments, once it is valid and its evaluation bounded."""
     if not isinstance(schema, dict):
         raise InvalidArgument(f"{field}: must be a JSON Schema object")
     if schema.get("$schema", DRAFT_2020_12) != DRAFT_2020_12:

@@ -6,12 +6,14 @@ from collections import OrderedDict
 from typing import Any
 
 from altan import context
+from altan.api.mcp import mcp_server_to_proto, server_spec_from_proto
 from altan.api.tools import tool_spec_from_proto, tool_to_proto
 from altan.errors import FailedPrecondition
 from altan.server import Context
 from altan.v1 import runtime_pb2, runtime_pb2_grpc, tool_pb2, tool_pb2_grpc
 from altan.wire import json_bytes, paginate, parse_json
 from services.tool.executor import Credential, ToolExecutor
+from services.tool.mcp import McpServers
 from services.tool.registry import ToolRegistry
 
 __all__ = ["ToolRuntimeServicer", "ToolServicer"]
@@ -20,8 +22,9 @@ __all__ = ["ToolRuntimeServicer", "ToolServicer"]
 class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
     """The tenant's catalogue (public)."""
 
-    def __init__(self, registry: ToolRegistry, cache_size: int = 4096) -> None:
+    def __init__(self, registry: ToolRegistry, mcp: McpServers, cache_size: int = 4096) -> None:
         self._registry = registry
+        self._mcp = mcp
         self._protos: OrderedDict[tuple[str, str, str], tool_pb2.Tool] = OrderedDict()
         self._cache_size = cache_size
 
@@ -60,21 +63,45 @@ class ToolServicer(tool_pb2_grpc.ToolServiceServicer):
         await self._registry.delete(request.tool_id)
         return tool_pb2.DeleteToolResponse()
 
+    async def GetMcpServer(
+        self, request: tool_pb2.GetMcpServerRequest, context: Context
+    ) -> tool_pb2.GetMcpServerResponse:
+        return tool_pb2.GetMcpServerResponse(server=mcp_server_to_proto(await self._mcp.get(request.name)))
+
+    async def ListMcpServers(
+        self, request: tool_pb2.ListMcpServersRequest, context: Context
+    ) -> tool_pb2.ListMcpServersResponse:
+        servers = await self._mcp.all()
+        page, token = paginate(servers, request.page_size, request.page_token, default=100, maximum=500)
+        return tool_pb2.ListMcpServersResponse(servers=[mcp_server_to_proto(s) for s in page], next_page_token=token)
+
+    async def DeleteMcpServer(
+        self, request: tool_pb2.DeleteMcpServerRequest, context: Context
+    ) -> tool_pb2.DeleteMcpServerResponse:
+        await self._mcp.delete(request.name)
+        return tool_pb2.DeleteMcpServerResponse()
+
 
 class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
     """Runs tool calls for the Integrator Engine (internal: it receives credentials)."""
 
-    def __init__(self, executor: ToolExecutor, max_output_bytes: int) -> None:
+    def __init__(self, executor: ToolExecutor, mcp: McpServers, max_output_bytes: int) -> None:
         self._executor = executor
+        self._mcp = mcp
         self._max_output_bytes = max_output_bytes
+
+    async def SyncMcpServer(
+        self, request: runtime_pb2.SyncMcpServerRequest, context: Context
+    ) -> runtime_pb2.SyncMcpServerResponse:
+        name, spec = server_spec_from_proto(request.server)
+        credential = _credential(request.credential) if request.HasField("credential") else None
+        server, created = await self._mcp.sync(name, spec, credential, request.timeout_seconds or None)
+        return runtime_pb2.SyncMcpServerResponse(server=mcp_server_to_proto(server), created=created)
 
     async def ExecuteTool(
         self, request: runtime_pb2.ExecuteToolRequest, context: Context
     ) -> runtime_pb2.ExecuteToolResponse:
-        credential = None
-        if request.HasField("credential"):
-            c = request.credential
-            credential = Credential(name=c.name, header=c.header, prefix=c.prefix, value=c.value, hosts=tuple(c.hosts))
+        credential = _credential(request.credential) if request.HasField("credential") else None
         result = await self._executor.execute(
             request.tool_id,
             parse_json(request.arguments_json, "arguments", default={}),
@@ -94,3 +121,7 @@ class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
             target=result.target,
             retry_after_seconds=result.retry_after or 0.0,
         )
+
+
+def _credential(c: runtime_pb2.InjectedCredential) -> Credential:
+    return Credential(name=c.name, header=c.header, prefix=c.prefix, value=c.value, hosts=tuple(c.hosts))

@@ -6,6 +6,8 @@ import of, say, httpx in the agent service fails here before it fails in the age
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 import tomllib
@@ -17,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Import names of each extra's packages (and of what they bring along that our code could import directly).
 MODULES = {
-    "fastapi": ["fastapi", "starlette"],
+    "fastapi": ["fastapi"],
+    "starlette": ["starlette"],
     "uvicorn": ["uvicorn"],
     "sse-starlette": ["sse_starlette"],
     "prometheus-client": ["prometheus_client"],
@@ -30,6 +33,7 @@ MODULES = {
     "google-cloud-secret-manager": ["google.cloud.secretmanager", "google.cloud.secretmanager_v1"],
     "google-cloud-logging": ["google.cloud.logging", "google.cloud.logging_v2"],
     "google-crc32c": ["google_crc32c"],
+    "mcp": ["mcp"],
 }
 
 BLOCKER = """
@@ -43,9 +47,27 @@ import services.%s.__main__
 """
 
 
+def _name(requirement: str) -> str:
+    return re.split(r"[\[<>=!~;\s]", requirement, maxsplit=1)[0].strip().lower()
+
+
 def _extra(name: str) -> set[str]:
+    """The extra's distributions and everything they require: the image installs those too (the MCP client, for
+    one, imports starlette)."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    return {req.split("[")[0].split(">")[0].split("=")[0].split("<")[0].strip() for req in extras[name]}
+    found: set[str] = set()
+    todo = [_name(req) for req in extras[name]]
+    while todo:
+        dist = todo.pop()
+        if dist in found:
+            continue
+        found.add(dist)
+        try:
+            requires = importlib.metadata.requires(dist) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [_name(req) for req in requires if "extra ==" not in req]
+    return found
 
 
 @pytest.mark.parametrize("service", ["gateway", "agent", "tool", "integrator"])

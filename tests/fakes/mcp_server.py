@@ -1,0 +1,136 @@
+"""A reference MCP server, built with the official SDK (FastMCP), served over streamable HTTP on a real socket.
+
+Tools: ``add`` (structured output), ``echo`` (plain text), ``fail`` (always an error result), ``whoami`` (the
+request's auth header, as the server saw it: the tests prove a credential arrived, and that it does not come back
+unredacted) and ``camelCase.Tool`` (a name that is not a tool id as it stands). With ``--token T`` every request must
+carry ``Authorization: Bearer T`` (401 otherwise), as a server behind an API key would.
+
+python -m tests.fakes.mcp_server --port 8765 [--token T]   prints "mcp server ready on <port>" once it listens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import selectors
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+import uvicorn
+from mcp.server.fastmcp import Context, FastMCP
+from pydantic import BaseModel
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+__all__ = ["build_server", "main", "start_process", "stop_process"]
+
+
+class Sum(BaseModel):
+    """The answer of ``add``."""
+
+    total: int
+    terms: list[int]
+
+
+def build_server() -> FastMCP:
+    server = FastMCP("reference", stateless_http=False, json_response=False, log_level="WARNING")
+
+    @server.tool()
+    def add(a: int, b: int) -> Sum:
+        """Add two integers."""
+        return Sum(total=a + b, terms=[a, b])
+
+    @server.tool()
+    def echo(text: str) -> str:
+        """Echo the text back."""
+        return text
+
+    @server.tool()
+    def fail(reason: str = "no reason") -> str:
+        """Always fails."""
+        raise ValueError(f"failed on purpose: {reason}")
+
+    @server.tool()
+    def whoami(ctx: Context[Any, Any, Any]) -> dict[str, str]:
+        """The Authorization header this server received."""
+        request = ctx.request_context.request
+        header = request.headers.get("authorization", "") if request is not None else ""
+        return {"authorization": header}
+
+    @server.tool(name="camelCase.Tool")
+    def camel(x: int = 1) -> int:
+        """A tool whose name is not a tool id as it stands."""
+        return x * 2
+
+    return server
+
+
+class _RequireToken:
+    """401 for a request without ``Authorization: Bearer <token>``."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self._app = app
+        self._expected = f"Bearer {token}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and dict(scope["headers"]).get(b"authorization") != self._expected:
+            await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"text/plain")]})
+            await send({"type": "http.response.body", "body": b"unauthorized"})
+            return
+        await self._app(scope, receive, send)
+
+
+def start_process(*, token: str = "", port: int = 0, deadline: float = 20.0) -> tuple[subprocess.Popen[str], int]:
+    """The server as a process of its own; returns once it listens (its "ready" line), with its port."""
+    command = [sys.executable, "-m", "tests.fakes.mcp_server", "--port", str(port)]
+    if token:
+        command += ["--token", token]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        end = time.monotonic() + deadline
+        while (left := end - time.monotonic()) > 0:
+            if selector.select(left):
+                line = process.stdout.readline()
+                if line.startswith("mcp server ready on "):
+                    return process, int(line.rsplit(" ", 1)[1])
+                if not line:
+                    break  # it exited
+    process.kill()
+    raise RuntimeError("the reference MCP server did not start")
+
+
+def stop_process(process: subprocess.Popen[str]) -> None:
+    """Stop a server of :func:`start_process` and close its pipe."""
+    process.terminate()
+    try:
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(10)
+    if process.stdout is not None:
+        process.stdout.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--token", default="")
+    args = parser.parse_args(argv)
+    app: ASGIApp = build_server().streamable_http_app()
+    if args.token:
+        app = _RequireToken(app, args.token)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", args.port))
+    sock.listen(128)  # connections wait in the backlog until uvicorn accepts: "ready" is true once printed
+    config = uvicorn.Config(app, log_level="warning", lifespan="on")
+    server = uvicorn.Server(config)
+    print(f"mcp server ready on {sock.getsockname()[1]}", flush=True)
+    server.run(sockets=[sock])
+
+
+if __name__ == "__main__":
+    main()

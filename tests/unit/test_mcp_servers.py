@@ -1,0 +1,149 @@
+"""MCP servers as tool providers (services/tool/mcp.py) against the reference FastMCP server, a real process on a
+real socket: listing into the catalogue, calls and their outputs, errors, credentials, and the egress guard."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from altan import context
+from altan.api.mcp import McpServerSpec
+from altan.context import RequestContext
+from altan.egress import EgressGuard, EgressPolicy
+from altan.errors import EgressRefused, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from altan.outbound import GuardedHttpClient
+from altan.store import MemoryBackend, TenantStore
+from services.tool.executor import Credential, ToolExecutor
+from services.tool.mcp import McpServers, mcp_tool_id
+from services.tool.registry import ToolRegistry
+from services.tool.schema import ArgumentValidator
+from tests.fakes.mcp_server import start_process, stop_process
+
+TOKEN = "mcp-token-secret-42"
+CREDENTIAL = Credential(name="mcp-key", header="Authorization", prefix="Bearer ", value=TOKEN)
+
+
+@pytest.fixture(scope="module")
+def ports() -> Iterator[tuple[int, int]]:
+    """The reference server without and with a required token."""
+    open_server, open_port = start_process()
+    locked_server, locked_port = start_process(token=TOKEN)
+    try:
+        yield open_port, locked_port
+    finally:
+        stop_process(open_server)
+        stop_process(locked_server)
+
+
+def as_role(role: str = "admin", tenant: str = "acme") -> None:
+    context.bind(RequestContext(tenant_id=tenant, user="alice", role=role, token="t"))
+
+
+@dataclass
+class Rig:
+    mcp: McpServers
+    registry: ToolRegistry
+    executor: ToolExecutor
+    url: str
+    locked_url: str
+
+
+@pytest.fixture
+async def rig(ports: tuple[int, int]) -> AsyncIterator[Rig]:
+    open_port, locked_port = ports
+    policy = EgressPolicy.parse(f"127.0.0.1:{open_port},127.0.0.1:{locked_port}")
+    http = GuardedHttpClient(EgressGuard(policy), max_response_bytes=64 * 1024)
+    store = TenantStore(MemoryBackend(), "tool")
+    mcp = McpServers(store, http.transport, default_timeout=10)
+    registry = ToolRegistry(store, mcp=mcp)
+    executor = ToolExecutor(registry, http, ArgumentValidator(), mcp=mcp, default_timeout=10)
+    as_role()
+    try:
+        yield Rig(mcp, registry, executor, f"http://127.0.0.1:{open_port}/mcp", f"http://127.0.0.1:{locked_port}/mcp")
+    finally:
+        await http.aclose()
+
+
+def test_tool_ids_join_server_and_tool_names_within_the_id_rules() -> None:
+    assert mcp_tool_id("ref", "add") == "ref__add"
+    assert mcp_tool_id("ref", "camelCase.Tool") == "ref__camelcase_tool"
+
+
+async def test_a_servers_tools_join_the_tenants_catalogue_with_their_schemas(rig: Rig) -> None:
+    server, created = await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    assert created
+    assert sorted(server["tools"]) == ["ref__add", "ref__camelcase_tool", "ref__echo", "ref__fail", "ref__whoami"]
+    listed = {t["tool_id"]: t for t in await rig.registry.all() if t["type"] == "mcp"}
+    assert listed["ref__add"]["input_schema"]["required"] == ["a", "b"]
+    assert listed["ref__add"]["description"] == "Add two integers."
+    assert (await rig.registry.get("ref__echo"))["mcp_tool"] == "echo"
+    assert [t["tool_id"] for t in await rig.registry.some(["ref__add", "nope__x", "json_extract"])] == [
+        "ref__add",
+        "json_extract",
+    ]
+    _, created = await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    assert not created
+
+
+async def test_calls_answer_structured_content_or_text_and_error_results_fail_clearly(rig: Rig) -> None:
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    added = await rig.executor.execute("ref__add", {"a": 2, "b": 3}, None, None)
+    assert added.output == {"total": 5, "terms": [2, 3]}
+    assert added.target == rig.url.split("/")[2]
+    assert (await rig.executor.execute("ref__camelcase_tool", {"x": 4}, None, None)).output == {"result": 8}
+    with pytest.raises(FailedPrecondition, match=r"ref__fail': .*failed on purpose: why"):
+        await rig.executor.execute("ref__fail", {"reason": "why"}, None, None)
+    with pytest.raises(InvalidArgument, match="arguments"):
+        await rig.executor.execute("ref__add", {"a": "two"}, None, None)  # the schema, checked before the call
+
+
+async def test_a_credential_reaches_the_server_and_is_redacted_from_outputs(rig: Rig) -> None:
+    with pytest.raises(FailedPrecondition, match="refused the credential"):
+        await rig.mcp.sync("locked", McpServerSpec(url=rig.locked_url, credential="mcp-key"), None, None)
+    spec = McpServerSpec(url=rig.locked_url, credential="mcp-key")
+    await rig.mcp.sync("locked", spec, CREDENTIAL, None)
+    with pytest.raises(FailedPrecondition, match="needs credential 'mcp-key'"):
+        await rig.executor.execute("locked__whoami", {}, None, None)
+    answer = await rig.executor.execute("locked__whoami", {}, CREDENTIAL, None)
+    assert answer.output == {"authorization": "Bearer [redacted]"}  # it arrived, and does not come back
+
+
+async def test_a_server_that_is_down_is_unavailable_and_the_catalogue_still_answers(rig: Rig) -> None:
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    tool = await rig.registry.get("ref__echo")
+    down = {**tool, "mcp_url": rig.url.replace(rig.url.split(":")[2].split("/")[0], "1")}  # nothing listens on 1
+    policy = EgressPolicy.parse("127.0.0.1:1")
+    http = GuardedHttpClient(EgressGuard(policy))
+    try:
+        with pytest.raises(Unavailable, match="MCP server 'ref' is unavailable"):
+            await McpServers(TenantStore(MemoryBackend(), "tool"), http.transport).invoke(down, {"text": "x"}, None, 5)
+    finally:
+        await http.aclose()
+    assert "ref__echo" in {t["tool_id"] for t in await rig.registry.all()}
+
+
+async def test_the_egress_guard_refuses_a_private_address_that_is_not_allowed(rig: Rig) -> None:
+    with pytest.raises(EgressRefused, match="loopback"):
+        await rig.mcp.sync("private", McpServerSpec(url="http://127.0.0.1:9/mcp"), None, None)
+    with pytest.raises(EgressRefused):
+        await rig.mcp.sync("meta", McpServerSpec(url="http://169.254.169.254/mcp"), None, None)
+
+
+async def test_servers_are_per_tenant_and_only_admins_change_them(rig: Rig) -> None:
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    as_role(tenant="globex")
+    with pytest.raises(NotFound):
+        await rig.mcp.get("ref")
+    with pytest.raises(NotFound):
+        await rig.registry.get("ref__add")
+    as_role("member")
+    with pytest.raises(PermissionDenied):
+        await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    as_role()
+    with pytest.raises(PermissionDenied, match="delete the server"):
+        await rig.registry.delete("ref__add")
+    await rig.mcp.delete("ref")
+    with pytest.raises(NotFound):
+        await rig.registry.get("ref__add")
