@@ -89,6 +89,10 @@ class McpServers:
         self._store = store
         self._transport = transport
         self._default_timeout = default_timeout
+        # The SDK's debug lines quote every message whole: tenants' arguments and outputs, and whatever a server
+        # echoes of the credential it was sent. Never below WARNING, whatever ALTAN_LOG_LEVEL says.
+        sdk_log = logging.getLogger("mcp")
+        sdk_log.setLevel(max(sdk_log.getEffectiveLevel(), logging.WARNING))
 
     # --- the resource -------------------------------------------------------------------------------------------
 

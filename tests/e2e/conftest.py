@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,12 @@ import redis
 from tests.e2e.fake_llms import INSTALL_KEY, Llms
 from tests.e2e.fake_third_party import FakeThirdParty, start_fake_third_party
 from tests.e2e.stack import Stack, free_port, new_tenant, remove_session_keys, start_stack
+from tests.fakes.mcp_server import start_process as start_mcp_server
+from tests.fakes.mcp_server import stop_process as stop_mcp_server
 from tests.fakes.oauth2 import FakeOAuth2Provider, start_fake_oauth2_provider
 from tests.redis_server import RedisServer
+
+MCP_TOKEN = "mcp-e2e-token-7f3a9c"
 
 
 def _reachable(url: str) -> bool:
@@ -55,6 +60,24 @@ def oauth2_provider() -> Iterator[FakeOAuth2Provider]:
     fake.server.server_close()
 
 
+@dataclass(frozen=True)
+class McpServers:
+    """The reference MCP server (tests/fakes/mcp_server.py) twice: open, and requiring ``Bearer <token>``."""
+
+    port: int
+    locked_port: int
+    token: str = MCP_TOKEN
+
+
+@pytest.fixture(scope="session")
+def mcp_servers() -> Iterator[McpServers]:
+    open_server, port = start_mcp_server()
+    locked_server, locked_port = start_mcp_server(token=MCP_TOKEN)
+    yield McpServers(port, locked_port)
+    stop_mcp_server(open_server)
+    stop_mcp_server(locked_server)
+
+
 @pytest.fixture(scope="session")
 def closed_port() -> int:
     """An allowed egress destination where nothing listens: connection refused, every time."""
@@ -76,11 +99,20 @@ def stack(
     oauth2_provider: FakeOAuth2Provider,
     llms: Llms,
     closed_port: int,
+    mcp_servers: McpServers,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
     url = request.getfixturevalue("redis_url") if request.param == "redis" else None
     data_dir: Path = tmp_path_factory.mktemp(f"data-{request.param}")
-    ports = (third_party.port, closed_port, llms.openai.port, llms.anthropic.port, oauth2_provider.port)
+    ports = (
+        third_party.port,
+        closed_port,
+        llms.openai.port,
+        llms.anthropic.port,
+        oauth2_provider.port,
+        mcp_servers.port,
+        mcp_servers.locked_port,
+    )
     allow = ",".join([*(f"127.0.0.1:{port}" for port in ports), f"localhost:{llms.openai.port}"])
     # The install's own OpenAI key, to be sent to 127.0.0.1 only (not to "localhost", the same server by another name).
     metrics_port = free_port()

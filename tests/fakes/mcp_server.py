@@ -34,7 +34,9 @@ class Sum(BaseModel):
 
 
 def build_server() -> FastMCP:
-    server = FastMCP("reference", stateless_http=False, json_response=False, log_level="WARNING")
+    server = FastMCP(
+        "reference", stateless_http=False, json_response=False, log_level="CRITICAL"
+    )  # the SDK logs a closed stream at every session end
 
     @server.tool()
     def add(a: int, b: int) -> Sum:
