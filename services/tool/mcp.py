@@ -251,9 +251,12 @@ class McpServers:
                 if status >= 500 or status == 429:
                     return Unavailable(f"MCP server '{server}' is unavailable (HTTP {status})")
                 return FailedPrecondition(f"MCP server '{server}' answered HTTP {status}")
+            if isinstance(leaf, httpx.InvalidURL | httpx.UnsupportedProtocol):
+                return InvalidArgument(f"url: MCP server '{server}' cannot be reached at that URL")
             if isinstance(leaf, httpx.TransportError):
                 return Unavailable(f"MCP server '{server}' is unavailable ({type(leaf).__name__})")
             if isinstance(leaf, McpError):
                 return FailedPrecondition(f"MCP server '{server}' answered an error: {leaf.error.message[:300]}")
+        # Not UNAVAILABLE: that one is retried, and what failed here is not known to be passing.
         log.warning("MCP session failed", extra={"server": server, "error": type(leaves[0]).__name__})
-        return Unavailable(f"MCP server '{server}' failed ({type(leaves[0]).__name__})")
+        return FailedPrecondition(f"MCP server '{server}' failed ({type(leaves[0]).__name__})")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from altan.api.common import ABSENT, ApiModel, HttpUrl, Name, Timestamp, validate
 from altan.api.convert import rfc3339, timestamp
+from altan.egress import destination
 from altan.errors import InvalidArgument
 from altan.v1 import tool_pb2
 
@@ -33,10 +34,19 @@ OUTPUT_ONLY = ("tools", "created_at", "updated_at")
 ServerName = Annotated[str, Field(pattern=MCP_SERVER_NAME_PATTERN)]
 
 
+def _readable(url: str) -> str:
+    # Read as the egress guard reads it: a URL it could not check could never be called.
+    if not destination(url):
+        raise ValueError("must be an http or https URL with a valid host and port")
+    return url
+
+
 class McpServerSpec(ApiModel):
     """An MCP server as the tenant registers it (the name comes from the path)."""
 
-    url: HttpUrl = Field(description="The MCP endpoint (streamable HTTP); it passes the egress rules.")
+    url: Annotated[HttpUrl, AfterValidator(_readable)] = Field(
+        description="The MCP endpoint (streamable HTTP); it passes the egress rules."
+    )
     credential: Name | None = Field(
         default=None, description="A credential of the tenant, sent to the server in its header."
     )
