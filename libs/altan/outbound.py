@@ -130,6 +130,8 @@ def _released(response: httpcore.Response, release: Callable[[], None]) -> httpc
 
     response.stream = _Stream()
     return response
+
+
 class GuardedTransport(httpx.AsyncBaseTransport):
     """The egress guard for an ``httpx.AsyncClient`` that another library drives (the MCP SDK).
 
