@@ -110,6 +110,14 @@ class Settings(BaseSettings):
     # at start-up and every `tool_containers_refresh_seconds` (sooner while one is unreachable).
     tool_containers: Annotated[tuple[str, ...], NoDecode] = ()
     tool_containers_refresh_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # Tool containers found through the Kubernetes API as well: "kubernetes" watches the Services labelled
+    # `altan.io/tool-container: "true"` of `tool_discovery_namespace` (default: the pod's own, from its service
+    # account) with the in-cluster credentials (or KUBECONFIG outside a cluster). "" (the default): only the list.
+    tool_discovery: Literal["", "kubernetes"] = ""
+    tool_discovery_namespace: str = Field(default="", max_length=63)
+    # How a discovered Service is reached: "dns" as `<service>.<namespace>.svc:<port>`, "cluster-ip" at its
+    # spec.clusterIP (for a Tool Service that does not use the cluster's DNS).
+    tool_discovery_address: Literal["dns", "cluster-ip"] = "dns"
 
     # State and secrets.
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "ALTAN_REDIS_URL"))

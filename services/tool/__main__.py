@@ -47,6 +47,8 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     stack.push_async_callback(containers.aclose)
     await containers.start()  # the containers that are up are in the catalogue before the service answers
+    if settings.tool_discovery == "kubernetes":
+        await _discover(settings, containers, stack)
     store = TenantStore(backend, "tool")
     mcp = McpServers(store, http.transport, default_timeout=deadline)
     registry = ToolRegistry(store, containers, mcp)
@@ -67,6 +69,24 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             ready=backend.ping,
         ),
     ]
+
+
+async def _discover(settings: Settings, containers: ContainerTools, stack: AsyncExitStack) -> None:
+    """Tool containers from the labelled Services of the namespace, as they come and go."""
+    # Imported here: only an install with discovery on pays for the client.
+    from kubernetes.config import ConfigException
+
+    from services.tool.kubernetes_discovery import ServiceWatch, core_api, service_namespace
+
+    try:
+        namespace = service_namespace(settings.tool_discovery_namespace)
+        api = core_api()
+    except (ValueError, ConfigException) as exc:
+        raise ConfigurationError(f"ALTAN_TOOL_DISCOVERY=kubernetes: {exc}") from None
+    stack.callback(api.api_client.close)
+    services = ServiceWatch(api, namespace, containers.discovered, address_mode=settings.tool_discovery_address)
+    stack.push_async_callback(services.aclose)
+    await services.start(wait_seconds=5.0)
 
 
 if __name__ == "__main__":

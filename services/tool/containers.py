@@ -5,8 +5,12 @@ or a call found a tool it no longer serves). A container that cannot be reached 
 they stay in the catalogue and their calls fail with UNAVAILABLE, so an agent bound to one fails clearly and
 recovers when the container is back, instead of the tool vanishing. A container's tools come and go with its list.
 
+Containers found through the Kubernetes API (``services/tool/kubernetes_discovery.py``) join and leave while the
+service runs (``discovered``): one that joins is listed at once, one that leaves takes its tools along.
+
 Which container a tool id belongs to is decided here, once per listing: a built-in's id is refused (logged), and of
-two containers offering one id the one named first in ``ALTAN_TOOL_CONTAINERS`` keeps it (the other is logged).
+two containers offering one id the one named first in ``ALTAN_TOOL_CONTAINERS`` keeps it (the other is logged);
+discovered containers come after those, by address.
 """
 
 from __future__ import annotations
@@ -70,13 +74,18 @@ class ContainerTools:
         max_output_bytes: int,
         connect: Callable[[str], ToolContainerClient],
     ) -> None:
-        self._containers = [_Container(address, connect(address)) for address in addresses]
+        self._connect = connect
+        self._listed = [_Container(address, connect(address)) for address in addresses]
+        self._found: list[_Container] = []  # discovered, by address
+        self._containers = list(self._listed)  # in the order that decides who keeps a tool id
         self._reserved = frozenset(reserved)
         self._refresh_seconds = refresh_seconds
         self._max_output_bytes = max_output_bytes
         self._tools: dict[str, dict[str, Any]] = {}
         self._owner: dict[str, _Container] = {}
-        self._followers: list[asyncio.Task[None]] = []
+        self._followers: dict[str, asyncio.Task[None]] = {}
+        self._discovery = asyncio.Lock()  # changes from discovery apply one after the other, in their order
+        self._closed = False
 
     # --- the catalogue ------------------------------------------------------------------------------------------
 
@@ -90,16 +99,45 @@ class ContainerTools:
     async def start(self) -> None:
         """List every container once (each within a few seconds), then keep the lists fresh in the background."""
         await asyncio.gather(*(self._refresh(c) for c in self._containers))
-        self._followers = [asyncio.create_task(self._follow(c)) for c in self._containers]
+        for container in self._containers:
+            self._followers[container.address] = asyncio.create_task(self._follow(container))
 
-    async def aclose(self) -> None:
-        for task in self._followers:
+    async def discovered(self, addresses: Collection[str]) -> None:
+        """Make the discovered containers exactly these: a new one is listed at once (as at start-up), one that is
+        gone leaves with its tools. An address that ``ALTAN_TOOL_CONTAINERS`` names already is ignored."""
+        async with self._discovery:
+            if self._closed:
+                return
+            wanted = set(addresses) - {c.address for c in self._listed}
+            known = {c.address for c in self._found}
+            gone = [c for c in self._found if c.address not in wanted]
+            new = [_Container(address, self._connect(address)) for address in sorted(wanted - known)]
+            if not gone and not new:
+                return
+            log.info(
+                "tool containers discovered",
+                extra={"added": [c.address for c in new], "removed": [c.address for c in gone]},
+            )
+            self._found = sorted([c for c in self._found if c.address in wanted] + new, key=lambda c: c.address)
+            self._containers = self._listed + self._found
+            self._merge()  # the tools of the containers that left are gone from here on
+            await asyncio.gather(*(self._stop(c) for c in gone))
+            await asyncio.gather(*(self._refresh(c) for c in new))
+            for container in new:
+                self._followers[container.address] = asyncio.create_task(self._follow(container))
+
+    async def _stop(self, container: _Container) -> None:
+        task = self._followers.pop(container.address, None)
+        if task is not None:
             task.cancel()
-        for task in self._followers:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for container in self._containers:
-            await container.client.aclose()
+        await container.client.aclose()
+
+    async def aclose(self) -> None:
+        async with self._discovery:
+            self._closed = True
+        await asyncio.gather(*(self._stop(c) for c in self._containers))
 
     async def _follow(self, container: _Container) -> None:
         retry = _RETRY_FIRST_SECONDS
@@ -130,7 +168,8 @@ class ContainerTools:
         if changed:
             container.digest = digest
             container.listed = self._accept(container.address, definitions)
-            self._merge()
+            if container in self._containers:  # not one that discovery dropped while it was being listed
+                self._merge()
         if changed or not container.reachable:
             log.info("tool container listed", extra={"container": container.address, "tools": sorted(container.listed)})
         container.reachable = True
@@ -170,7 +209,7 @@ class ContainerTools:
     def _merge(self) -> None:
         tools: dict[str, dict[str, Any]] = {}
         owner: dict[str, _Container] = {}
-        for container in self._containers:  # in the order of ALTAN_TOOL_CONTAINERS: the first one keeps an id
+        for container in self._containers:  # ALTAN_TOOL_CONTAINERS in its order, then discovered: the first keeps an id
             for tool_id, tool in container.listed.items():
                 if tool_id in owner:
                     log.warning(

@@ -34,6 +34,7 @@ MODULES = {
     "google-cloud-logging": ["google.cloud.logging", "google.cloud.logging_v2"],
     "google-crc32c": ["google_crc32c"],
     "mcp": ["mcp"],
+    "kubernetes": ["kubernetes"],
 }
 
 BLOCKER = """
