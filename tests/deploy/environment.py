@@ -36,6 +36,10 @@ def container_environment(render: Render, container: Doc) -> dict[str, str]:
         if "value" in var:
             environment[name] = var["value"]
             continue
+        if "fieldRef" in var["valueFrom"]:  # the downward API: only the pod's namespace is used
+            assert var["valueFrom"]["fieldRef"] == {"fieldPath": "metadata.namespace"}, name
+            environment[name] = render.namespace
+            continue
         ref = var["valueFrom"]["secretKeyRef"]
         if ref["key"] in secrets[ref["name"]]:
             environment[name] = secrets[ref["name"]][ref["key"]]

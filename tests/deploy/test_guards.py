@@ -46,6 +46,8 @@ def _tc(name: str, image: str) -> dict[str, Any]:
 
 
 BASE = scenario_values("default")
+# Tool containers need discovery (and so the API server's address).
+DISCOVERY = _with(BASE, **{"tool.discovery.enabled": True, "networkPolicy.kubeApiServer.cidrs": ["10.0.0.1/32"]})
 NO_REDIS = _with(
     BASE,
     **{
@@ -86,12 +88,16 @@ GUARDS = {
         _with(BASE, **{"tool.discovery.enabled": True}),
         "tool.discovery.enabled needs networkPolicy.kubeApiServer.cidrs",
     ),
+    "tool-containers-without-discovery": (
+        _with(BASE, toolContainers=[_tc("ocr", "ocr:1.0")]),
+        "toolContainers need tool.discovery.enabled",
+    ),
     "untagged-tool-container": (
-        _with(BASE, toolContainers=[_tc("ocr", "registry.example.com:5000/tools/ocr")]),
+        _with(DISCOVERY, toolContainers=[_tc("ocr", "registry.example.com:5000/tools/ocr")]),
         "has no tag",
     ),
     "latest-tool-container": (
-        _with(BASE, toolContainers=[_tc("ocr", "registry.example.com:5000/tools/ocr:latest")]),
+        _with(DISCOVERY, toolContainers=[_tc("ocr", "registry.example.com:5000/tools/ocr:latest")]),
         'must not use the tag "latest"',
     ),
     "metrics-port-is-grpc-port": (
@@ -144,7 +150,7 @@ GUARDS = {
         "integrator.llmEgress[0].to[1] admits every pod of every namespace",
     ),
     "duplicate-tool-container": (
-        _with(BASE, toolContainers=[_tc("ocr", "ocr:1.0"), _tc("ocr", "ocr:2.0")]),
+        _with(DISCOVERY, toolContainers=[_tc("ocr", "ocr:1.0"), _tc("ocr", "ocr:2.0")]),
         "is used twice",
     ),
 }

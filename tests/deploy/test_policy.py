@@ -251,7 +251,10 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
                     assert key in documented, f"{component} reads {key}, not a documented key of the existing Secret"
     for component in SERVICES:
         assert read_by.get(component, set()) == expected_keys[component], component
-    assert set(read_by) <= set(SERVICES), "tool containers must not read Secrets"
+    # Tool containers verify their callers' tokens: the HS256 key, where there is one, and nothing else.
+    for tc in values["toolContainers"]:
+        assert read_by.get(f"tool-{tc['name']}", set()) == ({"ALTAN_JWT_SECRET"} if jwt else set()), tc["name"]
+    assert set(read_by) <= {*SERVICES, *(f"tool-{tc['name']}" for tc in values["toolContainers"])}
 
 
 def test_configmaps_hold_no_secret(rendered: Render) -> None:
@@ -282,7 +285,7 @@ def test_configmaps_hold_no_secret(rendered: Render) -> None:
 
 
 def test_tool_discovery_is_off_by_default_and_then_grants_nothing(renders: RenderCache) -> None:
-    """No discovery code exists yet: by default no Role, no RoleBinding and no token."""
+    """Off by default: no Role, no RoleBinding, no token, and no ALTAN_TOOL_DISCOVERY."""
     assert "discovery" not in scenario_values("default").get("tool", {})
     rendered = renders.get("default", "altan", "tenant-alpha")
     assert rendered.values["tool"]["discovery"]["enabled"] is False
@@ -322,10 +325,7 @@ def test_only_the_tool_service_reaches_the_api(rendered: Render) -> None:
     rules = sorted(
         (tuple(r["apiGroups"]), tuple(sorted(r["resources"])), tuple(sorted(r["verbs"]))) for r in role["rules"]
     )
-    assert rules == [
-        (("",), ("endpoints", "services"), ("get", "list", "watch")),
-        (("discovery.k8s.io",), ("endpointslices",), ("get", "list", "watch")),
-    ]
+    assert rules == [(("",), ("services",), ("list", "watch"))]  # what services/tool/kubernetes_discovery.py does
     assert binding["roleRef"] == {
         "apiGroup": "rbac.authorization.k8s.io",
         "kind": "Role",

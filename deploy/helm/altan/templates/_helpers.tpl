@@ -201,6 +201,9 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.toolContainers (not $v.tool.discovery.enabled) -}}
+{{- fail "toolContainers need tool.discovery.enabled: the tool service finds them by their Services' label (and then networkPolicy.kubeApiServer.cidrs)" -}}
+{{- end -}}
 {{- $names := dict -}}
 {{- range $tc := $v.toolContainers -}}
 {{- if hasKey $names $tc.name -}}
