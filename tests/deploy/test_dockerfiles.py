@@ -61,3 +61,37 @@ def test_dockerfile(service: str) -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())[service]
     (exposed,) = [a for w, a in final if w == "EXPOSE"]
     assert sorted(map(int, exposed.split())) == sorted(values[p] for p in PORTS[service])
+
+
+def test_tool_container_base_has_the_core_package_alone() -> None:
+    """The base of tool containers: multi-stage like the services', the core package without any extra, uid 10001,
+    and no command of its own (the developer's image names its module)."""
+    steps = instructions((REPO / "deploy" / "docker" / "tool-container.Dockerfile").read_text())
+    assert [a for w, a in steps if w == "FROM"] == ["python:3.11-slim AS builder", "python:3.11-slim"]
+    final = steps[max(i for i, (w, _) in enumerate(steps) if w == "FROM") :]
+    builder = steps[: len(steps) - len(final)]
+    assert ("RUN", 'pip install --no-cache-dir "."') in builder  # no extra: serve-tools needs the core alone
+    assert [a for w, a in builder if w == "COPY"] == ["pyproject.toml ./", "libs ./libs"]
+    assert ("COPY", "--from=builder /opt/venv /opt/venv") in final
+    assert not any(w == "RUN" for w, _ in final), "nothing runs in the final stage"
+    assert [a for w, a in final if w == "USER"][-1] == "10001:10001"
+    env = " ".join(a for w, a in final if w == "ENV")
+    assert "ALTAN_BIND_HOST=0.0.0.0" in env and "PYTHONDONTWRITEBYTECODE=1" in env
+    assert not [w for w, _ in final if w in ("CMD", "ENTRYPOINT")]
+
+
+def test_weather_example_image_serves_the_example_on_the_charts_port() -> None:
+    steps = instructions((REPO / "deploy" / "docker" / "weather-tool.Dockerfile").read_text())
+    assert [a for w, a in steps if w == "FROM"] == ["altan-tool-container:0.1.0"]
+    assert ("COPY", "examples/weather.py /app/weather.py") in steps
+    assert (REPO / "examples" / "weather.py").is_file()
+    assert "!examples/weather.py" in (REPO / ".dockerignore").read_text().splitlines()
+    (command,) = [json.loads(a) for w, a in steps if w == "CMD"]
+    assert command[:3] == ["altan", "serve-tools", "/app/weather.py"]
+    assert not [w for w, _ in steps if w == "RUN"], "nothing installed on top of the base"
+    assert [a for w, a in steps if w == "USER"] == ["10001:10001"]
+    scenario = yaml.safe_load((CHART / "ci" / "tool-containers-values.yaml").read_text())
+    (weather,) = [tc for tc in scenario["toolContainers"] if tc["name"] == "weather"]
+    assert command[3:] == ["--port", str(weather["port"])]
+    (exposed,) = [a for w, a in steps if w == "EXPOSE"]
+    assert exposed == str(weather["port"])
