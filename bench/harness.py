@@ -102,6 +102,8 @@ class Processes:
     ports: dict[str, int] = field(default_factory=dict)  # the internal gRPC ports, by service name
     llm: subprocess.Popen[bytes] | None = None  # bench/mock_llm.py, when asked for
     llm_port: int = 0
+    mcp: subprocess.Popen[bytes] | None = None  # bench/mcp_server.py, when asked for
+    mcp_port: int = 0
 
     @property
     def base_url(self) -> str:
@@ -116,6 +118,11 @@ class Processes:
         """The mock LLM's Chat Completions endpoint (``bench/mock_llm.py``)."""
         return f"http://127.0.0.1:{self.llm_port}/v1/chat/completions"
 
+    @property
+    def mcp_url(self) -> str:
+        """The MCP server's streamable HTTP endpoint (``bench/mcp_server.py``)."""
+        return f"http://127.0.0.1:{self.mcp_port}/mcp"
+
     def token(self, tenant: str) -> str:
         now = int(time.time())
         claims = {"tenant_id": tenant, "sub": "bench", "role": "admin", "aud": "altan", "iss": "altan-dev"}
@@ -125,7 +132,7 @@ class Processes:
         return (self.workdir / "stack.log").read_text(errors="replace")[-chars:]
 
     def stop(self) -> None:
-        children = [p for p in (self.stack, self.fake, self.llm) if p is not None]
+        children = [p for p in (self.stack, self.fake, self.llm, self.mcp) if p is not None]
         for proc in children:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -145,6 +152,7 @@ def start_processes(
     extra_env: Mapping[str, str] | None = None,
     fake_delay_ms: float = 0.0,
     llm_delay_ms: float | None = None,
+    mcp_server: bool = False,
 ) -> Processes:
     """Start the fake API and ``altan up`` on free ports; return once the gateway answers /readyz.
 
@@ -152,7 +160,8 @@ def start_processes(
     ``extra_env`` is added to the stack's environment (an install's LLM key and its hosts, say).
     ``fake_delay_ms``: how long the fake API takes to answer. ``llm_delay_ms``: also start the mock LLM
     (``bench/mock_llm.py``) answering after that long, which the stack may reach and sends the install's OpenAI key,
-    as it would to a provider.
+    as it would to a provider. ``mcp_server``: also start the MCP server (``bench/mcp_server.py``), which the stack
+    may reach.
     """
     workdir = Path(tempfile.mkdtemp(prefix="altan-bench-"))
     fake_port, http_port, grpc_port = free_port(), free_port(), free_port()
@@ -166,6 +175,13 @@ def start_processes(
         command = [sys.executable, str(REPO / "bench" / "mock_llm.py"), str(llm_port), "--delay-ms", str(llm_delay_ms)]
         llm = subprocess.Popen(command, stdout=subprocess.DEVNULL)
         egress_allow = [*egress_allow, f"127.0.0.1:{llm_port}"]
+    mcp, mcp_port = None, 0
+    if mcp_server:
+        mcp_port = free_port()
+        mcp = subprocess.Popen(
+            [sys.executable, str(REPO / "bench" / "mcp_server.py"), str(mcp_port)], stdout=subprocess.DEVNULL
+        )
+        egress_allow = [*egress_allow, f"127.0.0.1:{mcp_port}"]
     secret = base64.b64encode(secrets.token_bytes(48)).decode()
     ports = {"agent": free_port(), "tool": free_port(), "integrator": free_port()}
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
@@ -190,16 +206,29 @@ def start_processes(
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    running = Processes(stack, fake, http_port, fake_port, secret, workdir, ports=ports, llm=llm, llm_port=llm_port)
+    running = Processes(
+        stack,
+        fake,
+        http_port,
+        fake_port,
+        secret,
+        workdir,
+        ports=ports,
+        llm=llm,
+        llm_port=llm_port,
+        mcp=mcp,
+        mcp_port=mcp_port,
+    )
+    extras = [(p, port) for p, port in ((llm, llm_port), (mcp, mcp_port)) if p is not None]
     deadline = time.monotonic() + startup_timeout
     with httpx.Client(timeout=2, trust_env=False) as client:
         while time.monotonic() < deadline:
-            if stack.poll() is not None or fake.poll() is not None or (llm is not None and llm.poll() is not None):
+            if stack.poll() is not None or fake.poll() is not None or any(p.poll() is not None for p, _ in extras):
                 break
             try:
                 ready = client.get(f"{running.base_url}/readyz").status_code == 200
-                if llm is not None:
-                    socket.create_connection(("127.0.0.1", llm_port), timeout=2).close()
+                for _, port in extras:
+                    socket.create_connection(("127.0.0.1", port), timeout=2).close()
                 if ready and client.get(f"{running.fake_url}/ping").status_code == 200:
                     running.pids = service_pids(stack.pid)
                     return running
@@ -222,6 +251,8 @@ class CpuMeter:
         self._pids = {**processes.pids, "altan up": processes.stack.pid, "fake api": processes.fake.pid}
         if processes.llm is not None:
             self._pids["mock llm"] = processes.llm.pid
+        if processes.mcp is not None:
+            self._pids["mcp server"] = processes.mcp.pid
         self._pids.update(extra or {})
         self._before: dict[str, float] = {}
 

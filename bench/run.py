@@ -49,6 +49,9 @@ BOUNDS = {
     "custom": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
     "cached": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
     "task": Bounds(warmup=30, single_ops=200, single_seconds=5, busy=16, busy_ops=3000, busy_seconds=12),
+    "mcp-direct": Bounds(warmup=50, single_ops=400, single_seconds=4, busy=32, busy_ops=4000, busy_seconds=6),
+    "mcp-reused": Bounds(warmup=100, single_ops=600, single_seconds=4, busy=32, busy_ops=8000, busy_seconds=6),
+    "mcp": Bounds(warmup=100, single_ops=600, single_seconds=5, busy=32, busy_ops=8000, busy_seconds=10),
 }
 LABELS = {
     "baseline": "baseline: httpx → fake API, direct",
@@ -56,7 +59,14 @@ LABELS = {
     "custom": "tool invoke, custom HTTP tool + API key",
     "cached": "tool invoke, the same tool answered from the cache",
     "task": "task: 3-step plan, submit → SSE terminal",
+    "mcp-direct": "baseline: `mcp` client → MCP server, a session per call",
+    "mcp-reused": "baseline: `mcp` client → MCP server, one session kept",
+    "mcp": "tool invoke, MCP tool",
 }
+# What each path's added latency is measured against: the same call made without the stack.
+BASELINE_OF = {"mcp": "mcp-reused"}
+BASELINES = {"baseline", "mcp-direct", "mcp-reused"}
+MCP_CEILING_MS = 2.0  # issue 10: an MCP call costs the stack at most this much CPU above the MCP server's own
 
 
 @dataclass
@@ -98,7 +108,7 @@ def _machine(state: str) -> str:
 
 
 def report(results: dict[str, Result], state: str, steal: float) -> str:
-    base = results.get("baseline")
+    extra = [name for name in ("mcp server",) if any(name in r.busy.cpu for r in results.values())]
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"Run of {now} on {_machine(state)}; CPU stolen by the hypervisor during the run: {steal:.1%}.",
@@ -109,10 +119,11 @@ def report(results: dict[str, Result], state: str, steal: float) -> str:
     ]
     for path, r in results.items():
         added, ratio = "-", "-"
-        if base is not None and path != "baseline":
+        base = results.get(BASELINE_OF.get(path, "baseline"))
+        if base is not None and path not in BASELINES:
             added = f"+{_ms(r.single.p(50) - base.single.p(50))} / +{_ms(r.single.p(95) - base.single.p(95))}"
             ratio = f"{r.single.p(50) / base.single.p(50):.1f}x"
-        stack_cpu = f"{r.busy.cpu_ms_per_op(*SERVICES):.2f}" if path != "baseline" else "-"
+        stack_cpu = f"{r.busy.cpu_ms_per_op(*SERVICES):.2f}" if path not in BASELINES else "-"
         lines.append(
             f"| {LABELS[path]} | {_ms(r.single.p(50))} | {_ms(r.single.p(95))} | {added} | {ratio} "
             f"| {r.busy.concurrency} | {r.busy.throughput:,.0f} | {_ms(r.busy.p(50))} | {_ms(r.busy.p(95))} "
@@ -123,14 +134,19 @@ def report(results: dict[str, Result], state: str, steal: float) -> str:
         "CPU per operation by process, in ms, over the many-in-flight phase (from /proc/<pid>/stat; `altan up` "
         "only relays log lines, and runs on a laptop, not in a cluster):",
         "",
-        "| path | ops | " + " | ".join(SERVICES) + " | altan up | fake API | load generator | cores busy |",
-        "| --- | ---: | " + " | ".join("---:" for _ in SERVICES) + " | ---: | ---: | ---: | ---: |",
+        "| path | ops | "
+        + " | ".join((*SERVICES, "altan up", "fake API", *(e.replace("mcp", "MCP") for e in extra)))
+        + " | load generator | cores busy |",
+        "| --- | ---: | " + " | ".join("---:" for _ in (*SERVICES, *extra)) + " | ---: | ---: | ---: | ---: |",
     ]
     for path, r in results.items():
-        per = [f"{r.busy.cpu_ms_per_op(name):.2f}" for name in (*SERVICES, "altan up", "fake api", "load generator")]
+        names = (*SERVICES, "altan up", "fake api", *extra, "load generator")
+        per = [f"{r.busy.cpu_ms_per_op(name):.2f}" for name in names]
         busy = sum(r.busy.cpu.values()) / r.busy.elapsed
         lines.append(f"| {path} | {r.busy.count} | " + " | ".join(per) + f" | {busy:.2f} |")
-    if base is not None:
+    if "mcp" in results:
+        lines += ["", _mcp_summary(results)]
+    if "baseline" in results:
         lines += [
             "",
             "The baseline's many-in-flight throughput is the load generator's own limit (one Python process, one "
@@ -145,6 +161,24 @@ def report(results: dict[str, Result], state: str, steal: float) -> str:
         + ".",
     ]
     return "\n".join(lines)
+
+
+def _mcp_summary(results: dict[str, Result]) -> str:
+    """The issue's measure: the stack's CPU per MCP call; the MCP server's own is counted apart, not in it."""
+    busy = results["mcp"].busy
+    stack = busy.cpu_ms_per_op(*SERVICES)
+    verdict = "within" if stack <= MCP_CEILING_MS else "over"
+    text = (
+        f"MCP: the stack spends {stack:.2f} ms of CPU per MCP tool call above the MCP server's own "
+        f"({busy.cpu_ms_per_op('mcp server'):.2f} ms, counted apart), {verdict} the {MCP_CEILING_MS:g} ms of issue 10"
+    )
+    if "builtin" in results:
+        above = stack - results["builtin"].busy.cpu_ms_per_op(*SERVICES)
+        text += f"; {above:.2f} ms above a built-in tool's invoke (what any tool call costs the stack)"
+    for path, how in (("mcp-direct", "a session per call"), ("mcp-reused", "one session kept")):
+        if path in results:
+            text += f"; the `mcp` client alone, {how}: {results[path].busy.cpu_ms_per_op('load generator'):.2f} ms"
+    return text + "."
 
 
 _DOC_HEAD = """# Benchmarks
@@ -186,8 +220,8 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {', '.join(BOUNDS)}")
     paths = [p for p in BOUNDS if p in args.paths] if args.paths else list(BOUNDS)
-    print("starting the fake API and altan up ...", file=sys.stderr, flush=True)
-    processes = start_processes(redis_url=args.redis_url)
+    print("starting the fake API, the MCP server and altan up ...", file=sys.stderr, flush=True)
+    processes = start_processes(redis_url=args.redis_url, mcp_server=any(p.startswith("mcp") for p in paths))
     steal_before, total_before = cpu_ticks()
     try:
         results = asyncio.run(measure(processes, paths, 0.25 if args.quick else 1.0))

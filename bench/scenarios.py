@@ -6,16 +6,24 @@
 credential lookup, the egress guard and the outbound call to the fake API.
 ``cached``: the same custom tool with ``cacheable_seconds``, answered from the tenant's cache (the warm-up fills it).
 ``task``: the README's 3-step structured plan, submitted and followed on its Server-Sent Events to the end.
+``mcp``: the MCP server's ``lookup`` tool (``bench/mcp_server.py``), registered as ``bench``, invoked through REST.
+``mcp-direct``: the same tool called by the benchmark process with the official ``mcp`` client, a session per call
+(initialize, the call, close: what the stack did per call before it kept sessions).
+``mcp-reused``: the same, one session per in-flight slot kept for the whole run (what a client can do at the least).
 """
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+from mcp import ClientSession
+from mcp.client.streamable_http import streamable_http_client
+from mcp.types import CallToolResult
 
 from bench.harness import Processes
 
@@ -60,6 +68,7 @@ class Target:
     token: str
     fake_url: str
     agent_id: str
+    mcp_url: str = ""  # empty when the run has no MCP server
 
 
 class Worker:
@@ -81,6 +90,7 @@ class Worker:
             trust_env=False,
         )
         self.direct = httpx.AsyncClient(limits=limits, timeout=30, trust_env=False)
+        self._kept: _KeptSession | None = None
 
     async def baseline(self) -> None:
         url = f"{self.target.fake_url}/v1/ada.json"
@@ -119,6 +129,26 @@ class Worker:
         if terminal != "event: task.succeeded":
             raise UnexpectedAnswer(f"task {submitted['task_id']} ended with {terminal or 'no terminal event'}")
 
+    async def mcp(self) -> None:
+        body = {"arguments": {"customer": "ada"}}
+        answer = _check(await self.api.post(f"/v1/tools/bench__{MCP_TOOL}/invoke", json=body), 200)
+        if answer != {"output": RECORD}:
+            raise UnexpectedAnswer(f"bench__{MCP_TOOL} answered {answer}")
+
+    async def mcp_direct(self) -> None:
+        async with (
+            streamable_http_client(self.target.mcp_url, http_client=self.direct) as (read, write, _),
+            ClientSession(read, write) as session,
+        ):
+            await session.initialize()
+            _check_mcp(await session.call_tool(MCP_TOOL, {"customer": "ada"}))
+
+    async def mcp_reused(self) -> None:
+        if self._kept is None:
+            self._kept = _KeptSession(self.target.mcp_url, self.direct)
+        session = await self._kept.session()
+        _check_mcp(await session.call_tool(MCP_TOOL, {"customer": "ada"}))
+
     def operation(self, path: str) -> Operation:
         operations: dict[str, Operation] = {
             "baseline": self.baseline,
@@ -126,16 +156,60 @@ class Worker:
             "custom": self.custom,
             "cached": self.cached,
             "task": self.task,
+            "mcp": self.mcp,
+            "mcp-direct": self.mcp_direct,
+            "mcp-reused": self.mcp_reused,
         }
         return operations[path]
 
     async def aclose(self) -> None:
+        if self._kept is not None:
+            await self._kept.aclose()
         await self.api.aclose()
         await self.direct.aclose()
 
 
+MCP_TOOL = "lookup"
+
+
+def _check_mcp(result: CallToolResult) -> None:
+    if result.isError or result.structuredContent != RECORD:
+        raise UnexpectedAnswer(f"{MCP_TOOL} answered {result.model_dump(exclude_none=True)}")
+
+
+class _KeptSession:
+    """One MCP session held open by a task of its own: the SDK's task groups must be left by the task that entered
+    them, and the benchmark's phases call from tasks of their own."""
+
+    def __init__(self, url: str, client: httpx.AsyncClient) -> None:
+        self._ready: asyncio.Future[ClientSession] = asyncio.get_running_loop().create_future()
+        self._done = asyncio.Event()
+        self._task = asyncio.create_task(self._hold(url, client))
+
+    async def _hold(self, url: str, client: httpx.AsyncClient) -> None:
+        try:
+            async with (
+                streamable_http_client(url, http_client=client) as (read, write, _),
+                ClientSession(read, write) as session,
+            ):
+                await session.initialize()
+                self._ready.set_result(session)
+                await self._done.wait()
+        except Exception as exc:
+            if not self._ready.done():
+                self._ready.set_exception(exc)
+            raise
+
+    async def session(self) -> ClientSession:
+        return await asyncio.wait_for(asyncio.shield(self._ready), 30)
+
+    async def aclose(self) -> None:
+        self._done.set()
+        await asyncio.wait_for(self._task, 30)
+
+
 async def prepare(processes: Processes) -> Target:
-    """A fresh tenant with the README's credential, custom tool and agent."""
+    """A fresh tenant with the README's credential, custom tool and agent, and the MCP server when there is one."""
     token = processes.token(f"bench-{uuid.uuid4().hex[:8]}")
     headers = {"Authorization": f"Bearer {token}"}
     async with httpx.AsyncClient(base_url=processes.base_url, headers=headers, timeout=30, trust_env=False) as api:
@@ -157,4 +231,7 @@ async def prepare(processes: Processes) -> Target:
         tools = ["crm_lookup", "parse_email", "text_template"]
         agent = {"name": "support", "instructions": "Answer customers.", "tools": tools}
         agent_id = _check(await api.post("/v1/agents", json=agent), 201)["id"]
-    return Target(processes.base_url, token, processes.fake_url, agent_id)
+        if processes.mcp is not None:
+            _check(await api.put("/v1/mcp-servers/bench", json={"url": processes.mcp_url}), 201)
+    mcp_url = processes.mcp_url if processes.mcp is not None else ""
+    return Target(processes.base_url, token, processes.fake_url, agent_id, mcp_url)
