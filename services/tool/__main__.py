@@ -51,6 +51,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         await _discover(settings, containers, stack)
     store = TenantStore(backend, "tool")
     mcp = McpServers(store, http.transport, default_timeout=deadline)
+    stack.push_async_callback(mcp.aclose)  # before the HTTP client's pools: the sessions' DELETEs go through them
     registry = ToolRegistry(store, containers, mcp)
     executor = ToolExecutor(
         registry, http, ArgumentValidator(), containers=containers, mcp=mcp, default_timeout=deadline

@@ -2,8 +2,9 @@
 
 A server is registered (``sync``) by the integrator, which resolves its credential: the Tool Service connects with
 the official ``mcp`` client over streamable HTTP, lists the tools, and stores the server with them in the tenant's
-state, so every replica answers the same catalogue without connecting. Each call opens a session of its own
-(initialize, call) with the credential the integrator resolved for that call.
+state, so every replica answers the same catalogue without connecting. Calls go through a session kept per tenant
+and server (:mod:`services.tool.mcp_sessions`), bound to the credential value the integrator resolved: a call with
+another value opens a new one.
 
 Every HTTP request of the SDK goes through :class:`altan.outbound.GuardedTransport`: checked by the egress guard,
 connected to the checked address, redirects refused, bodies capped at ``ALTAN_MAX_OUTPUT_BYTES``.
@@ -29,11 +30,12 @@ from mcp.types import Tool as McpTool
 from altan.api.convert import now_ms
 from altan.api.mcp import McpServerSpec
 from altan.api.tools import TOOL_ID_PATTERN, tool_to_proto
-from altan.context import require_admin
+from altan.context import current, require_admin
 from altan.errors import AltanError, DeadlineExceeded, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from altan.outbound import GuardedTransport
 from altan.store import TenantStore
 from services.tool.executor import Credential, redact
+from services.tool.mcp_sessions import McpSessions, SessionBroken, SessionUnopened
 from services.tool.schema import check_input_schema
 
 __all__ = ["MCP_SEPARATOR", "McpServers", "mcp_output", "mcp_tool_id"]
@@ -93,6 +95,11 @@ class McpServers:
         # echoes of the credential it was sent. Never below WARNING, whatever ALTAN_LOG_LEVEL says.
         sdk_log = logging.getLogger("mcp")
         sdk_log.setLevel(max(sdk_log.getEffectiveLevel(), logging.WARNING))
+        self._sessions = McpSessions(transport, call_timeout=default_timeout)
+
+    async def aclose(self) -> None:
+        """Close the kept sessions (at shutdown)."""
+        await self._sessions.aclose()
 
     # --- the resource -------------------------------------------------------------------------------------------
 
@@ -114,6 +121,7 @@ class McpServers:
             "updated_at": now,
         }
         await self._store.put(_SERVERS, name, server)
+        self._sessions.drop(current().tenant_id, name)  # a replaced server's calls start afresh
         log.info("mcp server listed", extra={"server": name, "tools": sorted(tools)})
         return server, previous is None
 
@@ -130,6 +138,7 @@ class McpServers:
         require_admin("deleting an MCP server")
         if not await self._store.delete(_SERVERS, name):
             raise NotFound(f"MCP server '{name}' not found")
+        self._sessions.drop(current().tenant_id, name)
 
     # --- the catalogue ------------------------------------------------------------------------------------------
 
@@ -189,8 +198,7 @@ class McpServers:
         if tool.get("credential") and credential is None:
             raise FailedPrecondition(f"tool '{tool['tool_id']}' needs credential '{tool['credential']}'")
         budget = timeout or self._default_timeout
-        async with self._session(tool["mcp_server"], tool["mcp_url"], credential, budget) as session:
-            result = await session.call_tool(tool["mcp_tool"], arguments)
+        result = await self._call(tool["mcp_server"], tool["mcp_url"], credential, budget, tool["mcp_tool"], arguments)
         secret = credential.value if credential is not None else ""
         if result.isError:
             text = _error_text(result)
@@ -209,6 +217,48 @@ class McpServers:
                 if not cursor or len(listed) >= _MAX_TOOLS:
                     break
         return listed
+
+    async def _call(
+        self,
+        server: str,
+        url: str,
+        credential: Credential | None,
+        budget: float,
+        name: str,
+        arguments: dict[str, Any],
+    ) -> CallToolResult:
+        """``tools/call`` on the kept session, within ``budget``; once more on a new session if the kept one ended
+        under the call (the server restarted, or forgot the session): the call never reached the tool then."""
+        tenant = current().tenant_id
+        headers = credential.as_headers() if credential is not None else None
+        transport: GuardedTransport | None = None
+
+        async def call_once() -> CallToolResult:
+            nonlocal transport
+            kept = await self._sessions.kept(tenant, server, url, headers)
+            transport = kept.transport
+            try:
+                return await kept.call(lambda session: session.call_tool(name, arguments))
+            except SessionBroken:
+                self._sessions.drop(tenant, server, kept)
+                raise
+
+        try:
+            async with asyncio.timeout(budget):
+                try:
+                    return await call_once()
+                except SessionBroken:
+                    return await call_once()
+        except TimeoutError:
+            # The late answer may still come on that session: closed once its calls are done, not shared further.
+            self._sessions.drop(tenant, server)
+            raise DeadlineExceeded(f"MCP server '{server}' did not answer within {budget:g}s") from None
+        except SessionUnopened as exc:
+            raise self._failure(server, exc.cause, exc.transport) from None
+        except SessionBroken:
+            raise Unavailable(f"MCP server '{server}' closed the session twice in a row") from None
+        except (Exception, BaseExceptionGroup) as exc:
+            raise self._failure(server, exc, transport) from None
 
     @asynccontextmanager
     async def _session(
@@ -235,9 +285,9 @@ class McpServers:
             raise self._failure(server, exc, transport) from None
 
     @staticmethod
-    def _failure(server: str, exc: BaseException, transport: GuardedTransport) -> AltanError:
+    def _failure(server: str, exc: BaseException, transport: GuardedTransport | None) -> AltanError:
         """One clear error for what the SDK raised (often an exception group of its task group)."""
-        if transport.refusal is not None:
+        if transport is not None and transport.refusal is not None:
             return transport.refusal
         leaves = _leaves(exc)
         for leaf in leaves:

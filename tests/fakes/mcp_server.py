@@ -2,8 +2,9 @@
 
 Tools: ``add`` (structured output), ``echo`` (plain text), ``fail`` (always an error result), ``whoami`` (the
 request's auth header, as the server saw it: the tests prove a credential arrived, and that it does not come back
-unredacted) and ``camelCase.Tool`` (a name that is not a tool id as it stands). With ``--token T`` every request must
-carry ``Authorization: Bearer T`` (401 otherwise), as a server behind an API key would.
+unredacted), ``sessions`` (how many sessions clients have opened: initialize requests, counted by
+:class:`_CountSessions`) and ``camelCase.Tool`` (a name that is not a tool id as it stands). With ``--token T``
+every request must carry ``Authorization: Bearer T`` (401 otherwise), as a server behind an API key would.
 
 python -m tests.fakes.mcp_server --port 8765 [--token T]   prints "mcp server ready on <port>" once it listens.
 """
@@ -33,7 +34,8 @@ class Sum(BaseModel):
     terms: list[int]
 
 
-def build_server() -> FastMCP:
+def build_server(opened: list[int] | None = None) -> FastMCP:
+    opened = opened if opened is not None else [0]
     server = FastMCP(
         "reference", stateless_http=False, json_response=False, log_level="CRITICAL"
     )  # the SDK logs a closed stream at every session end
@@ -60,12 +62,30 @@ def build_server() -> FastMCP:
         header = request.headers.get("authorization", "") if request is not None else ""
         return {"authorization": header}
 
+    @server.tool()
+    def sessions() -> int:
+        """How many sessions clients have opened on this server."""
+        return opened[0]
+
     @server.tool(name="camelCase.Tool")
     def camel(x: int = 1) -> int:
         """A tool whose name is not a tool id as it stands."""
         return x * 2
 
     return server
+
+
+class _CountSessions:
+    """Counts the requests that open a session: a POST without ``mcp-session-id`` is an initialize."""
+
+    def __init__(self, app: ASGIApp, opened: list[int]) -> None:
+        self._app = app
+        self._opened = opened
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and b"mcp-session-id" not in dict(scope["headers"]):
+            self._opened[0] += 1
+        await self._app(scope, receive, send)
 
 
 class _RequireToken:
@@ -121,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--token", default="")
     args = parser.parse_args(argv)
-    app: ASGIApp = build_server().streamable_http_app()
+    opened = [0]
+    app: ASGIApp = _CountSessions(build_server(opened).streamable_http_app(), opened)
     if args.token:
         app = _RequireToken(app, args.token)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)

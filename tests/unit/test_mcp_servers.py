@@ -3,8 +3,9 @@ real socket: listing into the catalogue, calls and their outputs, errors, creden
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pytest
 
@@ -63,6 +64,7 @@ async def rig(ports: tuple[int, int]) -> AsyncIterator[Rig]:
     try:
         yield Rig(mcp, registry, executor, f"http://127.0.0.1:{open_port}/mcp", f"http://127.0.0.1:{locked_port}/mcp")
     finally:
+        await mcp.aclose()
         await http.aclose()
 
 
@@ -74,7 +76,14 @@ def test_tool_ids_join_server_and_tool_names_within_the_id_rules() -> None:
 async def test_a_servers_tools_join_the_tenants_catalogue_with_their_schemas(rig: Rig) -> None:
     server, created = await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
     assert created
-    assert sorted(server["tools"]) == ["ref__add", "ref__camelcase_tool", "ref__echo", "ref__fail", "ref__whoami"]
+    assert sorted(server["tools"]) == [
+        "ref__add",
+        "ref__camelcase_tool",
+        "ref__echo",
+        "ref__fail",
+        "ref__sessions",
+        "ref__whoami",
+    ]
     listed = {t["tool_id"]: t for t in await rig.registry.all() if t["type"] == "mcp"}
     assert listed["ref__add"]["input_schema"]["required"] == ["a", "b"]
     assert listed["ref__add"]["description"] == "Add two integers."
@@ -147,3 +156,51 @@ async def test_servers_are_per_tenant_and_only_admins_change_them(rig: Rig) -> N
     await rig.mcp.delete("ref")
     with pytest.raises(NotFound):
         await rig.registry.get("ref__add")
+
+
+async def test_calls_share_one_session_opened_once(rig: Rig) -> None:
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    before = (await rig.executor.execute("ref__sessions", {}, None, None)).output["result"]
+    calls = [rig.executor.execute("ref__add", {"a": i, "b": 1}, None, None) for i in range(20)]
+    assert [c.output["total"] for c in await asyncio.gather(*calls)] == [i + 1 for i in range(20)]
+    assert (await rig.executor.execute("ref__sessions", {}, None, None)).output["result"] == before
+
+
+async def test_another_credential_value_opens_another_session(rig: Rig) -> None:
+    spec = McpServerSpec(url=rig.url, credential="mcp-key")
+    await rig.mcp.sync("ref", spec, CREDENTIAL, None)
+    first = await rig.executor.execute("ref__whoami", {}, CREDENTIAL, None)
+    assert first.output == {"authorization": "Bearer [redacted]"}
+    rotated = replace(CREDENTIAL, value="rotated-token-7")
+    second = await rig.executor.execute("ref__whoami", {}, rotated, None)
+    assert second.output == {"authorization": "Bearer [redacted]"}  # redacted: this call's value, not the first one
+    again = await rig.executor.execute("ref__whoami", {}, CREDENTIAL, None)
+    assert again.output == {"authorization": "Bearer [redacted]"}
+    as_role(tenant="globex")  # another tenant never shares the session
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    assert (await rig.executor.execute("ref__echo", {"text": "hi"}, None, None)).output == {"result": "hi"}
+
+
+async def test_a_restarted_server_is_reconnected_and_a_deleted_one_forgotten(rig: Rig) -> None:
+    server, port = start_process()
+    url = f"http://127.0.0.1:{port}/mcp"
+    http = GuardedHttpClient(EgressGuard(EgressPolicy.parse(f"127.0.0.1:{port}")))
+    mcp = McpServers(TenantStore(MemoryBackend(), "tool"), http.transport, default_timeout=10)
+    try:
+        await mcp.sync("ref", McpServerSpec(url=url), None, None)
+        tool = await mcp.tool("ref__sessions")
+        assert tool is not None
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 2}  # the listing's, closed, then the calls'
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 2}
+        stop_process(server)
+        server, _ = start_process(port=port)  # a new process: it knows no session
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 1}
+        await mcp.sync("ref", McpServerSpec(url=url), None, None)  # replaced: its calls start afresh
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 3}
+        await mcp.delete("ref")
+        await mcp.sync("ref", McpServerSpec(url=url), None, None)
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 5}
+    finally:
+        await mcp.aclose()
+        await http.aclose()
+        stop_process(server)
