@@ -2,8 +2,9 @@
 ``altan serve-tools module.py --port N`` serves a module's ``@tool`` functions as a tool container.
 
 ``altan up`` starts the gateway and the agent, tool and integrator services as separate processes that talk gRPC
-over loopback, prefixes their log lines, waits until all are healthy, stops them all on Ctrl-C or SIGTERM, and
-exits non-zero if one of them dies.
+over loopback, prefixes their log lines, waits until all are healthy, restarts one that dies with backoff (as
+Kubernetes restarts a pod; ``altan.supervisor``), and stops them all on Ctrl-C or SIGTERM. A service that cannot
+start at all (bad settings) ends it with a non-zero status.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,7 @@ from altan.config import (
     setting_name,
 )
 from altan.listen import CannotListen, bind_problem, join_address
+from altan.supervisor import Backoff, ServiceProcess, describe_exit
 
 if TYPE_CHECKING:
     import httpx
@@ -38,8 +40,6 @@ __all__ = ["main"]
 
 SERVICES = ("tool", "integrator", "agent", "gateway")
 DEFAULT_TOOL_CONTAINER_PORT = 7000
-_PIPE_LIMIT = 1024 * 1024
-_COLORS = {"tool": "36", "integrator": "35", "agent": "33", "gateway": "32"}
 _KEY_VARIABLES = ("ALTAN_JWT_SECRET", "ALTAN_JWT_JWKS_URL", "ALTAN_JWT_JWKS_FILE")
 # The flags of ``altan up``, each the override of one setting: (flag, Settings field, type, help).
 _UP_FLAGS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
@@ -118,25 +118,10 @@ def _stack_env(settings: Settings, generated_secret: bool) -> dict[str, str]:
     return env
 
 
-async def _pipe(name: str, stream: asyncio.StreamReader, color: bool) -> None:
-    label = f"\x1b[{_COLORS[name]}m{name:>10} |\x1b[0m " if color else f"{name:>10} | "
-    while True:
-        try:
-            line = await stream.readline()
-        except ValueError:  # a line over the reader's limit: pass on what there is, keep draining
-            line = await stream.read(_PIPE_LIMIT)
-        if not line:
-            return
-        sys.stdout.write(label + line.decode(errors="replace"))
-        sys.stdout.flush()
-
-
-async def _wait_ready(
-    url: str, procs: dict[str, asyncio.subprocess.Process], timeout: float | None
-) -> tuple[bool, str]:
+async def _wait_ready(url: str, alive: Callable[[], bool], timeout: float | None) -> tuple[bool, str]:
     """Wait until the gateway's /readyz answers 200 (which means every service answers its health check).
 
-    Gives up at the deadline (``None``: none) or when a process dies, and then says why not: what the gateway
+    Gives up at the deadline (``None``: none) or once ``alive()`` is false, and then says why not: what the gateway
     answered last ("agent not serving"), or "" when it never answered.
     """
     import httpx  # here: a tool container's image runs `altan serve-tools` without the stack's packages
@@ -146,7 +131,7 @@ async def _wait_ready(
     why = ""
     async with httpx.AsyncClient(timeout=2, trust_env=False) as client:
         while deadline is None or time.monotonic() < deadline:
-            if any(p.returncode is not None for p in procs.values()):
+            if not alive():
                 return False, why
             try:
                 answer = await client.get(url)
@@ -177,24 +162,16 @@ async def _up(args: argparse.Namespace) -> int:
     _check_ports(settings)
     env = _stack_env(settings, generated_secret)
     color = sys.stdout.isatty()
-    procs: dict[str, asyncio.subprocess.Process] = {}
-    for name in SERVICES:
-        procs[name] = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            f"services.{name}",
-            env=env,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            limit=_PIPE_LIMIT,
-        )
-    pipes = [asyncio.create_task(_pipe(n, p.stdout, color)) for n, p in procs.items() if p.stdout]
+    services = [
+        ServiceProcess(name, (sys.executable, "-m", f"services.{name}"), env, color=color, backoff=Backoff())
+        for name in SERVICES
+    ]
+    for service in services:
+        await service.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    exits = {name: asyncio.create_task(p.wait()) for name, p in procs.items()}
-    stopper = asyncio.create_task(stop.wait())
 
     def announce() -> None:
         rest, public_grpc = f"http://127.0.0.1:{settings.http_port}", f"127.0.0.1:{settings.grpc_port}"
@@ -203,43 +180,66 @@ async def _up(args: argparse.Namespace) -> int:
             print("a development token: altan token --tenant <tenant> --sub <user> --role admin", flush=True)
 
     async def announce_once_ready() -> None:
-        if (await _wait_ready(ready_url, procs, None))[0]:
+        if (await _wait_ready(ready_url, lambda: not stop.is_set(), None))[0]:
             announce()
+
+    def all_running() -> bool:
+        return not stop.is_set() and all(s.running for s in services)
 
     ready_url = f"http://127.0.0.1:{settings.http_port}/readyz"
     follower: asyncio.Task[None] | None = None
-    ready, why = await _wait_ready(ready_url, procs, settings.startup_timeout_seconds)
+    ready, why = await _wait_ready(ready_url, all_running, settings.startup_timeout_seconds)
     if ready:
         announce()
-    elif why and not stop.is_set() and all(p.returncode is None for p in procs.values()):
+    elif why and all_running():
         # Every process runs but something they need does not answer (Redis, say): they recover by themselves
         # once it does, so keep running, as Kubernetes keeps an unready pod.
         hint = " (is the Redis at REDIS_URL reachable?)" if settings.redis_url else ""
         timeout = settings.startup_timeout_seconds
         print(f"altan: not ready after {timeout:g} s: {why}{hint}; waiting for it", file=sys.stderr, flush=True)
         follower = asyncio.create_task(announce_once_ready())
-    elif not stop.is_set():
-        print("altan: the stack did not become ready", file=sys.stderr, flush=True)
-        stop.set()
 
-    await asyncio.wait([stopper, *exits.values()], return_when=asyncio.FIRST_COMPLETED)
-    died = [n for n, t in exits.items() if t.done()] if not stop.is_set() else []
-    for name in died:
-        print(f"altan: {name} exited with status {procs[name].returncode}; stopping the others", file=sys.stderr)
-    for proc in procs.values():
-        if proc.returncode is None:
-            proc.send_signal(signal.SIGTERM)
-    _, pending = await asyncio.wait(exits.values(), timeout=settings.stop_timeout_seconds)
-    for name, task in exits.items():
+    # A service that cannot start at all (bad settings, say) ends the stack; once the stack has started,
+    # supervision restarts any service that exits, and only a stop that was asked for ends it.
+    died: list[ServiceProcess] = []
+    if ready or follower is not None:
+        await asyncio.gather(*(s.supervise(stop) for s in services))
+    elif not stop.is_set():
+        died = [s for s in services if not s.running]
+        for service in died:
+            print(f"altan: {service.name} {_exit_of(service)}; stopping the others", file=sys.stderr, flush=True)
+        if not died:
+            print("altan: the stack did not become ready", file=sys.stderr, flush=True)
+            return max(await _stop_all(services, settings.stop_timeout_seconds, died, follower), 1)
+    return await _stop_all(services, settings.stop_timeout_seconds, died, follower)
+
+
+def _exit_of(service: ServiceProcess) -> str:
+    assert service.process is not None and service.process.returncode is not None
+    return describe_exit(service.process.returncode)
+
+
+async def _stop_all(
+    services: list[ServiceProcess], timeout: float, died: list[ServiceProcess], follower: asyncio.Task[None] | None
+) -> int:
+    """SIGTERM every running service, kill those still running after ``timeout``; the exit status of ``altan up``:
+    0 when every service stopped cleanly, 2 when one that died refused its configuration, else 1."""
+    # A service waiting to be restarted has nothing to stop: its last exit was reported when it happened.
+    stopping = [s for s in services if s.running]
+    for service in stopping:
+        service.terminate()
+    closing = [asyncio.create_task(s.closed()) for s in services]
+    _, pending = await asyncio.wait(closing, timeout=timeout)
+    for service, task in zip(services, closing, strict=True):
         if task in pending:
-            print(f"altan: {name} did not stop in time; killing it", file=sys.stderr)
-            procs[name].kill()
-    await asyncio.gather(*exits.values(), *pipes, return_exceptions=True)
-    stopper.cancel()
+            print(f"altan: {service.name} did not stop in time; killing it", file=sys.stderr, flush=True)
+            service.kill()
+    await asyncio.gather(*closing, return_exceptions=True)
     if follower is not None:
         follower.cancel()
-    failed = died or [n for n, p in procs.items() if p.returncode not in (0, -signal.SIGTERM)]
-    if any(procs[name].returncode == 2 for name in failed):
+    clean = (None, 0, -signal.SIGTERM)
+    failed = died or [s for s in stopping if s.process is not None and s.process.returncode not in clean]
+    if any(s.process is not None and s.process.returncode == 2 for s in failed):
         return 2  # a service refused its configuration: so does the stack
     return 1 if failed else 0
 
