@@ -35,7 +35,11 @@ Resp = TypeVar("Resp")
 
 # Round robin over every address the target resolves to: with a headless Service (``dns:///name:port``) calls
 # spread across all replicas; servers cap connection age so clients re-resolve and find new replicas.
+# A service that went away (restarted by `altan up` or Kubernetes) is tried again within a second or two of
+# coming back: gRPC's default reconnect backoff reaches two minutes.
 _CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
     ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
@@ -120,12 +124,10 @@ class IntegratorClient(ServiceChannel):
 class ToolContainerClient(ServiceChannel):
     """A tool container (``altan serve-tools``): its tool list, and calls as the current caller."""
 
-    # A container that went away is tried again within a second or two of coming back (gRPC's default backoff
-    # reaches two minutes), so that its tools recover as soon as it does.
-    _OPTIONS = (("grpc.initial_reconnect_backoff_ms", 250), ("grpc.max_reconnect_backoff_ms", 2000))
-
+    # A container that went away is tried again within a second or two of coming back, as every service channel
+    # is (``_CHANNEL_OPTIONS``), so that its tools recover as soon as it does.
     def __init__(self, target: str, deadline_seconds: float) -> None:
-        super().__init__(target, deadline_seconds, self._OPTIONS)
+        super().__init__(target, deadline_seconds)
         self.container = container_pb2_grpc.ToolContainerServiceStub(self.channel)
 
     async def list_tools(self, timeout: float) -> list[tool_pb2.Tool]:
