@@ -19,10 +19,10 @@ from typing import Any, Protocol
 from altan import context
 from altan.api.convert import now_ms
 from altan.config import Settings
-from altan.errors import AltanError, InvalidArgument, Unavailable
+from altan.errors import AltanError, InvalidArgument, NotFound, PermissionDenied, Unavailable
 from altan.store import TenantStore
 
-__all__ = ["AUDIT_SINKS", "AuditIntent", "AuditLog", "AuditSink", "open_audit_sink"]
+__all__ = ["AUDIT_SINKS", "AuditIntent", "AuditLog", "AuditSink", "open_audit_sink", "outcome_of"]
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +108,11 @@ AUDIT_SINKS: dict[str, Callable[[Settings], AuditSink]] = {"gcp": _cloud_logging
 def open_audit_sink(settings: Settings) -> AuditSink | None:
     """The audit sink ``settings`` select, if any."""
     return None if settings.audit_sink == "none" else AUDIT_SINKS[settings.audit_sink](settings)
+
+
+def outcome_of(exc: BaseException) -> str:
+    """The audit outcome of a call that raised: ``denied`` when refused (a rule, or nothing to call), else ``error``."""
+    return "denied" if isinstance(exc, PermissionDenied | NotFound) else "error"
 
 
 def _event(action: str, fields: dict[str, Any]) -> dict[str, Any]:

@@ -30,7 +30,6 @@ from altan.egress import destination
 from altan.errors import (
     AltanError,
     DeadlineExceeded,
-    NotFound,
     PermissionDenied,
     ResourceExhausted,
     Unavailable,
@@ -38,7 +37,7 @@ from altan.errors import (
 from altan.store import TenantStore
 from altan.v1 import common_pb2, runtime_pb2, tool_pb2
 from altan.wire import parse_json
-from services.integrator.audit import AuditIntent, AuditLog
+from services.integrator.audit import AuditIntent, AuditLog, outcome_of
 from services.integrator.cache import ResponseCache
 from services.integrator.credentials import CredentialBroker, ResolvedCredential
 
@@ -120,7 +119,7 @@ class ToolCaller:
                 "mcp.list",
                 intent=intent,
                 target=getattr(exc, "target", "") or target,
-                outcome="denied" if isinstance(exc, PermissionDenied | NotFound) else "error",
+                outcome=outcome_of(exc),
                 latency_ms=_ms(started),
                 reason=exc.message,
                 credential=credential_name,
@@ -190,7 +189,8 @@ class ToolCaller:
             tool = await self._definition(tool_id)
             if tool is not None and tool.fallback_tool_id:
                 fallback.append(tool.fallback_tool_id)
-            credential_name, destination = _credential_use(tool, tool_id, arguments_json)
+            outbound = _outbound(tool, tool_id, arguments_json)
+            credential_name = outbound.credential
             if tool is not None and tool.cacheable_seconds > 0 and self._cache is not None:
                 hit = await self._cache.get(tool, arguments_json)
                 if hit is not None:
@@ -205,13 +205,14 @@ class ToolCaller:
                     return CallResult(*hit, cached=True)
             if tool is not None and tool.HasField("rate_limit") and self._limits is not None:
                 await self._within_rate_limit(tool, deadline_at)
-            host = _destination(tool, tool_id, arguments_json)
-            if host and self._limits is not None:
-                await self._after_host_hold(host, deadline_at)
+            if outbound.host and self._limits is not None:
+                await self._after_host_hold(outbound.host, deadline_at)
             # Fail closed: no secret is read and no call runs until its audit entry is written.
             intent = await self._audit.begin("tool.invoke", tool_id=tool_id, credential=credential_name)
             credential = (
-                await self._broker.resolve(credential_name, destination=destination) if credential_name else None
+                await self._broker.resolve(credential_name, destination=outbound.bound_to_hosts)
+                if credential_name
+                else None
             )
             response = await self._execute(tool_id, arguments_json, credential, deadline_at)
             if response.http_status == 401 and credential is not None and credential.refreshable:
@@ -228,7 +229,7 @@ class ToolCaller:
                 intent=intent,
                 tool_id=tool_id,
                 target=target,
-                outcome="denied" if isinstance(exc, PermissionDenied | NotFound) else "error",
+                outcome=outcome_of(exc),
                 latency_ms=_ms(started),
                 reason=exc.message,
                 credential=credential_name,
@@ -322,37 +323,36 @@ def _last_outcome(state: RetryCallState) -> runtime_pb2.ExecuteToolResponse:
     raise exc
 
 
-def _credential_use(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> tuple[str, str | None]:
-    """The credential a call injects and, for http_request, the URL the caller wants it sent to.
+@dataclass(frozen=True)
+class _Outbound:
+    """Where a call goes and with what, as far as is known before it runs."""
+
+    credential: str = ""  # the credential it injects, if any
+    bound_to_hosts: str | None = None  # an http_request URL: the credential may go there only if its hosts name it
+    host: str = ""  # ``host:port`` of a custom tool's endpoint or an http_request URL ("" when unknown)
+
+
+def _outbound(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> _Outbound:
+    """The credential a call injects and where it goes.
 
     A custom tool's own credential goes to the endpoint its admin wrote (an MCP tool's, to its server); the one an
-    http_request call names goes only to one of the credential's hosts.
+    http_request call names goes only to one of the credential's hosts. http_request's arguments are parsed once here.
     """
     if tool is None:
-        return "", None
+        return _Outbound()
     if tool.type == tool_pb2.TOOL_TYPE_MCP:
-        return tool.credential, None  # to the MCP server its admin registered with it
-    if tool.type == tool_pb2.TOOL_TYPE_CUSTOM and tool.auth not in (
-        common_pb2.AUTH_TYPE_NONE,
-        common_pb2.AUTH_TYPE_UNSPECIFIED,
-    ):
-        return tool.credential, None
+        return _Outbound(credential=tool.credential)  # to the MCP server its admin registered with it
+    if tool.type == tool_pb2.TOOL_TYPE_CUSTOM:
+        injects = tool.auth not in (common_pb2.AUTH_TYPE_NONE, common_pb2.AUTH_TYPE_UNSPECIFIED)
+        return _Outbound(credential=tool.credential if injects else "", host=destination(tool.endpoint))
     if tool_id == "http_request":
         arguments = parse_json(arguments_json, "arguments", default={})
+        url = arguments.get("url") if isinstance(arguments, dict) else None
+        host = destination(url) if isinstance(url, str) else ""
         if isinstance(arguments, dict) and isinstance(arguments.get("credential"), str):
-            return str(arguments["credential"]), str(arguments.get("url", ""))
-    return "", None
-
-
-def _destination(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> str:
-    """``host:port`` the call will go to, when known before it runs: a custom tool's endpoint, an http_request URL."""
-    if tool is not None and tool.type == tool_pb2.TOOL_TYPE_CUSTOM:
-        return destination(tool.endpoint)
-    if tool_id == "http_request":
-        arguments = parse_json(arguments_json, "arguments", default={})
-        if isinstance(arguments, dict) and isinstance(arguments.get("url"), str):
-            return destination(arguments["url"])
-    return ""
+            return _Outbound(str(arguments["credential"]), str(url if url is not None else ""), host)
+        return _Outbound(host=host)
+    return _Outbound()
 
 
 def _ms(started: float) -> int:

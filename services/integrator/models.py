@@ -27,10 +27,10 @@ from tenacity.wait import wait_exponential_jitter
 
 from altan import context
 from altan.api.convert import enum_name, struct_to_dict
-from altan.errors import AltanError, FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from altan.errors import AltanError, FailedPrecondition, Unavailable
 from altan.outbound import GuardedHttpClient
 from altan.v1 import agent_pb2, common_pb2, runtime_pb2
-from services.integrator.audit import AuditIntent, AuditLog
+from services.integrator.audit import AuditIntent, AuditLog, outcome_of
 from services.integrator.credentials import CredentialBroker
 from services.integrator.llm.base import (
     Message,
@@ -220,7 +220,7 @@ class ModelCaller:
             cause = exc.cause if isinstance(exc, _Streamed) else exc
             if key and key in cause.message:  # an endpoint that echoes what it was sent
                 cause.message = cause.message.replace(key, "[redacted]")
-            outcome = "denied" if isinstance(exc, PermissionDenied | NotFound) else "error"
+            outcome = outcome_of(exc)
             if self._metrics is not None:
                 self._metrics.called(provider_name, llm.llm_id, outcome, time.monotonic() - started)
             await self._audit.record(
