@@ -12,7 +12,7 @@ import email.utils
 import json as jsonlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -87,17 +87,17 @@ class _ShardedPool:
         self._active = [0] * len(pools)
 
     async def handle_async_request(self, request: httpcore.Request) -> httpcore.Response:
-        index = min(range(len(self._pools)), key=self._active.__getitem__) if len(self._pools) > 1 else 0
+        if len(self._pools) == 1:
+            return await self._pools[0].handle_async_request(request)
+        index = min(range(len(self._pools)), key=self._active.__getitem__)
         self._active[index] += 1
         try:
             response = await self._pools[index].handle_async_request(request)
         except BaseException:
             self._active[index] -= 1
             raise
-        return _released(response, lambda: self._release(index))
-
-    def _release(self, index: int) -> None:
-        self._active[index] -= 1
+        response.stream = _ReleasingStream(response.stream, self._active, index)
+        return response
 
     async def aclose(self) -> None:
         for pool in self._pools:
@@ -110,26 +110,23 @@ class _ShardedPool:
         await self.aclose()
 
 
-def _released(response: httpcore.Response, release: Callable[[], None]) -> httpcore.Response:
-    """``response`` whose stream calls ``release`` once when it is closed (when its connection is free again)."""
-    inner: Any = response.stream
+class _ReleasingStream:
+    """A response body that gives its pool's place back once, when it is closed (its connection is free again)."""
 
-    class _Stream:
-        released = False
+    def __init__(self, inner: Any, active: list[int], index: int) -> None:
+        self._inner, self._active, self._index = inner, active, index
+        self._released = False
 
-        def __aiter__(self) -> AsyncIterator[bytes]:
-            return inner.__aiter__()  # type: ignore[no-any-return]
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._inner.__aiter__()  # type: ignore[no-any-return]
 
-        async def aclose(self) -> None:
-            try:
-                await inner.aclose()
-            finally:
-                if not self.released:
-                    self.released = True
-                    release()
-
-    response.stream = _Stream()
-    return response
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            if not self._released:
+                self._released = True
+                self._active[self._index] -= 1
 
 
 class GuardedTransport(httpx.AsyncBaseTransport):
