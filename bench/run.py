@@ -75,8 +75,8 @@ class Result:
     busy: Phase
 
 
-async def measure(processes: Processes, paths: list[str], scale: float) -> dict[str, Result]:
-    target = await prepare(processes)
+async def measure(processes: Processes, paths: list[str], scale: float, *, limits: bool = False) -> dict[str, Result]:
+    target = await prepare(processes, limits=limits)
     workers = [Worker(target) for _ in range(max(BOUNDS[p].busy for p in paths))]
     meter = CpuMeter(processes)
     results: dict[str, Result] = {}
@@ -215,16 +215,24 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="a quarter of the time bounds, for a smoke run")
     parser.add_argument("--redis-url", help="run the stack on this Redis instead of embedded state")
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(DOC.parents[1])}")
+    parser.add_argument(
+        "--limits",
+        action="store_true",
+        help="the rate limits on, never binding: the tenant's at the gateway, the custom tools' (never writes)",
+    )
     args = parser.parse_args()
     unknown = set(args.paths) - set(BOUNDS)
     if unknown:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {', '.join(BOUNDS)}")
     paths = [p for p in BOUNDS if p in args.paths] if args.paths else list(BOUNDS)
     print("starting the fake API, the MCP server and altan up ...", file=sys.stderr, flush=True)
-    processes = start_processes(redis_url=args.redis_url, mcp_server=any(p.startswith("mcp") for p in paths))
+    limits_env = {"ALTAN_TENANT_REQUESTS_PER_SECOND": "1000000"} if args.limits else None
+    processes = start_processes(
+        redis_url=args.redis_url, mcp_server=any(p.startswith("mcp") for p in paths), extra_env=limits_env
+    )
     steal_before, total_before = cpu_ticks()
     try:
-        results = asyncio.run(measure(processes, paths, 0.25 if args.quick else 1.0))
+        results = asyncio.run(measure(processes, paths, 0.25 if args.quick else 1.0, limits=args.limits))
     except Exception:
         print(processes.log_tail(), file=sys.stderr)
         raise
@@ -235,7 +243,7 @@ def main() -> int:
     steal = (steal_after - steal_before) / max(1, total_after - total_before)
     table = report(results, "Redis state" if args.redis_url else "embedded state", steal)
     print(table)
-    if not args.no_write and not args.quick:
+    if not args.no_write and not args.quick and not args.limits:
         write_doc(table)
         print(f"\nwritten to {DOC}", file=sys.stderr)
     return 0

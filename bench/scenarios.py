@@ -208,7 +208,7 @@ class _KeptSession:
         await asyncio.wait_for(self._task, 30)
 
 
-async def prepare(processes: Processes) -> Target:
+async def prepare(processes: Processes, *, limits: bool = False) -> Target:
     """A fresh tenant with the README's credential, custom tool and agent, and the MCP server when there is one."""
     token = processes.token(f"bench-{uuid.uuid4().hex[:8]}")
     headers = {"Authorization": f"Bearer {token}"}
@@ -225,6 +225,8 @@ async def prepare(processes: Processes) -> Target:
             "auth": "api_key",
             "credential": "crm",
         }
+        if limits:  # a rate limit that never binds, so that every call takes its token
+            tool["rate_limit"] = {"requests": 1_000_000, "per_seconds": 1}
         _check(await api.post("/v1/tools", json=tool), 201)
         cached = tool | {"tool_id": "crm_cached", "cacheable_seconds": 3600}
         _check(await api.post("/v1/tools", json=cached), 201)
