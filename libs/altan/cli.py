@@ -203,6 +203,8 @@ async def _up(args: argparse.Namespace) -> int:
     def announce() -> None:
         rest, public_grpc = f"http://127.0.0.1:{settings.http_port}", f"127.0.0.1:{settings.grpc_port}"
         print(f"altan is up: REST {rest}  gRPC {public_grpc}", flush=True)
+        if tls:
+            print(f"internal gRPC: mutual TLS, throwaway CA {settings.data_dir / 'tls' / 'ca.crt'}", flush=True)
         if generated_secret:
             print("a development token: altan token --tenant <tenant> --sub <user> --role admin", flush=True)
 
