@@ -124,3 +124,29 @@ def test_a_rotated_certificate_is_served_without_a_restart(tls_stack: Stack) -> 
         invoked = api.post("/v1/tools/json_extract/invoke", json={"arguments": {"data": {"c": 2}, "path": "c"}})
         assert invoked.status_code == 200, invoked.text
     assert tls_stack.service_pids() == pids  # nothing restarted
+
+
+def test_a_client_follows_its_rotated_certificate_without_a_restart(tls_stack: Stack) -> None:
+    """The gateway's client certificate, rotated to a name the services do not admit and back: its calls follow."""
+    tls_dir, pids = _tls_dir(tls_stack), tls_stack.service_pids()
+    ca = DevelopmentCa.load(tls_dir)
+
+    def invoke() -> int:
+        with tls_stack.client(new_tenant()) as api:
+            answer = api.post("/v1/tools/json_extract/invoke", json={"arguments": {"data": {"d": 3}, "path": "d"}})
+            return answer.status_code
+
+    def eventually(status: int) -> None:
+        deadline = time.monotonic() + 15
+        while (got := invoke()) != status:
+            assert time.monotonic() < deadline, f"still {got}, not {status}"
+            time.sleep(0.2)
+
+    assert invoke() == 200
+    try:
+        ca.write(tls_dir / "gateway", "intruder.altan.local")
+        eventually(403)  # the integrator refuses the gateway's new certificate: the gateway uses it
+    finally:
+        ca.write(tls_dir / "gateway", local_identity("gateway"))
+    eventually(200)
+    assert tls_stack.service_pids() == pids
