@@ -220,16 +220,9 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported JWT algorithms: {sorted(unknown)} ('none' is never accepted)")
         return value
 
-    @field_validator("tls_allowed_clients", mode="before")
+    @field_validator("tool_containers", "tls_allowed_clients", mode="before")
     @classmethod
-    def _split_clients(cls, value: object) -> object:
-        if isinstance(value, str):
-            return tuple(a.strip() for a in value.split(",") if a.strip())
-        return value
-
-    @field_validator("tool_containers", mode="before")
-    @classmethod
-    def _split_containers(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(a.strip() for a in value.split(",") if a.strip())
         return value
