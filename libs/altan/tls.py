@@ -27,7 +27,7 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from altan.config import Settings
+from altan.config import ConfigurationError, Settings
 from altan.errors import PermissionDenied
 
 __all__ = ["PeerAllowList", "ReloadingChannel", "TlsFiles", "secure_channel", "server_credentials", "tls_files"]
@@ -57,13 +57,25 @@ class TlsFiles:
         return tuple(stamps)
 
     def read(self) -> tuple[bytes, bytes, bytes]:
-        """(certificate chain, key, CA) once the key matches the certificate: a rotation half written is not read."""
-        for _ in range(20):
-            cert, key, ca = self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
-            if _key_matches(cert, key):
-                return cert, key, ca
+        """(certificate chain, key, CA); ValueError when the key is not the certificate's (a rotation half written:
+        the caller keeps what it has and reads again later)."""
+        cert, key, ca = self.cert.read_bytes(), self.key.read_bytes(), self.ca.read_bytes()
+        if not _key_matches(cert, key):
+            raise ValueError(f"{self.key} is not the key of {self.cert}")
+        return cert, key, ca
+
+
+def _first_read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
+    """The files at start-up: unreadable or mismatched, the process stops with one line naming the settings."""
+    for _ in range(20):  # a rotation under way at start-up settles within a second
+        try:
+            return files.read()
+        except ValueError:
             time.sleep(0.05)
-        raise ValueError(f"{self.key} is not the key of {self.cert}")
+        except OSError as exc:
+            reason = f"cannot read {exc.filename}: {exc.strerror}"
+            raise ConfigurationError(f"ALTAN_TLS_CERT_FILE, ALTAN_TLS_KEY_FILE, ALTAN_TLS_CA_FILE: {reason}") from None
+    raise ConfigurationError(f"ALTAN_TLS_KEY_FILE: {files.key} is not the key of {files.cert}")
 
 
 def tls_files(settings: Settings) -> TlsFiles | None:
@@ -86,7 +98,7 @@ def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """TLS that requires a client certificate from the CA, re-read from the files when they change."""
-    cert, key, ca = files.read()
+    cert, key, ca = _first_read(files)
     loaded = [files.stamp()]
 
     def configuration(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCertificateConfiguration:
@@ -128,8 +140,8 @@ class PeerAllowList:
             raise PermissionDenied("this service does not accept calls from the caller's certificate")
 
 
-def _channel_credentials(files: TlsFiles) -> grpc.ChannelCredentials:
-    cert, key, ca = files.read()
+def _channel_credentials(files: TlsFiles, *, first: bool = False) -> grpc.ChannelCredentials:
+    cert, key, ca = _first_read(files) if first else files.read()
     return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
 
 
@@ -167,8 +179,8 @@ class ReloadingChannel:
         self._files = files
         self._options = tuple(options)
         self._clock = clock
+        self._channel = grpc.aio.secure_channel(target, _channel_credentials(files, first=True), options=self._options)
         self._stamp = files.stamp()
-        self._channel = grpc.aio.secure_channel(target, _channel_credentials(files), options=self._options)
         self._checked = clock()
         self._retired: list[tuple[float, grpc.aio.Channel]] = []
 

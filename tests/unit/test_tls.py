@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from altan.auth import TokenVerifier
 from altan.clients import ServiceChannel
-from altan.config import Settings
+from altan.config import ConfigurationError, Settings
 from altan.devca import DevelopmentCa
 from altan.server import ServerTls, serve_until_stopped
 from altan.tls import ReloadingChannel, TlsFiles, server_credentials
@@ -146,3 +146,13 @@ def test_allowed_clients_are_a_list() -> None:
         tls_allowed_clients=" a.svc , b.svc ",  # type: ignore[arg-type]
     )
     assert settings.tls_allowed_clients == ("a.svc", "b.svc")
+
+
+def test_unreadable_or_mismatched_files_stop_the_process_with_one_line(tmp_path: Path) -> None:
+    ca = DevelopmentCa()
+    cert, key, ca_file = ca.write(tmp_path / "a", "a.test")
+    with pytest.raises(ConfigurationError, match=r"ALTAN_TLS_CERT_FILE.*cannot read .*missing\.crt"):
+        server_credentials(TlsFiles(tmp_path / "missing.crt", key, ca_file))
+    _, other_key, _ = ca.write(tmp_path / "b", "b.test")
+    with pytest.raises(ConfigurationError, match="is not the key of"):
+        ReloadingChannel("127.0.0.1:1", TlsFiles(cert, other_key, ca_file), ())
