@@ -65,6 +65,18 @@ class TlsFiles:
         return cert, key, ca
 
 
+def _unreadable(exc: OSError) -> ConfigurationError:
+    reason = f"cannot read {exc.filename}: {exc.strerror}"
+    return ConfigurationError(f"ALTAN_TLS_CERT_FILE, ALTAN_TLS_KEY_FILE, ALTAN_TLS_CA_FILE: {reason}")
+
+
+def _first_stamp(files: TlsFiles) -> tuple[tuple[int, int, int], ...]:
+    try:
+        return files.stamp()
+    except OSError as exc:
+        raise _unreadable(exc) from None
+
+
 def _first_read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
     """The files at start-up: unreadable or mismatched, the process stops with one line naming the settings."""
     for _ in range(20):  # a rotation under way at start-up settles within a second
@@ -73,8 +85,7 @@ def _first_read(files: TlsFiles) -> tuple[bytes, bytes, bytes]:
         except ValueError:
             time.sleep(0.05)
         except OSError as exc:
-            reason = f"cannot read {exc.filename}: {exc.strerror}"
-            raise ConfigurationError(f"ALTAN_TLS_CERT_FILE, ALTAN_TLS_KEY_FILE, ALTAN_TLS_CA_FILE: {reason}") from None
+            raise _unreadable(exc) from None
     raise ConfigurationError(f"ALTAN_TLS_KEY_FILE: {files.key} is not the key of {files.cert}")
 
 
@@ -98,8 +109,8 @@ def _key_matches(cert_pem: bytes, key_pem: bytes) -> bool:
 
 def server_credentials(files: TlsFiles) -> grpc.ServerCredentials:
     """TLS that requires a client certificate from the CA, re-read from the files when they change."""
+    loaded = [_first_stamp(files)]  # before reading: a change in between is seen at the next connection
     cert, key, ca = _first_read(files)
-    loaded = [files.stamp()]
 
     def configuration(cert: bytes, key: bytes, ca: bytes) -> grpc.ServerCertificateConfiguration:
         return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
@@ -179,10 +190,11 @@ class ReloadingChannel:
         self._files = files
         self._options = tuple(options)
         self._clock = clock
+        self._stamp = _first_stamp(files)  # before reading: a change in between is seen at the next look
         self._channel = grpc.aio.secure_channel(target, _channel_credentials(files, first=True), options=self._options)
-        self._stamp = files.stamp()
         self._checked = clock()
         self._retired: list[tuple[float, grpc.aio.Channel]] = []
+        self._closing: set[asyncio.Task[None]] = set()
 
     def current(self) -> grpc.aio.Channel:
         now = self._clock()
@@ -206,7 +218,9 @@ class ReloadingChannel:
         log.info("TLS client certificate reloaded", extra={"target": self._target})
         for retired_at, old in [r for r in self._retired if now - r[0] > _RETIRED_CHANNEL_SECONDS]:
             self._retired.remove((retired_at, old))
-            asyncio.get_running_loop().create_task(old.close())
+            closing = asyncio.get_running_loop().create_task(old.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     def unary_unary(self, *args: Any, **kwargs: Any) -> Any:
         return _Multicallable(self, "unary_unary", args, kwargs)
