@@ -220,6 +220,11 @@ def main() -> int:
         action="store_true",
         help="the rate limits on, never binding: the tenant's at the gateway, the custom tools' (never writes)",
     )
+    parser.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS between the services (altan up --tls), to compare with a run without (never writes)",
+    )
     args = parser.parse_args()
     unknown = set(args.paths) - set(BOUNDS)
     if unknown:
@@ -228,7 +233,10 @@ def main() -> int:
     print("starting the fake API, the MCP server and altan up ...", file=sys.stderr, flush=True)
     limits_env = {"ALTAN_TENANT_REQUESTS_PER_SECOND": "1000000"} if args.limits else None
     processes = start_processes(
-        redis_url=args.redis_url, mcp_server=any(p.startswith("mcp") for p in paths), extra_env=limits_env
+        redis_url=args.redis_url,
+        mcp_server=any(p.startswith("mcp") for p in paths),
+        extra_env=limits_env,
+        tls=args.tls,
     )
     steal_before, total_before = cpu_ticks()
     try:
@@ -241,9 +249,11 @@ def main() -> int:
     shutil.rmtree(processes.workdir, ignore_errors=True)  # kept only when something failed, for its logs
     steal_after, total_after = cpu_ticks()
     steal = (steal_after - steal_before) / max(1, total_after - total_before)
-    table = report(results, "Redis state" if args.redis_url else "embedded state", steal)
+    state = "Redis state" if args.redis_url else "embedded state"
+    state += ", mTLS between the services" if args.tls else ""
+    table = report(results, state, steal)
     print(table)
-    if not args.no_write and not args.quick and not args.limits:
+    if not args.no_write and not args.quick and not args.limits and not args.tls:
         write_doc(table)
         print(f"\nwritten to {DOC}", file=sys.stderr)
     return 0

@@ -13,7 +13,8 @@ from altan.auth import TokenVerifier
 from altan.config import ConfigurationError, Settings, configuration_problems
 from altan.listen import CannotListen
 from altan.logging import configure_logging
-from altan.server import GrpcService, serve_until_stopped, shutdown_event
+from altan.server import GrpcService, ServerTls, serve_until_stopped, shutdown_event
+from altan.tls import tls_files
 
 __all__ = ["ConfigurationError", "Wiring", "run_service"]
 
@@ -38,12 +39,15 @@ def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> N
     async def main() -> None:
         async with AsyncExitStack() as stack:
             services = await wiring(settings, stack)
+            files = tls_files(settings)
             await serve_until_stopped(
                 services,
                 verifier=TokenVerifier(settings),
                 address=f"{settings.bind_host}:{port(settings)}",
                 grace_seconds=settings.shutdown_grace_seconds,
                 stop=shutdown_event(),
+                tls=ServerTls(files, settings.tls_allowed_clients) if files is not None else None,
+                health_address=f"{settings.bind_host}:{settings.health_port}" if settings.health_port else None,
             )
 
     try:

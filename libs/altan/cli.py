@@ -49,6 +49,9 @@ _UP_FLAGS: tuple[tuple[str, str, type[int] | type[float], str], ...] = (
     ("--stop-timeout", "stop_timeout_seconds", float, "seconds to wait for a clean stop before killing"),
 )
 _FLAG_OF = {field: flag for flag, field, _, _ in _UP_FLAGS}
+# Who may call whom over the internal ports, as the chart's NetworkPolicies say it (`altan up --tls` enforces it
+# with certificates; the gateway's public ports are not internal and stay as they are).
+TLS_CALLERS = {"agent": ("gateway",), "tool": ("gateway", "integrator"), "integrator": ("gateway", "agent")}
 
 
 class _Refused(Exception):
@@ -118,6 +121,27 @@ def _stack_env(settings: Settings, generated_secret: bool) -> dict[str, str]:
     return env
 
 
+def _tls_env(settings: Settings) -> dict[str, dict[str, str]]:
+    """``altan up --tls``: a new throwaway CA under the data directory, a certificate per service, and each service's
+    environment for it (its files and the callers it admits)."""
+    from altan.devca import DevelopmentCa, local_identity
+
+    directory = settings.data_dir / "tls"
+    ca = DevelopmentCa()
+    try:
+        ca.write_ca(directory)
+        envs = {}
+        for name in SERVICES:
+            cert, key, ca_file = ca.write(directory / name, local_identity(name))
+            env = {"ALTAN_TLS_CERT_FILE": str(cert), "ALTAN_TLS_KEY_FILE": str(key), "ALTAN_TLS_CA_FILE": str(ca_file)}
+            if name in TLS_CALLERS:
+                env["ALTAN_TLS_ALLOWED_CLIENTS"] = ",".join(local_identity(c) for c in TLS_CALLERS[name])
+            envs[name] = env
+    except OSError as exc:
+        raise _Refused(f"invalid configuration: ALTAN_DATA_DIR: cannot write {directory}: {exc.strerror}") from None
+    return envs
+
+
 async def _wait_ready(url: str, alive: Callable[[], bool], timeout: float | None) -> tuple[bool, str]:
     """Wait until the gateway's /readyz answers 200 (which means every service answers its health check).
 
@@ -161,9 +185,12 @@ async def _up(args: argparse.Namespace) -> int:
         raise _Refused(f"invalid configuration: {exc}") from None
     _check_ports(settings)
     env = _stack_env(settings, generated_secret)
+    tls = _tls_env(settings) if args.tls else {}
     color = sys.stdout.isatty()
     services = [
-        ServiceProcess(name, (sys.executable, "-m", f"services.{name}"), env, color=color, backoff=Backoff())
+        ServiceProcess(
+            name, (sys.executable, "-m", f"services.{name}"), env | tls.get(name, {}), color=color, backoff=Backoff()
+        )
         for name in SERVICES
     ]
     for service in services:
@@ -176,6 +203,8 @@ async def _up(args: argparse.Namespace) -> int:
     def announce() -> None:
         rest, public_grpc = f"http://127.0.0.1:{settings.http_port}", f"127.0.0.1:{settings.grpc_port}"
         print(f"altan is up: REST {rest}  gRPC {public_grpc}", flush=True)
+        if tls:
+            print(f"internal gRPC: mutual TLS, throwaway CA {settings.data_dir / 'tls' / 'ca.crt'}", flush=True)
         if generated_secret:
             print("a development token: altan token --tenant <tenant> --sub <user> --role admin", flush=True)
 
@@ -306,6 +335,11 @@ def _parser() -> argparse.ArgumentParser:
             metavar="PORT" if kind is int else "SECONDS",
             help=f"{text} (default: {Settings.model_fields[field].default:g}; environment: {setting_name(field)})",
         )
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="mutual TLS between the services, with a throwaway CA made for this run under ALTAN_DATA_DIR/tls",
+    )
     token = commands.add_parser("token", help="print a development token signed with ALTAN_JWT_SECRET")
     token.add_argument("--tenant", required=True)
     token.add_argument("--sub", default="dev")

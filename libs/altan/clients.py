@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from altan import context
 from altan.errors import from_rpc_error
+from altan.tls import TlsFiles, secure_channel
 from altan.v1 import (
     agent_pb2_grpc,
     container_pb2,
@@ -55,9 +56,20 @@ def _metadata() -> tuple[tuple[str, str], ...]:
 class ServiceChannel:
     """A channel to one service; subclasses add that service's typed stubs."""
 
-    def __init__(self, target: str, deadline_seconds: float, options: tuple[tuple[str, int | str], ...] = ()) -> None:
+    def __init__(
+        self,
+        target: str,
+        deadline_seconds: float,
+        options: tuple[tuple[str, int | str], ...] = (),
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.target = target
-        self.channel = grpc.aio.insecure_channel(target, options=(*_CHANNEL_OPTIONS, *options))
+        # With mTLS (altan.tls), the channel presents this process's certificate and follows its rotations.
+        every = (*_CHANNEL_OPTIONS, *options)
+        if tls is None:
+            self.channel = grpc.aio.insecure_channel(target, options=every)
+        else:
+            self.channel = secure_channel(target, tls, every)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._deadline = deadline_seconds
 
@@ -98,16 +110,16 @@ class ServiceChannel:
 class AgentClient(ServiceChannel):
     """The Agent Service: agents, tasks and their events."""
 
-    def __init__(self, target: str, deadline_seconds: float) -> None:
-        super().__init__(target, deadline_seconds)
+    def __init__(self, target: str, deadline_seconds: float, tls: TlsFiles | None = None) -> None:
+        super().__init__(target, deadline_seconds, tls=tls)
         self.agents = agent_pb2_grpc.AgentServiceStub(self.channel)
 
 
 class ToolClient(ServiceChannel):
     """The Tool Service: the public catalogue and the internal executor."""
 
-    def __init__(self, target: str, deadline_seconds: float) -> None:
-        super().__init__(target, deadline_seconds)
+    def __init__(self, target: str, deadline_seconds: float, tls: TlsFiles | None = None) -> None:
+        super().__init__(target, deadline_seconds, tls=tls)
         self.catalog = tool_pb2_grpc.ToolServiceStub(self.channel)
         self.runtime = runtime_pb2_grpc.ToolRuntimeServiceStub(self.channel)
 
@@ -115,8 +127,8 @@ class ToolClient(ServiceChannel):
 class IntegratorClient(ServiceChannel):
     """The Integrator Engine: credentials, tool calls, audit; and the runtime calls of tasks."""
 
-    def __init__(self, target: str, deadline_seconds: float) -> None:
-        super().__init__(target, deadline_seconds)
+    def __init__(self, target: str, deadline_seconds: float, tls: TlsFiles | None = None) -> None:
+        super().__init__(target, deadline_seconds, tls=tls)
         self.integrator = integrator_pb2_grpc.IntegratorServiceStub(self.channel)
         self.runtime = runtime_pb2_grpc.IntegratorRuntimeServiceStub(self.channel)
 

@@ -106,6 +106,18 @@ class Settings(BaseSettings):
     agent_addr: str = "127.0.0.1:50061"
     tool_addr: str = "127.0.0.1:50062"
     integrator_addr: str = "127.0.0.1:50063"
+    # Mutual TLS between the services (docs/operations.md, "mTLS between the services"): the PEM files of this
+    # process's certificate, its key and the CA of its peers, all three or none. Set: the internal ports (agent, tool,
+    # integrator) require a client certificate from the CA, and the services call each other with theirs.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # With TLS, the identities (DNS or URI names in a certificate) that may call this process's internal port,
+    # comma-separated; empty: any certificate of the CA.
+    tls_allowed_clients: Annotated[tuple[str, ...], NoDecode] = ()
+    # A plaintext port that answers gRPC health checks and nothing else, for probes that present no certificate
+    # (kubelet's); unset: none.
+    health_port: int | None = Field(default=None, ge=1, le=65535)
     # Tool containers (docs/tool-developers.md): the `host:port` of each, comma-separated, listed by the Tool Service
     # at start-up and every `tool_containers_refresh_seconds` (sooner while one is unreachable).
     tool_containers: Annotated[tuple[str, ...], NoDecode] = ()
@@ -208,9 +220,9 @@ class Settings(BaseSettings):
             raise ValueError(f"unsupported JWT algorithms: {sorted(unknown)} ('none' is never accepted)")
         return value
 
-    @field_validator("tool_containers", mode="before")
+    @field_validator("tool_containers", "tls_allowed_clients", mode="before")
     @classmethod
-    def _split_containers(cls, value: object) -> object:
+    def _split_lists(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(a.strip() for a in value.split(",") if a.strip())
         return value
@@ -253,6 +265,11 @@ class Settings(BaseSettings):
             raise ValueError("ALTAN_JWT_ALGORITHMS must not mix HS* with asymmetric algorithms")
         if not symmetric and not (self.jwt_jwks_url or self.jwt_jwks_file):
             raise ValueError("asymmetric algorithms need ALTAN_JWT_JWKS_URL or ALTAN_JWT_JWKS_FILE")
+        tls = (self.tls_cert_file, self.tls_key_file, self.tls_ca_file)
+        if any(tls) and not all(tls):
+            raise ValueError("ALTAN_TLS_CERT_FILE, ALTAN_TLS_KEY_FILE and ALTAN_TLS_CA_FILE go together: set all three")
+        if self.tls_allowed_clients and not all(tls):
+            raise ValueError("ALTAN_TLS_ALLOWED_CLIENTS needs the ALTAN_TLS_*_FILE settings")
         if "gcp" in (self.secret_backend, self.audit_sink) and not self.gcp_project:
             raise ValueError("ALTAN_SECRET_BACKEND=gcp and ALTAN_AUDIT_SINK=gcp need ALTAN_GCP_PROJECT")
         return self

@@ -24,8 +24,17 @@ from altan.auth import TokenVerifier
 from altan.errors import InvalidArgument, abort
 from altan.health import Probe, ProbedHealthServicer
 from altan.listen import CannotListen, bind_problem, split_address
+from altan.tls import PeerAllowList, TlsFiles, server_credentials
 
-__all__ = ["TOKENLESS_METHODS", "AuthInterceptor", "Context", "GrpcService", "serve_until_stopped", "shutdown_event"]
+__all__ = [
+    "TOKENLESS_METHODS",
+    "AuthInterceptor",
+    "Context",
+    "GrpcService",
+    "ServerTls",
+    "serve_until_stopped",
+    "shutdown_event",
+]
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +84,9 @@ def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Verifies the caller of every RPC and maps domain errors to status codes."""
 
-    def __init__(self, verifier: TokenVerifier) -> None:
+    def __init__(self, verifier: TokenVerifier, peers: PeerAllowList | None = None) -> None:
         self._verifier = verifier
+        self._peers = peers  # with mTLS: the services allowed to call this one (altan.tls)
 
     async def intercept_service(
         self,
@@ -88,8 +98,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method: str = details.method  # type: ignore[attr-defined]
         tokenless = method in TOKENLESS_METHODS
+        peers = self._peers
 
-        def authenticate(authorization: str | None) -> None:
+        def authenticate(authorization: str | None, ctx: Context) -> None:
+            if peers is not None:
+                peers.check(ctx)
             if not tokenless:
                 context.bind(self._verifier.verify(authorization))
 
@@ -98,7 +111,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def unary(request: Any, ctx: Context) -> Any:
                 try:
-                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"))
+                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"), ctx)
                     _check_decoded(request, method)
                     return await inner(request, ctx)
                 except grpc.aio.AbortError:
@@ -114,7 +127,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, ctx: Context) -> AsyncIterator[Any]:
                 try:
-                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"))
+                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"), ctx)
                     _check_decoded(request, method)
                     async for item in inner_stream(request, ctx):
                         yield item
@@ -152,6 +165,14 @@ class GrpcService:
     ready: Probe | None = None  # the service answers SERVING to health checks only while this says so
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """mTLS on a service's port: its certificate files, and the client identities it admits (altan.tls)."""
+
+    files: TlsFiles
+    allowed_clients: tuple[str, ...] = ()
+
+
 def shutdown_event() -> asyncio.Event:
     """An event set by SIGTERM or SIGINT (Ctrl-C), for a graceful stop."""
     stop = asyncio.Event()
@@ -161,13 +182,16 @@ def shutdown_event() -> asyncio.Event:
     return stop
 
 
-def _bind(server: grpc.aio.Server, address: str) -> None:
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None = None) -> None:
     # grpc only says that a bind failed (and logs why on stderr), so ask the system first for the reason.
     host, port = split_address(address)
     problem = bind_problem(host, port) if port else None
     if problem is None:
         try:
-            server.add_insecure_port(address)
+            if credentials is None:
+                server.add_insecure_port(address)
+            else:
+                server.add_secure_port(address, credentials)
             return
         except RuntimeError:  # lost a race for the port since the probe
             problem = bind_problem(host, port) or "cannot bind"
@@ -187,16 +211,21 @@ async def serve_until_stopped(
     reflection_names: list[str] | None = None,
     reflection_pool: DescriptorPool | None = None,
     health_servicer: health.aio.HealthServicer | None = None,
+    tls: ServerTls | None = None,
+    health_address: str | None = None,
 ) -> None:
     """Serve until ``stop`` is set, then drain: report NOT_SERVING, stop with grace, return.
 
     ``reflection_names`` and ``reflection_pool`` say what reflection lists and describes besides ``services``
     (the gateway's public port lists the services it forwards, from a pool holding only their files);
     ``health_servicer`` replaces the default one (the gateway's answers for the services behind it).
+    ``tls`` makes the port mutual TLS, admitting only its allowed clients; ``health_address`` serves the health
+    checks alone in plaintext there (kubelet's gRPC probes present no certificate).
     Raises :class:`~altan.listen.CannotListen` when ``address`` cannot be bound (another server holds it).
     """
+    peers = PeerAllowList(tls.allowed_clients) if tls is not None and tls.allowed_clients else None
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(verifier), *(interceptors or [])],
+        interceptors=[AuthInterceptor(verifier, peers), *(interceptors or [])],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # Clients reconnect (and re-resolve DNS, finding new replicas) every few minutes; long event streams
@@ -218,8 +247,15 @@ async def serve_until_stopped(
     if generic_handlers:
         server.add_generic_rpc_handlers(generic_handlers)
     reflection.enable_server_reflection(names, server, pool=reflection_pool)
-    _bind(server, address)
+    _bind(server, address, server_credentials(tls.files) if tls is not None else None)
+    probes = None
+    if health_address is not None:
+        probes = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+        _bind(probes, health_address)
     await server.start()
+    if probes is not None:
+        await probes.start()
     for name in ["", *(svc.name for svc in services)]:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("serving gRPC", extra={"address": address, "services": [svc.name for svc in services]})
@@ -227,3 +263,5 @@ async def serve_until_stopped(
     log.info("shutting down")
     await health_servicer.enter_graceful_shutdown()
     await server.stop(grace_seconds)
+    if probes is not None:
+        await probes.stop(0)

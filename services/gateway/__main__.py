@@ -12,6 +12,7 @@ import uvicorn
 
 from altan.auth import TokenVerifier
 from altan.bootstrap import load_settings
+from altan.config import ConfigurationError
 from altan.listen import CannotListen, listen_socket
 from altan.logging import configure_logging
 from altan.server import serve_until_stopped, shutdown_event
@@ -103,6 +104,9 @@ def main() -> None:
         asyncio.run(serve())
     except CannotListen as exc:
         _cannot_listen(exc.line("gateway's public gRPC server", "ALTAN_GRPC_PORT"))
+    except ConfigurationError as exc:  # its client certificate (ALTAN_TLS_*), say
+        sys.stderr.write(f"invalid configuration: {exc}\n")
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

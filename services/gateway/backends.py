@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from altan.clients import AgentClient, IntegratorClient, ServiceChannel, ToolClient
 from altan.config import Settings
+from altan.tls import tls_files
 
 __all__ = ["Backends"]
 
@@ -19,11 +20,11 @@ class Backends:
 
     @classmethod
     def connect(cls, settings: Settings) -> Backends:
-        deadline = settings.call_deadline_seconds
+        deadline, tls = settings.call_deadline_seconds, tls_files(settings)
         return cls(
-            agent=AgentClient(settings.agent_addr, deadline),
-            tool=ToolClient(settings.tool_addr, deadline),
-            integrator=IntegratorClient(settings.integrator_addr, deadline),
+            agent=AgentClient(settings.agent_addr, deadline, tls),
+            tool=ToolClient(settings.tool_addr, deadline, tls),
+            integrator=IntegratorClient(settings.integrator_addr, deadline, tls),
         )
 
     def by_service(self) -> dict[str, ServiceChannel]:

@@ -13,6 +13,7 @@ from altan.egress import EgressGuard, EgressPolicy
 from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import SharedStore, TenantStore, open_backend
+from altan.tls import tls_files
 from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
 from services.integrator.audit import AuditLog, open_audit_sink
 from services.integrator.cache import ResponseCache
@@ -56,7 +57,7 @@ def serve_metrics(settings: Settings, stack: AsyncExitStack) -> LlmMetrics | Non
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     backend = open_backend(settings.redis_url)
     stack.push_async_callback(backend.aclose)
-    tools = ToolClient(settings.tool_addr, settings.call_deadline_seconds)
+    tools = ToolClient(settings.tool_addr, settings.call_deadline_seconds, tls_files(settings))
     stack.push_async_callback(tools.aclose)
     store = TenantStore(backend, "integrator")
     sink = open_audit_sink(settings)

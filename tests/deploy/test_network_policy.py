@@ -83,10 +83,19 @@ def expected_edges(render: Render) -> set[Edge]:
         edges |= {("integrator", cidr_peer("169.254.169.254/32"), _tcp(80))}
         edges |= {("integrator", cidr_peer("169.254.169.252/32"), _tcp(988))}
 
+    scrapers = [_peer_name(peer) for peer in net["metrics"]["from"]]
     metrics_port = v["integrator"]["metrics"].get("port")
     if metrics_port:
-        scrapers = [_peer_name(peer) for peer in net["metrics"]["from"]]
         edges |= {(s, "integrator", _tcp(metrics_port)) for s in scrapers}
+    # The gateway's /metrics is on its REST port.
+    edges |= {(s, "gateway", _tcp(v["gateway"]["httpPort"])) for s in scrapers}
+
+    if v["mesh"]["istio"]["enabled"]:
+        # Every sidecar (the tool containers' too) reaches istiod for its certificates and configuration.
+        istio = v["mesh"]["istio"]
+        istiod = namespace_peer(_name_selector(istio["istiodNamespace"]), {"matchLabels": istio["istiodLabels"]})
+        pods = [*SERVICES, *(f"tool-{tc['name']}" for tc in v["toolContainers"])]
+        edges |= {(c, istiod, _tcp(15012)) for c in pods}
     return edges
 
 

@@ -234,7 +234,10 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
         spec = pod_spec(workload)
         component = pod_labels(workload)["app.kubernetes.io/component"]
         for volume in spec.get("volumes", []):
-            assert "secret" not in volume, "secrets reach containers by secretKeyRef only"
+            if "secret" in volume:  # only the service's own certificate, with mTLS; all else by secretKeyRef
+                assert values["tls"]["enabled"] and component in SERVICES, f"{component} mounts a Secret"
+                certificate = rendered.get("Certificate", workload["metadata"]["name"])
+                assert certificate is not None and certificate["spec"]["secretName"] == volume["secret"]["secretName"]
         for pull in spec.get("imagePullSecrets", []):
             assert pull in values["imagePullSecrets"], pull
         for container in containers(spec):
@@ -367,8 +370,10 @@ def test_services_find_each_other_by_service_dns(rendered: Render) -> None:
         if component != "gateway":
             assert env[f"ALTAN_{component.upper()}_PORT"]["value"] == str(ports[component])
             metrics = values[component].get("metrics", {}).get("port")
+            health = values["tls"]["healthPort"] if values["tls"]["enabled"] else None  # plaintext probes, with mTLS
             assert [p["containerPort"] for p in container["ports"]] == [
                 ports[component],
+                *([health] if health else []),
                 *([metrics] if metrics else []),
             ]
         assert ("REDIS_URL" in env) == _uses_redis(rendered, component), component
@@ -393,5 +398,9 @@ def test_probes(rendered: Render) -> None:
     for component in ("agent", "tool", "integrator"):
         (container,) = pod_spec(rendered.workload(component))["containers"]
         port = rendered.values[component]["port"]
+        if rendered.values["tls"]["enabled"]:  # kubelet's gRPC probes present no certificate: the plaintext health port
+            port = rendered.values["tls"]["healthPort"]
+            assert {"name": "health", "containerPort": port, "protocol": "TCP"} in container["ports"]
+            assert env_of(container)["ALTAN_HEALTH_PORT"]["value"] == str(port)
         for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
             assert container[probe]["grpc"] == {"port": port}, (component, probe)

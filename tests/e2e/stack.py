@@ -148,6 +148,7 @@ def start_stack(
     startup_timeout: float | None = None,
     wait_ready: bool = True,
     extra_env: dict[str, str] | None = None,
+    tls: bool = False,
 ) -> Stack:
     """``altan up`` on free ports; returns once it says it is up (unless ``wait_ready`` is false)."""
     http_port, grpc_port = free_port(), free_port()
@@ -175,6 +176,8 @@ def start_stack(
     command = [sys.executable, "-m", "altan.cli", "up", "--http-port", str(http_port), "--grpc-port", str(grpc_port)]
     if startup_timeout is not None:
         command += ["--startup-timeout", str(startup_timeout)]
+    if tls:
+        command.append("--tls")
     process = subprocess.Popen(
         command,
         env=env,

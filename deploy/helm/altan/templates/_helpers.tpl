@@ -201,6 +201,25 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- end -}}
 {{- end -}}
 {{- end -}}
+{{- if and $v.tls.enabled $v.mesh.istio.enabled -}}
+{{- fail "set tls.enabled or mesh.istio.enabled, not both: inside an Istio mesh the sidecars do mTLS and the services speak plaintext" -}}
+{{- end -}}
+{{- if $v.tls.enabled -}}
+{{- range $component := list "agent" "tool" "integrator" -}}
+{{- $c := index $v $component -}}
+{{- if or (eq (int $v.tls.healthPort) (int $c.port)) (eq (int $v.tls.healthPort) (int (dig "metrics" "port" 0 $c))) -}}
+{{- fail (printf "tls.healthPort (%v) must differ from the ports of %s" $v.tls.healthPort $component) -}}
+{{- end -}}
+{{- end -}}
+{{- with $v.tls.issuerRef -}}
+{{- if not .name -}}
+{{- fail "tls.issuerRef needs a name (or leave it empty for the install's own CA)" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- if and (or $v.monitoring.serviceMonitor.enabled $v.monitoring.podMonitoring.enabled) (not $v.networkPolicy.metrics.from) -}}
+{{- fail "monitoring.serviceMonitor / monitoring.podMonitoring need networkPolicy.metrics.from (the scrapers' pods, e.g. GKE's collectors in namespace gmp-system): the NetworkPolicies would block every scrape" -}}
+{{- end -}}
 {{- if and $v.toolContainers (not $v.tool.discovery.enabled) -}}
 {{- fail "toolContainers need tool.discovery.enabled: the tool service finds them by their Services' label (and then networkPolicy.kubeApiServer.cidrs)" -}}
 {{- end -}}
@@ -362,6 +381,11 @@ for the services that use Redis. Takes (dict "ctx" $ "component" "agent").
 - name: redis-ca
   mountPath: /etc/altan/redis-ca
   readOnly: true
+{{- end }}
+{{- if include "altan.usesTls" . }}
+- name: tls
+  mountPath: /etc/altan/tls
+  readOnly: true
 {{- end -}}
 {{- end -}}
 
@@ -379,6 +403,13 @@ for the services that use Redis. Takes (dict "ctx" $ "component" "agent").
 - name: redis-ca
   configMap:
     name: {{ include "altan.fullname" .ctx }}-redis-ca
+{{- end }}
+{{- if include "altan.usesTls" . }}
+# The certificate cert-manager keeps renewed; the service reads the new files without a restart.
+- name: tls
+  secret:
+    secretName: {{ include "altan.tlsSecretName" . }}
+    defaultMode: 0440
 {{- end -}}
 {{- end -}}
 
@@ -452,4 +483,108 @@ readinessProbe:
 - podSelector:
     matchLabels:
       {{- include "altan.selectorLabels" . | nindent 6 }}
+{{- end -}}
+
+{{/*
+Who calls whom over the internal ports: the NetworkPolicies' graph, which mTLS (tls.enabled) and Istio's
+AuthorizationPolicies (mesh.istio.enabled) enforce again with identities. Keep the three in step.
+*/}}
+{{- define "altan.callers" -}}
+agent: [gateway]
+tool: [gateway, integrator]
+integrator: [gateway, agent]
+{{- end -}}
+
+{{/* Does a component speak mTLS (tls.enabled, one of the four services)? Takes (dict "ctx" $ "component" "agent"). */}}
+{{- define "altan.usesTls" -}}
+{{- if and .ctx.Values.tls.enabled (has .component (list "gateway" "agent" "tool" "integrator")) -}}true{{- end -}}
+{{- end -}}
+
+{{/* The identity in a component's certificate, which its callees admit: "<fullname>-agent.<namespace>.svc". */}}
+{{- define "altan.tlsIdentity" -}}
+{{- printf "%s.%s.svc" (include "altan.componentName" .) .ctx.Release.Namespace -}}
+{{- end -}}
+
+{{/* The Secret cert-manager writes a component's certificate into. */}}
+{{- define "altan.tlsSecretName" -}}
+{{- printf "%s-tls" (include "altan.componentName" .) -}}
+{{- end -}}
+
+{{/* Environment of mTLS: the certificate files, the callers admitted and the plaintext health port. */}}
+{{- define "altan.tlsEnv" -}}
+{{- if include "altan.usesTls" . }}
+- name: ALTAN_TLS_CERT_FILE
+  value: /etc/altan/tls/tls.crt
+- name: ALTAN_TLS_KEY_FILE
+  value: /etc/altan/tls/tls.key
+- name: ALTAN_TLS_CA_FILE
+  value: /etc/altan/tls/ca.crt
+{{- $ctx := .ctx }}
+{{- with index (include "altan.callers" . | fromYaml) .component }}
+- name: ALTAN_TLS_ALLOWED_CLIENTS
+  value: {{ include "altan.tlsIdentities" (dict "ctx" $ctx "components" .) | quote }}
+- name: ALTAN_HEALTH_PORT
+  value: {{ $ctx.Values.tls.healthPort | quote }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The identities of a list of components, comma-separated: (dict "ctx" $ "components" (list "gateway")). */}}
+{{- define "altan.tlsIdentities" -}}
+{{- $ctx := .ctx -}}
+{{- $names := list -}}
+{{- range .components -}}
+{{- $names = append $names (include "altan.tlsIdentity" (dict "ctx" $ctx "component" .)) -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}
+
+{{/* The gRPC port a service's probes ask: its own, or with mTLS the plaintext health port. */}}
+{{- define "altan.probePort" -}}
+{{- if include "altan.usesTls" . -}}
+{{- .ctx.Values.tls.healthPort -}}
+{{- else -}}
+{{- (index .ctx.Values .component).port -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The container port of the plaintext health checks, with mTLS. */}}
+{{- define "altan.healthContainerPort" -}}
+{{- if include "altan.usesTls" . }}
+- name: health
+  containerPort: {{ .ctx.Values.tls.healthPort }}
+  protocol: TCP
+{{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy egress rule of an Istio sidecar to istiod (certificates and configuration, port 15012). */}}
+{{- define "altan.meshEgressRule" -}}
+{{- if .Values.mesh.istio.enabled }}
+# The Istio sidecar's certificates and configuration come from istiod.
+- to:
+    - namespaceSelector:
+        matchLabels:
+          kubernetes.io/metadata.name: {{ .Values.mesh.istio.istiodNamespace }}
+      {{- with .Values.mesh.istio.istiodLabels }}
+      podSelector:
+        matchLabels:
+          {{- toYaml . | nindent 10 }}
+      {{- end }}
+  ports:
+    - protocol: TCP
+      port: 15012
+{{- end }}
+{{- end -}}
+
+{{/*
+The metrics endpoints of the install, one per component that serves them: (component, Service port name, path).
+The gateway serves /metrics on its REST port; a service with a metrics.port serves it there.
+*/}}
+{{- define "altan.metricsEndpoints" -}}
+- {component: gateway, port: http}
+{{- range $component := list "agent" "tool" "integrator" }}
+{{- if dig "metrics" "port" nil (index $.Values $component) }}
+- {component: {{ $component }}, port: metrics}
+{{- end }}
+{{- end }}
 {{- end -}}
