@@ -11,11 +11,11 @@ from typing import NoReturn
 import uvicorn
 
 from altan.auth import TokenVerifier
-from altan.bootstrap import load_settings
+from altan.bootstrap import ConfigurationError, load_settings
 from altan.listen import CannotListen, listen_socket
 from altan.logging import configure_logging
 from altan.server import serve_until_stopped, shutdown_event
-from altan.store import TenantStore, open_backend
+from altan.store import TenantStore, open_state
 from services.gateway.backends import Backends
 from services.gateway.grpc_proxy import PUBLIC_SERVICES, PublicHealth, PublicProxy, public_descriptor_pool
 from services.gateway.limits import TenantLimiter
@@ -49,7 +49,7 @@ def main() -> None:
         backends = Backends.connect(settings)
         verifier = TokenVerifier(settings)
         # The tenant's request rate needs state only when it is limited: Redis shares it among gateway replicas.
-        state = open_backend(settings.redis_url) if settings.tenant_requests_per_second > 0 else None
+        state = open_state(settings) if settings.tenant_requests_per_second > 0 else None
         limiter = None
         if state is not None:
             rate, burst = settings.tenant_requests_per_second, settings.tenant_burst
@@ -101,6 +101,9 @@ def main() -> None:
 
     try:
         asyncio.run(serve())
+    except ConfigurationError as exc:
+        sys.stderr.write(f"invalid configuration: {exc}\n")
+        raise SystemExit(2) from None
     except CannotListen as exc:
         _cannot_listen(exc.line("gateway's public gRPC server", "ALTAN_GRPC_PORT"))
 
