@@ -39,7 +39,7 @@ from typing import Any, TypeVar
 
 from altan.errors import Unavailable
 
-__all__ = ["SqliteBackend", "StateFileError"]
+__all__ = ["SqliteBackend", "StateFileError", "prepare_state_file"]
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,12 @@ class SqliteBackend:
             self._poller.cancel()
         await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
         self._thread.shutdown(wait=True)
+
+
+def prepare_state_file(path: Path, busy_timeout_seconds: float = 5.0) -> None:
+    """Create the state file and its schema, or raise :class:`StateFileError` saying why it cannot be used: what
+    ``altan up`` does before it starts the services, so that a bad data directory stops it with one line."""
+    _connect(path, busy_timeout_seconds).close()
 
 
 # --- on the backend's thread --------------------------------------------------------------------------------------
