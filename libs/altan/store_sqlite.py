@@ -28,11 +28,12 @@ import asyncio
 import itertools
 import logging
 import os
+import queue
 import secrets
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -52,7 +53,6 @@ CREATE TABLE IF NOT EXISTS hashes (key TEXT NOT NULL, field TEXT NOT NULL, value
     PRIMARY KEY (key, field)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS streams (key TEXT NOT NULL, seq INTEGER NOT NULL, value TEXT NOT NULL,
     PRIMARY KEY (key, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS stream_seq (key TEXT PRIMARY KEY, seq INTEGER NOT NULL) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS expiring (id INTEGER PRIMARY KEY, key TEXT NOT NULL UNIQUE, value TEXT NOT NULL,
     expires_at REAL NOT NULL, size INTEGER NOT NULL);
 CREATE INDEX IF NOT EXISTS expiring_by_expiry ON expiring (expires_at);
@@ -64,6 +64,8 @@ CREATE TABLE IF NOT EXISTS locks (key TEXT PRIMARY KEY, owner TEXT NOT NULL, exp
 """
 # Rows removed by one sweep of expired values and buckets: bounded, so no write waits for a long delete.
 _SWEEP_ROWS = 500
+# Streams are trimmed to their maxlen every this many appends.
+_TRIM_EVERY = 32
 # A sweep every this many writes of expiring values or buckets (and the lazy removal on read in between).
 _SWEEP_EVERY = 200
 
@@ -88,25 +90,20 @@ class SqliteBackend:
         self._max_expiring_bytes = max_expiring_bytes
         self._poll_seconds = poll_seconds
         self._clock = clock
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="altan-sqlite")
         self._writes = itertools.count(1)
         # Waiters of this process: a blocked read per stream key, a lock waiter per lock key. Each event is set
         # (and replaced) when the key may have changed.
         self._changed: dict[str, asyncio.Event] = {}
         self._waiting = 0
         self._poller: asyncio.Task[None] | None = None
-        try:
-            self._db = self._thread.submit(_connect, path, busy_timeout_seconds).result()
-        except BaseException:
-            self._thread.shutdown(wait=False)
-            raise
+        self._db = _connect(path, busy_timeout_seconds)  # at start-up, before the loop serves anyone
+        self._thread = _DatabaseThread()
 
     # --- plumbing ------------------------------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
-        loop = asyncio.get_running_loop()
         try:
-            return await loop.run_in_executor(self._thread, fn, *args)
+            return await self._thread.run(fn, *args)
         except sqlite3.OperationalError as exc:
             # "database is locked" after busy_timeout, "disk I/O error", "database or disk is full": the caller may
             # try again; the detail is the operator's.
@@ -190,7 +187,7 @@ class SqliteBackend:
     # --- streams -------------------------------------------------------------------------------------------------
 
     async def append(self, key: str, value: str, maxlen: int) -> int:
-        seq = await self._run(self._write, _append, key, value, maxlen)
+        seq = await self._run(_append, self._db, key, value, maxlen)
         self._notify(key)
         return seq
 
@@ -278,14 +275,71 @@ class SqliteBackend:
     async def aclose(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
-        await asyncio.get_running_loop().run_in_executor(self._thread, self._db.close)
-        self._thread.shutdown(wait=True)
+        await self._thread.run(self._db.close)
+        await self._thread.stop()
 
 
 def prepare_state_file(path: Path, busy_timeout_seconds: float = 5.0) -> None:
     """Create the state file and its schema, or raise :class:`StateFileError` saying why it cannot be used: what
     ``altan up`` does before it starts the services, so that a bad data directory stops it with one line."""
     _connect(path, busy_timeout_seconds).close()
+
+
+class _DatabaseThread:
+    """One thread that runs a backend's SQLite calls, in order.
+
+    Cheaper than an executor (measured in docs/benchmarks.md, "Embedded state"): a job is a plain tuple on a queue,
+    and the thread hands back every result it has ready in one wake-up of the event loop, so under load the cost of
+    crossing threads is shared by many calls.
+    """
+
+    def __init__(self) -> None:
+        self._jobs: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...], asyncio.Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._work, name="altan-sqlite", daemon=True)
+        self._thread.start()
+
+    def run(self, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.put((fn, args, future))
+        return future
+
+    async def stop(self) -> None:
+        self._jobs.put(None)
+        await asyncio.to_thread(self._thread.join)
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            batch = [jobs.get()]
+            while not jobs.empty():
+                batch.append(jobs.get_nowait())
+            done: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+            stop = False
+            for job in batch:
+                if job is None:
+                    stop = True
+                    continue
+                fn, args, future = job
+                try:
+                    done.append((future, fn(*args), None))
+                except Exception as exc:  # handed to the awaiting coroutine
+                    done.append((future, None, exc))
+            if done:
+                done[0][0].get_loop().call_soon_threadsafe(_deliver, done)
+            if stop:
+                return
+
+
+def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in done:
+        if future.done():  # its caller was cancelled: the call ran, nobody waits for it
+            continue
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
 
 
 # --- on the backend's thread --------------------------------------------------------------------------------------
@@ -353,13 +407,12 @@ def _hmget(db: sqlite3.Connection, key: str, fields: list[str]) -> list[str | No
 
 
 def _append(db: sqlite3.Connection, key: str, value: str, maxlen: int) -> int:
-    seq = int(
-        db.execute(
-            "INSERT INTO stream_seq VALUES (?, 1) ON CONFLICT (key) DO UPDATE SET seq = seq + 1 RETURNING seq", (key,)
-        ).fetchone()[0]
-    )
-    db.execute("INSERT INTO streams VALUES (?, ?, ?)", (key, seq, value))
-    if seq > maxlen:
+    # One statement, so numbering is atomic across processes: a write statement takes the write lock before it
+    # reads. The newest event is never trimmed, so the highest number of the stream is its last.
+    sql = "INSERT INTO streams SELECT ?, coalesce(max(seq), 0) + 1, ? FROM streams WHERE key = ? RETURNING seq"
+    seq = int(db.execute(sql, (key, value, key)).fetchone()[0])
+    if seq > maxlen and seq % _TRIM_EVERY == 0:
+        # Trimmed every few appends, as Redis's MAXLEN ~: a stream keeps up to _TRIM_EVERY - 1 more than maxlen.
         db.execute("DELETE FROM streams WHERE key = ? AND seq <= ?", (key, seq - maxlen))
     return seq
 

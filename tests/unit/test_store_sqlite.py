@@ -275,13 +275,15 @@ async def test_expiring_values_keep_within_their_budget_oldest_first(state_file:
         await backend.aclose()
 
 
-async def test_streams_trim_exactly_and_buckets_refill(state_file: Path) -> None:
+async def test_streams_trim_every_few_appends_and_buckets_refill(state_file: Path) -> None:
     now = [0.0]
     backend = SqliteBackend(state_file, clock=lambda: now[0])
     try:
-        for i in range(10):
+        for i in range(1, 65):
             await backend.append("k", str(i), 3)
-        assert await backend.read("k", 0, 100) == [(8, "7"), (9, "8"), (10, "9")]
+            kept = len(await backend.read("k", 0, 1000))
+            assert kept <= 3 + 31  # as Redis's MAXLEN ~: somewhat more than maxlen, never unbounded
+        assert await backend.read("k", 0, 100) == [(62, "62"), (63, "63"), (64, "64")]  # the 32nd append trims
         assert [await backend.take_token("b", 2, 10) for _ in range(3)] == [0, 0, 5.0]
         now[0] = 5.0
         assert [await backend.take_token("b", 2, 10) for _ in range(2)] == [0, 5.0]
