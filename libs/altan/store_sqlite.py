@@ -13,8 +13,8 @@ one state as replicas share Redis,, and stopping and starting the stack forgets 
   (statements stay prepared in the connection's cache), and coroutines hand it work.
 - A blocking ``read`` wakes at once on an append of the same process. Appends of other processes are seen by one
   poll per process, of ``PRAGMA data_version`` (it changes when another connection commits), every
-  ``poll_seconds`` (50 ms) while someone waits: that is the latency it adds, at one cheap query per interval
-  whatever the number of waiters.
+  ``poll_seconds`` (50 ms) while someone waits: that is the latency it adds. When it changed, one query finds the
+  streams that grew, so the cost is one cheap query per interval whatever the number of waiters.
 - Expiring values expire lazily on read, and in bounded sweeps as values are written; their total size is bounded
   like :class:`~altan.store.MemoryBackend`'s: past ``max_expiring_bytes`` the oldest writes go first.
 
@@ -33,8 +33,9 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -94,7 +95,8 @@ class SqliteBackend:
         # Waiters of this process: a blocked read per stream key, a lock waiter per lock key. Each event is set
         # (and replaced) when the key may have changed.
         self._changed: dict[str, asyncio.Event] = {}
-        self._waiting = 0
+        self._watchers: Counter[str] = Counter()
+        self._readers: dict[str, int] = {}  # stream key -> the lowest ``after`` a blocked read waits beyond
         self._poller: asyncio.Task[None] | None = None
         self._db = _connect(path, busy_timeout_seconds)  # at start-up, before the loop serves anyone
         self._thread = _DatabaseThread()
@@ -123,41 +125,58 @@ class SqliteBackend:
         return result
 
     def _notify(self, key: str) -> None:
+        self._readers.pop(key, None)
         event = self._changed.pop(key, None)
         if event is not None:
             event.set()
 
-    def _watch(self, key: str) -> asyncio.Event:
-        """The event set when ``key`` may change next. Taken *before* looking, so no change between the look and
-        the wait is missed."""
+    @contextmanager
+    def _watching(self, key: str, after: int | None = None) -> Iterator[asyncio.Event]:
+        """The event set when ``key`` may change next: a stream past ``after``, or a lock released. Taken *before*
+        looking, so no change between the look and the wait is missed."""
         event = self._changed.get(key)
         if event is None:
             event = self._changed[key] = asyncio.Event()
-        return event
-
-    async def _wait(self, event: asyncio.Event, timeout: float) -> None:
-        """Until ``event`` (a change in this process, or any commit of another) or ``timeout``."""
-        self._waiting += 1
+        if after is not None:
+            self._readers[key] = min(self._readers.get(key, after), after)
+        self._watchers[key] += 1
         if self._poller is None or self._poller.done():
             self._poller = asyncio.create_task(self._poll())
+        try:
+            yield event
+        finally:
+            self._watchers[key] -= 1
+            if not self._watchers[key]:
+                del self._watchers[key]
+                self._readers.pop(key, None)
+                if self._changed.get(key) is event:
+                    del self._changed[key]
+
+    @staticmethod
+    async def _wait(event: asyncio.Event, timeout: float) -> None:
         try:
             await asyncio.wait_for(event.wait(), timeout)
         except TimeoutError:
             pass
-        finally:
-            self._waiting -= 1
 
     async def _poll(self) -> None:
-        """While anyone waits: wake every waiter when another process committed (``PRAGMA data_version`` changed;
-        commits of this connection do not change it: they notify directly)."""
-        version = None  # the first round wakes everyone: a commit before the poll started is not missed
-        while self._waiting > 0:
+        """While anyone waits: when another process committed (``PRAGMA data_version`` changed; commits of this
+        connection do not change it: they notify directly), wake the blocked reads whose stream grew, in one query
+        whatever their number, and the lock waiters."""
+        version = None  # the first round looks: a commit before the poll started is not missed
+        while self._watchers:
             await asyncio.sleep(self._poll_seconds)
             now = await self._run(_data_version, self._db)
-            if now != version:
-                version = now
-                for key in list(self._changed):
+            if now == version:
+                continue
+            version = now
+            readers = dict(self._readers)
+            newest = await self._run(_newest, self._db, list(readers)) if readers else {}
+            for key, after in readers.items():
+                if newest.get(key, 0) > after:
                     self._notify(key)
+            for key in [k for k in self._changed if k not in self._readers and k not in readers]:
+                self._notify(key)  # a lock's waiters
 
     # --- hashes --------------------------------------------------------------------------------------------------
 
@@ -198,11 +217,11 @@ class SqliteBackend:
             return found
         deadline = time.monotonic() + block_seconds
         while (left := deadline - time.monotonic()) > 0:
-            changed = self._watch(key)
-            found = await self._run(_all, self._db, sql, (key, after, count))
-            if found:
-                return found
-            await self._wait(changed, left)
+            with self._watching(key, after) as changed:
+                found = await self._run(_all, self._db, sql, (key, after, count))
+                if found:
+                    return found
+                await self._wait(changed, left)
         return []
 
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]:
@@ -249,16 +268,16 @@ class SqliteBackend:
         owner = secrets.token_hex(8)
         deadline = time.monotonic() + wait_seconds
         while True:
-            released = self._watch(key)
-            now = self._clock()
-            holder_expires = await self._run(_take_lock, self._db, key, owner, ttl_seconds, now)
-            if holder_expires is None:
-                break
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise Unavailable("a lock is held too long; try again shortly", retry_after=RETRY_AFTER_SECONDS)
-            # Woken by a release, or when the holder's time is up (a holder that died releases nothing).
-            await self._wait(released, min(left, max(holder_expires - now, 0.001)))
+            with self._watching(key) as released:
+                now = self._clock()
+                holder_expires = await self._run(_take_lock, self._db, key, owner, ttl_seconds, now)
+                if holder_expires is None:
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise Unavailable("a lock is held too long; try again shortly", retry_after=RETRY_AFTER_SECONDS)
+                # Woken by a release, or when the holder's time is up (a holder that died releases nothing).
+                await self._wait(released, min(left, max(holder_expires - now, 0.001)))
         try:
             yield
         finally:
@@ -394,6 +413,17 @@ def _exec(db: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> int:
 
 def _data_version(db: sqlite3.Connection) -> int:
     return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _newest(db: sqlite3.Connection, keys: list[str]) -> dict[str, int]:
+    """The number of each stream's last event."""
+    newest: dict[str, int] = {}
+    for start in range(0, len(keys), 500):
+        chunk = keys[start : start + 500]
+        marks = ",".join("?" * len(chunk))
+        sql = f"SELECT key, max(seq) FROM streams WHERE key IN ({marks}) GROUP BY key"  # noqa: S608 (only "?" marks)
+        newest.update(db.execute(sql, chunk).fetchall())
+    return newest
 
 
 def _hmget(db: sqlite3.Connection, key: str, fields: list[str]) -> list[str | None]:

@@ -16,6 +16,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -153,6 +154,38 @@ async def test_a_blocked_read_wakes_on_another_processes_append_within_the_poll(
         # The writer's interpreter takes most of that; a poll that never saw the commit would take 20 s.
         assert woke_after < 10
     finally:
+        await backend.aclose()
+
+
+async def test_a_commit_elsewhere_wakes_only_the_reads_whose_stream_grew(state_file: Path) -> None:
+    backend = SqliteBackend(state_file, poll_seconds=0.05)
+    elsewhere = SqliteBackend(state_file)  # another connection: commits this one's poll must notice
+    reads: list[str] = []
+    run = backend._run
+
+    async def counting_run(fn: Any, *args: Any) -> Any:
+        if args[1:2] and isinstance(args[1], str) and args[1].startswith("SELECT seq, value"):
+            reads.append(args[2][0])
+        return await run(fn, *args)
+
+    backend._run = counting_run  # type: ignore[method-assign]
+    try:
+        readers = {f"s{n}": asyncio.create_task(backend.read(f"s{n}", 0, 10, block_seconds=20)) for n in range(50)}
+        deadline = time.monotonic() + 10
+        while len(set(reads)) < 50:  # until every reader looked once and waits
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        assert not any(t.done() for t in readers.values())
+        reads.clear()
+        await elsewhere.append("s7", "hello", 10)
+        assert await asyncio.wait_for(readers.pop("s7"), 5) == [(1, "hello")]
+        assert reads == ["s7"]  # the other 49 were not woken to look again
+        assert not any(t.done() for t in readers.values())
+        for task in readers.values():
+            task.cancel()
+        await asyncio.gather(*readers.values(), return_exceptions=True)
+    finally:
+        await elsewhere.aclose()
         await backend.aclose()
 
 
