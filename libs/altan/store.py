@@ -439,7 +439,7 @@ class TenantStore:
         return await self._backend.get_expiring(self._key(f"{kind}:{key}"))
 
     async def set_expiring(self, kind: str, key: str, value: str, ttl_seconds: float) -> None:
-        """Store a value that disappears after ``ttl_seconds`` (or earlier, when embedded memory runs short)."""
+        """Store a value that disappears after ``ttl_seconds`` (or earlier, past the embedded state's budget)."""
         await self._backend.set_expiring(self._key(f"{kind}:{key}"), value, ttl_seconds)
 
     async def take_expiring(self, kind: str, key: str) -> str | None:

@@ -372,8 +372,9 @@ def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) 
 
 
 def _connect(path: Path, busy_timeout_seconds: float) -> sqlite3.Connection:
-    """Open (creating, mode 0600) the state file and its schema; :class:`StateFileError` says why not."""
+    """Open (creating it, its directory and its schema) the state file; :class:`StateFileError` says why not."""
     try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not path.exists():
             # The file holds every tenant's data (secrets encrypted): its owner's only. SQLite creates the -wal and
             # -shm files with the database's permissions.

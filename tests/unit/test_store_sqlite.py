@@ -254,7 +254,8 @@ async def test_everything_stored_is_there_after_the_process_reopens_the_file(sta
         await again.aclose()
 
 
-async def test_the_state_file_is_its_owners_only(state_file: Path) -> None:
+async def test_the_state_file_is_its_owners_only(tmp_path: Path) -> None:
+    state_file = tmp_path / "not" / "yet" / "state.db"  # its directory is created too
     backend = SqliteBackend(state_file)
     await backend.hset("k", "f", "v")
     try:
