@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from altan import _token_bucket as token_bucket
 from altan import context
 from altan.config import ConfigurationError, Settings
 from altan.errors import Unavailable
@@ -212,14 +213,8 @@ class MemoryBackend:
                 self._locks[key] = (lock, users - 1)
 
     async def take_token(self, key: str, capacity: int, per_seconds: float) -> float:
-        now, rate = self._clock(), capacity / per_seconds
-        tokens, at = self._buckets.get(key, (float(capacity), now))
-        tokens = min(float(capacity), tokens + max(0.0, now - at) * rate)
-        wait = 0.0
-        if tokens >= 1:
-            tokens -= 1
-        else:
-            wait = (1 - tokens) / rate
+        now = self._clock()
+        tokens, wait = token_bucket.take(self._buckets.get(key), now, capacity, per_seconds)
         self._buckets[key] = (tokens, now)
         return wait
 

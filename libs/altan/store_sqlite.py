@@ -42,6 +42,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+from altan import _token_bucket as token_bucket
 from altan.errors import Unavailable
 
 __all__ = ["SqliteBackend", "StateFileError", "prepare_state_file"]
@@ -515,16 +516,8 @@ def _take_expiring(db: sqlite3.Connection, key: str) -> tuple[str, float] | None
 
 
 def _take_token(db: sqlite3.Connection, key: str, capacity: int, per_seconds: float, now: float, sweep: bool) -> float:
-    # The same arithmetic as the Redis script and the memory backend.
-    rate = capacity / per_seconds
     row = db.execute("SELECT tokens, at FROM buckets WHERE key = ?", (key,)).fetchone()
-    tokens, at = (float(capacity), now) if row is None else (float(row[0]), float(row[1]))
-    tokens = min(float(capacity), tokens + max(0.0, now - at) * rate)
-    wait = 0.0
-    if tokens >= 1:
-        tokens -= 1
-    else:
-        wait = (1 - tokens) / rate
+    tokens, wait = token_bucket.take(None if row is None else (row[0], row[1]), now, capacity, per_seconds)
     # A bucket untouched for longer than it takes to refill is full again: its row may go (as Redis's PEXPIRE).
     db.execute("INSERT OR REPLACE INTO buckets VALUES (?, ?, ?, ?)", (key, tokens, now, now + per_seconds + 1))
     if sweep:
