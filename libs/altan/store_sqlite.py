@@ -174,12 +174,15 @@ class SqliteBackend:
         version = None  # the first round looks: a commit before the poll started is not missed
         while self._watchers:
             await asyncio.sleep(self._poll_seconds)
-            now = await self._run(_data_version, self._db)
-            if now == version:
-                continue
+            try:
+                now = await self._run(_data_version, self._db)
+                if now == version:
+                    continue
+                readers = dict(self._readers)
+                newest = await self._run(_newest, self._db, list(readers)) if readers else {}
+            except Unavailable:
+                continue  # the file was locked past the timeout: the next round looks again
             version = now
-            readers = dict(self._readers)
-            newest = await self._run(_newest, self._db, list(readers)) if readers else {}
             for key, after in readers.items():
                 if newest.get(key, 0) > after:
                     self._notify(key)
@@ -354,7 +357,10 @@ class _DatabaseThread:
                 except Exception as exc:  # handed to the awaiting coroutine
                     done.append((future, None, exc))
             if done:
-                done[0][0].get_loop().call_soon_threadsafe(_deliver, done)
+                try:
+                    done[0][0].get_loop().call_soon_threadsafe(_deliver, done)
+                except RuntimeError:  # the loop is closed: nobody is left to answer
+                    pass
             if stop:
                 return
 
