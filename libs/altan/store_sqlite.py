@@ -380,6 +380,8 @@ def _deliver(done: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) 
 
 def _connect(path: Path, busy_timeout_seconds: float) -> sqlite3.Connection:
     """Open (creating it, its directory and its schema) the state file; :class:`StateFileError` says why not."""
+    if path.parent.exists() and not path.parent.is_dir():
+        raise StateFileError(f"{path.parent} is not a directory")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         if not path.exists():
@@ -420,6 +422,8 @@ def _retry_while_busy(timeout: float, fn: Callable[..., T], *args: Any) -> T:
 
 
 def _reason(exc: BaseException) -> str:
+    if isinstance(exc, (NotADirectoryError, FileExistsError)):
+        return "a part of the path is not a directory"
     if isinstance(exc, OSError) and exc.errno:
         return os.strerror(exc.errno).lower()
     return str(exc)

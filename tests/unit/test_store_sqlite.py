@@ -377,6 +377,14 @@ def test_a_directory_that_cannot_hold_the_file_is_a_clear_start_up_error(tmp_pat
         open_state(settings)
 
 
+def test_a_data_dir_that_is_a_file_is_a_clear_start_up_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StateFileError, match=re.escape(f"{tmp_path / 'file'} is not a directory")):
+        SqliteBackend(tmp_path / "file" / "state.db")
+    with pytest.raises(StateFileError, match="a part of the path is not a directory"):
+        SqliteBackend(tmp_path / "file" / "deeper" / "state.db")
+
+
 def test_a_file_that_is_not_a_database_is_a_clear_start_up_error(state_file: Path) -> None:
     state_file.write_bytes(b"this is not SQLite" * 100)
     with pytest.raises(StateFileError, match=re.escape(f"cannot use {state_file}: file is not a database")):
