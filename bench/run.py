@@ -214,6 +214,13 @@ def main() -> int:
     parser.add_argument("paths", nargs="*", metavar="PATH", help=f"paths to run (default: all of {', '.join(BOUNDS)})")
     parser.add_argument("--quick", action="store_true", help="a quarter of the time bounds, for a smoke run")
     parser.add_argument("--redis-url", help="run the stack on this Redis instead of embedded state")
+    parser.add_argument(
+        "--state",
+        choices=("sqlite", "memory"),
+        default="sqlite",
+        help="embedded state without --redis-url: the SQLite file (the default) or each process's memory "
+        "(ALTAN_STATE=memory; never writes)",
+    )
     parser.add_argument("--no-write", action="store_true", help=f"do not update {DOC.relative_to(DOC.parents[1])}")
     parser.add_argument(
         "--limits",
@@ -231,11 +238,15 @@ def main() -> int:
         parser.error(f"unknown paths {sorted(unknown)}; choose from {', '.join(BOUNDS)}")
     paths = [p for p in BOUNDS if p in args.paths] if args.paths else list(BOUNDS)
     print("starting the fake API, the MCP server and altan up ...", file=sys.stderr, flush=True)
-    limits_env = {"ALTAN_TENANT_REQUESTS_PER_SECOND": "1000000"} if args.limits else None
+    if args.redis_url and args.state == "memory":
+        parser.error("--state memory is embedded state: not with --redis-url")
+    extra_env = {"ALTAN_TENANT_REQUESTS_PER_SECOND": "1000000"} if args.limits else {}
+    if args.state == "memory":
+        extra_env["ALTAN_STATE"] = "memory"
     processes = start_processes(
         redis_url=args.redis_url,
         mcp_server=any(p.startswith("mcp") for p in paths),
-        extra_env=limits_env,
+        extra_env=extra_env or None,
         tls=args.tls,
     )
     steal_before, total_before = cpu_ticks()
@@ -249,11 +260,11 @@ def main() -> int:
     shutil.rmtree(processes.workdir, ignore_errors=True)  # kept only when something failed, for its logs
     steal_after, total_after = cpu_ticks()
     steal = (steal_after - steal_before) / max(1, total_after - total_before)
-    state = "Redis state" if args.redis_url else "embedded state"
+    state = "Redis state" if args.redis_url else f"embedded state ({'SQLite' if args.state == 'sqlite' else 'memory'})"
     state += ", mTLS between the services" if args.tls else ""
     table = report(results, state, steal)
     print(table)
-    if not args.no_write and not args.quick and not args.limits and not args.tls:
+    if not args.no_write and not args.quick and not args.limits and not args.tls and args.state == "sqlite":
         write_doc(table)
         print(f"\nwritten to {DOC}", file=sys.stderr)
     return 0

@@ -80,6 +80,19 @@ def _development_settings(overrides: Mapping[str, Any]) -> tuple[Settings, bool]
         raise _Refused("\n".join(lines)) from None
 
 
+def _check_state_file(settings: Settings) -> None:
+    """The embedded state's file, created now (schema and all) or refused in one line, before any service starts."""
+    state_file = settings.state_file()
+    if state_file is None:
+        return
+    from altan.store_sqlite import StateFileError, prepare_state_file  # here: `altan token` needs no SQLite
+
+    try:
+        prepare_state_file(state_file)
+    except StateFileError as exc:
+        raise _Refused(f"invalid configuration: ALTAN_DATA_DIR: {exc}") from None
+
+
 def _listeners(settings: Settings) -> list[tuple[str, str, int, str]]:
     """What the stack will listen on: (who, host, port, setting)."""
     return [
@@ -183,6 +196,7 @@ async def _up(args: argparse.Namespace) -> int:
         settings.master_key_bytes()  # the integrator's development key: a data directory that cannot hold it
     except ConfigurationError as exc:  # is refused now, before anything starts
         raise _Refused(f"invalid configuration: {exc}") from None
+    _check_state_file(settings)
     _check_ports(settings)
     env = _stack_env(settings, generated_secret)
     tls = _tls_env(settings) if args.tls else {}

@@ -35,7 +35,8 @@ class ConfigurationError(Exception):
 
 
 def default_data_dir() -> Path:
-    """Where a development install keeps its generated keys when ``ALTAN_DATA_DIR`` is unset."""
+    """Where an embedded install keeps its state and generated keys when ``ALTAN_DATA_DIR`` is unset: the user's
+    data directory (XDG), ``~/.local/share/altan``."""
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "altan"
 
@@ -134,6 +135,10 @@ class Settings(BaseSettings):
     # State and secrets.
     redis_url: str | None = Field(default=None, validation_alias=AliasChoices("REDIS_URL", "ALTAN_REDIS_URL"))
     data_dir: Path = Field(default_factory=default_data_dir)
+    # Where state lives without REDIS_URL: "sqlite" (the default), one file under data_dir shared by the processes
+    # of one machine and kept across restarts; "memory", each process's own, gone when it stops (benchmarks,
+    # throw-away runs). With REDIS_URL set state lives in Redis, and "memory" is refused.
+    state: Literal["sqlite", "memory"] = "sqlite"
     master_key: str | None = None
     # OAuth2: how long an authorization's one-time `state` (and its PKCE verifier) waits for the callback; how long
     # before an access token's expiry it is refreshed.
@@ -270,9 +275,17 @@ class Settings(BaseSettings):
             raise ValueError("ALTAN_TLS_CERT_FILE, ALTAN_TLS_KEY_FILE and ALTAN_TLS_CA_FILE go together: set all three")
         if self.tls_allowed_clients and not all(tls):
             raise ValueError("ALTAN_TLS_ALLOWED_CLIENTS needs the ALTAN_TLS_*_FILE settings")
+        if self.redis_url and self.state == "memory":
+            raise ValueError("ALTAN_STATE=memory and REDIS_URL: choose one (state lives in Redis when it is set)")
         if "gcp" in (self.secret_backend, self.audit_sink) and not self.gcp_project:
             raise ValueError("ALTAN_SECRET_BACKEND=gcp and ALTAN_AUDIT_SINK=gcp need ALTAN_GCP_PROJECT")
         return self
+
+    def state_file(self) -> Path | None:
+        """The embedded state's SQLite file, when state is embedded and kept (``None``: Redis, or memory)."""
+        if self.redis_url or self.state == "memory":
+            return None
+        return self.data_dir / "state.db"
 
     def master_key_bytes(self) -> bytes:
         """The 32-byte master key: configured, or generated into the data directory for development."""

@@ -1,4 +1,5 @@
-"""State: one interface, an in-process implementation and a Redis one.
+"""State: one interface; a Redis implementation, an embedded SQLite one (``altan.store_sqlite``) and an
+in-process one for tests.
 
 Two shapes cover every service: *collections* (id → JSON document, e.g. agents, tools, tasks) and *streams*
 (append-only JSON events numbered 1, 2, 3…, e.g. task events and the audit trail), with a blocking read so that
@@ -17,22 +18,28 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from pathlib import Path
 from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from altan import _token_bucket as token_bucket
 from altan import context
+from altan.config import ConfigurationError, Settings
 from altan.errors import Unavailable
+from altan.store_sqlite import SqliteBackend, StateFileError
 
 __all__ = [
     "RETRY_AFTER_SECONDS",
     "MemoryBackend",
     "RedisBackend",
     "SharedStore",
+    "SqliteBackend",
     "StateBackend",
     "TenantStore",
     "open_backend",
+    "open_state",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,7 +94,7 @@ class StateBackend(Protocol):
 
 
 class MemoryBackend:
-    """Embedded state for one process (``REDIS_URL`` unset).
+    """State in the memory of one process, gone with it: for tests, and ``ALTAN_STATE=memory``.
 
     Expiring values (a response cache) are bounded: past ``max_expiring_bytes`` of values the oldest writes go first,
     as Redis with an eviction policy would do. ``clock`` is for tests.
@@ -206,14 +213,8 @@ class MemoryBackend:
                 self._locks[key] = (lock, users - 1)
 
     async def take_token(self, key: str, capacity: int, per_seconds: float) -> float:
-        now, rate = self._clock(), capacity / per_seconds
-        tokens, at = self._buckets.get(key, (float(capacity), now))
-        tokens = min(float(capacity), tokens + max(0.0, now - at) * rate)
-        wait = 0.0
-        if tokens >= 1:
-            tokens -= 1
-        else:
-            wait = (1 - tokens) / rate
+        now = self._clock()
+        tokens, wait = token_bucket.take(self._buckets.get(key), now, capacity, per_seconds)
         self._buckets[key] = (tokens, now)
         return wait
 
@@ -351,9 +352,26 @@ class RedisBackend:
         await self._blocking.aclose()
 
 
-def open_backend(redis_url: str | None) -> StateBackend:
-    """Redis when a URL is configured, else embedded in-process state."""
-    return RedisBackend(redis_url) if redis_url else MemoryBackend()
+def open_backend(redis_url: str | None, state_file: Path | None = None) -> StateBackend:
+    """Redis when a URL is configured; else the embedded SQLite file ``state_file`` (shared by the processes of one
+    machine, kept across restarts); else (tests, ``ALTAN_STATE=memory``) this process's memory.
+
+    Raises :class:`altan.store_sqlite.StateFileError` when the file cannot be opened or written.
+    """
+    if redis_url:
+        return RedisBackend(redis_url)
+    if state_file is not None:
+        return SqliteBackend(state_file)
+    return MemoryBackend()
+
+
+def open_state(settings: Settings) -> StateBackend:
+    """The state backend a service's settings choose (``REDIS_URL``, ``ALTAN_STATE``, ``ALTAN_DATA_DIR``); a state
+    file that cannot be used stops the service at start with one line naming ``ALTAN_DATA_DIR``."""
+    try:
+        return open_backend(settings.redis_url, settings.state_file())
+    except StateFileError as exc:
+        raise ConfigurationError(f"ALTAN_DATA_DIR: {exc}") from None
 
 
 class TenantStore:
@@ -416,7 +434,7 @@ class TenantStore:
         return await self._backend.get_expiring(self._key(f"{kind}:{key}"))
 
     async def set_expiring(self, kind: str, key: str, value: str, ttl_seconds: float) -> None:
-        """Store a value that disappears after ``ttl_seconds`` (or earlier, when embedded memory runs short)."""
+        """Store a value that disappears after ``ttl_seconds`` (or earlier, past the embedded state's budget)."""
         await self._backend.set_expiring(self._key(f"{kind}:{key}"), value, ttl_seconds)
 
     async def take_expiring(self, kind: str, key: str) -> str | None:

@@ -13,7 +13,7 @@ from altan.clients import IntegratorClient
 from altan.config import Settings
 from altan.errors import Unavailable
 from altan.server import GrpcService
-from altan.store import TenantStore, open_backend
+from altan.store import TenantStore, open_state
 from altan.tls import tls_files
 from altan.v1 import agent_pb2_grpc, runtime_pb2
 from altan.wire import json_bytes
@@ -25,7 +25,7 @@ from services.agent.tasks import LlmBackend, TaskLimits, TaskRunner, ToolAnswer
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
-    backend = open_backend(settings.redis_url)
+    backend = open_state(settings)
     stack.push_async_callback(backend.aclose)
     integrator = IntegratorClient(settings.integrator_addr, settings.call_deadline_seconds, tls_files(settings))
     stack.push_async_callback(integrator.aclose)

@@ -16,7 +16,7 @@ from altan.config import ConfigurationError
 from altan.listen import CannotListen, listen_socket
 from altan.logging import configure_logging
 from altan.server import serve_until_stopped, shutdown_event
-from altan.store import TenantStore, open_backend
+from altan.store import TenantStore, open_state
 from services.gateway.backends import Backends
 from services.gateway.grpc_proxy import PUBLIC_SERVICES, PublicHealth, PublicProxy, public_descriptor_pool
 from services.gateway.limits import TenantLimiter
@@ -50,7 +50,7 @@ def main() -> None:
         backends = Backends.connect(settings)
         verifier = TokenVerifier(settings)
         # The tenant's request rate needs state only when it is limited: Redis shares it among gateway replicas.
-        state = open_backend(settings.redis_url) if settings.tenant_requests_per_second > 0 else None
+        state = open_state(settings) if settings.tenant_requests_per_second > 0 else None
         limiter = None
         if state is not None:
             rate, burst = settings.tenant_requests_per_second, settings.tenant_burst
@@ -102,11 +102,11 @@ def main() -> None:
 
     try:
         asyncio.run(serve())
-    except CannotListen as exc:
-        _cannot_listen(exc.line("gateway's public gRPC server", "ALTAN_GRPC_PORT"))
-    except ConfigurationError as exc:  # its client certificate (ALTAN_TLS_*), say
+    except ConfigurationError as exc:  # the state file (ALTAN_DATA_DIR) or the client certificate (ALTAN_TLS_*)
         sys.stderr.write(f"invalid configuration: {exc}\n")
         raise SystemExit(2) from None
+    except CannotListen as exc:
+        _cannot_listen(exc.line("gateway's public gRPC server", "ALTAN_GRPC_PORT"))
 
 
 if __name__ == "__main__":

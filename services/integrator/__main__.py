@@ -12,7 +12,7 @@ from altan.config import Settings
 from altan.egress import EgressGuard, EgressPolicy
 from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
-from altan.store import SharedStore, TenantStore, open_backend
+from altan.store import SharedStore, TenantStore, open_state
 from altan.tls import tls_files
 from altan.v1 import integrator_pb2_grpc, runtime_pb2_grpc
 from services.integrator.audit import AuditLog, open_audit_sink
@@ -55,7 +55,7 @@ def serve_metrics(settings: Settings, stack: AsyncExitStack) -> LlmMetrics | Non
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
-    backend = open_backend(settings.redis_url)
+    backend = open_state(settings)
     stack.push_async_callback(backend.aclose)
     tools = ToolClient(settings.tool_addr, settings.call_deadline_seconds, tls_files(settings))
     stack.push_async_callback(tools.aclose)

@@ -1,6 +1,6 @@
 """The response cache: a custom tool with ``cacheable_seconds`` answers identical arguments from the tenant's cache.
 
-Entries live in the state store's expiring values (Redis when set, so every replica shares them; embedded memory,
+Entries live in the state store's expiring values (Redis when set, so every replica shares them; the embedded state,
 bounded, without it), under the caller's tenant like every key. An entry is keyed by the tool's whole definition
 (so any change to the tool is a new key) and its arguments in canonical JSON, and only successful answers (HTTP
 status below 400) are kept, each at most ``max_entry_bytes``.

@@ -10,7 +10,7 @@ from altan.config import Settings
 from altan.egress import EgressGuard, EgressPolicy
 from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
-from altan.store import TenantStore, open_backend
+from altan.store import TenantStore, open_state
 from altan.v1 import runtime_pb2_grpc, tool_pb2_grpc
 from services.tool.builtins import BUILTIN_TOOLS
 from services.tool.containers import ContainerTools
@@ -26,7 +26,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         policy = EgressPolicy.parse(settings.egress_allow)
     except ValueError as exc:
         raise ConfigurationError(f"ALTAN_EGRESS_ALLOW: {exc}") from None
-    backend = open_backend(settings.redis_url)
+    backend = open_state(settings)
     stack.push_async_callback(backend.aclose)
     guard = EgressGuard(policy)
     # A body larger than an output may be is not even read to the end.

@@ -31,5 +31,10 @@ def test_settings_accept_the_rendered_environment(rendered: Render, monkeypatch:
         # The gateway reaches Redis only to share the tenants' request-rate buckets among its replicas.
         uses_redis = component != "gateway" or limit["requestsPerSecond"] > 0
         assert (settings.redis_url is not None) == bool(redis and uses_redis), component
+        # What a service opens for its state is never a file in the read-only root: Redis, or (without it) each
+        # pod's memory, chosen explicitly.
+        if uses_redis:
+            assert settings.state_file() is None, component
+            assert settings.state == ("sqlite" if redis else "memory"), component
         if rendered.values["redis"]["caCert"] and redis and uses_redis:
             assert "ssl_ca_certs=/etc/altan/redis-ca/ca.crt" in str(settings.redis_url), component

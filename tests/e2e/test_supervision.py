@@ -77,11 +77,9 @@ def test_each_service_killed_comes_back_and_the_stack_serves_again(
                 assert api.get(f"/v1/agents/{agent.json()['id']}").json()["name"] == f"after-{service}"
                 invoked = api.post("/v1/tools/json_extract/invoke", json={"arguments": {"data": {"k": 1}, "path": "k"}})
                 assert invoked.status_code == 200, invoked.text
-                if mode == "redis":
-                    # Shared state outlives any process. In embedded mode the killed process's memory is lost
-                    # (durable embedded state is issue 9's item 3), so nothing is asserted of it there.
-                    kept = api.get(f"/v1/agents/{created.json()['id']}")
-                    assert kept.status_code == 200 and kept.json()["name"] == "before", kept.text
+                # State outlives any process: in Redis, or in the embedded state file under the data directory.
+                kept = api.get(f"/v1/agents/{created.json()['id']}")
+                assert kept.status_code == 200 and kept.json()["name"] == "before", kept.text
         assert "Traceback" not in stack.logs()
     finally:
         assert stack.stop() == 0, stack.logs()[-3000:]

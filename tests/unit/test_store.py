@@ -1,5 +1,6 @@
-"""altan.store: the same behaviour from the in-process MemoryBackend and the RedisBackend (a real Redis on
-127.0.0.1:6379), seen through TenantStore, which takes the tenant from the request context and nowhere else.
+"""altan.store: the same behaviour from the in-process MemoryBackend, the SqliteBackend (a file of the test's) and the
+RedisBackend (a real Redis on 127.0.0.1:6379), seen through TenantStore, which takes the tenant from the request
+context and nowhere else. What only the SQLite file does (processes sharing it) is in test_store_sqlite.py.
 
 Every test works in tenants of its own (random names) and deletes their keys afterwards.
 """
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,6 +26,7 @@ from altan.store import (
     RETRY_AFTER_SECONDS,
     MemoryBackend,
     RedisBackend,
+    SqliteBackend,
     StateBackend,
     TenantStore,
     open_backend,
@@ -62,9 +65,17 @@ async def raw_redis() -> AsyncIterator[aioredis.Redis]:
         await client.aclose()
 
 
-@pytest.fixture(params=["memory", "redis"])
-async def harness(request: pytest.FixtureRequest, raw_redis: aioredis.Redis) -> AsyncIterator[Harness]:
-    backend: StateBackend = MemoryBackend() if request.param == "memory" else RedisBackend(REDIS_URL)
+def open_kind(kind: str, state_file: Path) -> StateBackend:
+    if kind == "memory":
+        return MemoryBackend()
+    if kind == "sqlite":
+        return SqliteBackend(state_file)
+    return RedisBackend(REDIS_URL)
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def harness(request: pytest.FixtureRequest, raw_redis: aioredis.Redis, tmp_path: Path) -> AsyncIterator[Harness]:
+    backend = open_kind(request.param, tmp_path / "state.db")
     h = Harness(request.param, backend)
     try:
         yield h
@@ -287,8 +298,12 @@ async def test_memory_backend_expires_and_evicts_the_oldest_past_its_budget() ->
 
 
 async def test_a_bucket_shared_by_two_replicas_lets_exactly_its_capacity_through(harness: Harness, tenant: str) -> None:
-    # Two backends on one Redis are two replicas; embedded state has one process, so one backend.
-    other = RedisBackend(REDIS_URL) if harness.kind == "redis" else harness.backend
+    # Two backends on one Redis (or one SQLite file) are two replicas; memory has one process, so one backend.
+    other = harness.backend
+    if harness.kind == "redis":
+        other = RedisBackend(REDIS_URL)
+    elif isinstance(harness.backend, SqliteBackend):
+        other = SqliteBackend(harness.backend.path)
     replicas = [harness.store(), TenantStore(other, "svc")]
     try:
         waits = await asyncio.gather(*(replicas[i % 2].take_token("tool:t", 10, 3600) for i in range(60)))
@@ -396,10 +411,16 @@ async def test_redis_keys_carry_the_tenant_prefix(raw_redis: aioredis.Redis) -> 
             await raw_redis.delete(*keys)
 
 
-async def test_open_backend_chooses_by_url() -> None:
+async def test_open_backend_chooses_by_url_then_state_file(tmp_path: Path) -> None:
     memory = open_backend(None)
     assert isinstance(memory, MemoryBackend)
     assert await memory.ping() is True
+    embedded = open_backend(None, tmp_path / "state.db")
+    try:
+        assert isinstance(embedded, SqliteBackend)
+        assert await embedded.ping() is True
+    finally:
+        await embedded.aclose()
     redis_backend = open_backend(REDIS_URL)
     try:
         assert isinstance(redis_backend, RedisBackend)
