@@ -194,10 +194,16 @@ def server_span(
         parent = otel_context.Context()  # a new root
     elif parent is None:
         parent = otel_context.Context()
-    with tracer.start_as_current_span(
+    # start_span and attach rather than start_as_current_span: two context managers fewer on every RPC.
+    current = tracer.start_span(
         name, context=parent, kind=kind, attributes=attributes, links=links, record_exception=False
-    ) as current:
+    )
+    token = otel_context.attach(trace.set_span_in_context(current, parent))
+    try:
         yield current
+    finally:
+        otel_context.detach(token)
+        current.end()
 
 
 @contextmanager
@@ -212,10 +218,15 @@ def span(
     if tracer is None:
         yield trace.get_current_span()
         return
-    with tracer.start_as_current_span(
+    current = tracer.start_span(
         name, kind=kind, attributes=attributes, record_exception=False, set_status_on_exception=False
-    ) as current:
+    )
+    token = otel_context.attach(trace.set_span_in_context(current))
+    try:
         yield current
+    finally:
+        otel_context.detach(token)
+        current.end()
 
 
 def set_attributes(target: Span, attributes: Mapping[str, AttributeValue]) -> None:
