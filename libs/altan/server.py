@@ -71,7 +71,7 @@ def _check_decoded(request: Any, method: str) -> None:
 
 # Metadata the wrapper reads: the caller's token, its trace context, and the task it works on (a label for spans and
 # logs, sent by altan.clients; the public port never forwards it from a client).
-_WANTED = frozenset({"authorization", "traceparent", "tracestate", "altan-task-id"})
+_WANTED = frozenset({"authorization", "traceparent", "altan-task-id"})
 # Server spans that fail by the server's fault (OpenTelemetry's gRPC conventions); a caller's error is not one.
 _SERVER_FAULTS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
 
@@ -157,7 +157,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     span_name,
                     metadata.get("traceparent"),
                     edge=edge,
-                    tracestate=metadata.get("tracestate"),
                     attributes=span_attributes,
                 ) as current:
                     try:
@@ -184,7 +183,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     span_name,
                     metadata.get("traceparent"),
                     edge=edge,
-                    tracestate=metadata.get("tracestate"),
                     attributes=span_attributes,
                 ) as current:
                     try:
