@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import datetime
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -122,10 +123,10 @@ def report(
             cpu = _per_op(runs, *SERVICES)
             rounds = " / ".join(f"{_per_op([p], *SERVICES):.2f}" for p in runs)
             # Pooled over the rounds, and the median of each round's ratio to `before` measured next to it.
-            ratios = sorted(
-                _per_op([p], *SERVICES) / _per_op([b], *SERVICES) for p, b in zip(runs, by_variant["before"])
+            median = statistics.median(
+                _per_op([p], *SERVICES) / _per_op([b], *SERVICES)
+                for p, b in zip(runs, by_variant["before"], strict=True)
             )
-            median = ratios[len(ratios) // 2] if len(ratios) % 2 else sum(ratios[len(ratios) // 2 - 1 :][:2]) / 2
             change = "-" if name == "before" else f"{(cpu / base - 1) * 100:+.1f} % ({(median - 1) * 100:+.1f} %)"
             spans = f"{spans_per_op[path]:.1f}" if name == "on" else "-"
             sink = f"{_per_op(runs, SINK):.2f}" if name == "on" else "-"

@@ -472,7 +472,8 @@ def _client_span(method: str, hop: ResolvedTarget) -> Iterator[Span]:
     }
     if caller is not None:
         attributes[telemetry.TENANT] = caller.tenant_id
-        attributes[telemetry.TASK] = caller.task_id
+        if caller.task_id:
+            attributes[telemetry.TASK] = caller.task_id
     with telemetry.span(method, telemetry.SpanKind.CLIENT, attributes) as current:
         try:
             yield current

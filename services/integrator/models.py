@@ -175,8 +175,9 @@ class ModelCaller:
             "gen_ai.request.model": llm.llm_id,
             "server.address": host,
             telemetry.TENANT: caller.tenant_id,
-            telemetry.TASK: caller.task_id,
         }
+        if caller.task_id:
+            attributes[telemetry.TASK] = caller.task_id
         if port.isdigit():
             attributes["server.port"] = int(port)
         with telemetry.span(f"chat {llm.llm_id}", telemetry.SpanKind.CLIENT, attributes) as current:
