@@ -468,7 +468,6 @@ def _client_span(method: str, hop: ResolvedTarget) -> Iterator[Span]:
         "http.request.method": method,
         "server.address": hop.host,
         "server.port": hop.port,
-        "network.peer.address": hop.ip,
     }
     if caller is not None:
         attributes[telemetry.TENANT] = caller.tenant_id
