@@ -194,3 +194,21 @@ def test_rpc_metrics_are_labelled_by_service_method_and_code() -> None:
     text = generate_latest(metrics.REGISTRY).decode()
     assert 'altan_grpc_server_handled_total{code="NOT_FOUND",method="Ping",service="altan.v1.Probe"} 1.0' in text
     assert 'altan_grpc_server_handling_seconds_count{method="Ping",service="altan.v1.Probe"} 1.0' in text
+
+
+def test_work_resumed_later_joins_the_tasks_trace(exported: InMemorySpanExporter) -> None:
+    def run() -> str:
+        with telemetry.resumed(CLIENT_TRACE, attributes={telemetry.TASK: "tsk_1"}):
+            return telemetry.current_trace_id()
+
+    assert fresh(run) == CLIENT_TRACE
+    (resumed,) = exported.get_finished_spans()
+    assert resumed.name == "task.run" and resumed.attributes == {telemetry.TASK: "tsk_1"}
+
+
+def test_a_malformed_trace_id_resumes_in_a_new_trace() -> None:
+    def run() -> str:
+        with telemetry.resumed("not-a-trace-id"):
+            return telemetry.current_trace_id()
+
+    assert len(fresh(run)) == 32
