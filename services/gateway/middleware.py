@@ -155,6 +155,14 @@ class MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        if not scope["path"].startswith("/v1/"):
+            # Probes, /metrics and the API's description: counted, never traced (a trace every few seconds per
+            # probe would bury the requests).
+            try:
+                await self.app(scope, receive, recording_send)
+            finally:
+                self._finish(scope, started, status["code"], trace.INVALID_SPAN)
+            return
         traceparent = None
         for name, value in scope["headers"]:
             if name == b"traceparent":

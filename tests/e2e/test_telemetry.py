@@ -186,6 +186,9 @@ def test_a_plan_task_is_one_trace_and_its_logs_carry_the_trace_id(
         ("altan-tool", "altan.v1.ToolRuntimeService/ExecuteTool"),
     } <= served, served
     _nothing_secret(receiver, SECRET, argument)
+    # Probes (`altan up` polled /readyz until the stack was up) are counted, never traced.
+    probes = [s for s in receiver.spans if s.attributes.get("http.route") in ("/healthz", "/readyz", "/metrics")]
+    assert not probes
 
     # `altan up` prefixes each service's lines with its name: "   gateway | {...}".
     lines = [json.loads(line.partition(" | ")[2]) for line in traced.logs().splitlines() if task["trace_id"] in line]
