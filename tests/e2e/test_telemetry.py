@@ -215,6 +215,8 @@ def test_each_service_serves_its_metrics_with_exemplars_and_no_tenant_names(trac
         agent_id = api.post("/v1/agents", json={"name": "metrics-probe", "tools": ["json_extract"]}).json()["id"]
         plan = {"plan": [{"id": "s1", "tool": "json_extract", "arguments": {"data": {"a": 1}, "path": "a"}}]}
         task = _finished(api, api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"])
+        refused = api.post("/v1/tools/http_request/invoke", json={"arguments": {"url": "http://169.254.169.254/"}})
+        assert refused.status_code == 403, refused.text
     assert task["status"] == "succeeded", task
     openmetrics = {"Accept": "application/openmetrics-text; version=1.0.0"}
     with httpx.Client(trust_env=False, timeout=10) as anonymous:
@@ -235,6 +237,8 @@ def test_each_service_serves_its_metrics_with_exemplars_and_no_tenant_names(trac
     assert _has(found["agent"], "altan_grpc_client_handling_seconds_count", method="RunTool")
     assert _has(found["integrator"], "altan_tool_calls_total", kind="builtin", outcome="ok")
     assert _has(found["gateway"], "altan_auth_failures_total", service="gateway")
+    assert _has(found["tool"], "altan_egress_refused_total")
+    assert _has(found["integrator"], "altan_tool_calls_total", kind="builtin", outcome="denied")
     assert ("altan_task_queue_depth", {}, 0.0, None) in found["agent"]
     # OpenMetrics exemplars name the sampled trace a sample was counted in.
     exemplars = [e for _, _, _, e in found["gateway"] + found["integrator"] if e]
