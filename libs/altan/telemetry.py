@@ -15,7 +15,6 @@ prompt or a completion: attributes are set here and in the call sites by name, n
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 import re
@@ -51,8 +50,6 @@ __all__ = [
     "span",
     "traceparent",
 ]
-
-log = logging.getLogger(__name__)
 
 TENANT = "altan.tenant_id"
 TASK = "altan.task_id"
