@@ -38,6 +38,7 @@ __all__ = [
     "GrpcTimer",
     "count",
     "encode",
+    "grpc_code",
     "serve_metrics",
     "set_task_queue_depth",
     "shared_collector",
@@ -49,29 +50,34 @@ REGISTRY = CollectorRegistry()
 # Latency buckets of internal calls: sub-millisecond hops up to a long tool call or model turn.
 _RPC_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
+# The labels of the gRPC metrics are grpc-ecosystem's (go-grpc-prometheus, py-grpc-prometheus): grpc_service,
+# grpc_method, grpc_type (unary, server_stream) and grpc_code as Go names it (OK, InvalidArgument, Internal, ...), so
+# that dashboards and alerts written for those read these too.
+_GRPC_LABELS = ["grpc_service", "grpc_method", "grpc_type"]
+
 GRPC_SERVER_HANDLED = Counter(
     "altan_grpc_server_handled",
-    "RPCs served, by full service name, method and status code",
-    ["service", "method", "code"],
+    "RPCs served, by full service name, method, type and status code",
+    [*_GRPC_LABELS, "grpc_code"],
     registry=REGISTRY,
 )
 GRPC_SERVER_SECONDS = Histogram(
     "altan_grpc_server_handling_seconds",
     "Time to serve an RPC (a stream: its whole life)",
-    ["service", "method"],
+    _GRPC_LABELS,
     registry=REGISTRY,
     buckets=_RPC_BUCKETS,
 )
 GRPC_CLIENT_HANDLED = Counter(
     "altan_grpc_client_handled",
     "Unary RPCs this process made to another service, by status code",
-    ["service", "method", "code"],
+    [*_GRPC_LABELS, "grpc_code"],
     registry=REGISTRY,
 )
 GRPC_CLIENT_SECONDS = Histogram(
     "altan_grpc_client_handling_seconds",
     "Time a unary RPC to another service took, as its caller saw it",
-    ["service", "method"],
+    _GRPC_LABELS,
     registry=REGISTRY,
     buckets=_RPC_BUCKETS,
 )
@@ -136,22 +142,31 @@ def _split(path: str) -> tuple[str, str]:
     return service or "unknown", method or "unknown"
 
 
+def grpc_code(name: str) -> str:
+    """A status code as grpc-ecosystem's metrics name it: ``DEADLINE_EXCEEDED`` -> ``DeadlineExceeded``."""
+    if name == "OK":
+        return "OK"
+    if name == "CANCELLED":
+        return "Canceled"  # Go's spelling
+    return "".join(part.capitalize() for part in name.split("_"))
+
+
 class GrpcTimer:
     """The server or client metrics of one method, with its children looked up once (labels() takes a lock)."""
 
-    def __init__(self, handled: Counter, seconds: Histogram, path: str) -> None:
-        self._service, self._method = _split(path)
+    def __init__(self, handled: Counter, seconds: Histogram, path: str, kind: str = "unary") -> None:
+        self._labels = (*_split(path), kind)
         self._handled = handled
         self._codes: dict[str, Any] = {}
-        self._seconds = seconds.labels(self._service, self._method)
+        self._seconds = seconds.labels(*self._labels)
 
     def observe(self, started: float, code: str) -> None:
-        """Count one call that started at ``started`` (``time.perf_counter()``) and ended with ``code``."""
-        sample = exemplar()
-        self._seconds.observe(time.perf_counter() - started, exemplar=sample)
+        """Count one call that started at ``started`` (``time.perf_counter()``) and ended with ``code`` (the
+        ``grpc.StatusCode`` name, e.g. ``NOT_FOUND``)."""
+        self._seconds.observe(time.perf_counter() - started, exemplar=exemplar())
         child = self._codes.get(code)
         if child is None:
-            child = self._codes[code] = self._handled.labels(self._service, self._method, code)
+            child = self._codes[code] = self._handled.labels(*self._labels, grpc_code(code))
         child.inc()  # the histogram's exemplar names the trace already: one validation fewer per RPC
 
 

@@ -102,10 +102,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._edge = edge
         self._timers: dict[str, GrpcTimer] = {}
 
-    def _timer(self, method: str) -> GrpcTimer:
+    def _timer(self, method: str, kind: str) -> GrpcTimer:
         timer = self._timers.get(method)
         if timer is None:
-            timer = self._timers[method] = GrpcTimer(GRPC_SERVER_HANDLED, GRPC_SERVER_SECONDS, method)
+            timer = self._timers[method] = GrpcTimer(GRPC_SERVER_HANDLED, GRPC_SERVER_SECONDS, method, kind)
         return timer
 
     async def intercept_service(
@@ -118,7 +118,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method: str = details.method  # type: ignore[attr-defined]
         tokenless = method in TOKENLESS_METHODS
-        timer = self._timer(method)
+        timer = self._timer(method, "server_stream" if handler.unary_stream else "unary")
         edge = self._edge
         span_name = method[1:]
         # rpc.service and rpc.method are in the span's name already: each attribute costs its encoding on export.

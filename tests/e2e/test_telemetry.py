@@ -232,9 +232,13 @@ def test_each_service_serves_its_metrics_with_exemplars_and_no_tenant_names(trac
     pages["gateway"] = gateway.text
     found = {service: _samples(text) for service, text in pages.items()}
     server = "altan_grpc_server_handled_total"
-    assert _has(found["agent"], server, service="altan.v1.AgentService", method="SubmitTask", code="OK")
-    assert _has(found["tool"], "altan_grpc_server_handling_seconds_count", method="ExecuteTool")
-    assert _has(found["agent"], "altan_grpc_client_handling_seconds_count", method="RunTool")
+    # grpc-ecosystem's labels, which the chart's alerts and dashboard read.
+    submitted = {"grpc_service": "altan.v1.AgentService", "grpc_method": "SubmitTask", "grpc_type": "unary"}
+    assert _has(found["agent"], server, **submitted, grpc_code="OK")
+    assert _has(found["agent"], server, grpc_method="StreamTaskEvents", grpc_type="server_stream", grpc_code="OK")
+    assert _has(found["tool"], "altan_grpc_server_handling_seconds_count", grpc_method="ExecuteTool")
+    assert _has(found["agent"], "altan_grpc_client_handling_seconds_count", grpc_method="RunTool")
+    assert _has(found["gateway"], "altan_grpc_client_handled_total", grpc_method="SubmitTask", grpc_code="OK")
     assert _has(found["integrator"], "altan_tool_calls_total", kind="builtin", outcome="ok")
     assert _has(found["gateway"], "altan_auth_failures_total", service="gateway")
     assert _has(found["tool"], "altan_egress_refused_total")

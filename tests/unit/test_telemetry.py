@@ -192,8 +192,17 @@ def test_rpc_metrics_are_labelled_by_service_method_and_code() -> None:
     timer = metrics.GrpcTimer(metrics.GRPC_SERVER_HANDLED, metrics.GRPC_SERVER_SECONDS, "/altan.v1.Probe/Ping")
     timer.observe(0.0, "NOT_FOUND")
     text = generate_latest(metrics.REGISTRY).decode()
-    assert 'altan_grpc_server_handled_total{code="NOT_FOUND",method="Ping",service="altan.v1.Probe"} 1.0' in text
-    assert 'altan_grpc_server_handling_seconds_count{method="Ping",service="altan.v1.Probe"} 1.0' in text
+    labels = 'grpc_method="Ping",grpc_service="altan.v1.Probe",grpc_type="unary"'
+    assert f'altan_grpc_server_handled_total{{grpc_code="NotFound",{labels}}} 1.0' in text
+    assert f"altan_grpc_server_handling_seconds_count{{{labels}}} 1.0" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "label"),
+    [("OK", "OK"), ("CANCELLED", "Canceled"), ("DEADLINE_EXCEEDED", "DeadlineExceeded"), ("INTERNAL", "Internal")],
+)
+def test_status_codes_are_named_as_grpc_ecosystem_names_them(name: str, label: str) -> None:
+    assert metrics.grpc_code(name) == label
 
 
 def test_work_resumed_later_joins_the_tasks_trace(exported: InMemorySpanExporter) -> None:
