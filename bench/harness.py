@@ -154,6 +154,7 @@ def start_processes(
     llm_delay_ms: float | None = None,
     mcp_server: bool = False,
     tls: bool = False,
+    code: Path = REPO,
 ) -> Processes:
     """Start the fake API and ``altan up`` on free ports; return once the gateway answers /readyz.
 
@@ -162,7 +163,9 @@ def start_processes(
     ``fake_delay_ms``: how long the fake API takes to answer. ``llm_delay_ms``: also start the mock LLM
     (``bench/mock_llm.py``) answering after that long, which the stack may reach and sends the install's OpenAI key,
     as it would to a provider. ``mcp_server``: also start the MCP server (``bench/mcp_server.py``), which the stack
-    may reach. ``tls``: ``altan up --tls``, mutual TLS between the services.
+    may reach. ``tls``: ``altan up --tls``, mutual TLS between the services. ``code``: the source tree the stack runs
+    from (another revision's, to compare with; its ``libs`` and services come first on the path), with this one's
+    environment.
     """
     workdir = Path(tempfile.mkdtemp(prefix="altan-bench-"))
     fake_port, http_port, grpc_port = free_port(), free_port(), free_port()
@@ -199,6 +202,8 @@ def start_processes(
     env.update(extra_env or {})
     if redis_url:
         env["REDIS_URL"] = redis_url
+    if code != REPO:
+        env["PYTHONPATH"] = os.pathsep.join([str(code / "libs"), str(code)])
     with (workdir / "stack.log").open("wb") as log:  # the child keeps its own descriptor
         stack = subprocess.Popen(
             [
@@ -207,7 +212,7 @@ def start_processes(
                 *(["--tls"] if tls else []),
             ],
             env=env,
-            cwd=REPO,
+            cwd=code,
             stdout=log,
             stderr=subprocess.STDOUT,
         )

@@ -1,4 +1,4 @@
-"""The ``main`` of every gRPC service: settings, logging, serve until SIGTERM, clean up."""
+"""The ``main`` of every gRPC service: settings, logging, tracing, metrics, serve until SIGTERM, clean up."""
 
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ from altan.auth import TokenVerifier
 from altan.config import ConfigurationError, Settings, configuration_problems
 from altan.listen import CannotListen
 from altan.logging import configure_logging
+from altan.metrics import serve_metrics
 from altan.server import GrpcService, ServerTls, serve_until_stopped, shutdown_event
+from altan.telemetry import TracingSetup, configure_tracing
 from altan.tls import tls_files
 
-__all__ = ["ConfigurationError", "Wiring", "run_service"]
+__all__ = ["ConfigurationError", "Wiring", "run_service", "start_tracing"]
 
 # Builds a service's servicers from settings; resources that need closing go on the exit stack.
 Wiring = Callable[[Settings, AsyncExitStack], Awaitable[list[GrpcService]]]
@@ -31,13 +33,26 @@ def load_settings() -> Settings:
         raise SystemExit(2) from None
 
 
+def start_tracing(name: str, settings: Settings) -> TracingSetup:
+    """This process's tracing from the ``OTEL_*`` variables, or exit with status 2 naming the bad one."""
+    try:
+        return configure_tracing(name, propagate_outbound=settings.trace_propagate_outbound)
+    except ValueError as exc:
+        sys.stderr.write(f"invalid configuration: {exc}\n")
+        raise SystemExit(2) from None
+
+
 def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> None:
     """Run one gRPC service in the foreground until SIGTERM/SIGINT."""
     settings = load_settings()
     configure_logging(name, settings.log_level)
+    tracing = start_tracing(name, settings)
+    metrics_port: int | None = getattr(settings, f"{name}_metrics_port", None)
 
     async def main() -> None:
         async with AsyncExitStack() as stack:
+            if metrics_port is not None:
+                stack.enter_context(serve_metrics(metrics_port, settings.bind_host))
             services = await wiring(settings, stack)
             files = tls_files(settings)
             await serve_until_stopped(
@@ -48,6 +63,7 @@ def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> N
                 stop=shutdown_event(),
                 tls=ServerTls(files, settings.tls_allowed_clients) if files is not None else None,
                 health_address=f"{settings.bind_host}:{settings.health_port}" if settings.health_port else None,
+                service=name,
             )
 
     try:
@@ -58,3 +74,5 @@ def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> N
     except CannotListen as exc:
         sys.stderr.write(exc.line(f"{name} service", f"ALTAN_{name.upper()}_PORT") + "\n")
         raise SystemExit(1) from None
+    finally:
+        tracing.shutdown()  # the spans still queued, exported before the process ends

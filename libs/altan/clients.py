@@ -4,20 +4,23 @@ One :class:`ServiceChannel` owns the channel to one service for the life of the 
 calls are cheap), and the typed stubs of that service are built on it. Calls go through :meth:`ServiceChannel.call`
 with the stub's method itself (``await tools.call(tools.catalog.GetTool, request)``), so mypy checks the request and
 response types across the wire. Every call forwards the caller's bearer token, so the next service verifies the same
-caller again, and carries a deadline; gRPC errors come back as the domain errors the callee raised.
+caller again, and carries a deadline and the current trace context (``traceparent``); gRPC errors come back as the
+domain errors the callee raised. Unary calls are timed in ``altan_grpc_client_handling_seconds``.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from altan import context
+from altan import context, telemetry
 from altan.errors import from_rpc_error
+from altan.metrics import GRPC_CLIENT_HANDLED, GRPC_CLIENT_SECONDS, GrpcTimer
 from altan.tls import TlsFiles, secure_channel
 from altan.v1 import (
     agent_pb2_grpc,
@@ -29,7 +32,14 @@ from altan.v1 import (
     tool_pb2_grpc,
 )
 
-__all__ = ["AgentClient", "IntegratorClient", "ServiceChannel", "ToolClient", "ToolContainerClient"]
+__all__ = [
+    "AgentClient",
+    "IntegratorClient",
+    "ServiceChannel",
+    "ToolClient",
+    "ToolContainerClient",
+    "call_metadata",
+]
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -47,10 +57,24 @@ _CHANNEL_OPTIONS = (
 )
 
 
-def _metadata() -> tuple[tuple[str, str], ...]:
+def call_metadata(*, with_task: bool = True) -> tuple[tuple[str, str], ...]:
+    """The metadata of a call as the current caller: its token, the trace context, and (``with_task``) its task."""
     # No caller (a tokenless RPC such as FinishOAuth2): no token, and any other RPC answers UNAUTHENTICATED.
     caller = context.current_or_none()
-    return (("authorization", f"Bearer {caller.token}"),) if caller is not None and caller.token else ()
+    carrier: dict[str, str] = {}
+    telemetry.inject(carrier)
+    if caller is not None:
+        if caller.token:
+            carrier["authorization"] = f"Bearer {caller.token}"
+        if with_task and caller.task_id:
+            carrier["altan-task-id"] = caller.task_id
+    return tuple(carrier.items())
+
+
+def _method_path(method: Any) -> str:
+    # The stub's multicallable knows its path ("/altan.v1.ToolService/GetTool") only in a private attribute.
+    path = getattr(method, "_method", b"")
+    return path.decode() if isinstance(path, bytes) else str(path or "")
 
 
 class ServiceChannel:
@@ -72,21 +96,34 @@ class ServiceChannel:
             self.channel = secure_channel(target, tls, every)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._deadline = deadline_seconds
+        self._timers: dict[int, GrpcTimer] = {}
+
+    def _timer(self, method: Any) -> GrpcTimer:
+        timer = self._timers.get(id(method))
+        if timer is None:  # stubs live as long as the channel: one timer per multicallable
+            timer = GrpcTimer(GRPC_CLIENT_HANDLED, GRPC_CLIENT_SECONDS, _method_path(method))
+            self._timers[id(method)] = timer
+        return timer
 
     async def call(
         self, method: grpc.aio.UnaryUnaryMultiCallable[Req, Resp], request: Req, *, timeout: float | None = None
     ) -> Resp:
         """Unary call as the current caller, with a deadline."""
+        timer = self._timer(method)
+        started = time.perf_counter()
         try:
-            return await method(request, metadata=_metadata(), timeout=timeout or self._deadline)
+            answer = await method(request, metadata=call_metadata(), timeout=timeout or self._deadline)
         except grpc.aio.AioRpcError as exc:
+            timer.observe(started, exc.code().name)
             raise from_rpc_error(exc) from None
+        timer.observe(started, "OK")
+        return answer
 
     async def stream(
         self, method: grpc.aio.UnaryStreamMultiCallable[Req, Resp], request: Req, *, timeout: float | None = None
     ) -> AsyncIterator[Resp]:
         """Server-streaming call as the current caller; ``timeout`` bounds the whole stream."""
-        call = method(request, metadata=_metadata(), timeout=timeout)
+        call = method(request, metadata=call_metadata(), timeout=timeout)
         try:
             async for item in call:
                 yield item

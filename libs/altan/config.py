@@ -197,8 +197,15 @@ class Settings(BaseSettings):
     openai_api_hosts: str = "api.openai.com"
     anthropic_api_key: SecretStr | None = None
     anthropic_api_hosts: str = "api.anthropic.com"
-    # Prometheus metrics of the integrator (LLM calls per provider and model) on this port; unset: not served.
+    # Prometheus metrics (altan.metrics; the integrator's also LLM calls per provider and model) of each service on
+    # its own port, /metrics in text or OpenMetrics format; unset: not served. The gateway serves its own on the
+    # REST port (/metrics).
+    agent_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    tool_metrics_port: int | None = Field(default=None, ge=1, le=65535)
     integrator_metrics_port: int | None = Field(default=None, ge=1, le=65535)
+    # Send the W3C trace context (traceparent) to third parties (tools' endpoints, LLM APIs) too. Off: a third party
+    # never learns which of its calls belong to one task; OTEL_* variables configure tracing itself.
+    trace_propagate_outbound: bool = False
     # The models that get a label of their own in those metrics; any other counts as "other" (model names are
     # the tenants' to choose: they stay out of the operator's metrics unless listed here).
     metrics_models: str = (

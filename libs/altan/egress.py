@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import idna
 
 from altan.errors import EgressRefused, FailedPrecondition, Unavailable
+from altan.metrics import EGRESS_REFUSED, count
 
 __all__ = ["EgressGuard", "EgressPolicy", "HostBinding", "HostPort", "ResolvedTarget", "destination"]
 
@@ -336,6 +337,13 @@ class EgressGuard:
 
     async def check(self, url: str) -> ResolvedTarget:
         """Return the pinned target for ``url``, or raise EgressRefused (Unavailable if the name won't resolve)."""
+        try:
+            return await self._check(url)
+        except EgressRefused:
+            count(EGRESS_REFUSED)
+            raise
+
+    async def _check(self, url: str) -> ResolvedTarget:
         scheme, host, literal, port, path_and_query = _split(url)
         target = _authority(host, port)
         if literal is not None:

@@ -2,7 +2,10 @@
 
 Cloud Logging on GKE ingests these as they are: ``severity``, ``message``, ``time``, labels under
 ``logging.googleapis.com/labels`` (service, tenant, task) and ``logging.googleapis.com/sourceLocation``.
-The tenant and task labels come from the request context, so a log call never has to pass them.
+The tenant and task labels come from the request context, so a log call never has to pass them; the trace and span
+ids from the current span (``trace_id``, ``span_id`` and Cloud Logging's ``logging.googleapis.com/spanId`` and
+``trace_sampled``), so every line of one request, in every service, is found by the task's ``trace_id``, whether
+tracing is on or off (altan.telemetry).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Any
 
-from altan import context
+from altan import context, telemetry
 
 __all__ = ["configure_logging"]
 
@@ -47,6 +50,11 @@ class CloudLoggingFormatter(logging.Formatter):
                 "function": record.funcName,
             },
         }
+        ids = telemetry.log_fields()
+        if ids is not None:
+            entry["trace_id"], entry["span_id"], sampled = ids
+            entry["logging.googleapis.com/spanId"] = entry["span_id"]
+            entry["logging.googleapis.com/trace_sampled"] = sampled
         # Extra fields passed with ``extra={...}`` become structured payload fields.
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_"):

@@ -2,7 +2,9 @@
 
 :class:`GuardedHttpClient` asks the :class:`~altan.egress.EgressGuard` about every URL and then connects to exactly
 the address that was checked, so a DNS answer cannot change between the check and the connection (DNS rebinding).
-It follows redirects itself, re-checking every hop, and drops credentials when a hop changes origin.
+It follows redirects itself, re-checking every hop, and drops credentials when a hop changes origin. Each hop is a
+client span (method, host, port, status: never the URL's path or query, which may carry a key); the trace context
+goes to the third party only when the install says so (altan.telemetry.outbound_headers).
 """
 
 from __future__ import annotations
@@ -12,8 +14,8 @@ import email.utils
 import json as jsonlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Collection, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Collection, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
@@ -22,9 +24,13 @@ from urllib.parse import urljoin
 
 import httpcore
 import httpx
+from opentelemetry.trace import Span
+from opentelemetry.util.types import AttributeValue
 
+from altan import context, telemetry
 from altan.egress import EgressGuard, HostBinding, ResolvedTarget
 from altan.errors import EgressRefused, FailedPrecondition, InvalidArgument, Unavailable
+from altan.metrics import EGRESS_REFUSED, count
 
 __all__ = ["GuardedHttpClient", "GuardedTransport", "HttpResult", "StreamedResponse"]
 
@@ -152,11 +158,15 @@ class GuardedTransport(httpx.AsyncBaseTransport):
             raise
         token = _PIN.set((hop.host, hop.port, hop.ip))
         try:
-            response = await self._inner.handle_async_request(request)
+            with _client_span(request.method, hop) as current:
+                telemetry.outbound_headers(request.headers)
+                response = await self._inner.handle_async_request(request)
+                _answered(current, response.status_code)
         finally:
             _PIN.reset(token)
         if response.status_code in _REDIRECTS:
             await response.aclose()
+            count(EGRESS_REFUSED)
             self.refusal = self.refusal or EgressRefused(
                 f"egress refused: {hop.target} answered a redirect, which is not followed here", target=hop.target
             )
@@ -363,6 +373,7 @@ class GuardedHttpClient:
             state["target"] = hop.target
             if bound_to is not None and not bound_to.allows(hop.scheme, hop.host, hop.port):
                 if previous is None:
+                    count(EGRESS_REFUSED)
                     raise EgressRefused(f"the credential may not be sent to {hop.target}", target=hop.target)
                 headers = {k: v for k, v in headers.items() if k.lower() not in sensitive}
             # Credentials go to another host, or over plain http after https, only if the caller sends them there.
@@ -395,28 +406,31 @@ class GuardedHttpClient:
             # Never quote the value: a header may hold a credential.
             raise InvalidArgument(f"the request to {hop.target} cannot be sent ({type(exc).__name__})") from None
         token = _PIN.set((hop.host, hop.port, hop.ip))
-        try:
-            response = await self._client.send(request, stream=True)
-        except httpx.TimeoutException:
-            raise Unavailable(f"could not reach {hop.target}: timed out") from None
-        except httpx.LocalProtocolError as exc:
-            raise InvalidArgument(f"the request to {hop.target} cannot be sent ({type(exc).__name__})") from None
-        except httpx.RemoteProtocolError as exc:
-            # httpx reads a redirect's Location even when it does not follow it, and calls a malformed one a
-            # protocol error: the answer is unusable, and asking again would get the same one.
-            if str(exc).startswith("Invalid URL in location header"):
-                raise FailedPrecondition(f"{hop.target} answered a redirect to a malformed URL") from None
-            raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
-        except httpx.TransportError as exc:
-            raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
-        except (httpx.HTTPError, ValueError) as exc:  # e.g. a Location httpx itself cannot parse
-            raise FailedPrecondition(f"{hop.target} answered something unusable ({type(exc).__name__})") from None
-        finally:
-            _PIN.reset(token)
-        try:
-            yield response
-        finally:
-            await response.aclose()
+        with _client_span(method, hop) as current:
+            telemetry.outbound_headers(request.headers)
+            try:
+                response = await self._client.send(request, stream=True)
+            except httpx.TimeoutException:
+                raise Unavailable(f"could not reach {hop.target}: timed out") from None
+            except httpx.LocalProtocolError as exc:
+                raise InvalidArgument(f"the request to {hop.target} cannot be sent ({type(exc).__name__})") from None
+            except httpx.RemoteProtocolError as exc:
+                # httpx reads a redirect's Location even when it does not follow it, and calls a malformed one a
+                # protocol error: the answer is unusable, and asking again would get the same one.
+                if str(exc).startswith("Invalid URL in location header"):
+                    raise FailedPrecondition(f"{hop.target} answered a redirect to a malformed URL") from None
+                raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
+            except httpx.TransportError as exc:
+                raise Unavailable(f"could not reach {hop.target}: {_describe(exc)}") from None
+            except (httpx.HTTPError, ValueError) as exc:  # e.g. a Location httpx itself cannot parse
+                raise FailedPrecondition(f"{hop.target} answered something unusable ({type(exc).__name__})") from None
+            finally:
+                _PIN.reset(token)
+            _answered(current, response.status_code)
+            try:
+                yield response
+            finally:
+                await response.aclose()
 
     async def _read(self, response: httpx.Response, hop: ResolvedTarget) -> HttpResult:
         too_large = FailedPrecondition(f"response from {hop.target} is larger than {self._max_bytes} bytes")
@@ -444,6 +458,33 @@ class GuardedHttpClient:
             target=hop.target,
             retry_after=_wait_asked(headers),
         )
+
+
+@contextmanager
+def _client_span(method: str, hop: ResolvedTarget) -> Iterator[Span]:
+    """The span of one hop to a third party: where it went, never its path or query (they may hold a key)."""
+    caller = context.current_or_none()
+    attributes: dict[str, AttributeValue] = {
+        "http.request.method": method,
+        "server.address": hop.host,
+        "server.port": hop.port,
+    }
+    if caller is not None:
+        attributes[telemetry.TENANT] = caller.tenant_id
+        if caller.task_id:
+            attributes[telemetry.TASK] = caller.task_id
+    with telemetry.span(method, telemetry.SpanKind.CLIENT, attributes) as current:
+        try:
+            yield current
+        except BaseException as exc:
+            telemetry.failed(current, type(exc).__name__)
+            raise
+
+
+def _answered(current: Span, status: int) -> None:
+    telemetry.set_attributes(current, {"http.response.status_code": status})
+    if status >= 500:
+        telemetry.failed(current, str(status))
 
 
 class StreamedResponse:

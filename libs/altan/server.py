@@ -2,7 +2,8 @@
 
 Every RPC except health and reflection is authenticated here: the bearer token in the ``authorization`` metadata
 is verified and its caller bound to the request context for the whole call. Domain errors become gRPC status codes
-here too, so servicers stay thin and never leak a stack trace.
+here too, so servicers stay thin and never leak a stack trace. The same wrapper opens the RPC's server span (under
+the caller's ``traceparent``) and counts it (``altan_grpc_server_*``): one layer on the hot path, not three.
 """
 
 from __future__ import annotations
@@ -10,20 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf.descriptor_pool import DescriptorPool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from opentelemetry.trace import Span
 
-from altan import context
+from altan import context, telemetry
 from altan.auth import TokenVerifier
-from altan.errors import InvalidArgument, abort
+from altan.errors import InvalidArgument, Unauthenticated, abort
 from altan.health import Probe, ProbedHealthServicer
 from altan.listen import CannotListen, bind_problem, split_address
+from altan.metrics import AUTH_FAILURES, GRPC_SERVER_HANDLED, GRPC_SERVER_SECONDS, GrpcTimer, count
 from altan.tls import PeerAllowList, TlsFiles, server_credentials
 
 __all__ = [
@@ -74,19 +78,47 @@ def _check_decoded(request: Any, method: str) -> None:
         raise InvalidArgument(f"the request is not a valid message for {method}")
 
 
-def _metadata_value(metadata: Iterable[tuple[str, Any]] | None, key: str) -> str | None:
+# Metadata the wrapper reads: the caller's token, its trace context, and the task it works on (a label for spans and
+# logs, sent by altan.clients; the public port never forwards it from a client).
+_WANTED = frozenset({"authorization", "traceparent", "altan-task-id"})
+# Server spans that fail by the server's fault (OpenTelemetry's gRPC conventions); a caller's error is not one.
+_SERVER_FAULTS = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"})
+
+
+def _metadata_values(metadata: Iterable[tuple[str, Any]] | None) -> dict[str, str]:
+    found: dict[str, str] = {}
     for name, value in metadata or ():
-        if name == key:
-            return value if isinstance(value, str) else value.decode()
-    return None
+        if name in _WANTED and name not in found:
+            found[name] = value if isinstance(value, str) else value.decode()
+    return found
+
+
+def _code_name(ctx: Context) -> str:
+    code = ctx.code()
+    return code.name if isinstance(code, grpc.StatusCode) else "OK"
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies the caller of every RPC and maps domain errors to status codes."""
+    """Verifies the caller of every RPC and maps domain errors to status codes; traces and counts each RPC.
 
-    def __init__(self, verifier: TokenVerifier, peers: PeerAllowList | None = None) -> None:
+    ``service`` names this process in ``altan_auth_failures_total``; ``edge`` (the gateway's public port) starts
+    a new trace for each call instead of continuing the client's (altan.telemetry.server_span).
+    """
+
+    def __init__(
+        self, verifier: TokenVerifier, peers: PeerAllowList | None = None, *, service: str = "", edge: bool = False
+    ) -> None:
         self._verifier = verifier
         self._peers = peers  # with mTLS: the services allowed to call this one (altan.tls)
+        self._service = service or "unknown"
+        self._edge = edge
+        self._timers: dict[str, GrpcTimer] = {}
+
+    def _timer(self, method: str, kind: str) -> GrpcTimer:
+        timer = self._timers.get(method)
+        if timer is None:
+            timer = self._timers[method] = GrpcTimer(GRPC_SERVER_HANDLED, GRPC_SERVER_SECONDS, method, kind)
+        return timer
 
     async def intercept_service(
         self,
@@ -98,26 +130,64 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         method: str = details.method  # type: ignore[attr-defined]
         tokenless = method in TOKENLESS_METHODS
+        timer = self._timer(method, "server_stream" if handler.unary_stream else "unary")
+        edge = self._edge
+        span_name = method[1:]
+        # rpc.service and rpc.method are in the span's name already: each attribute costs its encoding on export.
+        span_attributes = {"rpc.system": "grpc"}
+
         peers = self._peers
 
-        def authenticate(authorization: str | None, ctx: Context) -> None:
+        def authenticate(metadata: dict[str, str], current: Span, ctx: Context) -> None:
             if peers is not None:
                 peers.check(ctx)
             if not tokenless:
-                context.bind(self._verifier.verify(authorization))
+                try:
+                    caller = self._verifier.verify(metadata.get("authorization"))
+                except Unauthenticated:
+                    count(AUTH_FAILURES, self._service)
+                    raise
+                task_id = "" if edge else metadata.get("altan-task-id", "")
+                if task_id:
+                    caller = replace(caller, task_id=task_id)
+                context.bind(caller)
+                if current.is_recording():
+                    current.set_attribute(telemetry.TENANT, caller.tenant_id)
+                    if task_id:
+                        current.set_attribute(telemetry.TASK, task_id)
+
+        def finish(current: Span, ctx: Context, started: float) -> None:
+            code = _code_name(ctx)
+            timer.observe(started, code)
+            if log.isEnabledFor(logging.DEBUG):  # one line per RPC, with its trace id (altan.logging)
+                log.debug("served %s %s", method, code, extra={"latency_s": round(time.perf_counter() - started, 6)})
+            if current.is_recording():
+                current.set_attribute("rpc.grpc.status_code", ctx.code().value[0] if code != "OK" else 0)
+                if code in _SERVER_FAULTS:
+                    telemetry.failed(current, code)
 
         if handler.unary_unary:
             inner: Any = handler.unary_unary
 
             async def unary(request: Any, ctx: Context) -> Any:
-                try:
-                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"), ctx)
-                    _check_decoded(request, method)
-                    return await inner(request, ctx)
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # mapped to a status, never leaked
-                    await abort(ctx, exc)
+                started = time.perf_counter()
+                metadata = _metadata_values(ctx.invocation_metadata())
+                with telemetry.server_span(
+                    span_name,
+                    metadata.get("traceparent"),
+                    edge=edge,
+                    attributes=span_attributes,
+                ) as current:
+                    try:
+                        authenticate(metadata, current, ctx)
+                        _check_decoded(request, method)
+                        return await inner(request, ctx)
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:  # mapped to a status, never leaked
+                        await abort(ctx, exc)
+                    finally:
+                        finish(current, ctx, started)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary, _tolerant(handler.request_deserializer), handler.response_serializer
@@ -126,15 +196,25 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner_stream: Any = handler.unary_stream
 
             async def stream(request: Any, ctx: Context) -> AsyncIterator[Any]:
-                try:
-                    authenticate(_metadata_value(ctx.invocation_metadata(), "authorization"), ctx)
-                    _check_decoded(request, method)
-                    async for item in inner_stream(request, ctx):
-                        yield item
-                except grpc.aio.AbortError:
-                    raise
-                except Exception as exc:  # mapped to a status, never leaked
-                    await abort(ctx, exc)
+                started = time.perf_counter()
+                metadata = _metadata_values(ctx.invocation_metadata())
+                with telemetry.server_span(
+                    span_name,
+                    metadata.get("traceparent"),
+                    edge=edge,
+                    attributes=span_attributes,
+                ) as current:
+                    try:
+                        authenticate(metadata, current, ctx)
+                        _check_decoded(request, method)
+                        async for item in inner_stream(request, ctx):
+                            yield item
+                    except grpc.aio.AbortError:
+                        raise
+                    except Exception as exc:  # mapped to a status, never leaked
+                        await abort(ctx, exc)
+                    finally:
+                        finish(current, ctx, started)
 
             return grpc.unary_stream_rpc_method_handler(
                 stream, _tolerant(handler.request_deserializer), handler.response_serializer
@@ -213,6 +293,8 @@ async def serve_until_stopped(
     health_servicer: health.aio.HealthServicer | None = None,
     tls: ServerTls | None = None,
     health_address: str | None = None,
+    service: str = "",
+    edge: bool = False,
 ) -> None:
     """Serve until ``stop`` is set, then drain: report NOT_SERVING, stop with grace, return.
 
@@ -220,12 +302,13 @@ async def serve_until_stopped(
     (the gateway's public port lists the services it forwards, from a pool holding only their files);
     ``health_servicer`` replaces the default one (the gateway's answers for the services behind it).
     ``tls`` makes the port mutual TLS, admitting only its allowed clients; ``health_address`` serves the health
-    checks alone in plaintext there (kubelet's gRPC probes present no certificate).
+    checks alone in plaintext there (kubelet's gRPC probes present no certificate). ``service`` and ``edge`` are the
+    :class:`AuthInterceptor`'s.
     Raises :class:`~altan.listen.CannotListen` when ``address`` cannot be bound (another server holds it).
     """
     peers = PeerAllowList(tls.allowed_clients) if tls is not None and tls.allowed_clients else None
     server = grpc.aio.server(
-        interceptors=[AuthInterceptor(verifier, peers), *(interceptors or [])],
+        interceptors=[AuthInterceptor(verifier, peers, service=service, edge=edge), *(interceptors or [])],
         options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             # Clients reconnect (and re-resolve DNS, finding new replicas) every few minutes; long event streams

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+from opentelemetry import trace
+
+from altan import telemetry
 from altan.api.agents import agent_spec_from_proto, agent_to_proto, patch_from_proto
 from altan.api.tasks import event_to_proto, parse_submission, task_status_value, task_to_proto, thread_to_proto
 from altan.server import Context
@@ -57,6 +60,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
             body["thread_id"] = request.thread_id
         submission = parse_submission(body)
         task, created = await self._tasks.submit(request.agent_id, submission)
+        telemetry.set_attributes(trace.get_current_span(), {telemetry.TASK: task["task_id"]})
         return agent_pb2.SubmitTaskResponse(
             task_id=task["task_id"],
             status=task_status_value(task["status"]),  # type: ignore[arg-type]

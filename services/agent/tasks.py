@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from altan import context
+from altan import context, telemetry
 from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
@@ -142,6 +142,7 @@ class TaskRunner:
             "error": None,
             "usage": {"tool_calls": 0, "llm_calls": 0, "input_tokens": 0, "output_tokens": 0},
             "thread_id": thread_id,
+            "trace_id": telemetry.current_trace_id(),  # the submitting request's: logs and spans share it
             "created_at": now,
             "updated_at": now,
         }

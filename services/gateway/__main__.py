@@ -11,7 +11,7 @@ from typing import NoReturn
 import uvicorn
 
 from altan.auth import TokenVerifier
-from altan.bootstrap import load_settings
+from altan.bootstrap import load_settings, start_tracing
 from altan.config import ConfigurationError
 from altan.listen import CannotListen, listen_socket
 from altan.logging import configure_logging
@@ -39,6 +39,7 @@ def _cannot_listen(line: str) -> NoReturn:
 def main() -> None:
     settings = load_settings()
     configure_logging("gateway", settings.log_level)
+    tracing = start_tracing("gateway", settings)
     try:
         # Bound here rather than by uvicorn, which would log the failure and exit from inside the event loop.
         rest = listen_socket(settings.http_host, settings.http_port)
@@ -86,6 +87,8 @@ def main() -> None:
                     reflection_names=list(PUBLIC_SERVICES),
                     reflection_pool=public_descriptor_pool(),
                     health_servicer=PublicHealth(backends.by_service()),
+                    service="gateway",
+                    edge=True,  # each public call starts its own trace (altan.telemetry.server_span)
                 )
             finally:
                 stop.set()  # however gRPC ends (its port taken), REST stops with it
@@ -107,6 +110,8 @@ def main() -> None:
         raise SystemExit(2) from None
     except CannotListen as exc:
         _cannot_listen(exc.line("gateway's public gRPC server", "ALTAN_GRPC_PORT"))
+    finally:
+        tracing.shutdown()
 
 
 if __name__ == "__main__":

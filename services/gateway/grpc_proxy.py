@@ -16,8 +16,7 @@ from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import FileDescriptor
 from grpc_health.v1 import health, health_pb2
 
-from altan import context
-from altan.clients import ServiceChannel
+from altan.clients import ServiceChannel, call_metadata
 from altan.errors import from_rpc_error
 from altan.server import TOKENLESS_METHODS, Context
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
@@ -92,9 +91,9 @@ def public_descriptor_pool() -> descriptor_pool.DescriptorPool:
 
 
 def _metadata() -> tuple[tuple[str, str], ...]:
-    # A tokenless RPC (altan.server.TOKENLESS_METHODS) has no caller here: it is forwarded without a token.
-    caller = context.current_or_none()
-    return (("authorization", f"Bearer {caller.token}"),) if caller is not None else ()
+    # A tokenless RPC (altan.server.TOKENLESS_METHODS) has no caller here: it is forwarded without a token. The
+    # trace context is the gateway's own span (the client's was not trusted), and no task label is forwarded.
+    return call_metadata(with_task=False)
 
 
 class PublicProxy(grpc.GenericRpcHandler):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from altan.errors import ResourceExhausted
+from altan.metrics import RATE_LIMITED, count
 from altan.store import TenantStore
 
 __all__ = ["TenantLimiter"]
@@ -27,6 +28,7 @@ class TenantLimiter:
         """Take a token for the current request, or raise ResourceExhausted."""
         wait = await self._store.take_token("gateway:requests", self._burst, self._burst / self._rate)
         if wait:
+            count(RATE_LIMITED, "tenant")
             raise ResourceExhausted(
                 f"this tenant is over its limit of {self._rate:g} requests per second; try again shortly",
                 retry_after=wait,

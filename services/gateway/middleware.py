@@ -1,4 +1,4 @@
-"""ASGI middleware of the public REST port: authentication and the tenant's rate, body size limit, metrics.
+"""ASGI middleware of the public REST port: authentication and the tenant's rate, body size limit, metrics, traces.
 
 Both are plain ASGI (no per-request objects beyond what is needed) to keep the hot path short.
 """
@@ -9,12 +9,15 @@ import json
 import logging
 import time
 
+from opentelemetry import trace
+from opentelemetry.trace import Span
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from altan import context
+from altan import context, telemetry
 from altan.auth import TokenVerifier
 from altan.errors import AltanError, Unauthenticated, http_response
+from altan.metrics import AUTH_FAILURES, count
 from services.gateway.limits import TenantLimiter
 
 request_log = logging.getLogger("altan.gateway.requests")
@@ -60,9 +63,11 @@ class AuthMiddleware:
         try:
             caller = self.verifier.verify(authorization)
         except Unauthenticated as exc:
+            count(AUTH_FAILURES, "gateway")
             await _send_error(send, 401, "UNAUTHENTICATED", exc.message, [(b"www-authenticate", b"Bearer")])
             return
         context.bind(caller)
+        telemetry.set_attributes(trace.get_current_span(), {telemetry.TENANT: caller.tenant_id})
         if self.limiter is not None:
             try:
                 await self.limiter.check()
@@ -123,7 +128,11 @@ class BodyLimitMiddleware:
 
 
 class MetricsMiddleware:
-    """Counts requests and their latency by route template (never by raw path: ids would explode cardinality)."""
+    """Counts requests and their latency by route template (never by raw path: ids would explode cardinality).
+
+    Each request is also the root span of its trace (a client's ``traceparent`` is only linked, never continued:
+    altan.telemetry.server_span), named by its route template once routing has found it.
+    """
 
     def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
         self.app = app
@@ -146,28 +155,52 @@ class MetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        try:
-            await self.app(scope, receive, recording_send)
-        finally:
-            route = _route_of(scope)
-            elapsed = time.perf_counter() - started
-            self.requests.labels(scope["method"], route, str(status["code"])).inc()
-            self.latency.labels(scope["method"], route).observe(elapsed)
-            # Cloud Logging's httpRequest fields; the path only (ids, never secrets), tenant from the context.
-            request_log.info(
-                "%s %s %s",
-                scope["method"],
-                route,
-                status["code"],
-                extra={
-                    "httpRequest": {
-                        "requestMethod": scope["method"],
-                        "requestUrl": scope["path"],
-                        "status": status["code"],
-                        "latency": f"{elapsed:.6f}s",
-                    }
-                },
+        if not scope["path"].startswith("/v1/"):
+            # Probes, /metrics and the API's description: counted, never traced (a trace every few seconds per
+            # probe would bury the requests).
+            try:
+                await self.app(scope, receive, recording_send)
+            finally:
+                self._finish(scope, started, status["code"], trace.INVALID_SPAN)
+            return
+        traceparent = None
+        for name, value in scope["headers"]:
+            if name == b"traceparent":
+                traceparent = value.decode("latin-1")
+        with telemetry.server_span(scope["method"], traceparent, edge=True) as current:
+            try:
+                await self.app(scope, receive, recording_send)
+            finally:
+                self._finish(scope, started, status["code"], current)
+
+    def _finish(self, scope: Scope, started: float, code: int, current: Span) -> None:
+        route = _route_of(scope)
+        elapsed = time.perf_counter() - started
+        sample = telemetry.exemplar()
+        self.requests.labels(scope["method"], route, str(code)).inc(exemplar=sample)
+        self.latency.labels(scope["method"], route).observe(elapsed, exemplar=sample)
+        if current.is_recording():
+            current.update_name(f"{scope['method']} {route}")
+            current.set_attributes(
+                {"http.request.method": scope["method"], "http.route": route, "http.response.status_code": code}
             )
+            if code >= 500:
+                telemetry.failed(current, str(code))
+        # Cloud Logging's httpRequest fields; the path only (ids, never secrets), tenant from the context.
+        request_log.info(
+            "%s %s %s",
+            scope["method"],
+            route,
+            code,
+            extra={
+                "httpRequest": {
+                    "requestMethod": scope["method"],
+                    "requestUrl": scope["path"],
+                    "status": code,
+                    "latency": f"{elapsed:.6f}s",
+                }
+            },
+        )
 
 
 def _route_of(scope: Scope) -> str:

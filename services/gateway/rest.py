@@ -18,7 +18,7 @@ from fastapi import APIRouter, FastAPI, Header, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from fastapi.routing import APIRoute
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 from pydantic import BaseModel
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -28,6 +28,7 @@ from altan.api import agents, audit, credentials, mcp, tasks, tools
 from altan.api.common import describe_error
 from altan.auth import TokenVerifier
 from altan.errors import AltanError, InvalidArgument, code_for_http_status, error_body, http_response
+from altan.metrics import encode, shared_collector
 from altan.v1 import agent_pb2, integrator_pb2, tool_pb2
 from altan.wire import dump_json, json_bytes, parse_json
 from services.gateway.backends import Backends
@@ -80,6 +81,7 @@ def create_app(
 ) -> FastAPI:
     """The REST application; ``backends`` (and ``limiter``, the tenant's request rate) must outlive it."""
     registry = CollectorRegistry()
+    registry.register(shared_collector())  # the process's gRPC, auth and rate-limit metrics (altan.metrics)
     app = FastAPI(
         title="Altan",
         version="0.1.0",
@@ -438,9 +440,10 @@ def create_app(
             )
         return _json({"status": "ready"})
 
-    @ops.route("GET", "/metrics", 200, "text", "Prometheus metrics (text format)", auth=False)
-    async def metrics() -> Response:
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    @ops.route("GET", "/metrics", 200, "text", "Prometheus metrics (text, or OpenMetrics)", auth=False)
+    async def metrics(request: Request) -> Response:
+        body, content_type = encode(registry, request.headers.get("accept"))
+        return Response(body, headers={"content-type": content_type})
 
     app.include_router(ops.router)
 

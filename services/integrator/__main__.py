@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack
 
-from prometheus_client import CollectorRegistry, start_http_server
-
 from altan.bootstrap import ConfigurationError, run_service
 from altan.clients import ToolClient
 from altan.config import Settings
 from altan.egress import EgressGuard, EgressPolicy
+from altan.metrics import REGISTRY
 from altan.outbound import GuardedHttpClient
 from altan.server import GrpcService
 from altan.store import SharedStore, TenantStore, open_state
@@ -40,18 +39,12 @@ def install_keys(settings: Settings) -> dict[str, InstallKey]:
     return keys
 
 
-def serve_metrics(settings: Settings, stack: AsyncExitStack) -> LlmMetrics | None:
-    """The LLM metrics, served in Prometheus' text format on their own port when one is configured."""
+def llm_metrics(settings: Settings) -> LlmMetrics | None:
+    """The LLM metrics, with the process's others (served by run_service) when a metrics port is configured."""
     if settings.integrator_metrics_port is None:
         return None
-    registry = CollectorRegistry()
     models = frozenset(m.strip() for m in settings.metrics_models.split(",") if m.strip())
-    metrics = LlmMetrics(registry, models)
-    server, thread = start_http_server(settings.integrator_metrics_port, settings.bind_host, registry)
-    stack.callback(thread.join, 5)
-    stack.callback(server.server_close)
-    stack.callback(server.shutdown)
-    return metrics
+    return LlmMetrics(REGISTRY, models)
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -114,7 +107,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         retry_after_cap=settings.retry_after_cap_seconds,
         install_keys=install_keys(settings),
         providers=PROVIDERS,
-        metrics=serve_metrics(settings, stack),
+        metrics=llm_metrics(settings),
     )
     return [
         GrpcService(

@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
+from opentelemetry.util.types import AttributeValue
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -25,7 +26,7 @@ from tenacity import (
 )
 from tenacity.wait import wait_exponential_jitter
 
-from altan import context
+from altan import context, telemetry
 from altan.api.convert import enum_name, struct_to_dict
 from altan.errors import AltanError, FailedPrecondition, Unavailable
 from altan.outbound import GuardedHttpClient
@@ -162,9 +163,53 @@ class ModelCaller:
         on_delta: OnDelta | None,
         deadline_at: float,
     ) -> tuple[ModelTurn, str]:
-        """One LLM, retried on transient failures; audited once, whatever came of it."""
-        started = time.monotonic()
+        """One LLM in its span (the GenAI semantic conventions: model, provider, tokens; never a prompt, a
+        completion or a key), retried on transient failures; audited once, whatever came of it."""
         provider_name = enum_name(_PROVIDER, llm.provider) or ""
+        caller = context.current()
+        host, _, port = _target(llm.endpoint).rpartition(":")
+        attributes: dict[str, AttributeValue] = {
+            "gen_ai.operation.name": "chat",
+            "gen_ai.provider.name": provider_name,
+            "gen_ai.system": provider_name,  # the name before semantic conventions 1.37, which most backends read
+            "gen_ai.request.model": llm.llm_id,
+            "server.address": host,
+            telemetry.TENANT: caller.tenant_id,
+        }
+        if caller.task_id:
+            attributes[telemetry.TASK] = caller.task_id
+        if port.isdigit():
+            attributes["server.port"] = int(port)
+        with telemetry.span(f"chat {llm.llm_id}", telemetry.SpanKind.CLIENT, attributes) as current:
+            try:
+                turn, provider = await self._call_llm(
+                    llm, provider_name, request, messages, tools, on_delta, deadline_at
+                )
+            except (AltanError, ProviderError, _Streamed) as exc:
+                telemetry.failed(current, outcome_of(exc))
+                raise
+            telemetry.set_attributes(
+                current,
+                {
+                    "gen_ai.response.model": turn.model or llm.llm_id,
+                    "gen_ai.response.finish_reasons": [turn.stop_reason] if turn.stop_reason else [],
+                    "gen_ai.usage.input_tokens": turn.usage.input_tokens,
+                    "gen_ai.usage.output_tokens": turn.usage.output_tokens,
+                },
+            )
+            return turn, provider
+
+    async def _call_llm(
+        self,
+        llm: agent_pb2.LlmConfig,
+        provider_name: str,
+        request: runtime_pb2.CompleteRequest,
+        messages: tuple[Message, ...],
+        tools: tuple[ToolSpec, ...],
+        on_delta: OnDelta | None,
+        deadline_at: float,
+    ) -> tuple[ModelTurn, str]:
+        started = time.monotonic()
         credential = llm.auth.credential if llm.HasField("auth") else ""
         target = _target(llm.endpoint)
         key: str | None = None

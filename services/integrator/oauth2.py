@@ -34,6 +34,7 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from altan import context
 from altan.api.convert import now_ms
 from altan.errors import AltanError, FailedPrecondition, InvalidArgument
+from altan.metrics import CREDENTIAL_REFRESHES, CREDENTIALS_NEEDS_REAUTH, count
 from altan.outbound import GuardedHttpClient
 from altan.store import SharedStore, TenantStore
 from services.integrator.audit import AuditLog
@@ -94,6 +95,7 @@ class OAuth2Flows:
         self._margin = refresh_margin_seconds
         self._deadline = deadline_seconds
         self._clock = clock
+        self._needs_reauth: set[bytes] = set()  # credentials seen needing re-authorization (hashed keys)
 
     # --- the flow -------------------------------------------------------------------------------------------
 
@@ -201,6 +203,7 @@ class OAuth2Flows:
                 return str(current)  # another replica (or call) refreshed while this one waited
             refresh_token = secret.get("refresh_token")
             if not refresh_token:
+                count(CREDENTIAL_REFRESHES, "refused")
                 await self._set_status(name, "needs_reauth")
                 raise FailedPrecondition(f"credential '{name}' needs re-authorization (no refresh token)")
             started = time.monotonic()
@@ -209,6 +212,7 @@ class OAuth2Flows:
                 token = await self._token_request(meta, secret, body, "the refresh")
             except ProviderRefused as exc:
                 refused = exc.error == "invalid_grant"
+                count(CREDENTIAL_REFRESHES, "refused" if refused else "error")
                 if refused:  # the refresh token is dead: only the user can bring the credential back
                     await self._secrets.put(name, _seal(_without_tokens(secret)))
                 await self._set_status(name, "needs_reauth" if refused else "error")
@@ -221,6 +225,7 @@ class OAuth2Flows:
                     ) from None
                 raise
             except AltanError as exc:  # unreachable, refused by the egress rules: the tokens stay as they were
+                count(CREDENTIAL_REFRESHES, "error")
                 await self._audit.record(
                     "oauth2.refresh", credential=name, outcome="error", reason=exc.message, latency_ms=_ms(started)
                 )
@@ -228,6 +233,7 @@ class OAuth2Flows:
             fresh = {**secret, **self._tokens(token, refresh_token)}
             # Persisted before anyone uses it: the provider may have rotated the refresh token just now.
             await self._secrets.put(name, _seal(fresh))
+            count(CREDENTIAL_REFRESHES, "ok")
             await self._set_status(name, "connected")
             await self._audit.record(
                 "oauth2.refresh", credential=name, target=_host(meta["token_url"]), latency_ms=_ms(started)
@@ -307,6 +313,13 @@ class OAuth2Flows:
         }
 
     async def _set_status(self, name: str, status: str) -> None:
+        # The gauge counts what this replica saw, by an opaque key: no tenant's name reaches the metrics.
+        seen = hashlib.sha256(f"{context.current().tenant_id}\0{name}".encode()).digest()
+        if status == "needs_reauth":
+            self._needs_reauth.add(seen)
+        else:
+            self._needs_reauth.discard(seen)
+        CREDENTIALS_NEEDS_REAUTH.set(len(self._needs_reauth))
         meta = await self._store.get(CREDENTIALS, name)
         if meta is not None and meta.get("status") != status:
             meta.update(status=status, updated_at=now_ms())

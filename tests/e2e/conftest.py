@@ -115,14 +115,14 @@ def stack(
     )
     allow = ",".join([*(f"127.0.0.1:{port}" for port in ports), f"localhost:{llms.openai.port}"])
     # The install's own OpenAI key, to be sent to 127.0.0.1 only (not to "localhost", the same server by another name).
-    metrics_port = free_port()
+    metrics_ports = {name: free_port() for name in ("agent", "tool", "integrator")}
     env = {
         "ALTAN_OPENAI_API_KEY": INSTALL_KEY,
         "ALTAN_OPENAI_API_HOSTS": "127.0.0.1",
-        "ALTAN_INTEGRATOR_METRICS_PORT": str(metrics_port),
+        **{f"ALTAN_{name.upper()}_METRICS_PORT": str(port) for name, port in metrics_ports.items()},
     }
     running = start_stack(data_dir=data_dir, egress_allow=allow, redis_url=url, extra_env=env)
-    running.internal_ports["integrator-metrics"] = metrics_port
+    running.internal_ports.update({f"{name}-metrics": port for name, port in metrics_ports.items()})
     yield running
     try:
         code = running.stop()

@@ -107,8 +107,19 @@ def test_public_metrics_carry_no_tenant_identifiers_or_per_tenant_volumes(stack:
             api.post("/v1/tools/json_extract/invoke", json={"arguments": {"data": {}, "path": "x"}})
     with httpx.Client(base_url=stack.base_url, trust_env=False) as anonymous:
         text = anonymous.get("/metrics").text
-    for identifier in (marker, tenant, agent_id, "crm-metrics-probe", "metrics-probe", "sk-metrics-probe"):
-        assert identifier not in text
+        # Each service's own metrics (altan.metrics), on its metrics port, are held to the same rule.
+        services = {
+            name: anonymous.get(f"http://127.0.0.1:{stack.internal_ports[f'{name}-metrics']}/metrics").text
+            for name in ("agent", "tool", "integrator")
+        }
+    assert "altan_grpc_client_handling_seconds_bucket" in text  # the gateway's calls to the services
+    for name, page in services.items():
+        assert "altan_grpc_server_handled_total" in page and "altan_grpc_server_handling_seconds_bucket" in page, name
+    assert 'altan_tool_calls_total{kind="builtin",outcome="ok"}' in services["integrator"]
+    for page in (text, *services.values()):
+        for identifier in (marker, tenant, agent_id, "crm-metrics-probe", "metrics-probe", "sk-metrics-probe"):
+            assert identifier not in page
+    text = "\n".join((text, *services.values()))
     labels = {
         name
         for line in text.splitlines()

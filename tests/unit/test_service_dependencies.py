@@ -23,7 +23,6 @@ MODULES = {
     "starlette": ["starlette"],
     "uvicorn": ["uvicorn"],
     "sse-starlette": ["sse_starlette"],
-    "prometheus-client": ["prometheus_client"],
     "httpx": ["httpx", "httpcore"],
     "jsonschema": ["jsonschema", "referencing", "jsonschema_specifications"],
     "google-re2": ["re2"],

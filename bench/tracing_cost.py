@@ -1,0 +1,220 @@
+"""What tracing costs the stack, side by side in one run: ``python bench/tracing_cost.py``.
+
+Three stacks run at once on free ports, each with its own fake API:
+
+- ``before``: the code before tracing existed (``--before``, default the merge-base with ``main``), exported with
+  ``git archive`` into a temporary directory and run from there with this environment;
+- ``off``: this code, tracing off (the default: trace ids are drawn and passed on, no span is built);
+- ``on``: this code with every span sampled (``OTEL_TRACES_SAMPLER=always_on``) and exported over OTLP/HTTP to a
+  local sink (``bench/otlp_sink.py``, a stand-in collector in a process of its own whose CPU is counted apart).
+
+Each path is measured in rounds at many in flight, the three stacks taking turns in a rotating order, so that the
+drift of a shared machine spreads over all three; stack CPU per operation is summed over the rounds. Prints a
+markdown table and writes it into docs/benchmarks.md between its own markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/tracing_cost.py` from anywhere
+
+from bench.harness import REPO, CpuMeter, Phase, Processes, closed_loop, cpu_ticks, free_port, start_processes
+from bench.run import BOUNDS, LABELS, SERVICES, _machine
+from bench.scenarios import Worker, prepare
+
+DOC = REPO / "docs" / "benchmarks.md"
+START, END = "<!-- bench:tracing:start -->", "<!-- bench:tracing:end -->"
+VARIANTS = ("before", "off", "on")
+SINK = "otlp sink"
+
+
+def _export_before(rev: str) -> Path:
+    """The tree of ``rev`` in a temporary directory (read from git's objects; no worktree is touched)."""
+    commit = subprocess.run(
+        ["git", "-C", str(REPO), "merge-base", "HEAD", rev]
+        if rev == "main"
+        else ["git", "-C", str(REPO), "rev-parse", rev],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    target = Path(tempfile.mkdtemp(prefix="altan-before-"))
+    archive = subprocess.Popen(["git", "-C", str(REPO), "archive", commit], stdout=subprocess.PIPE)
+    subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
+    archive.wait()
+    (target / ".revision").write_text(commit)
+    return target
+
+
+def _spans(port: int) -> int:
+    return int(httpx.get(f"http://127.0.0.1:{port}/count", timeout=5, trust_env=False).text)
+
+
+async def measure(
+    stacks: dict[str, Processes], sink_pid: int, sink_port: int, paths: list[str], rounds: int, seconds: float
+) -> tuple[dict[str, dict[str, list[Phase]]], dict[str, float]]:
+    targets = {name: await prepare(processes) for name, processes in stacks.items()}
+    busy = max(BOUNDS[p].busy for p in paths)
+    workers = {name: [Worker(target) for _ in range(busy)] for name, target in targets.items()}
+    meters = {
+        name: CpuMeter(processes, extra={SINK: sink_pid} if name == "on" else None)
+        for name, processes in stacks.items()
+    }
+    phases: dict[str, dict[str, list[Phase]]] = {p: {v: [] for v in VARIANTS} for p in paths}
+    spans_per_op: dict[str, float] = {}
+    try:
+        for path in paths:
+            b = BOUNDS[path]
+            ops = {name: [w.operation(path) for w in workers[name][: b.busy]] for name in stacks}
+            print(f"  {path}: warm-up, then {rounds} rounds of {b.busy} in flight", file=sys.stderr, flush=True)
+            for name in VARIANTS:
+                await closed_loop(ops[name], max_ops=b.warmup, max_seconds=10)
+            await asyncio.sleep(1.5)  # the warm-up's spans exported (OTEL_BSP_SCHEDULE_DELAY below)
+            before = _spans(sink_port)
+            for round_ in range(rounds):
+                for name in VARIANTS[round_ % 3 :] + VARIANTS[: round_ % 3]:
+                    phase = await closed_loop(ops[name], max_ops=b.busy_ops, max_seconds=seconds, meter=meters[name])
+                    phases[path][name].append(phase)
+            await asyncio.sleep(1.5)  # the last spans exported
+            done = sum(p.count for p in phases[path]["on"])
+            spans_per_op[path] = (_spans(sink_port) - before) / max(1, done)
+    finally:
+        await asyncio.gather(*(w.aclose() for group in workers.values() for w in group))
+    return phases, spans_per_op
+
+
+def _per_op(phases: list[Phase], *names: str) -> float:
+    return 1000 * sum(sum(p.cpu.get(n, 0.0) for n in names) for p in phases) / max(1, sum(p.count for p in phases))
+
+
+def report(
+    phases: dict[str, dict[str, list[Phase]]], spans_per_op: dict[str, float], revision: str, steal: float
+) -> str:
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [
+        f"Run of {now} on {_machine('embedded state')}; CPU stolen by the hypervisor during the run: {steal:.1%}. "
+        f"`before` is {revision[:12]}.",
+        "",
+        "| path | stack | ops | throughput (/s) | p50 (ms) | stack CPU per op (ms) | per round (ms) "
+        "| vs before: pooled (median of rounds) "
+        "| spans per op | sink CPU per op (ms) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for path, by_variant in phases.items():
+        base = _per_op(by_variant["before"], *SERVICES)
+        for name in VARIANTS:
+            runs = by_variant[name]
+            count = sum(p.count for p in runs)
+            elapsed = sum(p.elapsed for p in runs)
+            latencies = sorted(x for p in runs for x in p.latencies)
+            p50 = latencies[len(latencies) // 2] if latencies else 0.0
+            cpu = _per_op(runs, *SERVICES)
+            rounds = " / ".join(f"{_per_op([p], *SERVICES):.2f}" for p in runs)
+            # Pooled over the rounds, and the median of each round's ratio to `before` measured next to it.
+            median = statistics.median(
+                _per_op([p], *SERVICES) / _per_op([b], *SERVICES)
+                for p, b in zip(runs, by_variant["before"], strict=True)
+            )
+            change = "-" if name == "before" else f"{(cpu / base - 1) * 100:+.1f} % ({(median - 1) * 100:+.1f} %)"
+            spans = f"{spans_per_op[path]:.1f}" if name == "on" else "-"
+            sink = f"{_per_op(runs, SINK):.2f}" if name == "on" else "-"
+            lines.append(
+                f"| {LABELS[path]} | {name} | {count} | {count / elapsed:,.0f} | {p50 * 1000:.2f} | {cpu:.2f} "
+                f"| {rounds} | {change} | {spans} | {sink} |"
+            )
+    lines += [
+        "",
+        "CPU per operation by process (ms), summed over the rounds:",
+        "",
+        "| path | stack | " + " | ".join(SERVICES) + " | load generator |",
+        "| --- | --- | " + " | ".join("---:" for _ in SERVICES) + " | ---: |",
+    ]
+    for path, by_variant in phases.items():
+        for name in VARIANTS:
+            per = [f"{_per_op(by_variant[name], service):.2f}" for service in (*SERVICES, "load generator")]
+            lines.append(f"| {path} | {name} | " + " | ".join(per) + " |")
+    return "\n".join(lines)
+
+
+def write_doc(table: str) -> None:
+    text = DOC.read_text()
+    block = f"{START}\n{table}\n{END}"
+    if START not in text:
+        text = text.rstrip("\n") + f"\n\n## Tracing\n\n{block}\n"
+    else:
+        head, _, rest = text.partition(START)
+        text = head + block + rest.partition(END)[2]
+    DOC.write_text(text)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("paths", nargs="*", default=["builtin", "custom", "task"], help="paths (bench/run.py's)")
+    parser.add_argument("--before", default="main", help="the revision without tracing (default: merge-base with main)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of each path on each stack")
+    parser.add_argument("--seconds", type=float, default=4.0, help="at most this long per phase")
+    parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
+    args = parser.parse_args()
+    before = _export_before(args.before)
+    sink_port = free_port()
+    sink = subprocess.Popen([sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(sink_port)])
+    tracing = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{sink_port}",
+        "OTEL_TRACES_SAMPLER": "always_on",
+        "OTEL_BSP_SCHEDULE_DELAY": "1000",
+    }
+    stacks: dict[str, Processes] = {}
+    print("starting three stacks (before, off, on) and the OTLP sink ...", file=sys.stderr, flush=True)
+    try:
+        stacks["before"] = start_processes(code=before)
+        stacks["off"] = start_processes()
+        stacks["on"] = start_processes(extra_env=tracing)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                _spans(sink_port)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        steal_before, total_before = cpu_ticks()
+        phases, spans_per_op = asyncio.run(measure(stacks, sink.pid, sink_port, args.paths, args.rounds, args.seconds))
+        steal_after, total_after = cpu_ticks()
+    except Exception:
+        for name, processes in stacks.items():
+            print(f"--- {name}\n{processes.log_tail()}", file=sys.stderr)
+        raise
+    finally:
+        for processes in stacks.values():
+            processes.stop()
+            shutil.rmtree(processes.workdir, ignore_errors=True)
+        sink.terminate()
+        sink.wait(10)
+        revision = (before / ".revision").read_text()
+        shutil.rmtree(before, ignore_errors=True)
+    steal = (steal_after - steal_before) / max(1, total_after - total_before)
+    table = report(phases, spans_per_op, revision, steal)
+    print(table)
+    if not args.no_write:
+        write_doc(table)
+        print(f"\nwritten to {DOC}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
