@@ -207,6 +207,15 @@ class McpSessions:
             raise SessionUnopened(kept.error or exc, kept.transport) from None
         return kept
 
+    def live(self, tenant: str, server: str) -> KeptSession | None:
+        """The kept session of this tenant's server, if one is open and not retired."""
+        kept = self._sessions.get((tenant, server))
+        return kept if kept is not None and kept.alive else None
+
+    def items(self) -> list[tuple[tuple[str, str], KeptSession]]:
+        """Every live session, by (tenant, server)."""
+        return [(key, kept) for key, kept in self._sessions.items() if kept.alive]
+
     def drop(self, tenant: str, server: str, kept: KeptSession | None = None) -> None:
         """Forget the session of this server (only ``kept``, when given: a newer one stays), closing it."""
         key = (tenant, server)

@@ -4,6 +4,9 @@ credential that reaches the server and nowhere else."""
 
 from __future__ import annotations
 
+import time
+import uuid
+
 from tests.e2e.conftest import McpServers
 from tests.e2e.fake_llms import Llms
 from tests.e2e.stack import Stack
@@ -125,3 +128,75 @@ def test_a_credential_reaches_the_server_and_never_comes_back(
         audit = api.get("/v1/audit").text
         assert mcp_servers.token not in audit and mcp_servers.token not in api.get("/v1/tools").text
     assert mcp_servers.token not in stack.logs()
+
+
+def _until_status(api: object, path: str, status: int, deadline: float = 15.0) -> dict[str, object]:
+    """GET ``path`` until it answers ``status`` (the server's list is followed in the background)."""
+    end = time.monotonic() + deadline
+    while True:
+        answer = api.get(path)  # type: ignore[attr-defined]
+        if answer.status_code == status:
+            return answer.json()  # type: ignore[no-any-return]
+        assert time.monotonic() < end, f"{path} still answers {answer.status_code}"
+        time.sleep(0.05)
+
+
+def test_a_servers_changed_tool_list_reaches_the_catalogue_and_a_gone_tool_fails_clearly(
+    stack: Stack, tenant: str, mcp_servers: McpServers
+) -> None:
+    name = f"late_{uuid.uuid4().hex[:8]}"  # the reference server is shared: a name of this test's own
+    url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
+    with stack.client(tenant) as api:
+        options = {name: {"cacheable_seconds": 60, "requires_approval": True}}
+        server = _register(api, "ref", url, tool_options=options)  # type: ignore[arg-type]
+        assert server["tool_options"] == {name: {"cacheable_seconds": 60, "requires_approval": True}}
+        assert f"ref__{name}" not in server["tools"]
+        grown = api.post("/v1/tools/ref__grow/invoke", json={"arguments": {"name": name}})
+        assert grown.status_code == 200 and grown.json()["output"]["result"] >= 1, grown.text
+
+        tool = _until_status(api, f"/v1/tools/ref__{name}", 200)  # listed again on the server's notification
+        assert tool["type"] == "mcp" and tool["description"] == f"Added at runtime: {name}."
+        assert tool["cacheable_seconds"] == 60 and tool["requires_approval"] is True  # the options waited for it
+        assert f"ref__{name}" in api.get("/v1/mcp-servers/ref").json()["tools"]
+        first = api.post(f"/v1/tools/ref__{name}/invoke", json={"arguments": {"text": "hi"}})
+        assert first.json() == {"output": {"result": f"{name} hi"}}, first.text
+        again = api.post(f"/v1/tools/ref__{name}/invoke", json={"arguments": {"text": "hi"}})
+        assert again.json() == {"output": {"result": f"{name} hi"}, "cached": True}
+        agent = api.post("/v1/agents", json={"name": "a", "instructions": "x", "tools": [f"ref__{name}"]}).json()
+
+        assert api.post("/v1/tools/ref__shrink/invoke", json={"arguments": {"name": name}}).status_code == 200
+        _until_status(api, f"/v1/tools/ref__{name}", 404)
+        gone = api.post(f"/v1/tools/ref__{name}/invoke", json={"arguments": {"text": "hi"}})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "NOT_FOUND"
+        plan = {"plan": [{"id": "s1", "tool": f"ref__{name}", "arguments": {"text": "hi"}}]}
+        submitted = api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": plan})
+        assert submitted.status_code in (202, 400, 404), submitted.text
+        if submitted.status_code == 202:
+            task = _finished(api, submitted.json()["task_id"])
+            assert task["status"] == "failed" and f"ref__{name}" in str(task["error"]), task
+        else:
+            assert f"ref__{name}" in submitted.json()["error"]["message"]
+    with stack.client("other-" + tenant) as other:  # another tenant: the server and its options are not there
+        assert other.get(f"/v1/tools/ref__{name}").status_code == 404
+        assert other.get("/v1/mcp-servers/ref").status_code == 404
+
+
+def test_tool_options_limit_and_cache_an_mcp_tool_as_a_custom_tools_fields_do(
+    stack: Stack, tenant: str, mcp_servers: McpServers
+) -> None:
+    url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
+    with stack.client(tenant) as api:
+        bad = api.put("/v1/mcp-servers/ref", json={"url": url, "tool_options": {"add": {"rate_limit": {"x": 1}}}})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_ARGUMENT"
+        options = {
+            "add": {"rate_limit": {"requests": 1, "per_seconds": 3600}},
+            "echo": {"fallback_tool_id": "ref__add"},
+        }
+        _register(api, "ref", url, tool_options=options)  # type: ignore[arg-type]
+        tool = api.get("/v1/tools/ref__add").json()
+        assert tool["rate_limit"] == {"requests": 1, "per_seconds": 3600}
+        assert api.get("/v1/tools/ref__echo").json()["fallback_tool_id"] == "ref__add"
+        assert api.post("/v1/tools/ref__add/invoke", json={"arguments": {"a": 1, "b": 2}}).status_code == 200
+        over = api.post("/v1/tools/ref__add/invoke", json={"arguments": {"a": 1, "b": 2}})
+        assert over.status_code == 429 and "Retry-After" in over.headers
+        assert api.post("/v1/tools/ref__echo/invoke", json={"arguments": {"text": "x"}}).status_code == 200

@@ -3,7 +3,9 @@
 Tools: ``add`` (structured output), ``echo`` (plain text), ``fail`` (always an error result), ``whoami`` (the
 request's auth header, as the server saw it: the tests prove a credential arrived, and that it does not come back
 unredacted), ``sessions`` (how many sessions clients have opened: initialize requests, counted by
-:class:`_CountSessions`) and ``camelCase.Tool`` (a name that is not a tool id as it stands). With ``--token T``
+:class:`_CountSessions`), ``camelCase.Tool`` (a name that is not a tool id as it stands), and ``grow`` / ``shrink``,
+which add or remove a tool of the given name at runtime and then send ``notifications/tools/list_changed`` to every
+session that has listed the tools (unless ``notify`` is false, as a server that forgets to would). With ``--token T``
 every request must carry ``Authorization: Bearer T`` (401 otherwise), as a server behind an API key would.
 
 python -m tests.fakes.mcp_server --port 8765 [--token T]   prints "mcp server ready on <port>" once it listens.
@@ -21,6 +23,8 @@ from typing import Any
 
 import uvicorn
 from mcp.server.fastmcp import Context, FastMCP
+from mcp.server.session import ServerSession
+from mcp.types import Tool as McpTool
 from pydantic import BaseModel
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -34,11 +38,35 @@ class Sum(BaseModel):
     terms: list[int]
 
 
+class _Reference(FastMCP):
+    """FastMCP that remembers every session that listed its tools, to tell them when the list changes."""
+
+    def __init__(self) -> None:
+        # The SDK logs a closed stream at every session end.
+        super().__init__("reference", stateless_http=False, json_response=False, log_level="CRITICAL")
+        self.listeners: list[ServerSession] = []
+
+    async def list_tools(self) -> list[McpTool]:
+        session = self._mcp_server.request_context.session
+        if session not in self.listeners:
+            self.listeners.append(session)
+        return await super().list_tools()
+
+    async def tools_changed(self) -> int:
+        """``notifications/tools/list_changed`` to every session that listed the tools; how many it reached."""
+        reached = 0
+        for session in list(self.listeners):
+            try:
+                await session.send_tool_list_changed()
+                reached += 1
+            except Exception:  # that session has ended
+                self.listeners.remove(session)
+        return reached
+
+
 def build_server(opened: list[int] | None = None) -> FastMCP:
     opened = opened if opened is not None else [0]
-    server = FastMCP(
-        "reference", stateless_http=False, json_response=False, log_level="CRITICAL"
-    )  # the SDK logs a closed stream at every session end
+    server = _Reference()
 
     @server.tool()
     def add(a: int, b: int) -> Sum:
@@ -71,6 +99,22 @@ def build_server(opened: list[int] | None = None) -> FastMCP:
     def camel(x: int = 1) -> int:
         """A tool whose name is not a tool id as it stands."""
         return x * 2
+
+    @server.tool()
+    async def grow(name: str, notify: bool = True) -> int:
+        """Add a tool of that name (it answers its own name); the number of sessions told."""
+
+        def grown(text: str = "") -> str:
+            return f"{name} {text}".strip()
+
+        server.add_tool(grown, name=name, description=f"Added at runtime: {name}.")
+        return await server.tools_changed() if notify else 0
+
+    @server.tool()
+    async def shrink(name: str, notify: bool = True) -> int:
+        """Remove the tool of that name; the number of sessions told."""
+        server.remove_tool(name)
+        return await server.tools_changed() if notify else 0
 
     return server
 
