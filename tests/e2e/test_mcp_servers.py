@@ -9,6 +9,7 @@ import uuid
 
 from tests.e2e.conftest import McpServers
 from tests.e2e.fake_llms import Llms
+from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack
 from tests.e2e.test_tasks import _finished
 from tests.fakes.llm import Call, Reply
@@ -89,7 +90,7 @@ def test_mcp_tools_run_in_plans_and_the_agent_loop(
 
 
 def test_refusals_a_member_another_tenant_a_private_url_and_a_server_that_is_down(
-    stack: Stack, tenant: str, mcp_servers: McpServers, closed_port: int
+    stack: Stack, tenant: str, mcp_servers: McpServers, closed_port: int, third_party: FakeThirdParty
 ) -> None:
     url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
     with stack.client(tenant, role="member") as member:
@@ -100,6 +101,14 @@ def test_refusals_a_member_another_tenant_a_private_url_and_a_server_that_is_dow
         assert private.status_code == 403 and private.json()["error"]["code"] == "PERMISSION_DENIED"
         loopback = api.put("/v1/mcp-servers/loop", json={"url": "http://127.0.0.1:9/mcp"})
         assert loopback.status_code == 403
+        # An allowed host that redirects: never followed, wherever it leads (a private address, or even another
+        # allowed MCP server), so the guard's check is always of the URL actually called.
+        for to in ("http://10.0.0.7/mcp", f"http://127.0.0.1:{mcp_servers.port}/mcp"):
+            hop = api.put("/v1/mcp-servers/hop", json={"url": f"{third_party.base_url}/redirect?to={to}"})
+            assert hop.status_code == 403 and "redirect" in hop.json()["error"]["message"], hop.text
+        assert api.get("/v1/mcp-servers/hop").status_code == 404
+        huge = {"url": url, "tool_options": {f"t{i}": {} for i in range(201)}}
+        assert api.put("/v1/mcp-servers/huge", json=huge).status_code == 400
         down = api.put("/v1/mcp-servers/down", json={"url": f"http://127.0.0.1:{closed_port}/mcp"})
         assert down.status_code == 503 and "Retry-After" in down.headers
         assert api.get("/v1/tools").status_code == 200

@@ -296,3 +296,22 @@ def test_tool_options_are_bounded() -> None:
         parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": many})
     with pytest.raises(InvalidArgument):
         parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": {"add": {"retries": 3}}})
+
+
+async def test_a_hostile_servers_long_list_and_evil_output_schema_stay_bounded() -> None:
+    server, port = start_process(hostile=True)
+    http = GuardedHttpClient(EgressGuard(EgressPolicy.parse(f"127.0.0.1:{port}")))
+    mcp = McpServers(TenantStore(MemoryBackend(), "tool"), http.transport, default_timeout=10)
+    as_role()
+    try:
+        stored, _ = await mcp.sync("evil", McpServerSpec(url=f"http://127.0.0.1:{port}/mcp"), None, None)
+        assert len(stored["tools"]) == 200  # of the 311 it lists
+        tool = await mcp.tool("evil__evil_output")
+        assert tool is not None
+        # Its output schema is never evaluated here (the SDK's call_tool would backtrack for minutes on it): the
+        # answer is the server's, as it gave it, well within the call's budget.
+        assert await mcp.invoke(tool, {}, None, 5) == {"s": "a" * 40 + "!"}
+    finally:
+        await mcp.aclose()
+        await http.aclose()
+        stop_process(server)
