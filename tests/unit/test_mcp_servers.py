@@ -9,7 +9,7 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from altan import context
+from altan import context, outbound
 from altan.api.mcp import McpServerSpec, parse_mcp_server_spec
 from altan.api.tools import tool_to_proto
 from altan.context import RequestContext
@@ -291,7 +291,7 @@ def test_tool_options_are_bounded() -> None:
         parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": {"a b": {}}})
     with pytest.raises(InvalidArgument):
         parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": {"add": {"timeout_seconds": -1}}})
-    many = {f"t{i}": {} for i in range(201)}
+    many: dict[str, dict[str, object]] = {f"t{i}": {} for i in range(201)}
     with pytest.raises(InvalidArgument):
         parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": many})
     with pytest.raises(InvalidArgument):
@@ -315,3 +315,26 @@ async def test_a_hostile_servers_long_list_and_evil_output_schema_stay_bounded()
         await mcp.aclose()
         await http.aclose()
         stop_process(server)
+
+
+async def test_calls_reuse_their_connections(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK closes each SSE answer before the server's last chunk; the session reads that chunk so that httpcore
+    can use the connection again instead of opening one per call."""
+    opened: list[str] = []
+    connect = outbound._PinnedBackend.connect_tcp
+
+    async def counting(self: object, host: str, port: int, *args: object, **kwargs: object) -> object:
+        opened.append(f"{host}:{port}")
+        return await connect(self, host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbound._PinnedBackend, "connect_tcp", counting)
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    tool = await rig.mcp.tool("ref__add")
+    assert tool is not None
+
+    async def calls() -> None:
+        for i in range(5):
+            assert (await rig.mcp.invoke(tool, {"a": i, "b": 1}, None, None))["total"] == i + 1
+
+    await asyncio.gather(*(calls() for _ in range(8)))
+    assert len(opened) <= 8 + 2, opened  # one per call in flight at most, and the session's own (GET stream)
