@@ -336,8 +336,10 @@ class McpServers:
 
     def _listener(self, tenant: str, server: str) -> MessageHandlerFnT:
         """What a kept session does with what its server sends on its own: a changed tool list is listed again."""
-        if self._safety_net is None:
-            self._safety_net = asyncio.create_task(self._relist_periodically(), name="mcp-relist")
+        if self._safety_net is None:  # started by the first session, in a context of its own (no caller's token)
+            self._safety_net = asyncio.create_task(
+                self._relist_periodically(), name="mcp-relist", context=contextvars.Context()
+            )
 
         async def handle(
             message: RequestResponder[Any, Any] | ServerNotification | Exception,
