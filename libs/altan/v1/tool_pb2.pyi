@@ -244,7 +244,9 @@ class Tool(_message.Message):
     auth: _common_pb2.AuthType.ValueType
     """Custom tools: how the call authenticates."""
     credential: _builtins.str
-    """Custom tools: the name of the tenant's credential injected into the call."""
+    """The name of the tenant's credential injected into the call: a custom tool's (to its endpoint), an MCP tool's (to
+    its server), or the one a container tool declares (given to it only where the credential's `tools` grant it).
+    """
     requires_approval: _builtins.bool
     """Whether a task pauses before each call until a person approves it."""
     cacheable_seconds: _builtins.int
