@@ -209,3 +209,26 @@ def test_tool_options_limit_and_cache_an_mcp_tool_as_a_custom_tools_fields_do(
         over = api.post("/v1/tools/ref__add/invoke", json={"arguments": {"a": 1, "b": 2}})
         assert over.status_code == 429 and "Retry-After" in over.headers
         assert api.post("/v1/tools/ref__echo/invoke", json={"arguments": {"text": "x"}}).status_code == 200
+
+
+def test_a_tool_past_its_timeout_option_falls_back_as_any_tool_does(
+    stack: Stack, tenant: str, mcp_servers: McpServers, third_party: FakeThirdParty
+) -> None:
+    url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
+    with stack.client(tenant) as api:
+        fallback = {
+            "tool_id": "slow_fallback",
+            "name": "Answers at once",
+            "endpoint": f"{third_party.base_url}/fallback",
+            "input_schema": {"type": "object"},
+        }
+        assert api.post("/v1/tools", json=fallback).status_code == 201
+        options = {"slow": {"timeout_seconds": 0.5, "fallback_tool_id": "slow_fallback"}}
+        _register(api, "ref", url, tool_options=options)  # type: ignore[arg-type]
+        fast = api.post("/v1/tools/ref__slow/invoke", json={"arguments": {"seconds": 0.01}})
+        assert fast.json() == {"output": {"result": 0.01}}, fast.text
+        slow = api.post("/v1/tools/ref__slow/invoke", json={"arguments": {"seconds": 5}})
+        assert slow.status_code == 200, slow.text  # 0.5 s, not the stack's 10 s deadline: then the fallback
+        assert slow.json()["output"]["path"] == "/fallback" and slow.json()["output"]["json"] == {"seconds": 5}
+        audit = [e for e in api.get("/v1/audit").json()["events"] if e["action"] == "tool.invoke"]
+        assert [(e["tool_id"], e["outcome"]) for e in audit[-2:]] == [("ref__slow", "error"), ("slow_fallback", "ok")]

@@ -3,9 +3,10 @@
 Tools: ``add`` (structured output), ``echo`` (plain text), ``fail`` (always an error result), ``whoami`` (the
 request's auth header, as the server saw it: the tests prove a credential arrived, and that it does not come back
 unredacted), ``sessions`` (how many sessions clients have opened: initialize requests, counted by
-:class:`_CountSessions`), ``camelCase.Tool`` (a name that is not a tool id as it stands), and ``grow`` / ``shrink``,
-which add or remove a tool of the given name at runtime and then send ``notifications/tools/list_changed`` to every
-session that has listed the tools (unless ``notify`` is false, as a server that forgets to would).
+:class:`_CountSessions`), ``slow`` (answers after the seconds asked), ``camelCase.Tool`` (a name that is not a tool
+id as it stands), and ``grow`` / ``shrink``, which add or remove a tool of the given name at runtime and then send
+``notifications/tools/list_changed`` to every session that has listed the tools (unless ``notify`` is false, as a
+server that forgets to would).
 
 With ``--hostile`` it also lists what a hostile server would: 300 more tools (``bulk_<n>``), and ``evil_output``,
 whose ``outputSchema`` holds a pattern that backtracks for minutes on the structured content it answers (a client
@@ -18,6 +19,7 @@ python -m tests.fakes.mcp_server --port 8765 [--token T]   prints "mcp server re
 from __future__ import annotations
 
 import argparse
+import asyncio
 import selectors
 import socket
 import subprocess
@@ -111,6 +113,12 @@ def build_server(opened: list[int] | None = None, *, hostile: bool = False) -> F
     def sessions() -> int:
         """How many sessions clients have opened on this server."""
         return opened[0]
+
+    @server.tool()
+    async def slow(seconds: float) -> float:
+        """Answers after that many seconds."""
+        await asyncio.sleep(seconds)
+        return seconds
 
     @server.tool(name="camelCase.Tool")
     def camel(x: int = 1) -> int:

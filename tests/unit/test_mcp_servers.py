@@ -14,7 +14,15 @@ from altan.api.mcp import McpServerSpec, parse_mcp_server_spec
 from altan.api.tools import tool_to_proto
 from altan.context import RequestContext
 from altan.egress import EgressGuard, EgressPolicy
-from altan.errors import EgressRefused, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from altan.errors import (
+    DeadlineExceeded,
+    EgressRefused,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from altan.outbound import GuardedHttpClient
 from altan.store import MemoryBackend, TenantStore
 from services.tool.executor import Credential, ToolExecutor
@@ -85,6 +93,7 @@ async def test_a_servers_tools_join_the_tenants_catalogue_with_their_schemas(rig
         "ref__grow",
         "ref__sessions",
         "ref__shrink",
+        "ref__slow",
         "ref__whoami",
     ]
     listed = {t["tool_id"]: t for t in await rig.registry.all() if t["type"] == "mcp"}
@@ -338,3 +347,17 @@ async def test_calls_reuse_their_connections(rig: Rig, monkeypatch: pytest.Monke
 
     await asyncio.gather(*(calls() for _ in range(8)))
     assert len(opened) <= 8 + 2, opened  # one per call in flight at most, and the session's own (GET stream)
+
+
+async def test_a_tools_timeout_option_bounds_its_calls_within_the_deadline(rig: Rig) -> None:
+    spec = McpServerSpec.model_validate({"url": rig.url, "tool_options": {"slow": {"timeout_seconds": 0.3}}})
+    await rig.mcp.sync("ref", spec, None, None)
+    tool = await rig.mcp.tool("ref__slow")
+    assert tool is not None
+    assert await rig.mcp.invoke(tool, {"seconds": 0.01}, None, 10) == {"result": 0.01}
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DeadlineExceeded, match=r"within 0\.3s"):
+        await rig.mcp.invoke(tool, {"seconds": 5}, None, 10)  # the option, not the call's 10 s
+    assert asyncio.get_running_loop().time() - started < 4
+    with pytest.raises(DeadlineExceeded, match=r"within 0\.2s"):
+        await rig.mcp.invoke(tool, {"seconds": 5}, None, 0.2)  # the call's deadline, when it is the shorter
