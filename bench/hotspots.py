@@ -38,6 +38,7 @@ AREAS = {
     "sse-starlette": ("(sse_starlette/",),
     "httpx + httpcore (outbound HTTP client)": ("(httpx/", "(httpcore/"),
     "anyio (under httpcore and sse-starlette)": ("(anyio/",),
+    "mcp client (the official SDK)": ("(mcp/",),
     "thread pool hand-offs (asyncio.to_thread)": ("to_thread (",),
     "failed imports at run time (importlib)": ("_find_and_load (",),
     "prometheus_client": ("(prometheus_client/",),
@@ -143,7 +144,7 @@ def start_samplers(py_spy: str, processes: Processes, seconds: float, rate: int)
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("path", nargs="?", default="custom", choices=("builtin", "custom", "task"))
+    parser.add_argument("path", nargs="?", default="custom", choices=("builtin", "custom", "task", "mcp"))
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to sample")
     parser.add_argument("--in-flight", type=int, default=32)
     parser.add_argument("--rate", type=int, default=200, help="samples per second")
@@ -154,7 +155,7 @@ def main() -> int:
         print("py-spy is not installed: pip install py-spy", file=sys.stderr)
         return 2
 
-    processes = start_processes()
+    processes = start_processes(mcp_server=args.path == "mcp")
     try:
 
         async def run() -> None:

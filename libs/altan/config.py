@@ -123,6 +123,10 @@ class Settings(BaseSettings):
     # at start-up and every `tool_containers_refresh_seconds` (sooner while one is unreachable).
     tool_containers: Annotated[tuple[str, ...], NoDecode] = ()
     tool_containers_refresh_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # MCP servers: besides following `notifications/tools/list_changed`, the tools of a server with a session kept
+    # in the Tool Service are listed again when none was heard within this many seconds (a server that forgets to
+    # notify).
+    mcp_relist_seconds: float = Field(default=300.0, ge=1, le=86_400)
     # Tool containers found through the Kubernetes API as well: "kubernetes" watches the Services labelled
     # `altan.io/tool-container: "true"` of `tool_discovery_namespace` (default: the pod's own, from its service
     # account) with the in-cluster credentials (or KUBECONFIG outside a cluster). "" (the default): only the list.

@@ -244,7 +244,9 @@ class ToolCaller:
             # Fail closed: no secret is read and no call runs until its audit entry is written.
             intent = await self._audit.begin("tool.invoke", tool_id=tool_id, credential=credential_name)
             credential = (
-                await self._broker.resolve(credential_name, destination=outbound.bound_to_hosts)
+                await self._broker.resolve(
+                    credential_name, destination=outbound.bound_to_hosts, container_tool=outbound.container_tool
+                )
                 if credential_name
                 else None
             )
@@ -366,18 +368,24 @@ class _Outbound:
     credential: str = ""  # the credential it injects, if any
     bound_to_hosts: str | None = None  # an http_request URL: the credential may go there only if its hosts name it
     host: str = ""  # ``host:port`` of a custom tool's endpoint or an http_request URL ("" when unknown)
+    container_tool: str | None = None  # a container tool: the credential goes there only if its ``tools`` name it
 
 
 def _outbound(tool: tool_pb2.Tool | None, tool_id: str, arguments_json: bytes) -> _Outbound:
     """The credential a call injects and where it goes.
 
     A custom tool's own credential goes to the endpoint its admin wrote (an MCP tool's, to its server); the one an
-    http_request call names goes only to one of the credential's hosts. http_request's arguments are parsed once here.
+    http_request call names goes only to one of the credential's hosts; the one a container tool declares, only to a
+    tool its credential's admin granted it to. http_request's arguments are parsed once here.
     """
     if tool is None:
         return _Outbound()
     if tool.type == tool_pb2.TOOL_TYPE_MCP:
         return _Outbound(credential=tool.credential)  # to the MCP server its admin registered with it
+    if tool.type == tool_pb2.TOOL_TYPE_CONTAINER:
+        # The container's code declares the credential; the operator deployed it, but only the tenant's admin may
+        # let a tenant's secret reach it.
+        return _Outbound(credential=tool.credential, container_tool=tool_id) if tool.credential else _Outbound()
     if tool.type == tool_pb2.TOOL_TYPE_CUSTOM:
         injects = tool.auth not in (common_pb2.AUTH_TYPE_NONE, common_pb2.AUTH_TYPE_UNSPECIFIED)
         return _Outbound(credential=tool.credential if injects else "", host=destination(tool.endpoint))

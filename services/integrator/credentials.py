@@ -58,6 +58,7 @@ class CredentialBroker:
             "name": name,
             "type": spec.type,
             "hosts": list(spec.hosts),
+            "tools": list(spec.tools),
             "created_at": now if previous is None else previous["created_at"],
             "updated_at": now,
         }
@@ -65,7 +66,7 @@ class CredentialBroker:
             meta.update(header=spec.header, prefix=spec.prefix, status="connected")
             secret = {"value": spec.value}
         else:
-            meta.update(spec.model_dump(exclude={"type", "hosts", "client_secret"}), status="pending")
+            meta.update(spec.model_dump(exclude={"type", "hosts", "tools", "client_secret"}), status="pending")
             secret = {"client_secret": spec.client_secret}
         await self._secrets.put(name, json.dumps(secret).encode())
         await self._store.put(_CREDENTIALS, name, meta)
@@ -125,14 +126,22 @@ class CredentialBroker:
             name=name, header="Authorization", prefix="Bearer ", value=token, hosts=meta["hosts"], refreshable=True
         )
 
-    async def resolve(self, name: str, *, destination: str | None = None) -> ResolvedCredential:
+    async def resolve(
+        self, name: str, *, destination: str | None = None, container_tool: str | None = None
+    ) -> ResolvedCredential:
         """The secret for one outbound call; for ``destination`` (an ``http_request`` URL), only if the credential's
-        ``hosts`` name it: the secret is not even read otherwise."""
+        ``hosts`` name it; for ``container_tool``, only if its ``tools`` name that tool: the secret is not even read
+        otherwise."""
         meta = await self._store.get(_CREDENTIALS, name)
         if meta is None:
             raise FailedPrecondition(f"credential '{name}' not found")
         if destination is not None:
             _check_destination(name, meta["hosts"], destination)
+        if container_tool is not None and container_tool not in meta.get("tools", []):
+            raise PermissionDenied(
+                f"credential '{name}' is not granted to tool '{container_tool}': its admin lists the container "
+                f'tools that may receive it in "tools"'
+            )
         raw = await self._secrets.get(name)
         if raw is None:
             raise FailedPrecondition(f"credential '{name}' has no stored secret")

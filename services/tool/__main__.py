@@ -50,7 +50,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     if settings.tool_discovery == "kubernetes":
         await _discover(settings, containers, stack)
     store = TenantStore(backend, "tool")
-    mcp = McpServers(store, http.transport, default_timeout=deadline)
+    mcp = McpServers(store, http.transport, default_timeout=deadline, relist_seconds=settings.mcp_relist_seconds)
     stack.push_async_callback(mcp.aclose)  # before the HTTP client's pools: the sessions' DELETEs go through them
     registry = ToolRegistry(store, containers, mcp)
     executor = ToolExecutor(

@@ -37,12 +37,14 @@ from altan.errors import (
 )
 from altan.v1 import container_pb2, tool_pb2
 from altan.wire import json_bytes, parse_json
+from services.tool.executor import REDACTED, Credential, redact
 
 __all__ = ["ContainerTools"]
 
 log = logging.getLogger(__name__)
 
 _TOOL_ID = re.compile(TOOL_ID_PATTERN)
+_CREDENTIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")  # altan.api.common.Name
 _MAX_DESCRIPTION = 10_000
 # How long one listing may take; a container slower than this is treated as unreachable.
 _LIST_TIMEOUT_SECONDS = 5.0
@@ -186,6 +188,8 @@ class ContainerTools:
                 refused = "a built-in tool has that id"
             elif tool_id in accepted:
                 refused = "the container lists it twice"
+            elif definition.credential and not _CREDENTIAL_NAME.match(definition.credential):
+                refused = "its credential is not a credential's name"
             if refused:
                 log.warning(
                     "tool of a container refused", extra={"container": address, "tool_id": tool_id, "why": refused}
@@ -199,6 +203,8 @@ class ContainerTools:
                 "description": definition.description[:_MAX_DESCRIPTION],
                 "input_schema": schema or {"type": "object", "properties": {}},
                 "container": address,
+                # The tenant's credential it declares: injected into a call only where the tenant's admin granted it.
+                "credential": definition.credential,
                 # Tells one definition from the next (the catalogue's proto cache keys on it); never shown.
                 "revision": hashlib.sha256(
                     address.encode() + definition.SerializeToString(deterministic=True)
@@ -226,8 +232,24 @@ class ContainerTools:
 
     # --- calls --------------------------------------------------------------------------------------------------
 
-    async def invoke(self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float) -> Any:
-        """Run a container tool as the current caller (whose token goes along); its output, parsed."""
+    async def invoke(
+        self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float, credential: Credential | None = None
+    ) -> Any:
+        """Run a container tool as the current caller (whose token goes along), with the credential the integrator
+        injected for this call when the tool declares one; its output, parsed, the secret redacted from it."""
+        secret = credential.value if credential is not None else ""
+        try:
+            output = await self._invoke(tool, arguments, timeout, credential)
+        except AltanError as exc:
+            if secret and secret in exc.message:  # a failure that quotes the secret does not carry it further
+                exc.message = exc.message.replace(secret, REDACTED)
+                exc.args = (exc.message,)
+            raise
+        return redact(output, secret) if secret else output
+
+    async def _invoke(
+        self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float, credential: Credential | None
+    ) -> Any:
         tool_id, address = tool["tool_id"], tool["container"]
         container = self._owner.get(tool_id)
         if container is None or container.address != address:
@@ -235,6 +257,12 @@ class ContainerTools:
         request = container_pb2.InvokeContainerToolRequest(
             tool_id=tool_id, arguments_json=json_bytes(arguments), timeout_seconds=timeout
         )
+        if credential is not None:
+            request.credential.CopyFrom(
+                container_pb2.ContainerCredential(
+                    name=credential.name, header=credential.header, prefix=credential.prefix, value=credential.value
+                )
+            )
         try:
             # A little longer than the tool's own budget, so that the container's clear answer arrives first.
             answer = await container.client.call(container.client.container.InvokeTool, request, timeout=timeout + 0.5)

@@ -2,7 +2,8 @@
 tool container that serves it.
 
 Every outbound request goes through the :class:`GuardedHttpClient` (the egress guard). A credential arrives with
-the call from the Integrator Engine and lives only in this call's headers; it is never sent to a tool container.
+the call from the Integrator Engine and lives only in this call's headers; a tool container receives one only for a
+tool that declares it by that name (the integrator injects it only where the tenant's admin granted it).
 """
 
 from __future__ import annotations
@@ -96,7 +97,9 @@ def _decode(result: HttpResult) -> Any:
 class ContainerCalls(Protocol):
     """Runs a tool of a tool container (services.tool.containers.ContainerTools)."""
 
-    async def invoke(self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float) -> Any: ...
+    async def invoke(
+        self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float, credential: Credential | None = None
+    ) -> Any: ...
 
 
 class McpCalls(Protocol):
@@ -144,7 +147,10 @@ class ToolExecutor:
             return Execution(output=await run_builtin(tool_id, arguments))  # validates the arguments itself
         if tool["type"] == "container" and self._containers is not None:
             # The container checks the arguments with the model its schema was made from: one set of rules.
-            output = await self._containers.invoke(tool, arguments, timeout or self._default_timeout)
+            declared = tool.get("credential") or ""
+            if credential is not None and credential.name != declared:
+                credential = None  # only the credential the tool declares, never another one sent by mistake
+            output = await self._containers.invoke(tool, arguments, timeout or self._default_timeout, credential)
             return Execution(output=output, target=tool["container"])
         offload = arguments_size > OFFLOAD_CHECK_BYTES
         await self._validator.check(tool_id, tool["input_schema"], arguments, offload=offload)

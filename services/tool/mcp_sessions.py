@@ -15,9 +15,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
+import anyio
 import httpx
 from mcp import ClientSession, McpError
 from mcp.client.session import MessageHandlerFnT
@@ -33,6 +34,64 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CLOSE_SECONDS = 5.0  # the closing DELETE; a server that does not answer it is cut off
 _SESSION_TERMINATED = 32600  # the code the SDK gives a request answered 404 (sic: not -32600)
+# What is read of an answer the SDK closes early, so that its connection can be used again (see _DrainOnClose).
+_DRAIN_SECONDS = 1.0
+_DRAIN_BYTES = 64 * 1024
+
+
+class _DrainOnClose(httpx.AsyncByteStream):
+    """A response body whose end is read when it is closed early, so that its connection goes back to the pool.
+
+    The SDK closes an SSE answer as soon as the JSON-RPC response is in it, a moment before the server ends the
+    stream (the chunked body's last chunk). httpcore cannot reuse a connection whose answer was not read to the end,
+    so it closed it: every call opened a new TCP connection (on both sides). Reading that end is a few bytes; an
+    answer that goes on (the long-lived GET stream, a server that keeps talking) is cut off after
+    ``_DRAIN_SECONDS`` or ``_DRAIN_BYTES`` as before. The read happens in the SDK's task for that request, after the
+    response was handed on, so no call waits for it.
+    """
+
+    def __init__(self, inner: httpx.AsyncByteStream) -> None:
+        self._inner = inner
+        self._chunks = inner.__aiter__()  # one iterator, so that closing goes on where reading stopped
+        self._ended = False
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._chunks:
+            yield chunk
+        self._ended = True
+
+    async def aclose(self) -> None:
+        try:
+            if not self._ended:
+                await self._drain()
+        except Exception as exc:  # whatever ended the answer, closing it is all that is left to do
+            log.debug("an MCP answer failed while its end was read", extra={"error": type(exc).__name__})
+        finally:
+            await self._inner.aclose()
+
+    async def _drain(self) -> None:
+        drained = 0
+        with anyio.move_on_after(_DRAIN_SECONDS):
+            async for chunk in self._chunks:
+                drained += len(chunk)
+                if drained > _DRAIN_BYTES:
+                    return
+
+
+class _DrainingTransport(httpx.AsyncBaseTransport):
+    """Wraps the session's guarded transport: each answer's body is a :class:`_DrainOnClose`."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self._inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self._inner.handle_async_request(request)
+        assert isinstance(response.stream, httpx.AsyncByteStream)
+        response.stream = _DrainOnClose(response.stream)
+        return response
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
 
 
 class SessionBroken(Exception):
@@ -85,7 +144,7 @@ class KeptSession:
         try:
             async with (
                 httpx.AsyncClient(
-                    transport=self.transport,
+                    transport=_DrainingTransport(self.transport),
                     headers=self._headers,
                     timeout=self._timeout,
                     follow_redirects=False,
@@ -206,6 +265,15 @@ class McpSessions:
             self.drop(tenant, server, kept)
             raise SessionUnopened(kept.error or exc, kept.transport) from None
         return kept
+
+    def live(self, tenant: str, server: str) -> KeptSession | None:
+        """The kept session of this tenant's server, if one is open and not retired."""
+        kept = self._sessions.get((tenant, server))
+        return kept if kept is not None and kept.alive else None
+
+    def items(self) -> list[tuple[tuple[str, str], KeptSession]]:
+        """Every live session, by (tenant, server)."""
+        return [(key, kept) for key, kept in self._sessions.items() if kept.alive]
 
     def drop(self, tenant: str, server: str, kept: KeptSession | None = None) -> None:
         """Forget the session of this server (only ``kept``, when given: a newer one stays), closing it."""

@@ -4,8 +4,12 @@ credential that reaches the server and nowhere else."""
 
 from __future__ import annotations
 
+import time
+import uuid
+
 from tests.e2e.conftest import McpServers
 from tests.e2e.fake_llms import Llms
+from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack
 from tests.e2e.test_tasks import _finished
 from tests.fakes.llm import Call, Reply
@@ -86,7 +90,7 @@ def test_mcp_tools_run_in_plans_and_the_agent_loop(
 
 
 def test_refusals_a_member_another_tenant_a_private_url_and_a_server_that_is_down(
-    stack: Stack, tenant: str, mcp_servers: McpServers, closed_port: int
+    stack: Stack, tenant: str, mcp_servers: McpServers, closed_port: int, third_party: FakeThirdParty
 ) -> None:
     url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
     with stack.client(tenant, role="member") as member:
@@ -97,6 +101,14 @@ def test_refusals_a_member_another_tenant_a_private_url_and_a_server_that_is_dow
         assert private.status_code == 403 and private.json()["error"]["code"] == "PERMISSION_DENIED"
         loopback = api.put("/v1/mcp-servers/loop", json={"url": "http://127.0.0.1:9/mcp"})
         assert loopback.status_code == 403
+        # An allowed host that redirects: never followed, wherever it leads (a private address, or even another
+        # allowed MCP server), so the guard's check is always of the URL actually called.
+        for to in ("http://10.0.0.7/mcp", f"http://127.0.0.1:{mcp_servers.port}/mcp"):
+            hop = api.put("/v1/mcp-servers/hop", json={"url": f"{third_party.base_url}/redirect?to={to}"})
+            assert hop.status_code == 403 and "redirect" in hop.json()["error"]["message"], hop.text
+        assert api.get("/v1/mcp-servers/hop").status_code == 404
+        huge = {"url": url, "tool_options": {f"t{i}": {} for i in range(201)}}
+        assert api.put("/v1/mcp-servers/huge", json=huge).status_code == 400
         down = api.put("/v1/mcp-servers/down", json={"url": f"http://127.0.0.1:{closed_port}/mcp"})
         assert down.status_code == 503 and "Retry-After" in down.headers
         assert api.get("/v1/tools").status_code == 200
@@ -125,3 +137,98 @@ def test_a_credential_reaches_the_server_and_never_comes_back(
         audit = api.get("/v1/audit").text
         assert mcp_servers.token not in audit and mcp_servers.token not in api.get("/v1/tools").text
     assert mcp_servers.token not in stack.logs()
+
+
+def _until_status(api: object, path: str, status: int, deadline: float = 15.0) -> dict[str, object]:
+    """GET ``path`` until it answers ``status`` (the server's list is followed in the background)."""
+    end = time.monotonic() + deadline
+    while True:
+        answer = api.get(path)  # type: ignore[attr-defined]
+        if answer.status_code == status:
+            return answer.json()  # type: ignore[no-any-return]
+        assert time.monotonic() < end, f"{path} still answers {answer.status_code}"
+        time.sleep(0.05)
+
+
+def test_a_servers_changed_tool_list_reaches_the_catalogue_and_a_gone_tool_fails_clearly(
+    stack: Stack, tenant: str, mcp_servers: McpServers
+) -> None:
+    name = f"late_{uuid.uuid4().hex[:8]}"  # the reference server is shared: a name of this test's own
+    url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
+    with stack.client(tenant) as api:
+        options = {name: {"cacheable_seconds": 60, "requires_approval": True}}
+        server = _register(api, "ref", url, tool_options=options)  # type: ignore[arg-type]
+        assert server["tool_options"] == {name: {"cacheable_seconds": 60, "requires_approval": True}}
+        assert f"ref__{name}" not in server["tools"]
+        grown = api.post("/v1/tools/ref__grow/invoke", json={"arguments": {"name": name}})
+        assert grown.status_code == 200 and grown.json()["output"]["result"] >= 1, grown.text
+
+        tool = _until_status(api, f"/v1/tools/ref__{name}", 200)  # listed again on the server's notification
+        assert tool["type"] == "mcp" and tool["description"] == f"Added at runtime: {name}."
+        assert tool["cacheable_seconds"] == 60 and tool["requires_approval"] is True  # the options waited for it
+        assert f"ref__{name}" in api.get("/v1/mcp-servers/ref").json()["tools"]
+        first = api.post(f"/v1/tools/ref__{name}/invoke", json={"arguments": {"text": "hi"}})
+        assert first.json() == {"output": {"result": f"{name} hi"}}, first.text
+        again = api.post(f"/v1/tools/ref__{name}/invoke", json={"arguments": {"text": "hi"}})
+        assert again.json() == {"output": {"result": f"{name} hi"}, "cached": True}
+        agent = api.post("/v1/agents", json={"name": "a", "instructions": "x", "tools": [f"ref__{name}"]}).json()
+
+        assert api.post("/v1/tools/ref__shrink/invoke", json={"arguments": {"name": name}}).status_code == 200
+        _until_status(api, f"/v1/tools/ref__{name}", 404)
+        gone = api.post(f"/v1/tools/ref__{name}/invoke", json={"arguments": {"text": "hi"}})
+        assert gone.status_code == 404 and gone.json()["error"]["code"] == "NOT_FOUND"
+        plan = {"plan": [{"id": "s1", "tool": f"ref__{name}", "arguments": {"text": "hi"}}]}
+        submitted = api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": plan})
+        assert submitted.status_code in (202, 400, 404), submitted.text
+        if submitted.status_code == 202:
+            task = _finished(api, submitted.json()["task_id"])
+            assert task["status"] == "failed" and f"ref__{name}" in str(task["error"]), task
+        else:
+            assert f"ref__{name}" in submitted.json()["error"]["message"]
+    with stack.client("other-" + tenant) as other:  # another tenant: the server and its options are not there
+        assert other.get(f"/v1/tools/ref__{name}").status_code == 404
+        assert other.get("/v1/mcp-servers/ref").status_code == 404
+
+
+def test_tool_options_limit_and_cache_an_mcp_tool_as_a_custom_tools_fields_do(
+    stack: Stack, tenant: str, mcp_servers: McpServers
+) -> None:
+    url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
+    with stack.client(tenant) as api:
+        bad = api.put("/v1/mcp-servers/ref", json={"url": url, "tool_options": {"add": {"rate_limit": {"x": 1}}}})
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "INVALID_ARGUMENT"
+        options = {
+            "add": {"rate_limit": {"requests": 1, "per_seconds": 3600}},
+            "echo": {"fallback_tool_id": "ref__add"},
+        }
+        _register(api, "ref", url, tool_options=options)  # type: ignore[arg-type]
+        tool = api.get("/v1/tools/ref__add").json()
+        assert tool["rate_limit"] == {"requests": 1, "per_seconds": 3600}
+        assert api.get("/v1/tools/ref__echo").json()["fallback_tool_id"] == "ref__add"
+        assert api.post("/v1/tools/ref__add/invoke", json={"arguments": {"a": 1, "b": 2}}).status_code == 200
+        over = api.post("/v1/tools/ref__add/invoke", json={"arguments": {"a": 1, "b": 2}})
+        assert over.status_code == 429 and "Retry-After" in over.headers
+        assert api.post("/v1/tools/ref__echo/invoke", json={"arguments": {"text": "x"}}).status_code == 200
+
+
+def test_a_tool_past_its_timeout_option_falls_back_as_any_tool_does(
+    stack: Stack, tenant: str, mcp_servers: McpServers, third_party: FakeThirdParty
+) -> None:
+    url = f"http://127.0.0.1:{mcp_servers.port}/mcp"
+    with stack.client(tenant) as api:
+        fallback = {
+            "tool_id": "slow_fallback",
+            "name": "Answers at once",
+            "endpoint": f"{third_party.base_url}/fallback",
+            "input_schema": {"type": "object"},
+        }
+        assert api.post("/v1/tools", json=fallback).status_code == 201
+        options = {"slow": {"timeout_seconds": 0.5, "fallback_tool_id": "slow_fallback"}}
+        _register(api, "ref", url, tool_options=options)  # type: ignore[arg-type]
+        fast = api.post("/v1/tools/ref__slow/invoke", json={"arguments": {"seconds": 0.01}})
+        assert fast.json() == {"output": {"result": 0.01}}, fast.text
+        slow = api.post("/v1/tools/ref__slow/invoke", json={"arguments": {"seconds": 5}})
+        assert slow.status_code == 200, slow.text  # 0.5 s, not the stack's 10 s deadline: then the fallback
+        assert slow.json()["output"]["path"] == "/fallback" and slow.json()["output"]["json"] == {"seconds": 5}
+        audit = [e for e in api.get("/v1/audit").json()["events"] if e["action"] == "tool.invoke"]
+        assert [(e["tool_id"], e["outcome"]) for e in audit[-2:]] == [("ref__slow", "error"), ("slow_fallback", "ok")]

@@ -25,6 +25,7 @@ from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import JWT_SECRET, Stack, free_port, new_tenant, start_stack
 from tests.e2e.test_tasks import _finished
 from tests.fakes.llm import Call, Reply
+from tests.fakes.slack import FakeSlack, start_fake_slack
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -55,10 +56,10 @@ class Container:
         return code
 
 
-def serve_tools(module: Path, port: int) -> Container:
+def serve_tools(module: Path, port: int, **extra_env: str) -> Container:
     """`altan serve-tools module --port port`, returned once its gRPC health check answers SERVING."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_")}
-    env.update(ALTAN_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1")
+    env.update(ALTAN_JWT_SECRET=JWT_SECRET, PYTHONUNBUFFERED="1", **extra_env)
     command = [sys.executable, "-m", "altan.cli", "serve-tools", str(module), "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     container = Container(process, port)
@@ -85,9 +86,50 @@ def weather() -> Iterator[Container]:
     assert container.stop() == 0
 
 
+SLACK_TOKEN = "xoxb-e2e-slack-token-5d1e"
+LEAKED = "leaky-e2e-secret-93be"
+
+# A careless tool container: it returns, raises and logs the secret it was given. None of it may reach a tenant's
+# output, task, event or audit, or the stack's logs.
+LEAKY = """
+from altan.sdk import ToolContext, ToolError, tool
+
+@tool(credential="leaky-key")
+def leak(ctx: ToolContext, how: str = "output") -> dict:
+    \"\"\"Leaks its credential.\"\"\"
+    value = ctx.credential.value
+    if how == "error":
+        raise ToolError(f"refused with {value}")
+    if how == "crash":
+        raise RuntimeError(f"crashed with {value}")
+    return {"echo": value, value: "as a key", "headers": dict(ctx.credential.headers)}
+
+@tool
+def no_secret(ctx: ToolContext) -> dict:
+    \"\"\"Declares no credential.\"\"\"
+    return {"credential": repr(ctx.credential)}
+"""
+
+
 @pytest.fixture(scope="module")
-def notifier() -> Iterator[Container]:
-    container = serve_tools(ROOT / "examples" / "slack_notifier.py", free_port())
+def slack() -> Iterator[FakeSlack]:
+    fake = start_fake_slack(SLACK_TOKEN)
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture(scope="module")
+def notifier(slack: FakeSlack) -> Iterator[Container]:
+    container = serve_tools(ROOT / "examples" / "slack_notifier.py", free_port(), SLACK_API_URL=slack.api_url)
+    yield container
+    assert container.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def leaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    module = tmp_path_factory.mktemp("leaky") / "leaky.py"
+    module.write_text(LEAKY)
+    container = serve_tools(module, free_port())
     yield container
     assert container.stop() == 0
 
@@ -102,12 +144,13 @@ def spare_port() -> int:
 def stack(
     weather: Container,
     notifier: Container,
+    leaky: Container,
     spare_port: int,
     third_party: FakeThirdParty,
     llms: Llms,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    containers = f"{weather.address},{notifier.address},127.0.0.1:{spare_port}"
+    containers = f"{weather.address},{notifier.address},{leaky.address},127.0.0.1:{spare_port}"
     allow = f"127.0.0.1:{third_party.port},127.0.0.1:{llms.openai.port}"
     env = {"ALTAN_TOOL_CONTAINERS": containers, "ALTAN_TOOL_CONTAINERS_REFRESH_SECONDS": "1"}
     running = start_stack(
@@ -131,7 +174,9 @@ def test_container_tools_are_in_every_tenants_catalogue(stack: Stack, tenant: st
             assert forecast["type"] == "container" and forecast["description"] == "Forecast for a city."
             assert forecast["input_schema"]["required"] == ["city"]
             assert forecast["input_schema"]["properties"]["days"]["default"] == 1
-            assert tools["slack_message"]["type"] == "container"
+            assert tools["slack_notify"]["type"] == "container"
+            assert tools["slack_notify"]["credential"] == "slack"  # what a tenant's admin is asked to grant
+            assert "credential" not in forecast
             assert "container" not in forecast and "revision" not in forecast  # where it runs is not the tenant's
             assert api.get("/v1/tools/forecast").json() == forecast
     listed = list(tools)
@@ -199,44 +244,87 @@ def test_the_agent_loop_calls_a_container_tool(stack: Stack, tenant: str, llms: 
     assert '"city": "Lima"' in second.body["messages"][-1]["content"].replace('":"', '": "')
 
 
-def test_the_slack_example_writes_what_a_custom_tool_with_the_credential_sends(
-    stack: Stack, tenant: str, third_party: FakeThirdParty
+def test_the_slack_example_posts_with_the_credential_its_admin_granted_and_nothing_else(
+    stack: Stack, tenant: str, slack: FakeSlack, llms: Llms
 ) -> None:
+    arguments = {"channel_id": "C0123ABCD", "text": "Deploy done"}
     with stack.client(tenant) as api:
-        credential = {"type": "api_key", "value": "xoxb-e2e-slack-token"}
-        assert api.put("/v1/credentials/slack", json=credential).status_code == 201
-        post = {
-            "tool_id": "slack_post",
-            "name": "Post to Slack",
-            "endpoint": f"{third_party.base_url}/api/chat.postMessage",
-            "auth": "api_key",
-            "credential": "slack",
-            "input_schema": {"type": "object"},
-        }
-        assert api.post("/v1/tools", json=post).status_code == 201
-        plan = [
-            {"id": "write", "tool": "slack_message", "arguments": {"channel_id": "C0123ABCD", "text": "Deploy done"}},
-            {
-                "id": "send",
-                "tool": "slack_post",
-                "depends_on": ["write"],
-                "arguments": {
-                    "channel": "${write.output.channel}",
-                    "text": "${write.output.text}",
-                    "blocks": "${write.output.blocks}",
-                },
-            },
+        missing = api.post("/v1/tools/slack_notify/invoke", json={"arguments": arguments})
+        assert missing.status_code == 400 and "credential 'slack' not found" in missing.json()["error"]["message"]
+        assert api.put("/v1/credentials/slack", json={"type": "api_key", "value": SLACK_TOKEN}).status_code == 201
+        ungranted = api.post("/v1/tools/slack_notify/invoke", json={"arguments": arguments})
+        assert ungranted.status_code == 403 and "not granted to tool 'slack_notify'" in ungranted.text, ungranted.text
+        assert not slack.posted()  # nothing left the integrator: the container was never called
+
+        granted = {"type": "api_key", "value": SLACK_TOKEN, "tools": ["slack_notify"]}
+        stored = api.put("/v1/credentials/slack", json=granted)
+        assert stored.status_code == 200 and stored.json()["tools"] == ["slack_notify"]
+        posted = api.post("/v1/tools/slack_notify/invoke", json={"arguments": {**arguments, "severity": "warning"}})
+        assert posted.status_code == 200, posted.text
+        assert posted.json()["output"]["channel"] == "C0123ABCD" and posted.json()["output"]["ts"]
+        [request] = slack.posted()
+        assert request.path == "/api/chat.postMessage" and request.authorization == f"Bearer {SLACK_TOKEN}"
+        assert request.body["text"] == ":warning: Deploy done"
+        assert request.body["blocks"][1]["elements"][0]["text"] == "sent by alice through Altan"
+        refused = api.post("/v1/tools/slack_notify/invoke", json={"arguments": {"channel_id": "X1", "text": "t"}})
+        assert refused.status_code == 400  # the schema's pattern, in the container
+
+        plan = [{"id": "s1", "tool": "slack_notify", "arguments": {"channel_id": "C0123ABCD", "text": "From a plan"}}]
+        agent = api.post("/v1/agents", json={"name": "n", "tools": ["slack_notify"]}).json()
+        task = _finished(
+            api, api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": {"plan": plan}}).json()["task_id"]
+        )
+        assert task["status"] == "succeeded" and task["result"]["s1"]["channel"] == "C0123ABCD", task
+        model = llms.model(
+            Reply(calls=(Call("slack_notify", {"channel_id": "C0123ABCD", "text": "From the loop"}),)),
+            Reply(text="Sent."),
+        )
+        body = {"name": "l", "instructions": "Notify.", "llm": llms.config(model), "tools": ["slack_notify"]}
+        looping = api.post("/v1/agents", json=body).json()
+        task = _finished(api, api.post(f"/v1/agents/{looping['id']}/tasks", json={"input": "tell"}).json()["task_id"])
+        assert task["status"] == "succeeded" and task["result"] == {"answer": "Sent."}, task
+        assert [p.body["text"] for p in slack.posted()[1:]] == [
+            ":information_source: From a plan",
+            ":information_source: From the loop",
         ]
-        agent = api.post("/v1/agents", json={"name": "n", "tools": ["slack_message", "slack_post"]}).json()
-        submitted = api.post(f"/v1/agents/{agent['id']}/tasks", json={"input": {"plan": plan}})
-        task = _finished(api, submitted.json()["task_id"])
-    assert task["status"] == "succeeded", task
-    sent = task["result"]["send"]
-    assert sent["authenticated"] is True and sent["path"] == "/api/chat.postMessage"
-    assert sent["json"]["channel"] == "C0123ABCD" and sent["json"]["text"] == ":information_source: Deploy done"
-    assert sent["json"]["blocks"][1]["elements"][0]["text"] == f"sent by alice of {tenant} through Altan"
-    [request] = [r for r in third_party.requests_to("/api/chat.postMessage") if b"Deploy done" in r.body]
-    assert request.headers["Authorization"] == "Bearer xoxb-e2e-slack-token"
+
+        audit = api.get("/v1/audit").json()["events"]
+        calls = [e for e in audit if e["tool_id"] == "slack_notify"]
+        assert calls[0]["outcome"] in ("error", "denied") and calls[1]["outcome"] == "denied"
+        assert calls[2]["outcome"] == "ok"
+        seen = (
+            api.get("/v1/audit").text
+            + api.get(f"/v1/tasks/{task['task_id']}/events").text
+            + api.get("/v1/credentials").text
+        )
+        assert SLACK_TOKEN not in seen and SLACK_TOKEN not in str(llms.requests(model))
+    with stack.client(new_tenant()) as other:  # another tenant's grant is its own
+        assert other.put("/v1/credentials/slack", json={"type": "api_key", "value": "xoxb-other"}).status_code == 201
+        assert other.post("/v1/tools/slack_notify/invoke", json={"arguments": arguments}).status_code == 403
+    assert SLACK_TOKEN not in stack.logs()
+
+
+def test_a_secret_a_container_echoes_is_redacted_and_never_sent_unasked(stack: Stack, tenant: str) -> None:
+    with stack.client(tenant) as api:
+        key = {"type": "api_key", "value": LEAKED, "tools": ["leak"]}
+        assert api.put("/v1/credentials/leaky-key", json=key).status_code == 201
+        output = api.post("/v1/tools/leak/invoke", json={"arguments": {}})
+        assert output.status_code == 200, output.text
+        assert output.json()["output"] == {
+            "echo": "[redacted]",
+            "[redacted]": "as a key",
+            "headers": {"Authorization": "Bearer [redacted]"},
+        }
+        error = api.post("/v1/tools/leak/invoke", json={"arguments": {"how": "error"}})
+        assert error.status_code == 400 and error.json()["error"]["message"] == "tool 'leak': refused with [redacted]"
+        crash = api.post("/v1/tools/leak/invoke", json={"arguments": {"how": "crash"}})
+        assert crash.status_code == 400 and LEAKED not in crash.text
+        # A tool that declares no credential receives none, whatever the tenant's credentials grant.
+        assert api.post("/v1/tools/no_secret/invoke", json={"arguments": {}}).json() == {
+            "output": {"credential": "None"}
+        }
+        assert LEAKED not in api.get("/v1/audit").text
+    assert LEAKED not in stack.logs()
 
 
 def test_a_container_that_stops_makes_its_tools_fail_clearly_never_the_catalogue(

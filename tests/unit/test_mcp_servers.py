@@ -9,11 +9,20 @@ from dataclasses import dataclass, replace
 
 import pytest
 
-from altan import context
-from altan.api.mcp import McpServerSpec
+from altan import context, outbound
+from altan.api.mcp import McpServerSpec, parse_mcp_server_spec
+from altan.api.tools import tool_to_proto
 from altan.context import RequestContext
 from altan.egress import EgressGuard, EgressPolicy
-from altan.errors import EgressRefused, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, Unavailable
+from altan.errors import (
+    DeadlineExceeded,
+    EgressRefused,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unavailable,
+)
 from altan.outbound import GuardedHttpClient
 from altan.store import MemoryBackend, TenantStore
 from services.tool.executor import Credential, ToolExecutor
@@ -81,7 +90,10 @@ async def test_a_servers_tools_join_the_tenants_catalogue_with_their_schemas(rig
         "ref__camelcase_tool",
         "ref__echo",
         "ref__fail",
+        "ref__grow",
         "ref__sessions",
+        "ref__shrink",
+        "ref__slow",
         "ref__whoami",
     ]
     listed = {t["tool_id"]: t for t in await rig.registry.all() if t["type"] == "mcp"}
@@ -190,17 +202,162 @@ async def test_a_restarted_server_is_reconnected_and_a_deleted_one_forgotten(rig
         await mcp.sync("ref", McpServerSpec(url=url), None, None)
         tool = await mcp.tool("ref__sessions")
         assert tool is not None
-        assert await mcp.invoke(tool, {}, None, None) == {"result": 2}  # the listing's, closed, then the calls'
-        assert await mcp.invoke(tool, {}, None, None) == {"result": 2}
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 1}  # the listing's session is kept for calls
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 1}
         stop_process(server)
         server, _ = start_process(port=port)  # a new process: it knows no session
         assert await mcp.invoke(tool, {}, None, None) == {"result": 1}
         await mcp.sync("ref", McpServerSpec(url=url), None, None)  # replaced: its calls start afresh
-        assert await mcp.invoke(tool, {}, None, None) == {"result": 3}
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 2}
         await mcp.delete("ref")
         await mcp.sync("ref", McpServerSpec(url=url), None, None)
-        assert await mcp.invoke(tool, {}, None, None) == {"result": 5}
+        assert await mcp.invoke(tool, {}, None, None) == {"result": 3}
     finally:
         await mcp.aclose()
         await http.aclose()
         stop_process(server)
+
+
+async def _until_listed(mcp: McpServers, tool_id: str, present: bool, deadline: float = 10.0) -> None:
+    """Until the re-listing (in the background) has put ``tool_id`` in the catalogue or taken it out."""
+    end = asyncio.get_running_loop().time() + deadline
+    while (await mcp.tool(tool_id) is not None) != present:
+        assert asyncio.get_running_loop().time() < end, f"{tool_id} {'never came' if present else 'never left'}"
+        await asyncio.sleep(0.02)
+
+
+@pytest.fixture(params=[300.0])
+async def changing(request: pytest.FixtureRequest) -> AsyncIterator[tuple[McpServers, str]]:
+    """A reference server of its own (its tool list changes), and MCP servers re-listing every ``param`` seconds
+    (by default too seldom to matter: what changes then was heard)."""
+    server, port = start_process()
+    http = GuardedHttpClient(EgressGuard(EgressPolicy.parse(f"127.0.0.1:{port}")))
+    mcp = McpServers(
+        TenantStore(MemoryBackend(), "tool"), http.transport, default_timeout=10, relist_seconds=request.param
+    )
+    as_role()
+    try:
+        yield mcp, f"http://127.0.0.1:{port}/mcp"
+    finally:
+        await mcp.aclose()
+        await http.aclose()
+        stop_process(server)
+
+
+async def test_tools_list_changed_adds_and_removes_tools(changing: tuple[McpServers, str]) -> None:
+    mcp, url = changing
+    await mcp.sync("ref", McpServerSpec(url=url), None, None)
+    grow = await mcp.tool("ref__grow")
+    assert grow is not None and await mcp.tool("ref__late") is None
+    assert await mcp.invoke(grow, {"name": "late"}, None, None) == {"result": 1}  # one session told: ours
+    await _until_listed(mcp, "ref__late", present=True)
+    late = await mcp.tool("ref__late")
+    assert late is not None and late["description"] == "Added at runtime: late."
+    assert await mcp.invoke(late, {"text": "hi"}, None, None) == {"result": "late hi"}
+    shrink = await mcp.tool("ref__shrink")
+    assert shrink is not None
+    await mcp.invoke(shrink, {"name": "late"}, None, None)
+    await _until_listed(mcp, "ref__late", present=False)
+    assert "ref__late" not in (await mcp.get("ref"))["tools"]
+    as_role(tenant="globex")  # another tenant's catalogue never saw it
+    assert await mcp.tool("ref__late") is None
+
+
+@pytest.mark.parametrize("changing", [0.5], indirect=True)
+async def test_a_server_that_changes_without_saying_so_is_listed_again(changing: tuple[McpServers, str]) -> None:
+    mcp, url = changing
+    await mcp.sync("ref", McpServerSpec(url=url), None, None)
+    grow = await mcp.tool("ref__grow")
+    assert grow is not None
+    assert await mcp.invoke(grow, {"name": "quiet", "notify": False}, None, None) == {"result": 0}
+    await _until_listed(mcp, "ref__quiet", present=True)
+
+
+async def test_tool_options_apply_to_the_servers_tools(rig: Rig) -> None:
+    options = {
+        "add": {"rate_limit": {"requests": 2, "per_seconds": 60}, "cacheable_seconds": 30, "fallback_tool_id": "x"},
+        "echo": {"requires_approval": True, "timeout_seconds": 2.5},
+        "later": {"cacheable_seconds": 5},  # not listed (yet): kept for when it is
+    }
+    server, _ = await rig.mcp.sync(
+        "ref", McpServerSpec.model_validate({"url": rig.url, "tool_options": options}), None, None
+    )
+    assert set(server["tool_options"]) == {"add", "echo", "later"}
+    add = await rig.registry.get("ref__add")
+    assert add["rate_limit"] == {"requests": 2, "per_seconds": 60}
+    assert add["cacheable_seconds"] == 30 and add["fallback_tool_id"] == "x"
+    proto = tool_to_proto(await rig.registry.get("ref__echo"))
+    assert proto.requires_approval and proto.cacheable_seconds == 0
+    assert (await rig.registry.get("ref__echo"))["timeout_seconds"] == 2.5
+    assert "rate_limit" not in await rig.registry.get("ref__fail")
+    itself = {"url": rig.url, "tool_options": {"add": {"fallback_tool_id": "ref__add"}}}
+    server, _ = await rig.mcp.sync("ref", McpServerSpec.model_validate(itself), None, None)
+    assert "ref__add" not in server["tools"]  # refused (logged), like a tool whose schema fails
+
+
+def test_tool_options_are_bounded() -> None:
+    with pytest.raises(InvalidArgument):
+        parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": {"a b": {}}})
+    with pytest.raises(InvalidArgument):
+        parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": {"add": {"timeout_seconds": -1}}})
+    many: dict[str, dict[str, object]] = {f"t{i}": {} for i in range(201)}
+    with pytest.raises(InvalidArgument):
+        parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": many})
+    with pytest.raises(InvalidArgument):
+        parse_mcp_server_spec({"url": "https://mcp.example.com/mcp", "tool_options": {"add": {"retries": 3}}})
+
+
+async def test_a_hostile_servers_long_list_and_evil_output_schema_stay_bounded() -> None:
+    server, port = start_process(hostile=True)
+    http = GuardedHttpClient(EgressGuard(EgressPolicy.parse(f"127.0.0.1:{port}")))
+    mcp = McpServers(TenantStore(MemoryBackend(), "tool"), http.transport, default_timeout=10)
+    as_role()
+    try:
+        stored, _ = await mcp.sync("evil", McpServerSpec(url=f"http://127.0.0.1:{port}/mcp"), None, None)
+        assert len(stored["tools"]) == 200  # of the 311 it lists
+        tool = await mcp.tool("evil__evil_output")
+        assert tool is not None
+        # Its output schema is never evaluated here (the SDK's call_tool would backtrack for minutes on it): the
+        # answer is the server's, as it gave it, well within the call's budget.
+        assert await mcp.invoke(tool, {}, None, 5) == {"s": "a" * 40 + "!"}
+    finally:
+        await mcp.aclose()
+        await http.aclose()
+        stop_process(server)
+
+
+async def test_calls_reuse_their_connections(rig: Rig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK closes each SSE answer before the server's last chunk; the session reads that chunk so that httpcore
+    can use the connection again instead of opening one per call."""
+    opened: list[str] = []
+    connect = outbound._PinnedBackend.connect_tcp
+
+    async def counting(self: object, host: str, port: int, *args: object, **kwargs: object) -> object:
+        opened.append(f"{host}:{port}")
+        return await connect(self, host, port, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(outbound._PinnedBackend, "connect_tcp", counting)
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    tool = await rig.mcp.tool("ref__add")
+    assert tool is not None
+
+    async def calls() -> None:
+        for i in range(5):
+            assert (await rig.mcp.invoke(tool, {"a": i, "b": 1}, None, None))["total"] == i + 1
+
+    await asyncio.gather(*(calls() for _ in range(8)))
+    assert len(opened) <= 8 + 2, opened  # one per call in flight at most, and the session's own (GET stream)
+
+
+async def test_a_tools_timeout_option_bounds_its_calls_within_the_deadline(rig: Rig) -> None:
+    spec = McpServerSpec.model_validate({"url": rig.url, "tool_options": {"slow": {"timeout_seconds": 0.3}}})
+    await rig.mcp.sync("ref", spec, None, None)
+    tool = await rig.mcp.tool("ref__slow")
+    assert tool is not None
+    assert await rig.mcp.invoke(tool, {"seconds": 0.01}, None, 10) == {"result": 0.01}
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(DeadlineExceeded, match=r"within 0\.3s"):
+        await rig.mcp.invoke(tool, {"seconds": 5}, None, 10)  # the option, not the call's 10 s
+    assert asyncio.get_running_loop().time() - started < 4
+    with pytest.raises(DeadlineExceeded, match=r"within 0\.2s"):
+        await rig.mcp.invoke(tool, {"seconds": 5}, None, 0.2)  # the call's deadline, when it is the shorter

@@ -13,7 +13,7 @@ import pytest
 from pydantic import BaseModel, Field
 
 from altan.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument
-from altan.sdk import Tool, ToolContext, ToolError, tool
+from altan.sdk import Tool, ToolContext, ToolCredential, ToolError, tool
 from altan.sdk.container import load_tools
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -168,7 +168,8 @@ async def test_any_other_error_fails_clearly_without_its_message_or_a_trace(capl
         await call(leaky, {})
     assert caught.value.message == "tool 'leaky' failed (RuntimeError); the tool container's log has the details"
     assert "Traceback" not in caught.value.message
-    assert any(r.exc_info for r in caplog.records)  # the developer finds the trace in the container's log
+    # The developer finds the trace in the container's log.
+    assert any("Traceback" in r.getMessage() and "RuntimeError" in r.getMessage() for r in caplog.records)
 
 
 async def test_a_value_that_is_not_json_fails_clearly() -> None:
@@ -242,3 +243,64 @@ def test_the_weather_example_is_the_one_the_readme_prints() -> None:
     assert forecast.tool_id == "forecast" and forecast.description == "Forecast for a city."
     assert forecast.input_schema["required"] == ["city"]
     assert forecast.input_schema["properties"]["days"] == {"default": 1, "title": "Days", "type": "integer"}
+
+
+SECRET = "xoxb-unit-secret-4242"
+GRANTED = ToolContext("acme", "alice", "admin", ToolCredential(name="slack", value=SECRET))
+
+
+@tool(credential="slack")
+def notify(ctx: ToolContext, how: str = "ok") -> dict[str, Any]:
+    """Uses its credential."""
+    assert ctx.credential is not None
+    if how == "error":
+        raise ToolError(f"Slack said no to {ctx.credential.value}")
+    if how == "crash":
+        raise RuntimeError(f"crashed holding {ctx.credential.value}")
+    return {"headers": dict(ctx.credential.headers)}
+
+
+async def test_a_declared_credential_is_in_the_definition_and_reaches_the_function() -> None:
+    assert notify.definition().credential == "slack" and ship.definition().credential == ""
+    answer = json.loads(await notify.invoke(b"{}", GRANTED))
+    assert answer == {"headers": {"Authorization": f"Bearer {SECRET}"}}  # the Tool Service redacts what comes back
+    assert SECRET not in repr(GRANTED)  # a context logged by mistake does not show the value
+
+
+async def test_a_tool_without_its_credential_fails_clearly_and_one_without_a_declaration_gets_none() -> None:
+    with pytest.raises(FailedPrecondition, match=r"needs credential 'slack'.*\"tools\": \[\"notify\"\]"):
+        await notify.invoke(b"{}", CALLER)
+    other = ToolContext("acme", "alice", "admin", ToolCredential(name="github", value="ghp"))
+    with pytest.raises(FailedPrecondition, match="needs credential 'slack'"):
+        await notify.invoke(b"{}", other)
+
+    @tool
+    def plain(ctx: ToolContext) -> str:
+        """Declares nothing."""
+        return repr(ctx.credential)
+
+    assert json.loads(await plain.invoke(b"{}", GRANTED)) == "None"
+
+
+async def test_a_secret_in_a_failure_is_redacted_from_the_message_and_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    with pytest.raises(FailedPrecondition, match=r"^tool 'notify': Slack said no to \[redacted\]$"):
+        await notify.invoke(b'{"how": "error"}', GRANTED)
+    with pytest.raises(FailedPrecondition) as caught:
+        await notify.invoke(b'{"how": "crash"}', GRANTED)
+    assert SECRET not in caught.value.message
+    assert caplog.records and all(SECRET not in r.getMessage() for r in caplog.records)
+    assert any("crashed holding [redacted]" in r.getMessage() for r in caplog.records)
+
+
+def test_a_credential_is_declared_by_name_and_read_from_the_context() -> None:
+    def badly_named(ctx: ToolContext) -> None:
+        """Names no credential."""
+
+    with pytest.raises(ValueError, match="credential 'no spaces allowed'"):
+        tool(credential="no spaces allowed")(badly_named)
+
+    def without_context() -> None:
+        """Cannot read it."""
+
+    with pytest.raises(TypeError, match="ToolContext"):
+        tool(credential="slack")(without_context)

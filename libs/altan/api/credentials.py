@@ -49,6 +49,11 @@ Host = Annotated[
 ]
 Hosts = Annotated[list[Host], Field(max_length=50, description="Where http_request may send the credential.")]
 HeaderName = Annotated[str, Field(pattern=r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,64}$")]
+# Container tools a credential is granted to (their ids): nothing reaches a tool container unless its admin lists it.
+GrantedTools = Annotated[
+    list[Annotated[str, Field(pattern=r"^[a-z][a-z0-9_\-]{0,63}$")]],
+    Field(max_length=100, description="The container tools that may receive the credential (tool ids)."),
+]
 
 
 # What _header_safe checks, for the OpenAPI document (the check itself gives the plainer message).
@@ -73,6 +78,7 @@ class ApiKeySpec(ApiModel):
     header: HeaderName = "Authorization"
     prefix: str = Field(default="Bearer ", max_length=64, json_schema_extra=_PRINTABLE)
     hosts: Hosts = Field(default_factory=list)
+    tools: GrantedTools = Field(default_factory=list)
 
     _printable = field_validator("value", "prefix")(_header_safe)
 
@@ -89,6 +95,7 @@ class OAuth2Spec(ApiModel):
     scopes: list[Annotated[str, Field(min_length=1, max_length=512)]] = Field(default_factory=list, max_length=100)
     redirect_uri: HttpUrl
     hosts: Hosts = Field(default_factory=list)
+    tools: GrantedTools = Field(default_factory=list)
 
 
 class Credential(BaseModel):
@@ -98,6 +105,7 @@ class Credential(BaseModel):
     type: Literal["api_key", "oauth2"]
     status: Literal["connected", "pending", "needs_reauth", "error"]
     hosts: list[str]
+    tools: list[str] | None = Field(default=ABSENT, description="Present when container tools are granted it.")
     header: str | None = Field(default=ABSENT, description="API keys: the header that carries the key.")
     prefix: str | None = Field(default=ABSENT, description="API keys: the key's prefix in that header.")
     client_id: str | None = None
@@ -164,7 +172,7 @@ class _NameOnly(ApiModel):
 
 def credential_spec_to_proto(spec: ApiKeySpec | OAuth2Spec) -> integrator_pb2.CredentialSpec:
     """The proto of a validated credential, secrets included (the gateway's half of PutCredential)."""
-    out = integrator_pb2.CredentialSpec(hosts=spec.hosts)
+    out = integrator_pb2.CredentialSpec(hosts=spec.hosts, tools=spec.tools)
     if isinstance(spec, ApiKeySpec):
         out.api_key.value = spec.value
         out.api_key.header = spec.header
@@ -187,6 +195,8 @@ def credential_spec_to_proto(spec: ApiKeySpec | OAuth2Spec) -> integrator_pb2.Cr
 def credential_spec_from_proto(msg: integrator_pb2.CredentialSpec) -> ApiKeySpec | OAuth2Spec:
     """The credential of a PutCredential request, checked by the same model as a REST body."""
     fields: dict[str, Any] = {"hosts": list(msg.hosts)} if msg.hosts else {}
+    if msg.tools:
+        fields["tools"] = list(msg.tools)
     kind = msg.WhichOneof("kind")
     if kind == "api_key":
         fields["type"] = "api_key"
@@ -213,6 +223,7 @@ def credential_to_proto(meta: dict[str, Any]) -> integrator_pb2.Credential:
         name=meta["name"],
         type=enum_value(_AUTH, meta["type"]),  # type: ignore[arg-type]
         hosts=meta.get("hosts", []),
+        tools=meta.get("tools", []),
         status=enum_value(_STATUS, meta.get("status", "connected")),  # type: ignore[arg-type]
         created_at=timestamp(meta["created_at"]),
         updated_at=timestamp(meta["updated_at"]),
@@ -250,6 +261,8 @@ def credential_json(msg: integrator_pb2.Credential) -> dict[str, Any]:
         "status": credential_status_name(msg.status),
         "hosts": list(msg.hosts),
     }
+    if msg.tools:
+        body["tools"] = list(msg.tools)
     if kind == "api_key":
         body.update(header=msg.header, prefix=msg.prefix)
     else:

@@ -420,13 +420,16 @@ def tool_json(msg: tool_pb2.Tool) -> dict[str, Any]:
         "description": msg.description,
         "input_schema": struct_to_dict(msg.input_schema),
     }
-    if kind != "custom":
+    if kind in ("builtin", "container"):
+        if msg.credential:  # a container tool's declared credential: what a tenant's admin grants it
+            body["credential"] = msg.credential
         return body
-    if msg.parameters:
-        body["parameters"] = [_parameter_json(p) for p in msg.parameters]
-    body["endpoint"] = msg.endpoint
-    body["method"] = (enum_name(_METHOD, msg.method) or "post").upper()
-    body["auth"] = enum_name(_AUTH, msg.auth) or "none"
+    if kind == "custom":
+        if msg.parameters:
+            body["parameters"] = [_parameter_json(p) for p in msg.parameters]
+        body["endpoint"] = msg.endpoint
+        body["method"] = (enum_name(_METHOD, msg.method) or "post").upper()
+        body["auth"] = enum_name(_AUTH, msg.auth) or "none"
     if msg.credential:
         body["credential"] = msg.credential
     if msg.HasField("rate_limit"):

@@ -12,6 +12,6 @@ async def forecast(city: str, days: int = 1) -> dict:
 See docs/tool-developers.md.
 """
 
-from altan.sdk._tool import Tool, ToolContext, ToolError, tool
+from altan.sdk._tool import Tool, ToolContext, ToolCredential, ToolError, tool
 
-__all__ = ["Tool", "ToolContext", "ToolError", "tool"]
+__all__ = ["Tool", "ToolContext", "ToolCredential", "ToolError", "tool"]

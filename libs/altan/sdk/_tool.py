@@ -11,8 +11,9 @@ import asyncio
 import inspect
 import logging
 import re
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast, get_type_hints, overload
 
 import pydantic_core
@@ -23,7 +24,7 @@ from altan.api.convert import python_to_struct
 from altan.errors import AltanError, DeadlineExceeded, FailedPrecondition, InvalidArgument
 from altan.v1 import tool_pb2
 
-__all__ = ["Tool", "ToolContext", "ToolError", "tool"]
+__all__ = ["Tool", "ToolContext", "ToolCredential", "ToolError", "tool"]
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +34,32 @@ R = TypeVar("R")
 # The Tool Service's rule for every tool id (altan.api.tools.TOOL_ID_PATTERN): refused here, at import, rather than
 # at discovery.
 _TOOL_ID = re.compile(r"^[a-z][a-z0-9_\-]{0,63}$")
+# A credential's name, as the tenant names it (altan.api.common.Name).
+_CREDENTIAL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+REDACTED = "[redacted]"
+
+
+@dataclass(frozen=True)
+class ToolCredential:
+    """The tenant's secret for this one call, injected by the platform because the tool declared it
+    (``@tool(credential=...)``) and the tenant's admin granted it to the tool. Never log it or return it: an
+    echoed value is redacted from the output, but a copy kept elsewhere is beyond reach."""
+
+    name: str
+    value: str = field(repr=False)
+    header: str = "Authorization"
+    prefix: str = "Bearer "
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        """The header that carries it, as its admin described it (``Authorization: Bearer <value>`` by default)."""
+        return {self.header: f"{self.prefix}{self.value}"}
 
 
 @dataclass(frozen=True)
 class ToolContext:
-    """Who called the tool, as proven by the bearer token the container verified.
+    """Who called the tool, as proven by the bearer token the container verified, and the credential the tool
+    declared (``None`` for a tool that declares none).
 
     A tool receives it by declaring a parameter annotated ``ToolContext`` (any name); that parameter is not part of
     the tool's arguments or schema.
@@ -46,6 +68,7 @@ class ToolContext:
     tenant_id: str
     user: str
     role: Literal["admin", "member"]
+    credential: ToolCredential | None = None
 
 
 class ToolError(Exception):
@@ -60,7 +83,14 @@ class ToolError(Exception):
 class Tool(Generic[P, R]):
     """A function served as a tool. Calling it calls the function, so it stays testable as it was written."""
 
-    def __init__(self, function: Callable[P, R], *, tool_id: str | None = None, description: str | None = None) -> None:
+    def __init__(
+        self,
+        function: Callable[P, R],
+        *,
+        tool_id: str | None = None,
+        description: str | None = None,
+        credential: str | None = None,
+    ) -> None:
         if inspect.isgeneratorfunction(function) or inspect.isasyncgenfunction(function):
             raise TypeError(f"@tool {function.__name__}: a generator cannot be a tool; return the whole value")
         self.function = function
@@ -70,9 +100,19 @@ class Tool(Generic[P, R]):
                 f"@tool {function.__name__}: the tool id {self.tool_id!r} must match {_TOOL_ID.pattern} "
                 "(name the function in snake_case, or give @tool(tool_id=...))"
             )
+        if credential is not None and not _CREDENTIAL_NAME.match(credential):
+            raise ValueError(
+                f"@tool {function.__name__}: credential {credential!r} must match {_CREDENTIAL_NAME.pattern}"
+            )
+        self.credential = credential or ""
         self.description = description if description is not None else inspect.getdoc(function) or ""
         self._is_async = inspect.iscoroutinefunction(function)
         self._context_parameter, self.arguments = _arguments_model(function, self.tool_id)
+        if self.credential and not self._context_parameter:
+            raise TypeError(
+                f"@tool {function.__name__}: a tool that declares a credential reads it from a parameter annotated "
+                "ToolContext (ctx.credential)"
+            )
         self.input_schema = _schema(self.arguments)
         self.__doc__ = function.__doc__
         self.__name__ = function.__name__
@@ -92,6 +132,7 @@ class Tool(Generic[P, R]):
             name=self.tool_id,
             description=self.description,
             input_schema=python_to_struct(self.input_schema),
+            credential=self.credential,
         )
 
     async def invoke(self, arguments_json: bytes, caller: ToolContext, timeout: float | None = None) -> bytes:
@@ -106,9 +147,17 @@ class Tool(Generic[P, R]):
         except ValidationError as exc:
             raise InvalidArgument(first_error(exc, "arguments")) from None
         kwargs: dict[str, Any] = dict(arguments)  # shallow: a parameter typed with a model receives the model
+        if self.credential and (caller.credential is None or caller.credential.name != self.credential):
+            raise FailedPrecondition(
+                f"tool '{self.tool_id}' needs credential '{self.credential}': the tenant's admin grants it with "
+                f'"tools": ["{self.tool_id}"] on that credential'
+            )
+        if not self.credential:
+            caller = ToolContext(caller.tenant_id, caller.user, caller.role)  # nothing it did not ask for
         if self._context_parameter:
             kwargs[self._context_parameter] = caller
-        result = await self._run(kwargs, timeout)
+        secret = caller.credential.value if caller.credential is not None else ""
+        result = await self._run(kwargs, timeout, secret)
         try:
             return pydantic_core.to_json(result)
         except pydantic_core.PydanticSerializationError:
@@ -117,7 +166,7 @@ class Tool(Generic[P, R]):
                 f"tool '{self.tool_id}' returned a {type(result).__name__}, which is not JSON-serialisable"
             ) from None
 
-    async def _run(self, kwargs: dict[str, Any], timeout: float | None) -> Any:
+    async def _run(self, kwargs: dict[str, Any], timeout: float | None, secret: str = "") -> Any:
         call: Awaitable[Any]
         if self._is_async:
             call = cast("Awaitable[Any]", self.function(**kwargs))  # type: ignore[call-arg]
@@ -134,18 +183,22 @@ class Tool(Generic[P, R]):
             # A sync function's thread cannot be stopped: it runs on, but nobody waits for it.
             raise DeadlineExceeded(f"tool '{self.tool_id}' did not finish within {timeout:g}s") from None
         except Exception as exc:
-            raise self._failure(exc) from None
+            raise self._failure(exc, secret) from None
 
-    def _failure(self, exc: Exception) -> AltanError:
+    def _failure(self, exc: Exception, secret: str = "") -> AltanError:
+        def said(text: str) -> str:  # a message that quotes the injected secret does not carry it further
+            return text.replace(secret, REDACTED) if secret else text
+
         if isinstance(exc, AltanError):
             return exc
         if isinstance(exc, ToolError):
-            return FailedPrecondition(f"tool '{self.tool_id}': {exc}")
+            return FailedPrecondition(said(f"tool '{self.tool_id}': {exc}"))
         if isinstance(exc, ValidationError):  # the function validated something itself: no input in the message
             return InvalidArgument(f"tool '{self.tool_id}': {first_error(exc, 'value')}")
         if isinstance(exc, ValueError | TypeError):
-            return InvalidArgument(f"tool '{self.tool_id}': {exc}")
-        log.error("a tool failed", exc_info=exc, extra={"tool_id": self.tool_id})
+            return InvalidArgument(said(f"tool '{self.tool_id}': {exc}"))
+        trace = said("".join(traceback.format_exception(exc)))
+        log.error("a tool failed: %s", trace, extra={"tool_id": self.tool_id})
         return FailedPrecondition(
             f"tool '{self.tool_id}' failed ({type(exc).__name__}); the tool container's log has the details"
         )
@@ -189,22 +242,32 @@ def tool(function: Callable[P, R], /) -> Tool[P, R]: ...
 
 
 @overload
-def tool(*, tool_id: str | None = None, description: str | None = None) -> Callable[[Callable[P, R]], Tool[P, R]]: ...
+def tool(
+    *, tool_id: str | None = None, description: str | None = None, credential: str | None = None
+) -> Callable[[Callable[P, R]], Tool[P, R]]: ...
 
 
 def tool(
-    function: Callable[P, R] | None = None, /, *, tool_id: str | None = None, description: str | None = None
+    function: Callable[P, R] | None = None,
+    /,
+    *,
+    tool_id: str | None = None,
+    description: str | None = None,
+    credential: str | None = None,
 ) -> Tool[P, R] | Callable[[Callable[P, R]], Tool[P, R]]:
-    """Make a tool of a sync or async function: ``@tool`` or ``@tool(tool_id=..., description=...)``.
+    """Make a tool of a sync or async function: ``@tool`` or ``@tool(tool_id=..., description=..., credential=...)``.
 
     The function's name is the ``tool_id``, its docstring the description, its type hints (pydantic models,
     ``Literal``, ``Optional``, ``Annotated[..., Field(description=...)]``, defaults) the JSON Schema of its
     arguments, and its return value (JSON-serialisable; pydantic models are dumped) the output.
+
+    ``credential`` names the tenant's credential the tool needs (``"slack"``): each call receives it in
+    ``ctx.credential`` once the tenant's admin has granted it to the tool, and fails clearly until then.
     """
     if function is not None:
-        return Tool(function, tool_id=tool_id, description=description)
+        return Tool(function, tool_id=tool_id, description=description, credential=credential)
 
     def decorate(fn: Callable[P, R]) -> Tool[P, R]:
-        return Tool(fn, tool_id=tool_id, description=description)
+        return Tool(fn, tool_id=tool_id, description=description, credential=credential)
 
     return decorate

@@ -18,7 +18,7 @@ from altan import context
 from altan.auth import TokenVerifier
 from altan.config import Settings
 from altan.errors import NotFound
-from altan.sdk._tool import Tool, ToolContext
+from altan.sdk._tool import Tool, ToolContext, ToolCredential
 from altan.server import Context, GrpcService, serve_until_stopped
 from altan.v1 import container_pb2, container_pb2_grpc
 
@@ -50,7 +50,11 @@ class ToolContainerServicer(container_pb2_grpc.ToolContainerServiceServicer):
         remaining = ctx.time_remaining()
         if remaining is not None:
             timeout = min(timeout or remaining, remaining)
-        caller_context = ToolContext(caller.tenant_id, caller.user, caller.role)
+        credential = None
+        if request.HasField("credential"):  # for this call only: it lives in this request's context and no longer
+            c = request.credential
+            credential = ToolCredential(name=c.name, value=c.value, header=c.header, prefix=c.prefix)
+        caller_context = ToolContext(caller.tenant_id, caller.user, caller.role, credential)
         output = await tool.invoke(request.arguments_json, caller_context, timeout)
         return container_pb2.InvokeContainerToolResponse(output_json=output)
 

@@ -46,7 +46,8 @@ class ListContainerToolsResponse(_message.Message):
     @_builtins.property
     def tools(self) -> _containers.RepeatedCompositeFieldContainer[_tool_pb2.Tool]:
         """The container's tools: `type` TOOL_TYPE_CONTAINER, `tool_id` (the function's name), `name`, `description` (its
-        docstring) and `input_schema` (from its type hints). Other fields are not set.
+        docstring), `input_schema` (from its type hints) and `credential` (the name of the tenant credential it needs,
+        or empty). Other fields are not set.
         """
 
     def __init__(
@@ -71,26 +72,68 @@ class InvokeContainerToolRequest(_message.Message):
     TOOL_ID_FIELD_NUMBER: _builtins.int
     ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    CREDENTIAL_FIELD_NUMBER: _builtins.int
     tool_id: _builtins.str
     """The tool to run."""
     arguments_json: _builtins.bytes
     """The arguments, a JSON object (UTF-8)."""
     timeout_seconds: _builtins.float
     """Time budget for the call in seconds (0: the call's gRPC deadline alone)."""
+    @_builtins.property
+    def credential(self) -> Global___ContainerCredential:
+        """The tenant's credential for this one call, when the tool declares one (its `credential`) and the tenant's admin
+        granted it to the tool; the container keeps it no longer than the call.
+        """
+
     def __init__(
         self,
         *,
         tool_id: _builtins.str = ...,
         arguments_json: _builtins.bytes = ...,
         timeout_seconds: _builtins.float = ...,
+        credential: Global___ContainerCredential | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "timeout_seconds", b"timeout_seconds", "tool_id", b"tool_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "credential", b"credential", "timeout_seconds", b"timeout_seconds", "tool_id", b"tool_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___InvokeContainerToolRequest: _TypeAlias = InvokeContainerToolRequest  # noqa: Y015
+
+@_typing.final
+class ContainerCredential(_message.Message):
+    """A secret injected by the Integrator Engine into one call of a container tool."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    HEADER_FIELD_NUMBER: _builtins.int
+    PREFIX_FIELD_NUMBER: _builtins.int
+    VALUE_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The credential's name (the one the tool declares)."""
+    header: _builtins.str
+    """The header the credential's admin said carries it (for example `Authorization`)."""
+    prefix: _builtins.str
+    """The value's prefix in that header (for example `Bearer `)."""
+    value: _builtins.str
+    """The secret itself: an API key or an OAuth2 access token."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        header: _builtins.str = ...,
+        prefix: _builtins.str = ...,
+        value: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["header", b"header", "name", b"name", "prefix", b"prefix", "value", b"value"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ContainerCredential: _TypeAlias = ContainerCredential  # noqa: Y015
 
 @_typing.final
 class InvokeContainerToolResponse(_message.Message):

@@ -176,6 +176,7 @@ class CredentialSpec(_message.Message):
     API_KEY_FIELD_NUMBER: _builtins.int
     OAUTH2_FIELD_NUMBER: _builtins.int
     HOSTS_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def api_key(self) -> Global___ApiKeySpec:
         """An API key."""
@@ -190,16 +191,23 @@ class CredentialSpec(_message.Message):
         name it.
         """
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The container tools it may be injected into (tool ids); empty: none. A container tool that declares a
+        credential of this name receives it only when its id is listed here.
+        """
+
     def __init__(
         self,
         *,
         api_key: Global___ApiKeySpec | None = ...,
         oauth2: Global___OAuth2Spec | None = ...,
         hosts: _abc.Iterable[_builtins.str] | None = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "kind", b"kind", "oauth2", b"oauth2"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "hosts", b"hosts", "kind", b"kind", "oauth2", b"oauth2"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "hosts", b"hosts", "kind", b"kind", "oauth2", b"oauth2", "tools", b"tools"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["api_key", "oauth2"]  # noqa: Y015
     _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
@@ -222,6 +230,7 @@ class Credential(_message.Message):
     OAUTH2_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    TOOLS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The credential's name, unique in the tenant."""
     type: _common_pb2.AuthType.ValueType
@@ -248,6 +257,10 @@ class Credential(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """Time of the last change."""
 
+    @_builtins.property
+    def tools(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The container tools it may be injected into."""
+
     def __init__(
         self,
         *,
@@ -260,10 +273,11 @@ class Credential(_message.Message):
         oauth2: Global___OAuth2Spec | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        tools: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "oauth2", b"oauth2", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "header", b"header", "hosts", b"hosts", "name", b"name", "oauth2", b"oauth2", "prefix", b"prefix", "status", b"status", "type", b"type", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "header", b"header", "hosts", b"hosts", "name", b"name", "oauth2", b"oauth2", "prefix", b"prefix", "status", b"status", "tools", b"tools", "type", b"type", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -27,19 +27,21 @@ from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ltan/v1/tool.proto\x12\x08\x61ltan.v1\x1a\x15\x61ltan/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x01\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.altan.v1.ParameterType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12(\n\x04\x65num\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x07\x64\x65\x66\x61ult\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x05items\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"2\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x05\x12\x13\n\x0bper_seconds\x18\x02 \x01(\x05\"\xcb\x03\n\x04Tool\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12 \n\x04type\x18\x02 \x01(\x0e\x32\x12.altan.v1.ToolType\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12-\n\x0cinput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\nparameters\x18\x06 \x03(\x0b\x32\x13.altan.v1.Parameter\x12\x10\n\x08\x65ndpoint\x18\x07 \x01(\t\x12$\n\x06method\x18\x08 \x01(\x0e\x32\x14.altan.v1.HttpMethod\x12 \n\x04\x61uth\x18\t \x01(\x0e\x32\x12.altan.v1.AuthType\x12\x12\n\ncredential\x18\n \x01(\t\x12\'\n\nrate_limit\x18\x0b \x01(\x0b\x32\x13.altan.v1.RateLimit\x12\x19\n\x11requires_approval\x18\x0c \x01(\x08\x12\x19\n\x11\x63\x61\x63heable_seconds\x18\r \x01(\x05\x12\x18\n\x10\x66\x61llback_tool_id\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08tool_ids\x18\x03 \x03(\t\"K\n\x11ListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"/\n\x0fGetToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"1\n\x11\x43reateToolRequest\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"2\n\x12\x43reateToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"$\n\x11\x44\x65leteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteToolResponse\"\xa9\x01\n\tMcpServer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\x12\r\n\x05tools\x18\x04 \x03(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"#\n\x13GetMcpServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x14GetMcpServerResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\">\n\x15ListMcpServersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x16ListMcpServersResponse\x12$\n\x07servers\x18\x01 \x03(\x0b\x32\x13.altan.v1.McpServer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x44\x65leteMcpServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteMcpServerResponse*~\n\x08ToolType\x12\x19\n\x15TOOL_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11TOOL_TYPE_BUILTIN\x10\x01\x12\x14\n\x10TOOL_TYPE_CUSTOM\x10\x02\x12\x17\n\x13TOOL_TYPE_CONTAINER\x10\x03\x12\x11\n\rTOOL_TYPE_MCP\x10\x04*\x98\x01\n\nHttpMethod\x12\x1b\n\x17HTTP_METHOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fHTTP_METHOD_GET\x10\x01\x12\x14\n\x10HTTP_METHOD_POST\x10\x02\x12\x13\n\x0fHTTP_METHOD_PUT\x10\x03\x12\x15\n\x11HTTP_METHOD_PATCH\x10\x04\x12\x16\n\x12HTTP_METHOD_DELETE\x10\x05*\xd2\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x02\x12\x19\n\x15PARAMETER_TYPE_NUMBER\x10\x03\x12\x1a\n\x16PARAMETER_TYPE_BOOLEAN\x10\x04\x12\x19\n\x15PARAMETER_TYPE_OBJECT\x10\x05\x12\x18\n\x14PARAMETER_TYPE_ARRAY\x10\x06\x32\xa1\x04\n\x0bToolService\x12\x44\n\tListTools\x12\x1a.altan.v1.ListToolsRequest\x1a\x1b.altan.v1.ListToolsResponse\x12>\n\x07GetTool\x12\x18.altan.v1.GetToolRequest\x1a\x19.altan.v1.GetToolResponse\x12G\n\nCreateTool\x12\x1b.altan.v1.CreateToolRequest\x1a\x1c.altan.v1.CreateToolResponse\x12G\n\nDeleteTool\x12\x1b.altan.v1.DeleteToolRequest\x1a\x1c.altan.v1.DeleteToolResponse\x12M\n\x0cGetMcpServer\x12\x1d.altan.v1.GetMcpServerRequest\x1a\x1e.altan.v1.GetMcpServerResponse\x12S\n\x0eListMcpServers\x12\x1f.altan.v1.ListMcpServersRequest\x1a .altan.v1.ListMcpServersResponse\x12V\n\x0f\x44\x65leteMcpServer\x12 .altan.v1.DeleteMcpServerRequest\x1a!.altan.v1.DeleteMcpServerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13\x61ltan/v1/tool.proto\x12\x08\x61ltan.v1\x1a\x15\x61ltan/v1/common.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe2\x01\n\tParameter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.altan.v1.ParameterType\x12\x10\n\x08required\x18\x03 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12(\n\x04\x65num\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.ListValue\x12\'\n\x07\x64\x65\x66\x61ult\x18\x06 \x01(\x0b\x32\x16.google.protobuf.Value\x12&\n\x05items\x18\x07 \x01(\x0b\x32\x17.google.protobuf.Struct\"2\n\tRateLimit\x12\x10\n\x08requests\x18\x01 \x01(\x05\x12\x13\n\x0bper_seconds\x18\x02 \x01(\x05\"\xcb\x03\n\x04Tool\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12 \n\x04type\x18\x02 \x01(\x0e\x32\x12.altan.v1.ToolType\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\x12-\n\x0cinput_schema\x18\x05 \x01(\x0b\x32\x17.google.protobuf.Struct\x12\'\n\nparameters\x18\x06 \x03(\x0b\x32\x13.altan.v1.Parameter\x12\x10\n\x08\x65ndpoint\x18\x07 \x01(\t\x12$\n\x06method\x18\x08 \x01(\x0e\x32\x14.altan.v1.HttpMethod\x12 \n\x04\x61uth\x18\t \x01(\x0e\x32\x12.altan.v1.AuthType\x12\x12\n\ncredential\x18\n \x01(\t\x12\'\n\nrate_limit\x18\x0b \x01(\x0b\x32\x13.altan.v1.RateLimit\x12\x19\n\x11requires_approval\x18\x0c \x01(\x08\x12\x19\n\x11\x63\x61\x63heable_seconds\x18\r \x01(\x05\x12\x18\n\x10\x66\x61llback_tool_id\x18\x0e \x01(\t\x12.\n\ncreated_at\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"K\n\x10ListToolsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12\x10\n\x08tool_ids\x18\x03 \x03(\t\"K\n\x11ListToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"/\n\x0fGetToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"1\n\x11\x43reateToolRequest\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"2\n\x12\x43reateToolResponse\x12\x1c\n\x04tool\x18\x01 \x01(\x0b\x32\x0e.altan.v1.Tool\"$\n\x11\x44\x65leteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteToolResponse\"\xb3\x02\n\tMcpServer\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x12\n\ncredential\x18\x03 \x01(\t\x12\r\n\x05tools\x18\x04 \x03(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12:\n\x0ctool_options\x18\x07 \x03(\x0b\x32$.altan.v1.McpServer.ToolOptionsEntry\x1aL\n\x10ToolOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.altan.v1.McpToolOptions:\x02\x38\x01\"\xa2\x01\n\x0eMcpToolOptions\x12\'\n\nrate_limit\x18\x01 \x01(\x0b\x32\x13.altan.v1.RateLimit\x12\x19\n\x11requires_approval\x18\x02 \x01(\x08\x12\x19\n\x11\x63\x61\x63heable_seconds\x18\x03 \x01(\x05\x12\x18\n\x10\x66\x61llback_tool_id\x18\x04 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x05 \x01(\x01\"#\n\x13GetMcpServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\";\n\x14GetMcpServerResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\">\n\x15ListMcpServersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x16ListMcpServersResponse\x12$\n\x07servers\x18\x01 \x03(\x0b\x32\x13.altan.v1.McpServer\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"&\n\x16\x44\x65leteMcpServerRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x19\n\x17\x44\x65leteMcpServerResponse*~\n\x08ToolType\x12\x19\n\x15TOOL_TYPE_UNSPECIFIED\x10\x00\x12\x15\n\x11TOOL_TYPE_BUILTIN\x10\x01\x12\x14\n\x10TOOL_TYPE_CUSTOM\x10\x02\x12\x17\n\x13TOOL_TYPE_CONTAINER\x10\x03\x12\x11\n\rTOOL_TYPE_MCP\x10\x04*\x98\x01\n\nHttpMethod\x12\x1b\n\x17HTTP_METHOD_UNSPECIFIED\x10\x00\x12\x13\n\x0fHTTP_METHOD_GET\x10\x01\x12\x14\n\x10HTTP_METHOD_POST\x10\x02\x12\x13\n\x0fHTTP_METHOD_PUT\x10\x03\x12\x15\n\x11HTTP_METHOD_PATCH\x10\x04\x12\x16\n\x12HTTP_METHOD_DELETE\x10\x05*\xd2\x01\n\rParameterType\x12\x1e\n\x1aPARAMETER_TYPE_UNSPECIFIED\x10\x00\x12\x19\n\x15PARAMETER_TYPE_STRING\x10\x01\x12\x1a\n\x16PARAMETER_TYPE_INTEGER\x10\x02\x12\x19\n\x15PARAMETER_TYPE_NUMBER\x10\x03\x12\x1a\n\x16PARAMETER_TYPE_BOOLEAN\x10\x04\x12\x19\n\x15PARAMETER_TYPE_OBJECT\x10\x05\x12\x18\n\x14PARAMETER_TYPE_ARRAY\x10\x06\x32\xa1\x04\n\x0bToolService\x12\x44\n\tListTools\x12\x1a.altan.v1.ListToolsRequest\x1a\x1b.altan.v1.ListToolsResponse\x12>\n\x07GetTool\x12\x18.altan.v1.GetToolRequest\x1a\x19.altan.v1.GetToolResponse\x12G\n\nCreateTool\x12\x1b.altan.v1.CreateToolRequest\x1a\x1c.altan.v1.CreateToolResponse\x12G\n\nDeleteTool\x12\x1b.altan.v1.DeleteToolRequest\x1a\x1c.altan.v1.DeleteToolResponse\x12M\n\x0cGetMcpServer\x12\x1d.altan.v1.GetMcpServerRequest\x1a\x1e.altan.v1.GetMcpServerResponse\x12S\n\x0eListMcpServers\x12\x1f.altan.v1.ListMcpServersRequest\x1a .altan.v1.ListMcpServersResponse\x12V\n\x0f\x44\x65leteMcpServer\x12 .altan.v1.DeleteMcpServerRequest\x1a!.altan.v1.DeleteMcpServerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'altan.v1.tool_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_TOOLTYPE']._serialized_start=1753
-  _globals['_TOOLTYPE']._serialized_end=1879
-  _globals['_HTTPMETHOD']._serialized_start=1882
-  _globals['_HTTPMETHOD']._serialized_end=2034
-  _globals['_PARAMETERTYPE']._serialized_start=2037
-  _globals['_PARAMETERTYPE']._serialized_end=2247
+  _globals['_MCPSERVER_TOOLOPTIONSENTRY']._loaded_options = None
+  _globals['_MCPSERVER_TOOLOPTIONSENTRY']._serialized_options = b'8\001'
+  _globals['_TOOLTYPE']._serialized_start=2056
+  _globals['_TOOLTYPE']._serialized_end=2182
+  _globals['_HTTPMETHOD']._serialized_start=2185
+  _globals['_HTTPMETHOD']._serialized_end=2337
+  _globals['_PARAMETERTYPE']._serialized_start=2340
+  _globals['_PARAMETERTYPE']._serialized_end=2550
   _globals['_PARAMETER']._serialized_start=120
   _globals['_PARAMETER']._serialized_end=346
   _globals['_RATELIMIT']._serialized_start=348
@@ -63,19 +65,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETETOOLRESPONSE']._serialized_start=1241
   _globals['_DELETETOOLRESPONSE']._serialized_end=1261
   _globals['_MCPSERVER']._serialized_start=1264
-  _globals['_MCPSERVER']._serialized_end=1433
-  _globals['_GETMCPSERVERREQUEST']._serialized_start=1435
-  _globals['_GETMCPSERVERREQUEST']._serialized_end=1470
-  _globals['_GETMCPSERVERRESPONSE']._serialized_start=1472
-  _globals['_GETMCPSERVERRESPONSE']._serialized_end=1531
-  _globals['_LISTMCPSERVERSREQUEST']._serialized_start=1533
-  _globals['_LISTMCPSERVERSREQUEST']._serialized_end=1595
-  _globals['_LISTMCPSERVERSRESPONSE']._serialized_start=1597
-  _globals['_LISTMCPSERVERSRESPONSE']._serialized_end=1684
-  _globals['_DELETEMCPSERVERREQUEST']._serialized_start=1686
-  _globals['_DELETEMCPSERVERREQUEST']._serialized_end=1724
-  _globals['_DELETEMCPSERVERRESPONSE']._serialized_start=1726
-  _globals['_DELETEMCPSERVERRESPONSE']._serialized_end=1751
-  _globals['_TOOLSERVICE']._serialized_start=2250
-  _globals['_TOOLSERVICE']._serialized_end=2795
+  _globals['_MCPSERVER']._serialized_end=1571
+  _globals['_MCPSERVER_TOOLOPTIONSENTRY']._serialized_start=1495
+  _globals['_MCPSERVER_TOOLOPTIONSENTRY']._serialized_end=1571
+  _globals['_MCPTOOLOPTIONS']._serialized_start=1574
+  _globals['_MCPTOOLOPTIONS']._serialized_end=1736
+  _globals['_GETMCPSERVERREQUEST']._serialized_start=1738
+  _globals['_GETMCPSERVERREQUEST']._serialized_end=1773
+  _globals['_GETMCPSERVERRESPONSE']._serialized_start=1775
+  _globals['_GETMCPSERVERRESPONSE']._serialized_end=1834
+  _globals['_LISTMCPSERVERSREQUEST']._serialized_start=1836
+  _globals['_LISTMCPSERVERSREQUEST']._serialized_end=1898
+  _globals['_LISTMCPSERVERSRESPONSE']._serialized_start=1900
+  _globals['_LISTMCPSERVERSRESPONSE']._serialized_end=1987
+  _globals['_DELETEMCPSERVERREQUEST']._serialized_start=1989
+  _globals['_DELETEMCPSERVERREQUEST']._serialized_end=2027
+  _globals['_DELETEMCPSERVERRESPONSE']._serialized_start=2029
+  _globals['_DELETEMCPSERVERRESPONSE']._serialized_end=2054
+  _globals['_TOOLSERVICE']._serialized_start=2553
+  _globals['_TOOLSERVICE']._serialized_end=3098
 # @@protoc_insertion_point(module_scope)

@@ -244,7 +244,9 @@ class Tool(_message.Message):
     auth: _common_pb2.AuthType.ValueType
     """Custom tools: how the call authenticates."""
     credential: _builtins.str
-    """Custom tools: the name of the tenant's credential injected into the call."""
+    """The name of the tenant's credential injected into the call: a custom tool's (to its endpoint), an MCP tool's (to
+    its server), or the one a container tool declares (given to it only where the credential's `tools` grant it).
+    """
     requires_approval: _builtins.bool
     """Whether a task pauses before each call until a person approves it."""
     cacheable_seconds: _builtins.int
@@ -493,12 +495,34 @@ class McpServer(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class ToolOptionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        @_builtins.property
+        def value(self) -> Global___McpToolOptions: ...
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: Global___McpToolOptions | None = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _typing.Literal["value", b"value"]  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
     TOOLS_FIELD_NUMBER: _builtins.int
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
+    TOOL_OPTIONS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The server's name in the tenant: lower-case letters, digits and `-`, starting with a letter, at most 30."""
     url: _builtins.str
@@ -517,6 +541,12 @@ class McpServer(_message.Message):
     def updated_at(self) -> _timestamp_pb2.Timestamp:
         """Output only. Time of the last registration or listing."""
 
+    @_builtins.property
+    def tool_options(self) -> _containers.MessageMap[_builtins.str, Global___McpToolOptions]:
+        """Options of its tools, keyed by the MCP tool's name as the server lists it (`add`, not `ref__add`); they apply as
+        a custom tool's fields do. A name the server does not list (yet) is kept for when it does.
+        """
+
     def __init__(
         self,
         *,
@@ -526,14 +556,55 @@ class McpServer(_message.Message):
         tools: _abc.Iterable[_builtins.str] | None = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
+        tool_options: _abc.Mapping[_builtins.str, Global___McpToolOptions] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credential", b"credential", "name", b"name", "tools", b"tools", "updated_at", b"updated_at", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "credential", b"credential", "name", b"name", "tool_options", b"tool_options", "tools", b"tools", "updated_at", b"updated_at", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___McpServer: _TypeAlias = McpServer  # noqa: Y015
+
+@_typing.final
+class McpToolOptions(_message.Message):
+    """What a tenant sets on one tool of its MCP server; the rest comes from the server."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RATE_LIMIT_FIELD_NUMBER: _builtins.int
+    REQUIRES_APPROVAL_FIELD_NUMBER: _builtins.int
+    CACHEABLE_SECONDS_FIELD_NUMBER: _builtins.int
+    FALLBACK_TOOL_ID_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    requires_approval: _builtins.bool
+    """Whether a task pauses before each call until a person approves it."""
+    cacheable_seconds: _builtins.int
+    """Identical arguments within this many seconds are answered from the tenant's cache; 0 for never."""
+    fallback_tool_id: _builtins.str
+    """The tool run once with the same arguments when this one stays unreachable, runs out of time or answers 5xx."""
+    timeout_seconds: _builtins.float
+    """Time budget of one call in seconds, within the install's call deadline; 0 for that deadline."""
+    @_builtins.property
+    def rate_limit(self) -> Global___RateLimit:
+        """Calls per time window allowed for the tenant; unset for no limit."""
+
+    def __init__(
+        self,
+        *,
+        rate_limit: Global___RateLimit | None = ...,
+        requires_approval: _builtins.bool = ...,
+        cacheable_seconds: _builtins.int = ...,
+        fallback_tool_id: _builtins.str = ...,
+        timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rate_limit", b"rate_limit"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cacheable_seconds", b"cacheable_seconds", "fallback_tool_id", b"fallback_tool_id", "rate_limit", b"rate_limit", "requires_approval", b"requires_approval", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___McpToolOptions: _TypeAlias = McpToolOptions  # noqa: Y015
 
 @_typing.final
 class GetMcpServerRequest(_message.Message):
