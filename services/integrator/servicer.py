@@ -129,6 +129,7 @@ class IntegratorRuntimeServicer(runtime_pb2_grpc.IntegratorRuntimeServiceService
             agent_id=request.agent_id,
             bound=list(request.bound_tool_ids),
             task_id=request.task_id,
+            step_id=request.step_id,
         )
         return runtime_pb2.RunToolResponse(output_json=result.output_json, http_status=result.http_status)
 
