@@ -108,6 +108,10 @@ def _stack_env(settings: Settings, generated_secret: bool) -> dict[str, str]:
     env["ALTAN_DATA_DIR"] = str(settings.data_dir)
     if generated_secret and settings.jwt_secret:
         env["ALTAN_JWT_SECRET"] = settings.jwt_secret
+    if settings.internal_key is None:
+        # The key the agent signs its tasks' delegation tokens with, kept with the data (a restarted service, or
+        # stack, still accepts the tokens of the tasks it resumes).
+        env["ALTAN_INTERNAL_KEY"] = development_secret(settings.data_dir, "internal.key")
     env["ALTAN_HTTP_PORT"] = str(settings.http_port)
     env["ALTAN_GRPC_PORT"] = str(settings.grpc_port)
     for name in ("agent", "tool", "integrator"):

@@ -7,7 +7,9 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-from altan.api.convert import struct_to_dict
+from altan import context
+from altan.api.convert import now_ms, struct_to_dict
+from altan.auth import issue_delegation
 from altan.bootstrap import run_service
 from altan.clients import IntegratorClient
 from altan.config import Settings
@@ -20,7 +22,29 @@ from services.agent.agents import AgentCatalog
 from services.agent.conversation import LoopLimits
 from services.agent.plan import Step
 from services.agent.servicer import AgentServicer
-from services.agent.tasks import LlmBackend, TaskLimits, TaskRunner, ToolAnswer
+from services.agent.tasks import Delegate, LlmBackend, TaskLimits, TaskRunner, ToolAnswer
+from services.agent.work_queue import open_work_queue
+
+# A delegation outlives its task's deadline by this much, so that the run that notices the deadline can record it.
+_DELEGATION_MARGIN_SECONDS = 60
+
+
+def delegation(settings: Settings) -> Delegate | None:
+    """Who a queued task runs as: its submitter, by a delegation signed with the install's internal key, narrowed
+    to that task and to the member role (running a task needs no more), valid until the task's deadline."""
+    if settings.internal_key is None:
+        return None
+    key = settings.internal_key.get_secret_value()
+
+    def delegate(task: dict[str, Any], tenant: str) -> context.RequestContext:
+        sub = str(task.get("owner", {}).get("sub", ""))
+        ttl = (task.get("deadline_at", 0) - now_ms()) / 1000 + _DELEGATION_MARGIN_SECONDS
+        token = issue_delegation(key, tenant=tenant, sub=sub, role="member", task_id=task["task_id"], ttl=ttl)
+        return context.RequestContext(
+            tenant_id=tenant, user=sub, role="member", token=token, task_id=task["task_id"], delegated=True
+        )
+
+    return delegate
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -88,8 +112,20 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     store = TenantStore(backend, "agent")
     agents = AgentCatalog(store, missing_tools)
-    limits = TaskLimits(expansion_bytes=settings.max_expansion_bytes, task_bytes=settings.max_task_bytes)
-    tasks = TaskRunner(store, agents, missing_tools, invoke, limits, llm)
+    limits = TaskLimits(
+        expansion_bytes=settings.max_expansion_bytes,
+        task_bytes=settings.max_task_bytes,
+        deadline_seconds=settings.task_deadline_seconds,
+    )
+    queue = open_work_queue(
+        backend,
+        settings.redis_url,
+        key=settings.task_queue,
+        concurrency=settings.task_concurrency,
+        lease_seconds=settings.task_lease_seconds,
+    )
+    tasks = TaskRunner(store, agents, missing_tools, invoke, limits, llm, queue=queue, delegate=delegation(settings))
+    tasks.start()  # resumes what a process that died left in the queue
     stack.push_async_callback(tasks.aclose)  # before the store and channel close (the stack unwinds in reverse)
     servicer = AgentServicer(agents, tasks)
     return [

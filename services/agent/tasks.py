@@ -36,8 +36,9 @@ from services.agent.plan import (
     parse_plan,
 )
 from services.agent.threads import ThreadStore, coherent, fit_to_budget
+from services.agent.work_queue import ImmediateQueue, WorkItem, WorkQueue
 
-__all__ = ["TERMINAL", "LlmBackend", "TaskLimits", "TaskRunner", "ToolAnswer", "ToolInvoker"]
+__all__ = ["TERMINAL", "Delegate", "LlmBackend", "TaskLimits", "TaskRunner", "ToolAnswer", "ToolInvoker"]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,12 @@ class TaskLimits:
 
     expansion_bytes: int = MAX_EXPANSION_BYTES  # what one step's ${...} references may bring into its arguments
     task_bytes: int = 4 * 1024 * 1024  # the task document: input, every step's output, and the result
+    deadline_seconds: float = 3600.0  # from acceptance to the end, resumptions included (ALTAN_TASK_DEADLINE_SECONDS)
+
+
+# The caller a queued task runs as, from its task document (tenant, submitter, role, task id, deadline), or None when
+# this replica cannot act for it (no internal key to sign a delegation with).
+Delegate = Callable[[dict[str, Any], str], "context.RequestContext | None"]
 
 
 # Answers which of the given tool ids do not exist in the tenant.
@@ -98,6 +105,9 @@ class TaskRunner:
         invoke: ToolInvoker,
         limits: TaskLimits | None = None,
         llm: LlmBackend | None = None,
+        *,
+        queue: WorkQueue | None = None,
+        delegate: Delegate | None = None,
     ) -> None:
         self._limits = limits or TaskLimits()
         self._llm = llm
@@ -107,8 +117,19 @@ class TaskRunner:
         self._agents = agents
         self._missing_tools = missing_tools
         self._invoke = invoke
-        self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._queue: WorkQueue = queue or ImmediateQueue()
+        self._delegate = delegate
+        self._serving: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._running: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        # Without a delegate: the submitter, kept in memory until this replica runs the task.
         self._callers: dict[tuple[str, str], context.RequestContext] = {}
+        self._expired: set[tuple[str, str]] = set()  # runs stopped by their task's deadline
+
+    def start(self) -> None:
+        """Take work from the queue: new tasks, and those a process that died left unfinished."""
+        if self._serving is None:
+            self._serving = asyncio.create_task(self._queue.serve(self._execute), name="task-queue")
 
     async def submit(self, agent_id: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
         """Queue a task; ``(task, created)``, where an idempotency key seen before gives the first task back."""
@@ -131,6 +152,7 @@ class TaskRunner:
                     'natural-language input needs an agent with an llm; give the agent one, or submit {"plan": [...]}'
                 )
             thread_id = await self._threads.open(thread_id, agent_id)
+        caller = context.current()
         now = now_ms()
         task: dict[str, Any] = {
             "task_id": new_id("tsk"),
@@ -144,6 +166,9 @@ class TaskRunner:
             "thread_id": thread_id,
             "created_at": now,
             "updated_at": now,
+            # Who the task acts for when it runs (or resumes) after the submitter's token expired; never a token.
+            "owner": {"sub": caller.user},
+            "deadline_at": now + int(self._limits.deadline_seconds * 1000),
         }
         await self._store.put(_TASKS, task["task_id"], task)
         if idempotency_key and not await self._store.put_new(_IDEMPOTENCY, idem_id, {"task_id": task["task_id"]}):
@@ -153,14 +178,85 @@ class TaskRunner:
             assert winner is not None
             return await self.get(winner["task_id"]), False
         await self._emit(task["task_id"], "task.queued", {})
-        caller = context.current()
-        key = (caller.tenant_id, task["task_id"])
-        work = self._run(agent, plan, task) if plan is not None else self._converse(agent, task)
-        runner = asyncio.create_task(work)
-        self._running[key] = runner
-        self._callers[key] = caller
-        runner.add_done_callback(lambda _: (self._running.pop(key, None), self._callers.pop(key, None)))
+        if self._delegate is None:
+            self._callers[(caller.tenant_id, task["task_id"])] = caller
+        self.start()
+        await self._queue.put(WorkItem(caller.tenant_id, task["task_id"]))
         return task, True
+
+    async def _execute(self, item: WorkItem) -> None:
+        """Run (or resume) one queued task to its end; a delivery of a task that already ended does nothing."""
+        key = (item.tenant_id, item.task_id)
+        caller = self._callers.pop(key, None)
+        # Enough to read the tenant's state; the run itself acts as the task's caller.
+        context.bind(context.RequestContext(tenant_id=item.tenant_id, user="", role="member", token=""))
+        task = await self._store.get(_TASKS, item.task_id)
+        if task is None or task["status"] in TERMINAL:
+            return
+        if caller is None and self._delegate is not None:
+            caller = self._delegate(task, item.tenant_id)
+        if caller is None:
+            await self._finish(
+                task,
+                None,
+                status="failed",
+                error="the replica that accepted the task stopped before running it, and no other may act for its "
+                "submitter (ALTAN_INTERNAL_KEY is not set)",
+            )
+            return
+        context.bind(caller)
+        context.with_task(item.task_id)
+        if await self._store.get(_CANCELLATIONS, item.task_id) is not None:
+            await self._record_cancelled(item.task_id)
+            return
+        deadline_at = task.get("deadline_at") or task["created_at"] + int(self._limits.deadline_seconds * 1000)
+        remaining = (deadline_at - now_ms()) / 1000
+        if remaining <= 0:
+            await self._finish(task, None, status="failed", error=_deadline_error(self._limits.deadline_seconds))
+            return
+        try:
+            agent = await self._agents.get(task["agent_id"])
+        except NotFound:
+            await self._finish(task, None, status="failed", error=f"agent '{task['agent_id']}' was deleted")
+            return
+        this_run = asyncio.current_task()
+        assert this_run is not None
+        self._running[key] = this_run
+        timer = asyncio.get_running_loop().call_later(remaining, self._expire, key, this_run)
+        try:
+            if _is_plan(task["input"]):
+                await self._run(agent, _replan(task["input"]), task)
+            else:
+                await self._converse(agent, task)
+        finally:
+            timer.cancel()
+            self._running.pop(key, None)
+            self._expired.discard(key)
+
+    def _expire(self, key: tuple[str, str], run: asyncio.Task[Any]) -> None:
+        self._expired.add(key)
+        run.cancel()
+
+    async def _stopped(self, task: dict[str, Any], run: PlanRun | None, cancelled_elsewhere: bool = False) -> bool:
+        """A run was cancelled: record why. True when the cancellation must go on (this process is stopping, or
+        the run was cancelled by a caller); False when the run ended here (its deadline)."""
+        key = (context.current().tenant_id, task["task_id"])
+        if key in self._expired:
+            error = _deadline_error(self._limits.deadline_seconds)
+            await asyncio.shield(self._finish(task, run, status="failed", error=error))
+            return False
+        if self._stopping and self._queue.durable:
+            # Shutting down: the progress so far is saved, and the queue delivers the task again (here after a
+            # restart, or to another replica), which goes on from there; the steps stopped here are to run again.
+            for state in run.steps.values() if run is not None else ():
+                if state.status in ("cancelled", "skipped"):
+                    state.status, state.error = "pending", None
+            await asyncio.shield(self._save(task, run))
+            return True
+        # Cancelled elsewhere, the ending (and its event) is already recorded: only this run's steps are new.
+        ending = self._save if cancelled_elsewhere else self._finish
+        await asyncio.shield(ending(task, run, status="cancelled", error="cancelled"))
+        return True
 
     async def _plan(self, agent: dict[str, Any], task_input: Any) -> Any:
         steps = task_input["plan"] if isinstance(task_input["plan"], list) else []
@@ -170,13 +266,19 @@ class TaskRunner:
         return parse_plan(task_input, known_tools=(named | bound) - missing, bound_tools=bound)
 
     async def aclose(self) -> None:
-        """On shutdown: cancel what still runs here, so each task ends recorded as cancelled, not stuck running."""
-        running = [(key, runner, self._callers[key]) for key, runner in self._running.items()]
-        for _, runner, _ in running:
-            runner.cancel()
-        await asyncio.gather(*(runner for _, runner, _ in running), return_exceptions=True)
-        for (_, task_id), _, caller in running:
-            # A run cancelled before it took its first step never saw its cancellation: record it here.
+        """On shutdown: stop taking work, and stop what runs here. With a durable queue each task keeps its progress
+        and is resumed (after a restart, or by another replica); otherwise it ends recorded as cancelled."""
+        self._stopping = True
+        if self._serving is not None:
+            self._serving.cancel()
+            await asyncio.gather(self._serving, return_exceptions=True)
+        closing = getattr(self._queue, "aclose", None)
+        if closing is not None:
+            await closing()
+        if self._queue.durable:
+            return
+        for (_, task_id), caller in list(self._callers.items()):
+            # A task that never started here: recorded as cancelled, as a running one is by its run.
             context.bind(caller)
             await self._record_cancelled(task_id)
 
@@ -250,13 +352,15 @@ class TaskRunner:
 
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
         task_id = task["task_id"]
-        context.with_task(task_id)
         this_run = asyncio.current_task()
         assert this_run is not None
         cancelled_elsewhere = False
+        # A resumed task keeps the steps that succeeded before: they are not run again.
+        done = {s["id"]: s for s in task["steps"] if s["status"] == "succeeded"}
+        resumed = task["status"] != "queued"
 
         # The task document holds its input, and each output twice (in its step and in the result).
-        size = len(json_bytes(task["input"]))
+        size = len(json_bytes(task["input"])) + sum(2 * len(json_bytes(s.get("output"))) for s in done.values())
 
         async def execute(step: Step, arguments: dict[str, Any]) -> Any:
             nonlocal size, cancelled_elsewhere
@@ -281,20 +385,21 @@ class TaskRunner:
             await self._save(task, run)
             await self._emit(task_id, kind, data)
 
-        run = PlanRun(plan, execute, on_event, expansion_bytes=self._limits.expansion_bytes)
+        run = PlanRun(plan, execute, on_event, expansion_bytes=self._limits.expansion_bytes, completed=done)
         try:
             await self._save(task, run, status="running")
-            await self._emit(task_id, "task.started", {})
+            if resumed:
+                await self._emit(task_id, "task.resumed", {"completed_steps": sorted(done)})
+            else:
+                await self._emit(task_id, "task.started", {})
             outputs = await run.run()
         except PlanFailed as exc:
             await self._finish(
                 task, run, status="failed", error=f"step {exc.step_id} failed: {error_message(exc.error)}"
             )
         except asyncio.CancelledError:
-            # Cancelled elsewhere, the ending (and its event) is already recorded: only this run's steps are new.
-            ending = self._save if cancelled_elsewhere else self._finish
-            await asyncio.shield(ending(task, run, status="cancelled", error="cancelled"))
-            raise
+            if await self._stopped(task, run, cancelled_elsewhere):
+                raise
         except Exception as exc:
             log.exception("task crashed")
             await self._finish(task, run, status="failed", error=f"internal error: {type(exc).__name__}")
@@ -310,7 +415,6 @@ class TaskRunner:
         assert self._llm is not None
         llm = self._llm
         task_id, thread_id = task["task_id"], task["thread_id"]
-        context.with_task(task_id)
         this_run = asyncio.current_task()
         assert this_run is not None
         slots = self._slots.setdefault(context.current().tenant_id, asyncio.Semaphore(llm.tool_concurrency))
@@ -341,11 +445,20 @@ class TaskRunner:
         async def record(message: dict[str, Any]) -> None:
             await self._threads.add(thread_id, message)
 
+        resumed = task["status"] != "queued"
         try:
             await self._save(task, None, status="running")
-            await self._emit(task_id, "task.started", {})
             budget = llm.context_budget_tokens
-            history = fit_to_budget(coherent(await self._threads.recent(thread_id, budget)), budget)
+            recent = await self._threads.recent(thread_id, budget)
+            # This task's own messages, when an earlier run of it recorded some: the loop goes on after them.
+            mine = [m for m in recent if m.get("task_id") == task_id] if resumed else []
+            earlier = [m for m in recent if m.get("task_id") != task_id] if resumed else recent
+            history = fit_to_budget(coherent(earlier), budget)
+            if resumed:
+                done = [s["id"] for s in task["steps"] if s["status"] == "succeeded"]
+                await self._emit(task_id, "task.resumed", {"completed_steps": done})
+            else:
+                await self._emit(task_id, "task.started", {})
             conversation = Conversation(
                 task=task,
                 agent=agent,
@@ -360,12 +473,12 @@ class TaskRunner:
                 record=record,
                 changed=changed,
             )
-            answer = await conversation.run(_text(task["input"]))
+            answer = await conversation.run(_text(task["input"]), mine)
         except AltanError as exc:
             await self._finish(task, None, status="failed", error=exc.message)
         except asyncio.CancelledError:
-            await asyncio.shield(self._finish(task, None, status="cancelled", error="cancelled"))
-            raise
+            if await self._stopped(task, None):
+                raise
         except Exception as exc:
             log.exception("task crashed")
             await self._finish(task, None, status="failed", error=f"internal error: {type(exc).__name__}")
@@ -382,6 +495,18 @@ class TaskRunner:
         await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
         await self._emit(task["task_id"], f"task.{status}", data)
+
+
+def _replan(task_input: Any) -> Any:
+    """The plan of a task accepted earlier (checked then, tools included: a tool gone since fails its step)."""
+    named = {s["tool"] for s in task_input["plan"]}
+    return parse_plan(task_input, known_tools=named, bound_tools=named)
+
+
+def _deadline_error(seconds: float) -> str:
+    return (
+        f"deadline exceeded: the task did not end within {seconds:g}s of being accepted (ALTAN_TASK_DEADLINE_SECONDS)"
+    )
 
 
 def _is_plan(task_input: Any) -> bool:

@@ -168,6 +168,8 @@ def start_stack(
         ALTAN_CALL_DEADLINE_SECONDS="10",
         ALTAN_LOG_LEVEL="DEBUG",
         ALTAN_LLM_DEADLINE_SECONDS="10",
+        # A task queue of this stack's own (stacks of every session share one Redis), removed with the session's keys.
+        ALTAN_TASK_QUEUE=f"altan:{SESSION_MARKER}-q{uuid.uuid4().hex[:8]}:agent:work",
     )
     env.update(extra_env or {})
     if redis_url:
