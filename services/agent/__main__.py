@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
 from altan import context
 from altan.api.convert import now_ms, struct_to_dict
 from altan.auth import issue_delegation
@@ -25,6 +27,8 @@ from services.agent.servicer import AgentServicer
 from services.agent.tasks import Delegate, LlmBackend, TaskLimits, TaskRunner, ToolAnswer
 from services.agent.work_queue import open_work_queue
 
+# How long a task step waits for the integrator to come back (a restart takes seconds; supervision backs off to 30 s).
+_HOP_RETRY_SECONDS = 120.0
 # A delegation outlives its task's deadline by this much, so that the run that notices the deadline can record it.
 _DELEGATION_MARGIN_SECONDS = 60
 
@@ -66,8 +70,19 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             task_id=task_id,
             step_id=step.id,
         )
-        # The integrator retries within its own deadline; allow it that long plus the hop.
-        answer = await integrator.call(integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5)
+        # The integrator retries within its own deadline; allow it that long plus the hop. A hop that failed (the
+        # integrator down or restarting, or dying during the call) is tried again with the same step: its
+        # Idempotency-Key makes the third party perform it once whatever the first attempt got to do.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(lambda exc: isinstance(exc, Unavailable) and exc.hop_failed),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            stop=stop_after_delay(_HOP_RETRY_SECONDS),
+            reraise=True,
+        ):
+            with attempt:
+                answer = await integrator.call(
+                    integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5
+                )
         # Written by the Tool Service after it checked what the third party sent (altan.wire.parse_json).
         output = json.loads(answer.output_json) if answer.output_json else None
         return ToolAnswer(output, answer.http_status, len(answer.output_json))

@@ -139,7 +139,13 @@ class TaskRunner:
         if idempotency_key:
             earlier = await self._store.get(_IDEMPOTENCY, idem_id)
             if earlier is not None:
-                return await self.get(earlier["task_id"]), False
+                first = await self.get(earlier["task_id"])
+                if first["status"] == "queued":
+                    # Its submitter may have been cut off before it was queued (a crash between the two writes): the
+                    # retry queues it (again). A task delivered twice runs once: a delivery finds it running or ended.
+                    self.start()
+                    await self._queue.put(WorkItem(context.current().tenant_id, first["task_id"]))
+                return first, False
         thread_id = submission.thread_id
         if _is_plan(task_input):
             plan = await self._plan(agent, task_input)
@@ -187,6 +193,18 @@ class TaskRunner:
     async def _execute(self, item: WorkItem) -> None:
         """Run (or resume) one queued task to its end; a delivery of a task that already ended does nothing."""
         key = (item.tenant_id, item.task_id)
+        if key in self._running:
+            return  # delivered again while it runs here
+        this_run = asyncio.current_task()
+        assert this_run is not None
+        self._running[key] = this_run
+        try:
+            await self._execute_here(item, key)
+        finally:
+            self._running.pop(key, None)
+            self._expired.discard(key)
+
+    async def _execute_here(self, item: WorkItem, key: tuple[str, str]) -> None:
         caller = self._callers.pop(key, None)
         # Enough to read the tenant's state; the run itself acts as the task's caller.
         context.bind(context.RequestContext(tenant_id=item.tenant_id, user="", role="member", token=""))
@@ -219,10 +237,8 @@ class TaskRunner:
         except NotFound:
             await self._finish(task, None, status="failed", error=f"agent '{task['agent_id']}' was deleted")
             return
-        this_run = asyncio.current_task()
-        assert this_run is not None
-        self._running[key] = this_run
-        timer = asyncio.get_running_loop().call_later(remaining, self._expire, key, this_run)
+        run = self._running[key]
+        timer = asyncio.get_running_loop().call_later(remaining, self._expire, key, run)
         try:
             if _is_plan(task["input"]):
                 await self._run(agent, _replan(task["input"]), task)
@@ -230,8 +246,6 @@ class TaskRunner:
                 await self._converse(agent, task)
         finally:
             timer.cancel()
-            self._running.pop(key, None)
-            self._expired.discard(key)
 
     def _expire(self, key: tuple[str, str], run: asyncio.Task[Any]) -> None:
         self._expired.add(key)
