@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +47,7 @@ _TASKS = "tasks"
 _IDEMPOTENCY = "idempotency"
 _CANCELLATIONS = "cancellations"  # task id -> when another replica was asked to cancel it
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+_TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 
 # Runs one tool for an agent's task: (agent, step, arguments, task_id) -> its answer.
@@ -125,6 +127,7 @@ class TaskRunner:
         # Without a delegate: the submitter, kept in memory until this replica runs the task.
         self._callers: dict[tuple[str, str], context.RequestContext] = {}
         self._expired: set[tuple[str, str]] = set()  # runs stopped by their task's deadline
+        self._tools_seen: dict[tuple[str, tuple[str, ...]], float] = {}  # (tenant, tool ids) -> all exist until
 
     def start(self) -> None:
         """Take work from the queue: new tasks, and those a process that died left unfinished."""
@@ -276,8 +279,23 @@ class TaskRunner:
         steps = task_input["plan"] if isinstance(task_input["plan"], list) else []
         named = {s["tool"] for s in steps if isinstance(s, dict) and isinstance(s.get("tool"), str)}
         bound = set(agent.get("tools", []))
-        missing = set(await self._missing_tools(sorted(named | bound))) if named | bound else set()
+        missing = await self._missing(sorted(named | bound)) if named | bound else set()
         return parse_plan(task_input, known_tools=(named | bound) - missing, bound_tools=bound)
+
+    async def _missing(self, tool_ids: list[str]) -> set[str]:
+        """Which of ``tool_ids`` do not exist. An answer that all exist stands for ``_TOOLS_SEEN_SECONDS``, so a
+        burst of submissions naming the same tools asks the Integrator (and the Tool Service) about once: a tool
+        deleted within that time is still accepted, and its step fails clearly when it runs."""
+        key = (context.current().tenant_id, tuple(tool_ids))
+        seen = self._tools_seen.get(key)
+        if seen is not None and seen > time.monotonic():
+            return set()
+        missing = set(await self._missing_tools(tool_ids))
+        if not missing:
+            if len(self._tools_seen) > 10_000:
+                self._tools_seen.clear()
+            self._tools_seen[key] = time.monotonic() + _TOOLS_SEEN_SECONDS
+        return missing
 
     async def aclose(self) -> None:
         """On shutdown: stop taking work, and stop what runs here. With a durable queue each task keeps its progress
