@@ -114,6 +114,18 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             for tool in answer.tools
         ]
 
+    async def needs_approval(tool_ids: list[str]) -> set[str]:
+        """The tools among ``tool_ids`` whose every call waits for a person's approval."""
+        request = runtime_pb2.DescribeToolsRequest(tool_ids=tool_ids)
+        answer = await integrator.call(integrator.runtime.DescribeTools, request)
+        return {tool.tool_id for tool in answer.tools if tool.requires_approval}
+
+    async def audit_decision(task_id: str, call_id: str, tool_id: str, approved: bool, comment: str) -> None:
+        request = runtime_pb2.RecordApprovalRequest(
+            task_id=task_id, call_id=call_id, tool_id=tool_id, approved=approved, comment=comment
+        )
+        await integrator.call(integrator.runtime.RecordApproval, request)
+
     llm = LlmBackend(
         model=model_turn,
         describe=describe,
@@ -139,7 +151,18 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         concurrency=settings.task_concurrency,
         lease_seconds=settings.task_lease_seconds,
     )
-    tasks = TaskRunner(store, agents, missing_tools, invoke, limits, llm, queue=queue, delegate=delegation(settings))
+    tasks = TaskRunner(
+        store,
+        agents,
+        missing_tools,
+        invoke,
+        limits,
+        llm,
+        queue=queue,
+        delegate=delegation(settings),
+        needs_approval=needs_approval,
+        audit_decision=audit_decision,
+    )
     tasks.start()  # resumes what a process that died left in the queue
     stack.push_async_callback(tasks.aclose)  # before the store and channel close (the stack unwinds in reverse)
     servicer = AgentServicer(agents, tasks)

@@ -21,7 +21,7 @@ from altan import context
 from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
-from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound
+from altan.errors import AlreadyExists, AltanError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from altan.store import TenantStore
 from altan.v1 import runtime_pb2
 from altan.wire import json_bytes, new_id
@@ -39,13 +39,25 @@ from services.agent.plan import (
 from services.agent.threads import ThreadStore, coherent, fit_to_budget
 from services.agent.work_queue import ImmediateQueue, WorkItem, WorkQueue
 
-__all__ = ["TERMINAL", "Delegate", "LlmBackend", "TaskLimits", "TaskRunner", "ToolAnswer", "ToolInvoker"]
+__all__ = [
+    "TERMINAL",
+    "AuditDecision",
+    "Delegate",
+    "LlmBackend",
+    "NeedsApproval",
+    "TaskLimits",
+    "TaskRunner",
+    "ToolAnswer",
+    "ToolInvoker",
+]
 
 log = logging.getLogger(__name__)
 
 _TASKS = "tasks"
 _IDEMPOTENCY = "idempotency"
 _CANCELLATIONS = "cancellations"  # task id -> when another replica was asked to cancel it
+_APPROVALS = "approvals"  # "<task id>:<call id>" -> a call waiting for approval (what was asked)
+_DECISIONS = "approval-decisions"  # "<task id>:<call id>" -> the decision: written once, the first one stands
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
@@ -71,6 +83,12 @@ class TaskLimits:
     task_bytes: int = 4 * 1024 * 1024  # the task document: input, every step's output, and the result
     deadline_seconds: float = 3600.0  # from acceptance to the end, resumptions included (ALTAN_TASK_DEADLINE_SECONDS)
 
+
+# Which of the given tool ids require a person's approval before each call.
+NeedsApproval = Callable[[list[str]], Awaitable[set[str]]]
+
+# Records an approval decision in the audit trail, as the decider: (task id, call id, tool, approved, comment).
+AuditDecision = Callable[[str, str, str, bool, str], Awaitable[None]]
 
 # The caller a queued task runs as, from its task document (tenant, submitter, role, task id, deadline), or None when
 # this replica cannot act for it (no internal key to sign a delegation with).
@@ -110,6 +128,8 @@ class TaskRunner:
         *,
         queue: WorkQueue | None = None,
         delegate: Delegate | None = None,
+        needs_approval: NeedsApproval | None = None,
+        audit_decision: AuditDecision | None = None,
     ) -> None:
         self._limits = limits or TaskLimits()
         self._llm = llm
@@ -121,6 +141,8 @@ class TaskRunner:
         self._invoke = invoke
         self._queue: WorkQueue = queue or ImmediateQueue()
         self._delegate = delegate
+        self._needs_approval = needs_approval
+        self._audit_decision = audit_decision
         self._serving: asyncio.Task[None] | None = None
         self._stopping = False
         self._running: dict[tuple[str, str], asyncio.Task[Any]] = {}
@@ -326,6 +348,86 @@ class TaskRunner:
             raise NotFound(f"task '{task_id}' not found")
         return task
 
+    async def decide(self, task_id: str, call_id: str, approve: bool, comment: str) -> dict[str, Any]:
+        """An admin approves or rejects a call its task waits for; the first decision stands (409 after)."""
+        context.require_admin("deciding an approval")
+        task = await self.get(task_id)
+        key = f"{task_id}:{call_id}"
+        asked = await self._store.get(_APPROVALS, key)
+        if asked is None:
+            raise NotFound(f"task '{task_id}' has no call '{call_id}' waiting for approval")
+        if task["status"] in TERMINAL:
+            raise FailedPrecondition(f"task '{task_id}' already {task['status']}")
+        caller = context.current()
+        decision = {"approved": approve, "decided_by": caller.user, "comment": comment, "decided_at": now_ms()}
+        if not await self._store.put_new(_DECISIONS, key, decision):
+            earlier = await self._store.get(_DECISIONS, key) or {}
+            verdict = "approved" if earlier.get("approved") else "rejected"
+            raise AlreadyExists(f"call '{call_id}' of task '{task_id}' was already {verdict}")
+        # The decision and who made it go to the audit trail (GET /v1/audit) and the task's events.
+        if self._audit_decision is not None:
+            await self._audit_decision(task_id, call_id, asked.get("tool", ""), approve, comment)
+        await self._emit(task_id, "approval.decided", {"call_id": call_id, "step_id": call_id, **decision})
+        return await self.get(task_id)
+
+    async def _approvals_for(self, tool_ids: list[str]) -> set[str]:
+        return await self._needs_approval(tool_ids) if self._needs_approval is not None and tool_ids else set()
+
+    async def _await_approval(
+        self,
+        task: dict[str, Any],
+        run: PlanRun | None,
+        state: Any,
+        step_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        waiting: list[str],
+    ) -> None:
+        """Pause this step (and say so in the task) until its call is decided; a rejection raises."""
+
+        def mark(status: str) -> None:
+            if isinstance(state, dict):
+                state["status"] = status
+            else:
+                state.status = status
+
+        mark("waiting_approval")
+        waiting.append(step_id)
+        await self._save(task, run, status="waiting_approval")
+        try:
+            decided = await self._approval(task, step_id, tool, arguments)
+        finally:
+            waiting.remove(step_id)
+        mark("running")
+        await self._save(task, run, status="waiting_approval" if waiting else "running")
+        if not decided["approved"]:
+            raise _rejected(decided)
+
+    async def _approval(
+        self, task: dict[str, Any], step_id: str, tool: str, arguments: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Wait until a person decides on this call (the task says ``waiting_approval`` meanwhile); the decision.
+
+        The request is stored once, so a resumed task waits for the same call again instead of asking twice. The
+        wait follows the task's event stream (a decision made through any replica appends to it), and ends with the
+        task's deadline like anything else the task does.
+        """
+        task_id = task["task_id"]
+        key = f"{task_id}:{step_id}"
+        decided = await self._store.get(_DECISIONS, key)
+        if decided is not None:
+            return decided
+        seen = 0  # the first reads catch up with the stream, then each waits for a new event
+        asked = {"call_id": step_id, "step_id": step_id, "tool": tool, "arguments": _shown(arguments)}
+        if await self._store.put_new(_APPROVALS, key, {**asked, "asked_at": now_ms()}):
+            await self._emit(task_id, "approval.requested", asked)
+        while True:
+            decided = await self._store.get(_DECISIONS, key)
+            if decided is not None:
+                return decided
+            for seq, _ in await self._store.read(_events(task_id), seen, count=1000, block_seconds=10):
+                seen = seq
+
     async def cancel(self, task_id: str) -> dict[str, Any]:
         task = await self.get(task_id)
         if task["status"] in TERMINAL:
@@ -389,6 +491,8 @@ class TaskRunner:
         cancelled_elsewhere = False
         # A resumed task keeps the steps that succeeded before: they are not run again.
         done = {s["id"]: s for s in task["steps"] if s["status"] == "succeeded"}
+        needs = await self._approvals_for(sorted({step.tool for step in plan.steps}))
+        waiting: list[str] = []  # the steps waiting for approval now
         resumed = task["status"] != "queued"
 
         # The task document holds its input, and each output twice (in its step and in the result).
@@ -401,6 +505,8 @@ class TaskRunner:
                 # Another replica recorded a cancellation: end this run as a local cancel would, calling nothing.
                 this_run.cancel()
                 await asyncio.Event().wait()  # until the run's cancellation cancels this step too
+            if step.tool in needs:
+                await self._await_approval(task, run, run.steps[step.id], step.id, step.tool, arguments, waiting)
             answer = await self._invoke(agent, step, arguments, task_id)
             task["usage"]["tool_calls"] += 1
             if answer.http_status >= 400:
@@ -451,12 +557,17 @@ class TaskRunner:
         assert this_run is not None
         slots = self._slots.setdefault(context.current().tenant_id, asyncio.Semaphore(llm.tool_concurrency))
         size = len(json_bytes(task["input"]))
+        needs = await self._approvals_for(sorted(agent.get("tools", ())))
+        waiting: list[str] = []
 
         async def run_tool(tool: str, arguments: dict[str, Any], step_id: str) -> tuple[Any, int]:
             nonlocal size
             if await self._store.get(_CANCELLATIONS, task_id) is not None:
                 this_run.cancel()
                 await asyncio.Event().wait()
+            if tool in needs:
+                state = next(s for s in task["steps"] if s["id"] == step_id)
+                await self._await_approval(task, None, state, step_id, tool, arguments, waiting)
             async with slots:
                 answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id)
             task["usage"]["tool_calls"] += 1
@@ -527,6 +638,19 @@ class TaskRunner:
         await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
         await self._emit(task["task_id"], f"task.{status}", data)
+
+
+def _shown(arguments: dict[str, Any]) -> dict[str, Any]:
+    """A call's arguments as an approver sees them: header values (where a key could hide) left out."""
+    shown = dict(arguments)
+    if isinstance(shown.get("headers"), dict):
+        shown["headers"] = {name: "[redacted]" for name in shown["headers"]}
+    return shown
+
+
+def _rejected(decided: dict[str, Any]) -> PermissionDenied:
+    comment = f": {decided['comment']}" if decided.get("comment") else ""
+    return PermissionDenied(f"the call was rejected by {decided.get('decided_by') or 'an admin'}{comment}")
 
 
 def _replan(task_input: Any) -> Any:

@@ -8,6 +8,7 @@ would, once the embedded state lasts across restarts).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,11 +17,12 @@ import pytest
 from altan import context
 from altan.api.agents import parse_agent_spec
 from altan.context import RequestContext
+from altan.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
 from altan.store import MemoryBackend, TenantStore
 from services.agent.agents import AgentCatalog
 from services.agent.tasks import TaskLimits, TaskRunner
 from services.agent.work_queue import LocalWorkQueue
-from tests.unit.test_task_runner import FakeTools, Gate, answer, as_caller, follow, kinds, step, submit, until
+from tests.unit.test_task_runner import WAIT, FakeTools, Gate, answer, as_caller, follow, kinds, step, submit, until
 
 QUEUE = "altan::agent:work"
 
@@ -36,6 +38,9 @@ class Replicas:
         self.backend = MemoryBackend()
         self.made: list[TaskRunner] = []
 
+    async def needs_approval(self, tool_ids: list[str]) -> set[str]:
+        return {"send_email"} & set(tool_ids)
+
     def start(self, limits: TaskLimits | None = None) -> TaskRunner:
         store = TenantStore(self.backend, "agent")
         queue = LocalWorkQueue(self.backend, key=QUEUE, concurrency=100)
@@ -47,6 +52,7 @@ class Replicas:
             limits,
             queue=queue,
             delegate=delegate,
+            needs_approval=self.needs_approval,
         )
         runner.start()
         self.made.append(runner)
@@ -65,7 +71,7 @@ async def replicas() -> AsyncIterator[Replicas]:
 
 async def agent_of(replicas: Replicas, runner: TaskRunner) -> str:
     agents = AgentCatalog(TenantStore(replicas.backend, "agent"), replicas.tools.missing_tools)
-    agent = await agents.create(parse_agent_spec({"name": "assistant", "tools": ["echo"]}))
+    agent = await agents.create(parse_agent_spec({"name": "assistant", "tools": ["echo", "send_email"]}))
     return str(agent["id"])
 
 
@@ -171,3 +177,65 @@ async def test_a_cancelled_task_is_not_resumed(replicas: Replicas) -> None:
     await third.aclose()
     assert (await second.get(task["task_id"]))["status"] == "cancelled"
     assert await replicas.backend.hgetall(f"{QUEUE}-pending") == {}
+
+
+async def test_an_approval_survives_a_restart_and_the_approved_call_runs_once(replicas: Replicas) -> None:
+    as_caller()
+    first = replicas.start()
+    agent_id = await agent_of(replicas, first)
+    task, _ = await submit(first, agent_id, step("s1", tool="send_email", to="ada"))
+    events = first.events(task["task_id"], 0)
+    async with asyncio.timeout(WAIT):
+        async for _, event in events:
+            if event["type"] == "approval.requested":
+                break
+    assert (await first.get(task["task_id"]))["status"] == "waiting_approval"
+    await first.aclose()  # stops while the task waits: the request stays, and is not asked again
+
+    second = replicas.start()
+    await second.decide(task["task_id"], "s1", True, "ok")
+    followed = await follow(second, task["task_id"])
+    done = await second.get(task["task_id"])
+    assert done["status"] == "succeeded", done
+    assert replicas.tools.steps_called() == ["s1"]
+    assert kinds(await follow(second, task["task_id"], 0)).count("approval.requested:s1") == 1
+    assert kinds(followed)[-1] == "task.succeeded"
+
+
+async def test_an_unanswered_approval_ends_with_the_tasks_deadline(replicas: Replicas) -> None:
+    as_caller()
+    runner = replicas.start(TaskLimits(deadline_seconds=1))
+    agent_id = await agent_of(replicas, runner)
+    task, _ = await submit(runner, agent_id, step("s1", tool="send_email"))
+    events = await follow(runner, task["task_id"])
+    done = await runner.get(task["task_id"])
+    assert done["status"] == "failed" and done["error"].startswith("deadline exceeded"), done
+    assert "approval.requested:s1" in kinds(events) and replicas.tools.calls == []
+    with pytest.raises(FailedPrecondition, match="already failed"):
+        await runner.decide(task["task_id"], "s1", True, "")
+
+
+async def test_only_an_admin_decides_once_and_only_a_call_that_waits(replicas: Replicas) -> None:
+    as_caller()
+    runner = replicas.start()
+    agent_id = await agent_of(replicas, runner)
+    task, _ = await submit(runner, agent_id, step("s1", tool="send_email"))
+    async with asyncio.timeout(WAIT):
+        async for _, event in runner.events(task["task_id"], 0):
+            if event["type"] == "approval.requested":
+                break
+    with pytest.raises(NotFound):
+        await runner.decide(task["task_id"], "s2", True, "")
+    context.bind(RequestContext("acme", "bob", "member", "t"))
+    with pytest.raises(PermissionDenied):
+        await runner.decide(task["task_id"], "s1", True, "")
+    as_caller("other")
+    with pytest.raises(NotFound):
+        await runner.decide(task["task_id"], "s1", True, "")
+    as_caller()
+    await runner.decide(task["task_id"], "s1", False, "no")
+    with pytest.raises(AlreadyExists, match="already rejected"):
+        await runner.decide(task["task_id"], "s1", True, "")
+    await follow(runner, task["task_id"])
+    done = await runner.get(task["task_id"])
+    assert done["status"] == "failed" and "rejected by alice: no" in done["error"]

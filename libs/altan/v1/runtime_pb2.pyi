@@ -268,6 +268,61 @@ class DescribeToolsResponse(_message.Message):
 Global___DescribeToolsResponse: _TypeAlias = DescribeToolsResponse  # noqa: Y015
 
 @_typing.final
+class RecordApprovalRequest(_message.Message):
+    """Request of RecordApproval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_ID_FIELD_NUMBER: _builtins.int
+    APPROVED_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task whose call was decided."""
+    call_id: _builtins.str
+    """The call (the step's id)."""
+    tool_id: _builtins.str
+    """The tool the call would run."""
+    approved: _builtins.bool
+    """Whether it was approved."""
+    comment: _builtins.str
+    """The decider's comment."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        tool_id: _builtins.str = ...,
+        approved: _builtins.bool = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "call_id", b"call_id", "comment", b"comment", "task_id", b"task_id", "tool_id", b"tool_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordApprovalRequest: _TypeAlias = RecordApprovalRequest  # noqa: Y015
+
+@_typing.final
+class RecordApprovalResponse(_message.Message):
+    """Response of RecordApproval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordApprovalResponse: _TypeAlias = RecordApprovalResponse  # noqa: Y015
+
+@_typing.final
 class ModelTool(_message.Message):
     """A tool offered to the model."""
 
