@@ -10,6 +10,7 @@ to the agent's LLM (:mod:`services.agent.conversation`), continuing the task's t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -212,7 +213,17 @@ class TaskRunner:
         if self._delegate is None:
             self._callers[(caller.tenant_id, task["task_id"])] = caller
         self.start()
-        await self._queue.put(WorkItem(caller.tenant_id, task["task_id"]))
+        try:
+            await self._queue.put(WorkItem(caller.tenant_id, task["task_id"]))
+        except Exception:
+            # Not queued, so it would never run: it ends now, saying why, and its idempotency key is freed so that
+            # the submission can be made again (best effort: the store may be down too).
+            error = "it could not be queued (the work queue was unreachable); submit it again"
+            with contextlib.suppress(Exception):
+                if idempotency_key:
+                    await self._store.delete(_IDEMPOTENCY, idem_id)
+                await self._finish(task, None, status="failed", error=error)
+            raise
         return task, True
 
     async def _execute(self, item: WorkItem) -> None:

@@ -34,6 +34,7 @@ from typing import Any, Protocol
 import redis.asyncio as aioredis
 import redis.exceptions
 
+from altan.errors import Unavailable
 from altan.store import StateBackend
 
 __all__ = [
@@ -184,7 +185,13 @@ class LocalWorkQueue:
                 item = WorkItem.decode(raw)
                 runs.start(item.task_id, item)
             while True:
-                for seq, raw in await self._backend.read(self._stream, cursor, 1000, block_seconds=10):
+                batch = await self._backend.read(self._stream, cursor, 1000, block_seconds=10)
+                if batch and batch[0][0] > cursor + 1:
+                    # Wake-ups were trimmed away before they were read: the pending items are the truth.
+                    for raw in (await self._backend.hgetall(self._pending)).values():
+                        item = WorkItem.decode(raw)
+                        runs.start(item.task_id, item)
+                for seq, raw in batch:
                     cursor = seq
                     item = WorkItem.decode(raw)
                     runs.start(item.task_id, item)
@@ -211,7 +218,10 @@ class RedisWorkQueue:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     async def put(self, item: WorkItem) -> None:
-        await self._redis.xadd(self._stream, {"d": item.encode()})
+        try:
+            await self._redis.xadd(self._stream, {"d": item.encode()})
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+            raise Unavailable("the work queue is unreachable; try again shortly", retry_after=1.0) from None
 
     async def serve(self, handler: Handler) -> None:
         runs = _Runs(handler, self._concurrency, self._done)

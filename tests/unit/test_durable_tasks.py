@@ -17,11 +17,11 @@ import pytest
 from altan import context
 from altan.api.agents import parse_agent_spec
 from altan.context import RequestContext
-from altan.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied
+from altan.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
 from altan.store import MemoryBackend, TenantStore
 from services.agent.agents import AgentCatalog
 from services.agent.tasks import TaskLimits, TaskRunner
-from services.agent.work_queue import LocalWorkQueue
+from services.agent.work_queue import LocalWorkQueue, WorkItem
 from tests.unit.test_task_runner import WAIT, FakeTools, Gate, answer, as_caller, follow, kinds, step, submit, until
 
 QUEUE = "altan::agent:work"
@@ -239,3 +239,32 @@ async def test_only_an_admin_decides_once_and_only_a_call_that_waits(replicas: R
     await follow(runner, task["task_id"])
     done = await runner.get(task["task_id"])
     assert done["status"] == "failed" and "rejected by alice: no" in done["error"]
+
+
+async def test_a_task_that_could_not_be_queued_fails_and_frees_its_key(replicas: Replicas) -> None:
+    as_caller()
+    runner = replicas.start()
+    agent_id = await agent_of(replicas, runner)
+
+    class Down(LocalWorkQueue):
+        async def put(self, item: WorkItem) -> None:
+            raise Unavailable("the work queue is unreachable; try again shortly")
+
+    store = TenantStore(replicas.backend, "agent")
+    broken = TaskRunner(
+        store,
+        AgentCatalog(store, replicas.tools.missing_tools),
+        replicas.tools.missing_tools,
+        replicas.tools.invoke,
+        queue=Down(replicas.backend, key=QUEUE, concurrency=1),
+        delegate=delegate,
+    )
+    with pytest.raises(Unavailable):
+        await submit(broken, agent_id, step("s1"), key="k")
+    (lost,) = (await store.all("tasks")).values()
+    assert lost["status"] == "failed" and "could not be queued" in lost["error"]
+    await broken.aclose()
+    task, created = await submit(runner, agent_id, step("s1"), key="k")  # the key is free again
+    assert created and task["task_id"] != lost["task_id"]
+    await follow(runner, task["task_id"])
+    assert (await runner.get(task["task_id"]))["status"] == "succeeded"
