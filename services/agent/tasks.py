@@ -22,11 +22,12 @@ from altan import context
 from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
-from altan.errors import AlreadyExists, AltanError, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound
 from altan.store import TenantStore
 from altan.v1 import runtime_pb2
 from altan.wire import json_bytes, new_id
 from services.agent.agents import AgentCatalog
+from services.agent.approvals import Approvals, AuditDecision, rejection, task_events
 from services.agent.conversation import Conversation, LoopLimits, ModelTurn
 from services.agent.plan import (
     MAX_EXPANSION_BYTES,
@@ -42,7 +43,6 @@ from services.agent.work_queue import ImmediateQueue, WorkItem, WorkQueue
 
 __all__ = [
     "TERMINAL",
-    "AuditDecision",
     "Delegate",
     "LlmBackend",
     "NeedsApproval",
@@ -57,8 +57,6 @@ log = logging.getLogger(__name__)
 _TASKS = "tasks"
 _IDEMPOTENCY = "idempotency"
 _CANCELLATIONS = "cancellations"  # task id -> when another replica was asked to cancel it
-_APPROVALS = "approvals"  # "<task id>:<call id>" -> a call waiting for approval (what was asked)
-_DECISIONS = "approval-decisions"  # "<task id>:<call id>" -> the decision: written once, the first one stands
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
@@ -88,9 +86,6 @@ class TaskLimits:
 # Which of the given tool ids require a person's approval before each call.
 NeedsApproval = Callable[[list[str]], Awaitable[set[str]]]
 
-# Records an approval decision in the audit trail, as the decider: (task id, call id, tool, approved, comment).
-AuditDecision = Callable[[str, str, str, bool, str], Awaitable[None]]
-
 # The caller a queued task runs as, from its task document (tenant, submitter, role, task id, deadline), or None when
 # this replica cannot act for it (no internal key to sign a delegation with).
 Delegate = Callable[[dict[str, Any], str], "context.RequestContext | None"]
@@ -109,10 +104,6 @@ class LlmBackend:
     loop: LoopLimits
     context_budget_tokens: int = 32_000
     tool_concurrency: int = 16  # one tenant's tool calls in flight in this replica
-
-
-def _events(task_id: str) -> str:
-    return f"events:{task_id}"
 
 
 class TaskRunner:
@@ -143,7 +134,7 @@ class TaskRunner:
         self._queue: WorkQueue = queue or ImmediateQueue()
         self._delegate = delegate
         self._needs_approval = needs_approval
-        self._audit_decision = audit_decision
+        self._approvals = Approvals(store, self._emit, audit_decision)
         self._serving: asyncio.Task[None] | None = None
         self._stopping = False
         self._running: dict[tuple[str, str], asyncio.Task[Any]] = {}
@@ -363,22 +354,9 @@ class TaskRunner:
         """An admin approves or rejects a call its task waits for; the first decision stands (409 after)."""
         context.require_admin("deciding an approval")
         task = await self.get(task_id)
-        key = f"{task_id}:{call_id}"
-        asked = await self._store.get(_APPROVALS, key)
-        if asked is None:
-            raise NotFound(f"task '{task_id}' has no call '{call_id}' waiting for approval")
         if task["status"] in TERMINAL:
             raise FailedPrecondition(f"task '{task_id}' already {task['status']}")
-        caller = context.current()
-        decision = {"approved": approve, "decided_by": caller.user, "comment": comment, "decided_at": now_ms()}
-        if not await self._store.put_new(_DECISIONS, key, decision):
-            earlier = await self._store.get(_DECISIONS, key) or {}
-            verdict = "approved" if earlier.get("approved") else "rejected"
-            raise AlreadyExists(f"call '{call_id}' of task '{task_id}' was already {verdict}")
-        # The decision and who made it go to the audit trail (GET /v1/audit) and the task's events.
-        if self._audit_decision is not None:
-            await self._audit_decision(task_id, call_id, asked.get("tool", ""), approve, comment)
-        await self._emit(task_id, "approval.decided", {"call_id": call_id, "step_id": call_id, **decision})
+        await self._approvals.decide(task, call_id, approve, comment)
         return await self.get(task_id)
 
     async def _approvals_for(self, tool_ids: list[str]) -> set[str]:
@@ -406,38 +384,13 @@ class TaskRunner:
         waiting.append(step_id)
         await self._save(task, run, status="waiting_approval")
         try:
-            decided = await self._approval(task, step_id, tool, arguments)
+            decided = await self._approvals.wait(task["task_id"], step_id, tool, arguments)
         finally:
             waiting.remove(step_id)
         mark("running")
         await self._save(task, run, status="waiting_approval" if waiting else "running")
         if not decided["approved"]:
-            raise _rejected(decided)
-
-    async def _approval(
-        self, task: dict[str, Any], step_id: str, tool: str, arguments: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Wait until a person decides on this call (the task says ``waiting_approval`` meanwhile); the decision.
-
-        The request is stored once, so a resumed task waits for the same call again instead of asking twice. The
-        wait follows the task's event stream (a decision made through any replica appends to it), and ends with the
-        task's deadline like anything else the task does.
-        """
-        task_id = task["task_id"]
-        key = f"{task_id}:{step_id}"
-        decided = await self._store.get(_DECISIONS, key)
-        if decided is not None:
-            return decided
-        seen = 0  # the first reads catch up with the stream, then each waits for a new event
-        asked = {"call_id": step_id, "step_id": step_id, "tool": tool, "arguments": _shown(arguments)}
-        if await self._store.put_new(_APPROVALS, key, {**asked, "asked_at": now_ms()}):
-            await self._emit(task_id, "approval.requested", asked)
-        while True:
-            decided = await self._store.get(_DECISIONS, key)
-            if decided is not None:
-                return decided
-            for seq, _ in await self._store.read(_events(task_id), seen, count=1000, block_seconds=10):
-                seen = seq
+            raise rejection(decided)
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         task = await self.get(task_id)
@@ -471,19 +424,19 @@ class TaskRunner:
         after = max(after, 0)
         wait = 10.0
         if task["status"] in TERMINAL:
-            for seq, event in await self._store.read(_events(task_id), after):
+            for seq, event in await self._store.read(task_events(task_id), after):
                 yield seq, event
                 after = seq
                 if event["type"] in _TERMINAL_EVENTS:
                     return
-            last = await self._store.tail(_events(task_id), 1)
+            last = await self._store.tail(task_events(task_id), 1)
             if last and last[0]["type"] in _TERMINAL_EVENTS:
                 return  # sent before ``after``: the stream of a finished task ends at once
             # The terminal status is stored just before its event is appended: wait for that event, briefly (a
             # process that died in between never appends it).
             wait = 5.0
         while True:
-            batch = await self._store.read(_events(task_id), after, block_seconds=wait)
+            batch = await self._store.read(task_events(task_id), after, block_seconds=wait)
             if not batch and wait < 10:
                 return
             for seq, event in batch:
@@ -493,7 +446,9 @@ class TaskRunner:
                     return
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
-        await self._store.append(_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data})
+        await self._store.append(
+            task_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}
+        )
 
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
         task_id = task["task_id"]
@@ -649,19 +604,6 @@ class TaskRunner:
         await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
         await self._emit(task["task_id"], f"task.{status}", data)
-
-
-def _shown(arguments: dict[str, Any]) -> dict[str, Any]:
-    """A call's arguments as an approver sees them: header values (where a key could hide) left out."""
-    shown = dict(arguments)
-    if isinstance(shown.get("headers"), dict):
-        shown["headers"] = {name: "[redacted]" for name in shown["headers"]}
-    return shown
-
-
-def _rejected(decided: dict[str, Any]) -> PermissionDenied:
-    comment = f": {decided['comment']}" if decided.get("comment") else ""
-    return PermissionDenied(f"the call was rejected by {decided.get('decided_by') or 'an admin'}{comment}")
 
 
 def _replan(task_input: Any) -> Any:
