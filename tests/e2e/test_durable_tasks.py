@@ -204,3 +204,40 @@ def test_a_delegation_is_accepted_only_internally_and_only_for_its_task_and_tena
     )
     # ...and another tenant's delegation, even for this task's id, sees nothing of this tenant.
     assert get_task(delegation(key, other, task_id), task_id) == grpc.StatusCode.NOT_FOUND
+
+
+def test_slow_tools_and_unanswered_approvals_end_with_the_tasks_deadline(
+    tmp_path: Path, third_party: FakeThirdParty
+) -> None:
+    stack = start_stack(
+        data_dir=tmp_path / "data",
+        egress_allow=f"127.0.0.1:{third_party.port}",
+        redis_url=None,
+        extra_env={"ALTAN_TASK_DEADLINE_SECONDS": "2"},
+    )
+    try:
+        with stack.client(new_tenant()) as api:
+            tool = {
+                "tool_id": "pay",
+                "name": "Pay",
+                "endpoint": f"{third_party.base_url}/idempotent/deadline",
+                "method": "POST",
+                "auth": "none",
+                "parameters": [],
+                "requires_approval": True,
+            }
+            assert api.post("/v1/tools", json=tool).status_code == 201
+            agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["http_request", "pay"]}).json()["id"]
+            slow = {
+                "plan": [{"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/sleep/5"}}]
+            }
+            waiting = {"plan": [{"id": "s1", "tool": "pay"}]}
+            ids = [
+                api.post(f"/v1/agents/{agent_id}/tasks", json={"input": p}).json()["task_id"] for p in (slow, waiting)
+            ]
+            for task_id in ids:
+                task = _finished(api, task_id)
+                assert task["status"] == "failed", task
+                assert task["error"].startswith("deadline exceeded: the task did not end within 2s"), task
+    finally:
+        assert stack.stop() == 0
