@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
@@ -25,7 +26,9 @@ from services.agent.conversation import LoopLimits
 from services.agent.plan import Step
 from services.agent.servicer import AgentServicer
 from services.agent.tasks import Delegate, LlmBackend, TaskLimits, TaskRunner, ToolAnswer
-from services.agent.work_queue import open_work_queue
+from services.agent.work_queue import ImmediateQueue, WorkQueue, open_work_queue
+
+log = logging.getLogger("services.agent")
 
 # How long a task step waits for the integrator to come back (a restart takes seconds; supervision backs off to 30 s).
 _HOP_RETRY_SECONDS = 120.0
@@ -144,13 +147,18 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         task_bytes=settings.max_task_bytes,
         deadline_seconds=settings.task_deadline_seconds,
     )
-    queue = open_work_queue(
-        backend,
-        settings.redis_url,
-        key=settings.task_queue,
-        concurrency=settings.task_concurrency,
-        lease_seconds=settings.task_lease_seconds,
-    )
+    queue: WorkQueue = ImmediateQueue()
+    if settings.internal_key is not None:
+        queue = open_work_queue(
+            backend,
+            settings.redis_url,
+            key=settings.task_queue,
+            concurrency=settings.task_concurrency,
+            lease_seconds=settings.task_lease_seconds,
+        )
+    else:
+        # No replica but the accepting one may act for a task's submitter: tasks run there, and are not durable.
+        log.warning("ALTAN_INTERNAL_KEY is not set: tasks run in the replica that accepted them, and die with it")
     tasks = TaskRunner(
         store,
         agents,
