@@ -36,6 +36,14 @@ _HOP_RETRY_SECONDS = 120.0
 _DELEGATION_MARGIN_SECONDS = 60
 
 
+def _platform_unavailable(exc: BaseException) -> bool:
+    """UNAVAILABLE from the platform, not from a third party: a hop between services that failed (a service down,
+    restarting or dying during the call), or a service saying "try again shortly" (its state store or audit trail
+    out of reach, with a Retry-After). A third party that cannot be reached is UNAVAILABLE without either: the
+    integrator has retried it already, and the step fails."""
+    return isinstance(exc, Unavailable) and (exc.hop_failed or exc.retry_after is not None)
+
+
 def delegation(settings: Settings) -> Delegate | None:
     """Who a queued task runs as: its submitter, by a delegation signed with the install's internal key, narrowed
     to that task and to the member role (running a task needs no more), valid until the task's deadline."""
@@ -73,11 +81,11 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             task_id=task_id,
             step_id=step.id,
         )
-        # The integrator retries within its own deadline; allow it that long plus the hop. A hop that failed (the
-        # integrator down or restarting, or dying during the call) is tried again with the same step: its
-        # Idempotency-Key makes the third party perform it once whatever the first attempt got to do.
+        # The integrator retries within its own deadline; allow it that long plus the hop. When the platform itself
+        # was unavailable (see _platform_unavailable) the step is tried again: its Idempotency-Key makes the third
+        # party perform it once whatever the first attempt got to do.
         async for attempt in AsyncRetrying(
-            retry=retry_if_exception(lambda exc: isinstance(exc, Unavailable) and exc.hop_failed),
+            retry=retry_if_exception(_platform_unavailable),
             wait=wait_exponential_jitter(initial=0.2, max=2.0),
             stop=stop_after_delay(_HOP_RETRY_SECONDS),
             reraise=True,

@@ -355,7 +355,8 @@ class TaskRunner:
         context.require_admin("deciding an approval")
         task = await self.get(task_id)
         if task["status"] in TERMINAL:
-            raise FailedPrecondition(f"task '{task_id}' already {task['status']}")
+            # Nothing of an ended task waits any more: as for a call that never waited.
+            raise NotFound(f"task '{task_id}' already {task['status']}: no call of it waits for approval")
         await self._approvals.decide(task, call_id, approve, comment)
         return await self.get(task_id)
 

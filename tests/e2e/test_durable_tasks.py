@@ -84,7 +84,7 @@ def _terminal(stack: Stack, api: httpx.Client, task_id: str, timeout: float = 60
 
 
 def _internal_key(stack: Stack) -> str:
-    return (Path(stack.env["ALTAN_DATA_DIR"]) / "internal.key").read_text().strip()
+    return stack.env["ALTAN_INTERNAL_KEY"]
 
 
 def test_an_agent_killed_mid_task_is_resumed_and_the_step_in_flight_is_performed_once(

@@ -17,7 +17,7 @@ import pytest
 from altan import context
 from altan.api.agents import parse_agent_spec
 from altan.context import RequestContext
-from altan.errors import AlreadyExists, FailedPrecondition, NotFound, PermissionDenied, Unavailable
+from altan.errors import AlreadyExists, NotFound, PermissionDenied, Unavailable
 from altan.store import MemoryBackend, TenantStore
 from services.agent.agents import AgentCatalog
 from services.agent.tasks import TaskLimits, TaskRunner
@@ -211,7 +211,7 @@ async def test_an_unanswered_approval_ends_with_the_tasks_deadline(replicas: Rep
     done = await runner.get(task["task_id"])
     assert done["status"] == "failed" and done["error"].startswith("deadline exceeded"), done
     assert "approval.requested:s1" in kinds(events) and replicas.tools.calls == []
-    with pytest.raises(FailedPrecondition, match="already failed"):
+    with pytest.raises(NotFound, match="already failed: no call of it waits for approval"):
         await runner.decide(task["task_id"], "s1", True, "")
 
 
