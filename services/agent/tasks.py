@@ -22,7 +22,7 @@ from altan import context
 from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
-from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound
+from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from altan.store import TenantStore
 from altan.v1 import runtime_pb2
 from altan.wire import json_bytes, new_id
@@ -360,6 +360,14 @@ class TaskRunner:
         await self._approvals.decide(task, call_id, approve, comment)
         return await self.get(task_id)
 
+    async def _cancelled_elsewhere(self, task_id: str) -> bool:
+        """Whether another replica recorded a cancellation; a store out of reach for a moment says no (the end of
+        the run asks again, and the replica that cancelled recorded the ending)."""
+        try:
+            return await self._store.get(_CANCELLATIONS, task_id) is not None
+        except Unavailable:
+            return False
+
     async def _approvals_for(self, tool_ids: list[str]) -> set[str]:
         return await self._needs_approval(tool_ids) if self._needs_approval is not None and tool_ids else set()
 
@@ -467,7 +475,7 @@ class TaskRunner:
 
         async def execute(step: Step, arguments: dict[str, Any]) -> Any:
             nonlocal size, cancelled_elsewhere
-            if await self._store.get(_CANCELLATIONS, task_id) is not None:
+            if await self._cancelled_elsewhere(task_id):
                 cancelled_elsewhere = True
                 # Another replica recorded a cancellation: end this run as a local cancel would, calling nothing.
                 this_run.cancel()
@@ -505,6 +513,10 @@ class TaskRunner:
         except asyncio.CancelledError:
             if await self._stopped(task, run, cancelled_elsewhere):
                 raise
+        except Unavailable:
+            # The state store out of reach while the progress was saved: the run stops as it is, and the queue
+            # delivers the task again once the lease lapses, to go on from its last saved step.
+            raise
         except Exception as exc:
             log.exception("task crashed")
             await self._finish(task, run, status="failed", error=f"internal error: {type(exc).__name__}")
@@ -529,7 +541,7 @@ class TaskRunner:
 
         async def run_tool(tool: str, arguments: dict[str, Any], step_id: str) -> tuple[Any, int]:
             nonlocal size
-            if await self._store.get(_CANCELLATIONS, task_id) is not None:
+            if await self._cancelled_elsewhere(task_id):
                 this_run.cancel()
                 await asyncio.Event().wait()
             if tool in needs:
