@@ -50,6 +50,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _GROUP = "agents"
+# A delivery that failed (a service it needed was down) is made again this long after, by the queues without leases.
+_REDELIVER_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -90,9 +92,17 @@ class WorkQueue(Protocol):
 class _Runs:
     """The items this replica is running, each once, up to ``limit`` at a time."""
 
-    def __init__(self, handler: Handler, limit: int, on_done: Callable[[str, WorkItem], Awaitable[None]]) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        limit: int,
+        on_done: Callable[[str, WorkItem], Awaitable[None]],
+        redeliver_after: float | None = None,
+    ) -> None:
         self._handler = handler
         self._on_done = on_done
+        # Queues without leases deliver a failed item again themselves, after this long; None: the lease does.
+        self._redeliver_after = redeliver_after
         self.running: dict[str, asyncio.Task[None]] = {}
         self.capacity = asyncio.Semaphore(limit)
         self._stopping = False
@@ -115,10 +125,16 @@ class _Runs:
         except asyncio.CancelledError:
             raise
         except Exception:
-            # Not acknowledged: delivered again (after the lease, or the next start).
+            # Not acknowledged: delivered again (after the lease, or here after a pause).
             log.exception("running a queued task failed; it will be delivered again", extra={"task": item.task_id})
+            if self._redeliver_after is not None and not self._stopping:
+                asyncio.get_running_loop().call_later(self._redeliver_after, self._again, entry, item)
         finally:
             self.running.pop(entry, None)
+
+    def _again(self, entry: str, item: WorkItem) -> None:
+        if not self._stopping:
+            self.start(entry, item)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -143,7 +159,7 @@ class ImmediateQueue:
             self._runs.start(item.task_id, item)
 
     async def serve(self, handler: Handler) -> None:
-        self._runs = _Runs(handler, 1_000_000, _nothing)
+        self._runs = _Runs(handler, 1_000_000, _nothing, redeliver_after=_REDELIVER_SECONDS)
         for item in self._early:
             self._runs.start(item.task_id, item)
         self._early.clear()
@@ -177,7 +193,7 @@ class LocalWorkQueue:
         await self._backend.append(self._stream, raw, 10_000)
 
     async def serve(self, handler: Handler) -> None:
-        runs = _Runs(handler, self._concurrency, self._done)
+        runs = _Runs(handler, self._concurrency, self._done, redeliver_after=_REDELIVER_SECONDS)
         try:
             last = await self._backend.tail(self._stream, 1)
             cursor = last[0][0] if last else 0

@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 
-from services.agent.work_queue import RedisWorkQueue, WorkItem
+from altan.errors import Unavailable
+from altan.store import MemoryBackend
+from services.agent.work_queue import LocalWorkQueue, RedisWorkQueue, WorkItem
 from tests.redis_server import RedisServer
 
 KEY = "altan::agent:work"
@@ -151,3 +153,25 @@ async def test_a_redis_that_came_back_empty_gets_its_group_again(
             except Exception:
                 await asyncio.sleep(0.1)
     assert await asyncio.wait_for(consumer.got.get(), WAIT) == WorkItem("acme", "after")
+
+
+async def test_the_embedded_queue_delivers_a_failed_item_again() -> None:
+    backend = MemoryBackend()
+    queue = LocalWorkQueue(backend, key=KEY, concurrency=10)
+    attempts: list[WorkItem] = []
+    done = asyncio.Event()
+
+    async def flaky(item: WorkItem) -> None:
+        attempts.append(item)
+        if len(attempts) == 1:
+            raise Unavailable("the integrator is restarting")
+        done.set()
+
+    serving = asyncio.create_task(queue.serve(flaky))
+    try:
+        await queue.put(WorkItem("acme", "tsk_9"))
+        await asyncio.wait_for(done.wait(), WAIT)
+        assert attempts == [WorkItem("acme", "tsk_9")] * 2
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
