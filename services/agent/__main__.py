@@ -37,11 +37,10 @@ _DELEGATION_MARGIN_SECONDS = 60
 
 
 def _platform_unavailable(exc: BaseException) -> bool:
-    """UNAVAILABLE from the platform, not from a third party: a hop between services that failed (a service down,
-    restarting or dying during the call), or a service saying "try again shortly" (its state store or audit trail
-    out of reach, with a Retry-After). A third party that cannot be reached is UNAVAILABLE without either: the
-    integrator has retried it already, and the step fails."""
-    return isinstance(exc, Unavailable) and (exc.hop_failed or exc.retry_after is not None)
+    """A hop between services that failed (a service down, restarting or dying during the call). What a service
+    raised itself (a third party, Secret Manager or the state store out of reach) fails the step as before: the
+    integrator has retried it already."""
+    return isinstance(exc, Unavailable) and exc.hop_failed
 
 
 def delegation(settings: Settings) -> Delegate | None:
