@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from collections import OrderedDict
+from dataclasses import replace
 from typing import Any
 
 import jwt
@@ -18,9 +19,13 @@ from altan.config import Settings
 from altan.context import RequestContext
 from altan.errors import Unauthenticated
 
-__all__ = ["TokenVerifier", "issue_development_token"]
+__all__ = ["DELEGATION_ISSUER", "TokenVerifier", "issue_delegation", "issue_development_token"]
 
 _ROLES = ("admin", "member")
+# Issuer and audience of the internal delegation tokens the agent signs for its tasks (issue_delegation): no tenant
+# identity provider may use them, and the gateway refuses them whoever signed them.
+DELEGATION_ISSUER = "altan-internal"
+_DELEGATION_ALGORITHM = "HS256"
 _CACHE_SIZE = 10_000
 _MAX_TOKEN_CHARS = 8 * 1024
 
@@ -28,7 +33,11 @@ _MAX_TOKEN_CHARS = 8 * 1024
 class TokenVerifier:
     """Verifies bearer tokens and turns their claims into a :class:`RequestContext`."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, accept_delegation: bool = False) -> None:
+        # Only the internal services accept delegations, and only with the install's internal key configured.
+        self._internal_key = (
+            settings.internal_key.get_secret_value() if accept_delegation and settings.internal_key else None
+        )
         self._algorithms = list(settings.jwt_algorithms)
         self._audience = settings.jwt_audience
         self._issuer = settings.jwt_issuer
@@ -60,6 +69,8 @@ class TokenVerifier:
             if time.time() < cached[0]:
                 return cached[1]
             del self._verified[token]
+        if _issuer(token) == DELEGATION_ISSUER:
+            return self._delegation(token)
         try:
             claims = jwt.decode(
                 token,
@@ -83,6 +94,31 @@ class TokenVerifier:
         except (jwt.PyJWTError, ValueError, TypeError) as exc:
             raise Unauthenticated("invalid token") from exc
         caller = self._context(claims, token)
+        self._remember(token, float(claims["exp"]) + self._leeway, caller)
+        return caller
+
+    def _delegation(self, token: str) -> RequestContext:
+        """An internal delegation: signed with the internal key, for one task, accepted on internal ports only."""
+        if self._internal_key is None:
+            raise Unauthenticated("internal delegation tokens are not accepted here")
+        try:
+            claims = jwt.decode(
+                token,
+                key=self._internal_key,
+                algorithms=[_DELEGATION_ALGORITHM],
+                audience=DELEGATION_ISSUER,
+                issuer=DELEGATION_ISSUER,
+                leeway=self._leeway,
+                options={"require": ["exp", "aud", "iss", "tenant_id", "task_id"]},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise Unauthenticated("delegation expired") from exc
+        except (jwt.PyJWTError, ValueError, TypeError) as exc:
+            raise Unauthenticated("invalid delegation") from exc
+        task_id = claims.get("task_id")
+        if not isinstance(task_id, str) or not task_id:
+            raise Unauthenticated("invalid delegation")
+        caller = replace(self._context(claims, token), task_id=task_id, delegated=True)
         self._remember(token, float(claims["exp"]) + self._leeway, caller)
         return caller
 
@@ -119,6 +155,31 @@ class TokenVerifier:
         except UnicodeEncodeError:
             raise Unauthenticated("token claims must be valid Unicode") from None
         return RequestContext(tenant_id=tenant, user=str(user) if user else "", role=role, token=token)
+
+
+def _issuer(token: str) -> object:
+    """The ``iss`` a token claims, unverified: it only chooses which key verifies the token."""
+    try:
+        return jwt.decode(token, options={"verify_signature": False}).get("iss")
+    except jwt.PyJWTError:
+        return None  # the ordinary path says what is wrong with it
+
+
+def issue_delegation(key: str, *, tenant: str, sub: str, role: str, task_id: str, ttl: float) -> str:
+    """A delegation for one task: the agent runs (and resumes) the task as its submitter with it, after the
+    submitter's own token may have expired. Signed with the install's internal key; ``ttl`` seconds."""
+    now = int(time.time())
+    claims = {
+        "tenant_id": tenant,
+        "sub": sub,
+        "role": role,
+        "task_id": task_id,
+        "aud": DELEGATION_ISSUER,
+        "iss": DELEGATION_ISSUER,
+        "iat": now,
+        "exp": now + max(1, int(ttl)),
+    }
+    return jwt.encode(claims, key, algorithm=_DELEGATION_ALGORITHM)
 
 
 def issue_development_token(settings: Settings, *, tenant: str, sub: str, role: str = "admin", ttl: int = 3600) -> str:

@@ -57,7 +57,7 @@ def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> N
             files = tls_files(settings)
             await serve_until_stopped(
                 services,
-                verifier=TokenVerifier(settings),
+                verifier=TokenVerifier(settings, accept_delegation=True),  # internal ports only
                 address=f"{settings.bind_host}:{port(settings)}",
                 grace_seconds=settings.shutdown_grace_seconds,
                 stop=shutdown_event(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import signal
 import sys
@@ -68,9 +69,15 @@ def _development_settings(overrides: Mapping[str, Any]) -> tuple[Settings, bool]
     generated = not any(os.environ.get(name) for name in _KEY_VARIABLES)
     values = dict(overrides)
     try:
+        data_dir = Path(os.environ.get("ALTAN_DATA_DIR") or default_data_dir())
         if generated:
-            data_dir = Path(os.environ.get("ALTAN_DATA_DIR") or default_data_dir())
             values.update(data_dir=data_dir, jwt_secret=development_secret(data_dir, "jwt.secret"))
+        if not os.environ.get("ALTAN_INTERNAL_KEY"):
+            # The key task delegations are signed with (the agent) and verified with (the services, and the tool
+            # containers `altan serve-tools` runs next to a local stack), kept with the data like the JWT secret.
+            # Without a writable data directory there is none: tasks then run where they were accepted.
+            with contextlib.suppress(ConfigurationError):
+                values.update(internal_key=development_secret(data_dir, "internal.key"))
         return Settings(**values), generated
     except ConfigurationError as exc:
         raise _Refused(f"invalid configuration: {exc}") from None
@@ -124,6 +131,8 @@ def _stack_env(settings: Settings, generated_secret: bool) -> dict[str, str]:
     env["ALTAN_DATA_DIR"] = str(settings.data_dir)
     if generated_secret and settings.jwt_secret:
         env["ALTAN_JWT_SECRET"] = settings.jwt_secret
+    if settings.internal_key is not None:
+        env["ALTAN_INTERNAL_KEY"] = settings.internal_key.get_secret_value()
     env["ALTAN_HTTP_PORT"] = str(settings.http_port)
     env["ALTAN_GRPC_PORT"] = str(settings.grpc_port)
     for name in ("agent", "tool", "integrator"):

@@ -193,6 +193,21 @@ class Settings(BaseSettings):
     max_tool_call_errors: int = Field(default=3, ge=0, le=20)  # malformed tool calls answered before the task fails
     context_budget_tokens: int = Field(default=32_000, ge=1_000, le=2_000_000)  # a thread's history sent to the model
     tool_concurrency: int = Field(default=16, ge=1, le=256)  # one tenant's tool calls in flight in one agent replica
+    # Durable tasks (docs/architecture.md, "Durable tasks"). A task not ended this long after it was accepted fails
+    # with that reason, wherever it is (running, waiting, queued behind a crash).
+    task_deadline_seconds: float = Field(default=3600.0, ge=1, le=7 * 24 * 3600)
+    # How long a task's lease holds without a heartbeat: a replica that died is noticed (and its tasks run elsewhere)
+    # this long after its last heartbeat. Redis only; the embedded queue has one consumer.
+    task_lease_seconds: float = Field(default=30.0, ge=1, le=3600)
+    # The queue's key in the state store (with Redis, a stream and its consumer group `agents`): installs sharing one
+    # Redis keep their queues apart with a key each. The empty tenant part of the default is one no tenant can have.
+    task_queue: str = Field(default="altan::agent:work", pattern=r"^altan:[A-Za-z0-9_:.-]{1,200}$")
+    # Tasks one agent replica runs at once; more wait in the queue (for this replica or another).
+    task_concurrency: int = Field(default=2000, ge=1, le=100_000)
+    # The install's internal key (at least 32 bytes): the agent signs with it the short-lived delegation token a task
+    # runs with (tenant, user, role, task id), which only the internal services accept. `altan up` generates one
+    # in the data directory. Unset: a task runs only in the replica that accepted it, with its caller's token.
+    internal_key: SecretStr | None = None
     # Connections one process keeps open to third parties and LLM endpoints, all of them together; a call past it
     # waits for one to be free. An LLM turn holds its connection for as long as the model thinks.
     outbound_max_connections: int = Field(default=512, ge=1, le=10_000)
@@ -258,6 +273,13 @@ class Settings(BaseSettings):
     @classmethod
     def _jwt_secret_is_long_enough(cls, value: str | None) -> str | None:
         if value and len(value.encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -base64 32`)")
+        return value
+
+    @field_validator("internal_key")
+    @classmethod
+    def _internal_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
             raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -base64 32`)")
         return value
 

@@ -26,6 +26,8 @@ class RequestContext:
     role: Role
     token: str
     task_id: str = ""
+    # True when the token is an internal delegation (altan.auth.issue_delegation): it acts for task_id only.
+    delegated: bool = False
 
     @property
     def is_admin(self) -> bool:
@@ -53,8 +55,14 @@ def bind(ctx: RequestContext) -> contextvars.Token[RequestContext | None]:
 
 
 def with_task(task_id: str) -> None:
-    """Label the current request with the task it works on (for logs and audit)."""
-    _current.set(replace(current(), task_id=task_id))
+    """Label the current request with the task it works on (for logs and audit).
+
+    A delegation acts for its own task only: naming another is refused (PERMISSION_DENIED).
+    """
+    caller = current()
+    if caller.delegated and task_id != caller.task_id:
+        raise PermissionDenied("this delegation acts for another task")
+    _current.set(replace(caller, task_id=task_id))
 
 
 def require_admin(action: str) -> None:

@@ -42,6 +42,10 @@ log = logging.getLogger(__name__)
 # Trailing metadata that carries what a status code alone cannot.
 _RETRY_AFTER = "retry-after"  # seconds, as in HTTP
 _TARGET = "altan-target"  # host:port of a refused outbound destination, for the audit trail
+# On every error a service raised: "hop" when what it passes on is a hop of its own that failed, else "1". An
+# UNAVAILABLE without it, or with "hop", means a service of the platform could not be reached (down, restarting, or
+# dying during the call): a caller holding an idempotency key may try again.
+_RAISED = "altan-raised"
 
 
 class AltanError(Exception):
@@ -53,6 +57,7 @@ class AltanError(Exception):
         super().__init__(message)
         self.message = message
         self.retry_after = retry_after
+        self.hop_failed = False  # set by from_rpc_error: the callee never answered (see _RAISED)
 
     def to_body(self) -> dict[str, Any]:
         """The public REST error body."""
@@ -202,6 +207,7 @@ def trailers_for(exc: AltanError) -> tuple[tuple[str, str], ...]:
     target = getattr(exc, "target", "")
     if target:
         trailers.append((_TARGET, target))
+    trailers.append((_RAISED, "hop" if exc.hop_failed else "1"))
     return tuple(trailers)
 
 
@@ -214,6 +220,7 @@ def from_rpc_error(exc: grpc.aio.AioRpcError) -> AltanError:
     error = error_from_status(exc.code(), exc.details() or exc.code().name, retry_after)
     if _TARGET in trailers:
         error.target = trailers[_TARGET]  # type: ignore[attr-defined]
+    error.hop_failed = trailers.get(_RAISED, "hop") == "hop"
     return error
 
 

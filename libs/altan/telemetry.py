@@ -225,17 +225,24 @@ def server_span(
 
 @contextmanager
 def resumed(
-    trace_id: str, name: str = "task.run", attributes: Mapping[str, AttributeValue] | None = None
+    trace_id: str,
+    name: str = "task.run",
+    attributes: Mapping[str, AttributeValue] | None = None,
+    submitted_by: str | None = None,
 ) -> Iterator[Span]:
     """Work on a task outside the request that submitted it (a worker taking it from a queue, a restart): its spans
     and log lines join the task's trace by its ``trace_id`` (32 hex digits; a malformed one starts a new trace).
 
-    The submitting span is gone by then, so this span's parent is a stand-in with the task's trace id: backends show
-    it in the task's trace, under a parent they do not have.
+    ``submitted_by``, the submitting span's ``traceparent`` (:func:`traceparent` then), makes this span its child,
+    sampled as the submission was. Without it the parent is a stand-in with the task's trace id: backends show it in
+    the task's trace, under a parent they do not have.
     """
-    valid = len(trace_id) == 32 and all(c in "0123456789abcdef" for c in trace_id) and int(trace_id, 16)
-    flags = "01" if _state.tracer is not None else "00"
-    parent = f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-{flags}" if valid else None
+    if submitted_by and _parse_traceparent(submitted_by) is not None and submitted_by[3:35] == trace_id:
+        parent: str | None = submitted_by
+    else:
+        valid = len(trace_id) == 32 and all(c in "0123456789abcdef" for c in trace_id) and int(trace_id, 16)
+        flags = "01" if _state.tracer is not None else "00"
+        parent = f"00-{trace_id}-{random.getrandbits(64) or 1:016x}-{flags}" if valid else None
     with server_span(name, parent, kind=SpanKind.INTERNAL, attributes=attributes) as current:
         yield current
 

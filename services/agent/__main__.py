@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-from altan.api.convert import struct_to_dict
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from altan import context
+from altan.api.convert import now_ms, struct_to_dict
+from altan.auth import issue_delegation
 from altan.bootstrap import run_service
 from altan.clients import IntegratorClient
 from altan.config import Settings
@@ -21,7 +26,40 @@ from services.agent.agents import AgentCatalog
 from services.agent.conversation import LoopLimits
 from services.agent.plan import Step
 from services.agent.servicer import AgentServicer
-from services.agent.tasks import LlmBackend, TaskLimits, TaskRunner, ToolAnswer
+from services.agent.tasks import Delegate, LlmBackend, TaskLimits, TaskRunner, ToolAnswer
+from services.agent.work_queue import ImmediateQueue, WorkQueue, open_work_queue
+
+log = logging.getLogger("services.agent")
+
+# How long a task step waits for the integrator to come back (a restart takes seconds; supervision backs off to 30 s).
+_HOP_RETRY_SECONDS = 120.0
+# A delegation outlives its task's deadline by this much, so that the run that notices the deadline can record it.
+_DELEGATION_MARGIN_SECONDS = 60
+
+
+def _platform_unavailable(exc: BaseException) -> bool:
+    """A hop between services that failed (a service down, restarting or dying during the call). What a service
+    raised itself (a third party, Secret Manager or the state store out of reach) fails the step as before: the
+    integrator has retried it already."""
+    return isinstance(exc, Unavailable) and exc.hop_failed
+
+
+def delegation(settings: Settings) -> Delegate | None:
+    """Who a queued task runs as: its submitter, by a delegation signed with the install's internal key, narrowed
+    to that task and to the member role (running a task needs no more), valid until the task's deadline."""
+    if settings.internal_key is None:
+        return None
+    key = settings.internal_key.get_secret_value()
+
+    def delegate(task: dict[str, Any], tenant: str) -> context.RequestContext:
+        sub = str(task.get("owner", {}).get("sub", ""))
+        ttl = (task.get("deadline_at", 0) - now_ms()) / 1000 + _DELEGATION_MARGIN_SECONDS
+        token = issue_delegation(key, tenant=tenant, sub=sub, role="member", task_id=task["task_id"], ttl=ttl)
+        return context.RequestContext(
+            tenant_id=tenant, user=sub, role="member", token=token, task_id=task["task_id"], delegated=True
+        )
+
+    return delegate
 
 
 async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
@@ -43,8 +81,19 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             task_id=task_id,
             step_id=step.id,
         )
-        # The integrator retries within its own deadline; allow it that long plus the hop.
-        answer = await integrator.call(integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5)
+        # The integrator retries within its own deadline; allow it that long plus the hop. When the platform itself
+        # was unavailable (see _platform_unavailable) the step is tried again: its Idempotency-Key makes the third
+        # party perform it once whatever the first attempt got to do.
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception(_platform_unavailable),
+            wait=wait_exponential_jitter(initial=0.2, max=2.0),
+            stop=stop_after_delay(_HOP_RETRY_SECONDS),
+            reraise=True,
+        ):
+            with attempt:
+                answer = await integrator.call(
+                    integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5
+                )
         # Written by the Tool Service after it checked what the third party sent (altan.wire.parse_json).
         output = json.loads(answer.output_json) if answer.output_json else None
         return ToolAnswer(output, answer.http_status, len(answer.output_json))
@@ -76,6 +125,18 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             for tool in answer.tools
         ]
 
+    async def needs_approval(tool_ids: list[str]) -> set[str]:
+        """The tools among ``tool_ids`` whose every call waits for a person's approval."""
+        request = runtime_pb2.DescribeToolsRequest(tool_ids=tool_ids)
+        answer = await integrator.call(integrator.runtime.DescribeTools, request)
+        return {tool.tool_id for tool in answer.tools if tool.requires_approval}
+
+    async def audit_decision(task_id: str, call_id: str, tool_id: str, approved: bool, comment: str) -> None:
+        request = runtime_pb2.RecordApprovalRequest(
+            task_id=task_id, call_id=call_id, tool_id=tool_id, approved=approved, comment=comment
+        )
+        await integrator.call(integrator.runtime.RecordApproval, request)
+
     llm = LlmBackend(
         model=model_turn,
         describe=describe,
@@ -89,8 +150,36 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     store = TenantStore(backend, "agent")
     agents = AgentCatalog(store, missing_tools)
-    limits = TaskLimits(expansion_bytes=settings.max_expansion_bytes, task_bytes=settings.max_task_bytes)
-    tasks = TaskRunner(store, agents, missing_tools, invoke, limits, llm)
+    limits = TaskLimits(
+        expansion_bytes=settings.max_expansion_bytes,
+        task_bytes=settings.max_task_bytes,
+        deadline_seconds=settings.task_deadline_seconds,
+    )
+    queue: WorkQueue = ImmediateQueue()
+    if settings.internal_key is not None:
+        queue = open_work_queue(
+            backend,
+            settings.redis_url,
+            key=settings.task_queue,
+            concurrency=settings.task_concurrency,
+            lease_seconds=settings.task_lease_seconds,
+        )
+    else:
+        # No replica but the accepting one may act for a task's submitter: tasks run there, and are not durable.
+        log.warning("ALTAN_INTERNAL_KEY is not set: tasks run in the replica that accepted them, and die with it")
+    tasks = TaskRunner(
+        store,
+        agents,
+        missing_tools,
+        invoke,
+        limits,
+        llm,
+        queue=queue,
+        delegate=delegation(settings),
+        needs_approval=needs_approval,
+        audit_decision=audit_decision,
+    )
+    tasks.start()  # resumes what a process that died left in the queue
     stack.push_async_callback(tasks.aclose)  # before the store and channel close (the stack unwinds in reverse)
     servicer = AgentServicer(agents, tasks)
     return [

@@ -154,10 +154,27 @@ class Conversation:
         self._errors = 0
         self._called_a_tool = False  # in this task: from then on a forcing tool_choice is relaxed (see _unforced)
 
-    async def run(self, user_input: str) -> str:
-        """The model's final answer; FailedPrecondition when the loop cannot reach one."""
-        await self._add({"role": "user", "content": user_input})
-        for turn in range(1, self._limits.max_turns + 1):
+    async def run(self, user_input: str, resumed: list[dict[str, Any]] | None = None) -> str:
+        """The model's final answer; FailedPrecondition when the loop cannot reach one.
+
+        ``resumed``: this task's messages recorded by an earlier run that stopped (its process died). The loop goes
+        on after them: the calls of the last answer that have no result yet run again with their step ids (so with
+        the same Idempotency-Key), the turns are numbered on, and the input is not added twice.
+        """
+        first_turn = 1
+        if resumed:
+            self._messages.extend(resumed)
+            answers = [m for m in resumed if m["role"] == "assistant"]
+            first_turn = len(answers) + 1
+            if answers and not answers[-1].get("tool_calls"):
+                return str(answers[-1]["content"])  # the answer was recorded, the task's end was not
+            if answers:
+                self._called_a_tool = True
+                answered = {m.get("tool_call_id") for m in resumed if m["role"] == "tool"}
+                await self._run_calls(answers[-1]["tool_calls"], len(answers), answered)
+        else:
+            await self._add({"role": "user", "content": user_input})
+        for turn in range(first_turn, self._limits.max_turns + 1):
             answer = await self._turn()
             message = answer.message
             calls = _calls(message.tool_calls, turn)
@@ -165,16 +182,22 @@ class Conversation:
             if not calls:
                 return str(message.content)
             self._called_a_tool = True
-            run, excess = calls[: self._limits.max_tool_calls_per_turn], calls[self._limits.max_tool_calls_per_turn :]
-            steps = [f"t{turn}c{index}" for index in range(1, len(run) + 1)]
-            results = await asyncio.gather(*(self._call(call, step) for call, step in zip(run, steps, strict=True)))
-            if excess:
-                reason = f"not run: at most {self._limits.max_tool_calls_per_turn} tool calls in one answer"
-                refused = await self._malformed({"role": "tool"}, reason)
-                results.extend({**refused, "tool_call_id": c["id"], "name": c["name"]} for c in excess)
-            for result in results:
-                await self._add(result)
+            await self._run_calls(calls, turn, set())
         raise FailedPrecondition(f"no answer after {self._limits.max_turns} model turns (ALTAN_MAX_LLM_TURNS)")
+
+    async def _run_calls(self, calls: list[dict[str, Any]], turn: int, answered: set[Any]) -> None:
+        """Run the calls of one answer (those without a result in ``answered``) and record their results."""
+        run, excess = calls[: self._limits.max_tool_calls_per_turn], calls[self._limits.max_tool_calls_per_turn :]
+        steps = [f"t{turn}c{index}" for index in range(1, len(run) + 1)]
+        pending = [(call, step) for call, step in zip(run, steps, strict=True) if call["id"] not in answered]
+        results = await asyncio.gather(*(self._call(call, step) for call, step in pending))
+        excess = [call for call in excess if call["id"] not in answered]
+        if excess:
+            reason = f"not run: at most {self._limits.max_tool_calls_per_turn} tool calls in one answer"
+            refused = await self._malformed({"role": "tool"}, reason)
+            results.extend({**refused, "tool_call_id": c["id"], "name": c["name"]} for c in excess)
+        for result in results:
+            await self._add(result)
 
     async def _add(self, message: dict[str, Any]) -> None:
         message = {**message, "task_id": self._task["task_id"]}
@@ -241,6 +264,8 @@ class Conversation:
             "status": "running",
             "started_at": now_ms(),
         }
+        # A step run again after a restart replaces the state its first run left.
+        self._task["steps"] = [s for s in self._task["steps"] if s["id"] != step_id]
         self._task["steps"].append(state)
         await self._changed()
         await self._emit("tool.started", {"step_id": step_id, "tool": tool})

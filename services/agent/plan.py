@@ -341,11 +341,21 @@ class PlanRun:
         on_event: OnEvent | None = None,
         *,
         expansion_bytes: int = MAX_EXPANSION_BYTES,
+        completed: dict[str, dict[str, Any]] | None = None,
     ) -> None:
+        """``completed``: the steps that succeeded in an earlier run of this plan (their saved state, by id), which
+        this run keeps as they are instead of running them again."""
         self.plan = plan
         self._expansion_bytes = expansion_bytes
         self.steps: dict[str, StepState] = {step.id: StepState(step.id, step.tool) for step in plan.steps}
         self.outputs: dict[str, Any] = {}
+        for step_id, saved in (completed or {}).items():
+            if step_id in self.steps:
+                state = self.steps[step_id]
+                state.status, state.output = "succeeded", saved.get("output")
+                state.started_at, state.finished_at = saved.get("started_at"), saved.get("finished_at")
+                state.duration_ms = saved.get("duration_ms")
+                self.outputs[step_id] = state.output
         self._execute = execute
         self._on_event = on_event
         self._running: dict[asyncio.Task[Any], Step] = {}

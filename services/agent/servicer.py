@@ -9,7 +9,14 @@ from opentelemetry import trace
 
 from altan import telemetry
 from altan.api.agents import agent_spec_from_proto, agent_to_proto, patch_from_proto
-from altan.api.tasks import event_to_proto, parse_submission, task_status_value, task_to_proto, thread_to_proto
+from altan.api.tasks import (
+    event_to_proto,
+    parse_decision,
+    parse_submission,
+    task_status_value,
+    task_to_proto,
+    thread_to_proto,
+)
 from altan.server import Context
 from altan.v1 import agent_pb2, agent_pb2_grpc
 from altan.wire import paginate, parse_json
@@ -80,6 +87,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def GetThread(self, request: agent_pb2.GetThreadRequest, context: Context) -> agent_pb2.GetThreadResponse:
         thread, messages, token = await self._tasks.thread(request.thread_id, request.page_size, request.page_token)
         return agent_pb2.GetThreadResponse(thread=thread_to_proto(thread, messages), next_page_token=token)
+
+    async def DecideApproval(
+        self, request: agent_pb2.DecideApprovalRequest, context: Context
+    ) -> agent_pb2.DecideApprovalResponse:
+        decision = parse_decision({"approve": request.approve, "comment": request.comment})
+        task = await self._tasks.decide(request.task_id, request.call_id, decision.approve, decision.comment)
+        return agent_pb2.DecideApprovalResponse(task=task_to_proto(task))
 
     async def CancelTask(self, request: agent_pb2.CancelTaskRequest, context: Context) -> agent_pb2.CancelTaskResponse:
         return agent_pb2.CancelTaskResponse(task=task_to_proto(await self._tasks.cancel(request.task_id)))

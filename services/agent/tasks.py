@@ -10,8 +10,10 @@ to the agent's LLM (:mod:`services.agent.conversation`), continuing the task's t
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,11 +22,12 @@ from altan import context, telemetry
 from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
-from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound
+from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from altan.store import TenantStore
 from altan.v1 import runtime_pb2
 from altan.wire import json_bytes, new_id
 from services.agent.agents import AgentCatalog
+from services.agent.approvals import Approvals, AuditDecision, rejection, task_events
 from services.agent.conversation import Conversation, LoopLimits, ModelTurn
 from services.agent.plan import (
     MAX_EXPANSION_BYTES,
@@ -36,8 +39,18 @@ from services.agent.plan import (
     parse_plan,
 )
 from services.agent.threads import ThreadStore, coherent, fit_to_budget
+from services.agent.work_queue import ImmediateQueue, WorkItem, WorkQueue
 
-__all__ = ["TERMINAL", "LlmBackend", "TaskLimits", "TaskRunner", "ToolAnswer", "ToolInvoker"]
+__all__ = [
+    "TERMINAL",
+    "Delegate",
+    "LlmBackend",
+    "NeedsApproval",
+    "TaskLimits",
+    "TaskRunner",
+    "ToolAnswer",
+    "ToolInvoker",
+]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +58,7 @@ _TASKS = "tasks"
 _IDEMPOTENCY = "idempotency"
 _CANCELLATIONS = "cancellations"  # task id -> when another replica was asked to cancel it
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+_TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 
 # Runs one tool for an agent's task: (agent, step, arguments, task_id) -> its answer.
@@ -66,6 +80,15 @@ class TaskLimits:
 
     expansion_bytes: int = MAX_EXPANSION_BYTES  # what one step's ${...} references may bring into its arguments
     task_bytes: int = 4 * 1024 * 1024  # the task document: input, every step's output, and the result
+    deadline_seconds: float = 3600.0  # from acceptance to the end, resumptions included (ALTAN_TASK_DEADLINE_SECONDS)
+
+
+# Which of the given tool ids require a person's approval before each call.
+NeedsApproval = Callable[[list[str]], Awaitable[set[str]]]
+
+# The caller a queued task runs as, from its task document (tenant, submitter, role, task id, deadline), or None when
+# this replica cannot act for it (no internal key to sign a delegation with).
+Delegate = Callable[[dict[str, Any], str], "context.RequestContext | None"]
 
 
 # Answers which of the given tool ids do not exist in the tenant.
@@ -83,10 +106,6 @@ class LlmBackend:
     tool_concurrency: int = 16  # one tenant's tool calls in flight in this replica
 
 
-def _events(task_id: str) -> str:
-    return f"events:{task_id}"
-
-
 class TaskRunner:
     """Submits, runs, reads and cancels the current tenant's tasks."""
 
@@ -98,6 +117,11 @@ class TaskRunner:
         invoke: ToolInvoker,
         limits: TaskLimits | None = None,
         llm: LlmBackend | None = None,
+        *,
+        queue: WorkQueue | None = None,
+        delegate: Delegate | None = None,
+        needs_approval: NeedsApproval | None = None,
+        audit_decision: AuditDecision | None = None,
     ) -> None:
         self._limits = limits or TaskLimits()
         self._llm = llm
@@ -107,8 +131,22 @@ class TaskRunner:
         self._agents = agents
         self._missing_tools = missing_tools
         self._invoke = invoke
-        self._running: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._queue: WorkQueue = queue or ImmediateQueue()
+        self._delegate = delegate
+        self._needs_approval = needs_approval
+        self._approvals = Approvals(store, self._emit, audit_decision)
+        self._serving: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._running: dict[tuple[str, str], asyncio.Task[Any]] = {}
+        # Without a delegate: the submitter, kept in memory until this replica runs the task.
         self._callers: dict[tuple[str, str], context.RequestContext] = {}
+        self._expired: set[tuple[str, str]] = set()  # runs stopped by their task's deadline
+        self._tools_seen: dict[tuple[str, tuple[str, ...]], float] = {}  # (tenant, tool ids) -> all exist until
+
+    def start(self) -> None:
+        """Take work from the queue: new tasks, and those a process that died left unfinished."""
+        if self._serving is None:
+            self._serving = asyncio.create_task(self._queue.serve(self._execute), name="task-queue")
 
     async def submit(self, agent_id: str, submission: TaskSubmission) -> tuple[dict[str, Any], bool]:
         """Queue a task; ``(task, created)``, where an idempotency key seen before gives the first task back."""
@@ -118,7 +156,13 @@ class TaskRunner:
         if idempotency_key:
             earlier = await self._store.get(_IDEMPOTENCY, idem_id)
             if earlier is not None:
-                return await self.get(earlier["task_id"]), False
+                first = await self.get(earlier["task_id"])
+                if first["status"] == "queued":
+                    # Its submitter may have been cut off before it was queued (a crash between the two writes): the
+                    # retry queues it (again). A task delivered twice runs once: a delivery finds it running or ended.
+                    self.start()
+                    await self._queue.put(WorkItem(context.current().tenant_id, first["task_id"]))
+                return first, False
         thread_id = submission.thread_id
         if _is_plan(task_input):
             plan = await self._plan(agent, task_input)
@@ -131,6 +175,7 @@ class TaskRunner:
                     'natural-language input needs an agent with an llm; give the agent one, or submit {"plan": [...]}'
                 )
             thread_id = await self._threads.open(thread_id, agent_id)
+        caller = context.current()
         now = now_ms()
         task: dict[str, Any] = {
             "task_id": new_id("tsk"),
@@ -143,8 +188,12 @@ class TaskRunner:
             "usage": {"tool_calls": 0, "llm_calls": 0, "input_tokens": 0, "output_tokens": 0},
             "thread_id": thread_id,
             "trace_id": telemetry.current_trace_id(),  # the submitting request's: logs and spans share it
+            "trace_parent": telemetry.traceparent(),  # the run's spans are children of the submission's (internal)
             "created_at": now,
             "updated_at": now,
+            # Who the task acts for when it runs (or resumes) after the submitter's token expired; never a token.
+            "owner": {"sub": caller.user},
+            "deadline_at": now + int(self._limits.deadline_seconds * 1000),
         }
         await self._store.put(_TASKS, task["task_id"], task)
         if idempotency_key and not await self._store.put_new(_IDEMPOTENCY, idem_id, {"task_id": task["task_id"]}):
@@ -154,30 +203,144 @@ class TaskRunner:
             assert winner is not None
             return await self.get(winner["task_id"]), False
         await self._emit(task["task_id"], "task.queued", {})
-        caller = context.current()
-        key = (caller.tenant_id, task["task_id"])
-        work = self._run(agent, plan, task) if plan is not None else self._converse(agent, task)
-        runner = asyncio.create_task(work)
-        self._running[key] = runner
-        self._callers[key] = caller
-        runner.add_done_callback(lambda _: (self._running.pop(key, None), self._callers.pop(key, None)))
+        if self._delegate is None:
+            self._callers[(caller.tenant_id, task["task_id"])] = caller
+        self.start()
+        try:
+            await self._queue.put(WorkItem(caller.tenant_id, task["task_id"]))
+        except Exception:
+            # Not queued, so it would never run: it ends now, saying why, and its idempotency key is freed so that
+            # the submission can be made again (best effort: the store may be down too).
+            error = "it could not be queued (the work queue was unreachable); submit it again"
+            with contextlib.suppress(Exception):
+                if idempotency_key:
+                    await self._store.delete(_IDEMPOTENCY, idem_id)
+                await self._finish(task, None, status="failed", error=error)
+            raise
         return task, True
+
+    async def _execute(self, item: WorkItem) -> None:
+        """Run (or resume) one queued task to its end; a delivery of a task that already ended does nothing."""
+        key = (item.tenant_id, item.task_id)
+        if key in self._running:
+            return  # delivered again while it runs here
+        this_run = asyncio.current_task()
+        assert this_run is not None
+        self._running[key] = this_run
+        try:
+            await self._execute_here(item, key)
+        finally:
+            self._running.pop(key, None)
+            self._expired.discard(key)
+
+    async def _execute_here(self, item: WorkItem, key: tuple[str, str]) -> None:
+        caller = self._callers.pop(key, None)
+        # Enough to read the tenant's state; the run itself acts as the task's caller.
+        context.bind(context.RequestContext(tenant_id=item.tenant_id, user="", role="member", token=""))
+        task = await self._store.get(_TASKS, item.task_id)
+        if task is None or task["status"] in TERMINAL:
+            return
+        if caller is None and self._delegate is not None:
+            caller = self._delegate(task, item.tenant_id)
+        if caller is None:
+            await self._finish(
+                task,
+                None,
+                status="failed",
+                error="the replica that accepted the task stopped before running it, and no other may act for its "
+                "submitter (ALTAN_INTERNAL_KEY is not set)",
+            )
+            return
+        context.bind(caller)
+        context.with_task(item.task_id)
+        if await self._store.get(_CANCELLATIONS, item.task_id) is not None:
+            await self._record_cancelled(item.task_id)
+            return
+        deadline_at = task.get("deadline_at") or task["created_at"] + int(self._limits.deadline_seconds * 1000)
+        remaining = (deadline_at - now_ms()) / 1000
+        if remaining <= 0:
+            await self._finish(task, None, status="failed", error=_deadline_error(self._limits.deadline_seconds))
+            return
+        try:
+            agent = await self._agents.get(task["agent_id"])
+        except NotFound:
+            await self._finish(task, None, status="failed", error=f"agent '{task['agent_id']}' was deleted")
+            return
+        run = self._running[key]
+        timer = asyncio.get_running_loop().call_later(remaining, self._expire, key, run)
+        # The run joins the submission's trace (and its log lines carry that trace id), wherever and whenever it runs.
+        attributes = {telemetry.TENANT: item.tenant_id, telemetry.TASK: item.task_id}
+        try:
+            trace_id, parent = task.get("trace_id") or "", task.get("trace_parent")
+            with telemetry.resumed(trace_id, attributes=attributes, submitted_by=parent):
+                if _is_plan(task["input"]):
+                    await self._run(agent, _replan(task["input"]), task)
+                else:
+                    await self._converse(agent, task)
+        finally:
+            timer.cancel()
+
+    def _expire(self, key: tuple[str, str], run: asyncio.Task[Any]) -> None:
+        self._expired.add(key)
+        run.cancel()
+
+    async def _stopped(self, task: dict[str, Any], run: PlanRun | None, cancelled_elsewhere: bool = False) -> bool:
+        """A run was cancelled: record why. True when the cancellation must go on (this process is stopping, or
+        the run was cancelled by a caller); False when the run ended here (its deadline)."""
+        key = (context.current().tenant_id, task["task_id"])
+        if key in self._expired:
+            error = _deadline_error(self._limits.deadline_seconds)
+            await asyncio.shield(self._finish(task, run, status="failed", error=error))
+            return False
+        if self._stopping and self._queue.durable:
+            # Shutting down: the progress so far is saved, and the queue delivers the task again (here after a
+            # restart, or to another replica), which goes on from there; the steps stopped here are to run again.
+            for state in run.steps.values() if run is not None else ():
+                if state.status in ("cancelled", "skipped"):
+                    state.status, state.error = "pending", None
+            await asyncio.shield(self._save(task, run))
+            return True
+        # Cancelled elsewhere, the ending (and its event) is already recorded: only this run's steps are new.
+        ending = self._save if cancelled_elsewhere else self._finish
+        await asyncio.shield(ending(task, run, status="cancelled", error="cancelled"))
+        return True
 
     async def _plan(self, agent: dict[str, Any], task_input: Any) -> Any:
         steps = task_input["plan"] if isinstance(task_input["plan"], list) else []
         named = {s["tool"] for s in steps if isinstance(s, dict) and isinstance(s.get("tool"), str)}
         bound = set(agent.get("tools", []))
-        missing = set(await self._missing_tools(sorted(named | bound))) if named | bound else set()
+        missing = await self._missing(sorted(named | bound)) if named | bound else set()
         return parse_plan(task_input, known_tools=(named | bound) - missing, bound_tools=bound)
 
+    async def _missing(self, tool_ids: list[str]) -> set[str]:
+        """Which of ``tool_ids`` do not exist. An answer that all exist stands for ``_TOOLS_SEEN_SECONDS``, so a
+        burst of submissions naming the same tools asks the Integrator (and the Tool Service) about once: a tool
+        deleted within that time is still accepted, and its step fails clearly when it runs."""
+        key = (context.current().tenant_id, tuple(tool_ids))
+        seen = self._tools_seen.get(key)
+        if seen is not None and seen > time.monotonic():
+            return set()
+        missing = set(await self._missing_tools(tool_ids))
+        if not missing:
+            if len(self._tools_seen) > 10_000:
+                self._tools_seen.clear()
+            self._tools_seen[key] = time.monotonic() + _TOOLS_SEEN_SECONDS
+        return missing
+
     async def aclose(self) -> None:
-        """On shutdown: cancel what still runs here, so each task ends recorded as cancelled, not stuck running."""
-        running = [(key, runner, self._callers[key]) for key, runner in self._running.items()]
-        for _, runner, _ in running:
-            runner.cancel()
-        await asyncio.gather(*(runner for _, runner, _ in running), return_exceptions=True)
-        for (_, task_id), _, caller in running:
-            # A run cancelled before it took its first step never saw its cancellation: record it here.
+        """On shutdown: stop taking work, and stop what runs here. With a durable queue each task keeps its progress
+        and is resumed (after a restart, or by another replica); otherwise it ends recorded as cancelled."""
+        self._stopping = True
+        if self._serving is not None:
+            self._serving.cancel()
+            await asyncio.gather(self._serving, return_exceptions=True)
+        closing = getattr(self._queue, "aclose", None)
+        if closing is not None:
+            await closing()
+        if self._queue.durable:
+            return
+        for (_, task_id), caller in list(self._callers.items()):
+            # A task that never started here: recorded as cancelled, as a running one is by its run.
             context.bind(caller)
             await self._record_cancelled(task_id)
 
@@ -192,6 +355,57 @@ class TaskRunner:
         if task is None:
             raise NotFound(f"task '{task_id}' not found")
         return task
+
+    async def decide(self, task_id: str, call_id: str, approve: bool, comment: str) -> dict[str, Any]:
+        """An admin approves or rejects a call its task waits for; the first decision stands (409 after)."""
+        context.require_admin("deciding an approval")
+        task = await self.get(task_id)
+        if task["status"] in TERMINAL:
+            # Nothing of an ended task waits any more: as for a call that never waited.
+            raise NotFound(f"task '{task_id}' already {task['status']}: no call of it waits for approval")
+        await self._approvals.decide(task, call_id, approve, comment)
+        return await self.get(task_id)
+
+    async def _cancelled_elsewhere(self, task_id: str) -> bool:
+        """Whether another replica recorded a cancellation; a store out of reach for a moment says no (the end of
+        the run asks again, and the replica that cancelled recorded the ending)."""
+        try:
+            return await self._store.get(_CANCELLATIONS, task_id) is not None
+        except Unavailable:
+            return False
+
+    async def _approvals_for(self, tool_ids: list[str]) -> set[str]:
+        return await self._needs_approval(tool_ids) if self._needs_approval is not None and tool_ids else set()
+
+    async def _await_approval(
+        self,
+        task: dict[str, Any],
+        run: PlanRun | None,
+        state: Any,
+        step_id: str,
+        tool: str,
+        arguments: dict[str, Any],
+        waiting: list[str],
+    ) -> None:
+        """Pause this step (and say so in the task) until its call is decided; a rejection raises."""
+
+        def mark(status: str) -> None:
+            if isinstance(state, dict):
+                state["status"] = status
+            else:
+                state.status = status
+
+        mark("waiting_approval")
+        waiting.append(step_id)
+        await self._save(task, run, status="waiting_approval")
+        try:
+            decided = await self._approvals.wait(task["task_id"], step_id, tool, arguments)
+        finally:
+            waiting.remove(step_id)
+        mark("running")
+        await self._save(task, run, status="waiting_approval" if waiting else "running")
+        if not decided["approved"]:
+            raise rejection(decided)
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         task = await self.get(task_id)
@@ -225,19 +439,19 @@ class TaskRunner:
         after = max(after, 0)
         wait = 10.0
         if task["status"] in TERMINAL:
-            for seq, event in await self._store.read(_events(task_id), after):
+            for seq, event in await self._store.read(task_events(task_id), after):
                 yield seq, event
                 after = seq
                 if event["type"] in _TERMINAL_EVENTS:
                     return
-            last = await self._store.tail(_events(task_id), 1)
+            last = await self._store.tail(task_events(task_id), 1)
             if last and last[0]["type"] in _TERMINAL_EVENTS:
                 return  # sent before ``after``: the stream of a finished task ends at once
             # The terminal status is stored just before its event is appended: wait for that event, briefly (a
             # process that died in between never appends it).
             wait = 5.0
         while True:
-            batch = await self._store.read(_events(task_id), after, block_seconds=wait)
+            batch = await self._store.read(task_events(task_id), after, block_seconds=wait)
             if not batch and wait < 10:
                 return
             for seq, event in batch:
@@ -247,25 +461,33 @@ class TaskRunner:
                     return
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
-        await self._store.append(_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data})
+        await self._store.append(
+            task_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}
+        )
 
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
         task_id = task["task_id"]
-        context.with_task(task_id)
         this_run = asyncio.current_task()
         assert this_run is not None
         cancelled_elsewhere = False
+        # A resumed task keeps the steps that succeeded before: they are not run again.
+        done = {s["id"]: s for s in task["steps"] if s["status"] == "succeeded"}
+        needs = await self._approvals_for(sorted({step.tool for step in plan.steps}))
+        waiting: list[str] = []  # the steps waiting for approval now
+        resumed = task["status"] != "queued"
 
         # The task document holds its input, and each output twice (in its step and in the result).
-        size = len(json_bytes(task["input"]))
+        size = len(json_bytes(task["input"])) + sum(2 * len(json_bytes(s.get("output"))) for s in done.values())
 
         async def execute(step: Step, arguments: dict[str, Any]) -> Any:
             nonlocal size, cancelled_elsewhere
-            if await self._store.get(_CANCELLATIONS, task_id) is not None:
+            if await self._cancelled_elsewhere(task_id):
                 cancelled_elsewhere = True
                 # Another replica recorded a cancellation: end this run as a local cancel would, calling nothing.
                 this_run.cancel()
                 await asyncio.Event().wait()  # until the run's cancellation cancels this step too
+            if step.tool in needs:
+                await self._await_approval(task, run, run.steps[step.id], step.id, step.tool, arguments, waiting)
             answer = await self._invoke(agent, step, arguments, task_id)
             task["usage"]["tool_calls"] += 1
             if answer.http_status >= 400:
@@ -282,19 +504,24 @@ class TaskRunner:
             await self._save(task, run)
             await self._emit(task_id, kind, data)
 
-        run = PlanRun(plan, execute, on_event, expansion_bytes=self._limits.expansion_bytes)
+        run = PlanRun(plan, execute, on_event, expansion_bytes=self._limits.expansion_bytes, completed=done)
         try:
             await self._save(task, run, status="running")
-            await self._emit(task_id, "task.started", {})
+            if resumed:
+                await self._emit(task_id, "task.resumed", {"completed_steps": sorted(done)})
+            else:
+                await self._emit(task_id, "task.started", {})
             outputs = await run.run()
         except PlanFailed as exc:
             await self._finish(
                 task, run, status="failed", error=f"step {exc.step_id} failed: {error_message(exc.error)}"
             )
         except asyncio.CancelledError:
-            # Cancelled elsewhere, the ending (and its event) is already recorded: only this run's steps are new.
-            ending = self._save if cancelled_elsewhere else self._finish
-            await asyncio.shield(ending(task, run, status="cancelled", error="cancelled"))
+            if await self._stopped(task, run, cancelled_elsewhere):
+                raise
+        except Unavailable:
+            # The state store out of reach while the progress was saved: the run stops as it is, and the queue
+            # delivers the task again once the lease lapses, to go on from its last saved step.
             raise
         except Exception as exc:
             log.exception("task crashed")
@@ -311,17 +538,21 @@ class TaskRunner:
         assert self._llm is not None
         llm = self._llm
         task_id, thread_id = task["task_id"], task["thread_id"]
-        context.with_task(task_id)
         this_run = asyncio.current_task()
         assert this_run is not None
         slots = self._slots.setdefault(context.current().tenant_id, asyncio.Semaphore(llm.tool_concurrency))
         size = len(json_bytes(task["input"]))
+        needs = await self._approvals_for(sorted(agent.get("tools", ())))
+        waiting: list[str] = []
 
         async def run_tool(tool: str, arguments: dict[str, Any], step_id: str) -> tuple[Any, int]:
             nonlocal size
-            if await self._store.get(_CANCELLATIONS, task_id) is not None:
+            if await self._cancelled_elsewhere(task_id):
                 this_run.cancel()
                 await asyncio.Event().wait()
+            if tool in needs:
+                state = next(s for s in task["steps"] if s["id"] == step_id)
+                await self._await_approval(task, None, state, step_id, tool, arguments, waiting)
             async with slots:
                 answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id)
             task["usage"]["tool_calls"] += 1
@@ -342,11 +573,20 @@ class TaskRunner:
         async def record(message: dict[str, Any]) -> None:
             await self._threads.add(thread_id, message)
 
+        resumed = task["status"] != "queued"
         try:
             await self._save(task, None, status="running")
-            await self._emit(task_id, "task.started", {})
             budget = llm.context_budget_tokens
-            history = fit_to_budget(coherent(await self._threads.recent(thread_id, budget)), budget)
+            recent = await self._threads.recent(thread_id, budget)
+            # This task's own messages, when an earlier run of it recorded some: the loop goes on after them.
+            mine = [m for m in recent if m.get("task_id") == task_id] if resumed else []
+            earlier = [m for m in recent if m.get("task_id") != task_id] if resumed else recent
+            history = fit_to_budget(coherent(earlier), budget)
+            if resumed:
+                done = [s["id"] for s in task["steps"] if s["status"] == "succeeded"]
+                await self._emit(task_id, "task.resumed", {"completed_steps": done})
+            else:
+                await self._emit(task_id, "task.started", {})
             conversation = Conversation(
                 task=task,
                 agent=agent,
@@ -361,12 +601,12 @@ class TaskRunner:
                 record=record,
                 changed=changed,
             )
-            answer = await conversation.run(_text(task["input"]))
+            answer = await conversation.run(_text(task["input"]), mine)
         except AltanError as exc:
             await self._finish(task, None, status="failed", error=exc.message)
         except asyncio.CancelledError:
-            await asyncio.shield(self._finish(task, None, status="cancelled", error="cancelled"))
-            raise
+            if await self._stopped(task, None):
+                raise
         except Exception as exc:
             log.exception("task crashed")
             await self._finish(task, None, status="failed", error=f"internal error: {type(exc).__name__}")
@@ -383,6 +623,18 @@ class TaskRunner:
         await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
         await self._emit(task["task_id"], f"task.{status}", data)
+
+
+def _replan(task_input: Any) -> Any:
+    """The plan of a task accepted earlier (checked then, tools included: a tool gone since fails its step)."""
+    named = {s["tool"] for s in task_input["plan"]}
+    return parse_plan(task_input, known_tools=named, bound_tools=named)
+
+
+def _deadline_error(seconds: float) -> str:
+    return (
+        f"deadline exceeded: the task did not end within {seconds:g}s of being accepted (ALTAN_TASK_DEADLINE_SECONDS)"
+    )
 
 
 def _is_plan(task_input: Any) -> bool:

@@ -37,6 +37,7 @@ PUBLIC_METHODS = frozenset(
         "/altan.v1.AgentService/GetTask",
         "/altan.v1.AgentService/StreamTaskEvents",
         "/altan.v1.AgentService/CancelTask",
+        "/altan.v1.AgentService/DecideApproval",
         "/altan.v1.AgentService/GetThread",
         "/altan.v1.ToolService/ListTools",
         "/altan.v1.ToolService/GetTool",

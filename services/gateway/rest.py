@@ -45,6 +45,7 @@ PageToken = Annotated[str, Query(max_length=200, description="next_page_token of
 AgentId = Annotated[str, Path(max_length=200)]
 ToolId = Annotated[str, Path(max_length=200)]
 TaskId = Annotated[str, Path(max_length=200)]
+CallId = Annotated[str, Path(max_length=200)]
 ThreadId = Annotated[str, Path(max_length=200)]
 CredentialName = Annotated[str, Path(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")]
 McpServerName = Annotated[str, Path(pattern=mcp.MCP_SERVER_NAME_PATTERN)]
@@ -372,6 +373,25 @@ def create_app(
     @api.route("POST", "/tasks/{task_id}/cancel", 200, tasks.Task, "Cancel a task")
     async def cancel_task(task_id: TaskId) -> Response:
         answer = await agent.call(agent.agents.CancelTask, agent_pb2.CancelTaskRequest(task_id=task_id))
+        return _json(tasks.task_json(answer.task))
+
+    @api.route(
+        "POST",
+        "/tasks/{task_id}/approvals/{call_id}",
+        200,
+        tasks.Task,
+        "Approve or reject a call that waits for approval",
+        body=tasks.ApprovalDecision,
+        admin=True,
+        errors=(409,),
+        description="call_id is the one of the task's approval.requested event. A decided call is 409.",
+    )
+    async def decide_approval(task_id: TaskId, call_id: CallId, request: Request) -> Response:
+        decision = tasks.parse_decision(await _body(request))
+        request_pb = agent_pb2.DecideApprovalRequest(
+            task_id=task_id, call_id=call_id, approve=decision.approve, comment=decision.comment
+        )
+        answer = await agent.call(agent.agents.DecideApproval, request_pb)
         return _json(tasks.task_json(answer.task))
 
     @api.route(

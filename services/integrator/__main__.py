@@ -118,7 +118,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         ),
         GrpcService(
             runtime_pb2_grpc.add_IntegratorRuntimeServiceServicer_to_server,
-            IntegratorRuntimeServicer(caller, models),
+            IntegratorRuntimeServicer(caller, models, audit),
             "altan.v1.IntegratorRuntimeService",
             ready=backend.ping,
         ),

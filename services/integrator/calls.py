@@ -148,24 +148,28 @@ class ToolCaller:
         agent_id: str = "",
         bound: list[str] | None = None,
         task_id: str = "",
+        step_id: str = "",
     ) -> CallResult:
         """Run the tool; when it stays unreachable or answers 5xx, run its ``fallback_tool_id`` once instead.
 
         With ``agent_id``, the tool (and its fallback) must be among ``bound``, the agent's tools. One deadline
-        covers the whole call, fallback included: the caller waits that long and no longer.
+        covers the whole call, fallback included: the caller waits that long and no longer. A task's step
+        (``task_id`` and ``step_id``) sends ``Idempotency-Key: <task_id>:<step_id>`` on every attempt, the
+        fallback's included: whichever of them reached the third party, the step is one operation there.
         """
         if task_id:
             context.with_task(task_id)
+        key = f"{task_id}:{step_id}" if task_id and step_id else ""
         deadline_at = time.monotonic() + self._deadline
         fallback: list[str] = []
         try:
-            result = await self._call(tool_id, arguments_json, agent_id, bound or [], fallback, deadline_at)
+            result = await self._call(tool_id, arguments_json, agent_id, bound or [], fallback, deadline_at, key)
         except (Unavailable, DeadlineExceeded):
             if not fallback or time.monotonic() >= deadline_at:
                 raise
-            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [], deadline_at)
+            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [], deadline_at, key)
         if result.http_status >= 500 and fallback and time.monotonic() < deadline_at:
-            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [], deadline_at)
+            return await self._call(fallback[0], arguments_json, agent_id, bound or [], [], deadline_at, key)
         return result
 
     async def _definition(self, tool_id: str) -> tool_pb2.Tool | None:
@@ -181,6 +185,7 @@ class ToolCaller:
         bound: list[str],
         fallback: list[str],
         deadline_at: float,
+        idempotency_key: str = "",
     ) -> CallResult:
         """One tool, counted by kind and outcome (``altan_tool_calls_total``) and described on the RPC's span.
 
@@ -191,7 +196,9 @@ class ToolCaller:
         kind = ["builtin"]  # known once the definition is read
         current = trace.get_current_span()
         try:
-            result = await self._call_tool(tool_id, arguments_json, agent_id, bound, fallback, deadline_at, kind)
+            result = await self._call_tool(
+                tool_id, arguments_json, agent_id, bound, fallback, deadline_at, kind, idempotency_key
+            )
         except AltanError as exc:
             outcome = "rate_limited" if isinstance(exc, ResourceExhausted) else outcome_of(exc)
             _counted(tool_id, kind[0], outcome, started, current)
@@ -209,6 +216,7 @@ class ToolCaller:
         fallback: list[str],
         deadline_at: float,
         kind: list[str],
+        idempotency_key: str,
     ) -> CallResult:
         """One tool, audited; ``fallback`` receives the tool's fallback as soon as its definition is known."""
         started = time.monotonic()
@@ -250,11 +258,11 @@ class ToolCaller:
                 if credential_name
                 else None
             )
-            response = await self._execute(tool_id, arguments_json, credential, deadline_at)
+            response = await self._execute(tool_id, arguments_json, credential, deadline_at, idempotency_key)
             if response.http_status == 401 and credential is not None and credential.refreshable:
                 # The third party refused the access token (revoked, expired early): refresh once, try once more.
                 credential = await self._broker.refresh(credential_name, stale=credential.value)
-                response = await self._execute(tool_id, arguments_json, credential, deadline_at)
+                response = await self._execute(tool_id, arguments_json, credential, deadline_at, idempotency_key)
             target = response.target
             if response.retry_after_seconds > 0 and response.target and self._limits is not None:
                 await self._hold_host(response.target, response.retry_after_seconds)
@@ -320,9 +328,16 @@ class ToolCaller:
             await asyncio.sleep(delay)
 
     async def _execute(
-        self, tool_id: str, arguments_json: bytes, credential: ResolvedCredential | None, deadline_at: float
+        self,
+        tool_id: str,
+        arguments_json: bytes,
+        credential: ResolvedCredential | None,
+        deadline_at: float,
+        idempotency_key: str,
     ) -> runtime_pb2.ExecuteToolResponse:
-        request = runtime_pb2.ExecuteToolRequest(tool_id=tool_id, arguments_json=arguments_json)
+        request = runtime_pb2.ExecuteToolRequest(
+            tool_id=tool_id, arguments_json=arguments_json, idempotency_key=idempotency_key
+        )
         if credential is not None:
             request.credential.CopyFrom(runtime_pb2.InjectedCredential(**credential.injected()))
         retrying = AsyncRetrying(

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 
 from altan.api.audit import audit_to_proto
 from altan.api.credentials import credential_spec_from_proto, credential_to_proto
+from altan.context import require_admin, with_task
 from altan.server import Context
 from altan.v1 import integrator_pb2, integrator_pb2_grpc, runtime_pb2, runtime_pb2_grpc
 from altan.wire import paginate
@@ -95,9 +96,22 @@ class IntegratorRuntimeServicer(runtime_pb2_grpc.IntegratorRuntimeServiceService
     """Tool calls and LLM turns of agents' tasks (internal: the agent and task of a call are the Agent Service's
     word)."""
 
-    def __init__(self, caller: ToolCaller, models: ModelCaller) -> None:
+    def __init__(self, caller: ToolCaller, models: ModelCaller, audit: AuditLog) -> None:
         self._caller = caller
         self._models = models
+        self._audit = audit
+
+    async def RecordApproval(
+        self, request: runtime_pb2.RecordApprovalRequest, context: Context
+    ) -> runtime_pb2.RecordApprovalResponse:
+        require_admin("deciding an approval")
+        with_task(request.task_id)
+        verdict = "approved" if request.approved else "rejected"
+        reason = f"call '{request.call_id}' {verdict}" + (f": {request.comment}" if request.comment else "")
+        # A rejected call is one a person refused: "denied", as the platform's own refusals are.
+        outcome = "ok" if request.approved else "denied"
+        await self._audit.record("approval.decide", tool_id=request.tool_id, outcome=outcome, reason=reason)
+        return runtime_pb2.RecordApprovalResponse()
 
     async def Complete(
         self, request: runtime_pb2.CompleteRequest, context: Context
@@ -129,6 +143,7 @@ class IntegratorRuntimeServicer(runtime_pb2_grpc.IntegratorRuntimeServiceService
             agent_id=request.agent_id,
             bound=list(request.bound_tool_ids),
             task_id=request.task_id,
+            step_id=request.step_id,
         )
         return runtime_pb2.RunToolResponse(output_json=result.output_json, http_status=result.http_status)
 

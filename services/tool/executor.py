@@ -94,6 +94,14 @@ def _decode(result: HttpResult) -> Any:
     return result.body.decode("utf-8", errors="replace")
 
 
+def _with_idempotency_key(headers: dict[str, str], key: str) -> dict[str, str]:
+    """``headers`` with a task step's key as its one ``Idempotency-Key``: the platform's key wins over one in an
+    http_request's arguments, so that a model cannot make a retried step look like a new operation."""
+    if not key:
+        return headers
+    return {k: v for k, v in headers.items() if k.lower() != "idempotency-key"} | {"Idempotency-Key": key}
+
+
 class ContainerCalls(Protocol):
     """Runs a tool of a tool container (services.tool.containers.ContainerTools)."""
 
@@ -138,8 +146,12 @@ class ToolExecutor:
         timeout: float | None,
         *,
         arguments_size: int = 0,
+        idempotency_key: str = "",
     ) -> Execution:
-        """Run one call; ``arguments_size`` (bytes of their JSON) says whether checking them is worth a thread."""
+        """Run one call; ``arguments_size`` (bytes of their JSON) says whether checking them is worth a thread.
+
+        ``idempotency_key`` (a task's ``<task_id>:<step_id>``) goes out as the HTTP request's ``Idempotency-Key``.
+        """
         tool = await self._registry.get(tool_id)
         if not isinstance(arguments, dict):
             raise InvalidArgument("arguments: must be a JSON object")
@@ -159,17 +171,17 @@ class ToolExecutor:
             output = await self._mcp.invoke(tool, arguments, credential, timeout or self._default_timeout)
             return Execution(output=output, target=destination(tool["mcp_url"]))
         if tool_id == "http_request":
-            return await self._http_request(arguments, credential, timeout)
-        return await self._custom(tool, arguments, credential, timeout)
+            return await self._http_request(arguments, credential, timeout, idempotency_key)
+        return await self._custom(tool, arguments, credential, timeout, idempotency_key)
 
     async def _http_request(
-        self, args: dict[str, Any], credential: Credential | None, timeout: float | None
+        self, args: dict[str, Any], credential: Credential | None, timeout: float | None, idempotency_key: str
     ) -> Execution:
         if args.get("credential") and credential is None:
             raise FailedPrecondition(f"credential '{args['credential']}' was not provided")
         if args.get("json") is not None and args.get("body") is not None:
             raise InvalidArgument("arguments: give 'json' or 'body', not both")
-        headers = dict(args.get("headers") or {})
+        headers = _with_idempotency_key(dict(args.get("headers") or {}), idempotency_key)
         bound_to = None
         if credential is not None:
             headers.update(credential.as_headers())
@@ -189,12 +201,17 @@ class ToolExecutor:
         return self._execution(result, credential)
 
     async def _custom(
-        self, tool: dict[str, Any], args: dict[str, Any], credential: Credential | None, timeout: float | None
+        self,
+        tool: dict[str, Any],
+        args: dict[str, Any],
+        credential: Credential | None,
+        timeout: float | None,
+        idempotency_key: str,
     ) -> Execution:
         if tool.get("auth", "none") != "none" and credential is None:
             raise FailedPrecondition(f"tool '{tool['tool_id']}' needs credential '{tool.get('credential')}'")
         method, url, params, body = build_http_request(tool, args)
-        headers = credential.as_headers() if credential is not None else {}
+        headers = _with_idempotency_key(credential.as_headers() if credential is not None else {}, idempotency_key)
         sensitive = _sensitive(credential)
         result = await self._http.request(
             method, url, headers=headers, params=params, json=body, timeout=timeout, sensitive_headers=sensitive

@@ -108,6 +108,7 @@ class ToolRuntimeServicer(runtime_pb2_grpc.ToolRuntimeServiceServicer):
             credential,
             request.timeout_seconds or None,
             arguments_size=len(request.arguments_json),
+            idempotency_key=request.idempotency_key,
         )
         output = json_bytes(result.output)
         if len(output) > self._max_output_bytes:

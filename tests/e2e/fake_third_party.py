@@ -30,6 +30,8 @@ class FakeThirdParty:
     server: ThreadingHTTPServer
     received: list[Received] = field(default_factory=list)
     counters: dict[str, int] = field(default_factory=dict)
+    # /idempotent/...: Idempotency-Key -> how many times the side effect was performed (1, if the key is honoured)
+    performed: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -93,6 +95,25 @@ def _handler(fake: FakeThirdParty) -> type[BaseHTTPRequestHandler]:
                     self._answer(503, {"error": "busy"}, {"Retry-After": wait[0] if wait else "0"})
                 else:
                     self._answer(200, {"attempts": count})
+            elif path.startswith("/idempotent/"):
+                # /idempotent/<name>[?lose=N&sleep=S]: a side effect honouring Idempotency-Key, as Stripe's API does:
+                # the first request with a key performs it, a later one with that key replays the first answer.
+                # ``lose=N``: the first N requests with a key perform it and then answer 503, as if the answer
+                # were lost on its way back; ``sleep=S``: the effect takes S seconds before the answer.
+                idem = self.headers.get("Idempotency-Key") or ""
+                with fake.lock:
+                    seen = fake.counters.get(f"idem:{idem}", 0) + 1
+                    fake.counters[f"idem:{idem}"] = seen
+                    if not idem:
+                        fake.performed[""] = fake.performed.get("", 0) + 1  # no key: every request performs it
+                    elif idem not in fake.performed:
+                        fake.performed[idem] = 1
+                if "sleep" in query:
+                    time.sleep(float(query["sleep"][0]))
+                if seen <= int(query.get("lose", ["0"])[0]):
+                    self._answer(503, {"error": "the answer was lost"}, {"Retry-After": "0"})
+                else:
+                    self._answer(200, {"key": idem, "performed": fake.performed.get(idem, 0), "requests": seen})
             elif path.startswith("/big/"):
                 # /big/<n>: a JSON object holding n characters.
                 self._answer(200, {"data": "x" * int(path.split("/")[2])})

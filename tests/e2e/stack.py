@@ -19,6 +19,8 @@ import jwt
 import redis
 
 JWT_SECRET = "e2e-development-secret-that-is-long-enough-for-hs256-hs384-and-hs512!"
+# The install's internal key (task delegations), known to the tool containers the tests start as well.
+INTERNAL_KEY = "e2e-internal-key-that-signs-task-delegations-and-is-long-enough"
 
 # Every tenant of this test session carries this marker, so that at the end the session removes exactly its own
 # keys from a Redis that other sessions (other engineers, CI jobs) share.
@@ -156,6 +158,7 @@ def start_stack(
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
     env.update(
         ALTAN_JWT_SECRET=JWT_SECRET,
+        ALTAN_INTERNAL_KEY=INTERNAL_KEY,
         ALTAN_DATA_DIR=str(data_dir),
         ALTAN_EGRESS_ALLOW=egress_allow,
         ALTAN_AGENT_PORT=str(internal["agent"]),
@@ -169,6 +172,8 @@ def start_stack(
         ALTAN_CALL_DEADLINE_SECONDS="10",
         ALTAN_LOG_LEVEL="DEBUG",
         ALTAN_LLM_DEADLINE_SECONDS="10",
+        # A task queue of this stack's own (stacks of every session share one Redis), removed with the session's keys.
+        ALTAN_TASK_QUEUE=f"altan:{SESSION_MARKER}-q{uuid.uuid4().hex[:8]}:agent:work",
     )
     env.update(extra_env or {})
     if redis_url:

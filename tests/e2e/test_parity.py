@@ -151,6 +151,16 @@ def submit(rest: dict[str, Any], proto: agent_pb2.SubmitTaskRequest, status: int
     return Case(lambda p, tag: p.rest.post(f"/v1/agents/{p.agent_id}/tasks", json=rest), grpc_call, status)
 
 
+def decide(task_id: str, call_id: str, approve: bool, comment: str, status: int) -> Case:
+    body = {"approve": approve, "comment": comment}
+    request = agent_pb2.DecideApprovalRequest(task_id=task_id, call_id=call_id, approve=approve, comment=comment)
+    return Case(
+        lambda p, tag: p.rest.post(f"/v1/tasks/{task_id}/approvals/{call_id}", json=body),
+        lambda p, tag: p.agents.DecideApproval(request, metadata=p.metadata, timeout=10),
+        status,
+    )
+
+
 def invoke(tool_id: str, arguments: dict[str, Any], status: int) -> Case:
     return Case(
         lambda p, tag: p.rest.post(f"/v1/tools/{tool_id}/invoke", json={"arguments": arguments}),
@@ -322,6 +332,9 @@ CASES: dict[str, Case] = {
         agent_pb2.SubmitTaskRequest(input_json=json.dumps(PLAN).encode(), thread_id="a b"),
         400,
     ),
+    # approvals
+    "approval of an unknown task": decide("tsk_missing", "s1", True, "", 404),
+    "approval comment too long": decide("tsk_missing", "s1", False, "c" * 2001, 400),
     # invocations
     "invoke ok": invoke("json_extract", {"data": [1, 2], "path": "[0]"}, 200),
     "invoke bad arguments": invoke("json_extract", {"data": 1}, 400),

@@ -531,10 +531,10 @@ async def test_a_cancellation_recorded_by_another_replica_stands(harness: Harnes
     agent_id = await new_agent(harness)
     gate = Gate()
     harness.tools.behaviours["s1"] = gate
-    before = asyncio.all_tasks()
     task, _ = await submit(harness.runner, agent_id, step("s1"), step("s2", depends_on=["s1"]))
-    (background,) = asyncio.all_tasks() - before  # the run of the task, in the replica that accepted it
     await until(gate.started)
+    # The run of the task, in the replica that accepted it.
+    (background,) = [t for t in asyncio.all_tasks() if t.get_name() == f"work-{task['task_id']}"]
     await harness.replica().cancel(task["task_id"])
 
     gate.opened.set()

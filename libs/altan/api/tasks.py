@@ -13,6 +13,7 @@ from altan.v1 import agent_pb2
 from altan.wire import json_bytes
 
 __all__ = [
+    "ApprovalDecision",
     "Step",
     "Task",
     "TaskAccepted",
@@ -22,6 +23,7 @@ __all__ = [
     "Usage",
     "event_json",
     "event_to_proto",
+    "parse_decision",
     "parse_submission",
     "step_status_value",
     "task_json",
@@ -125,7 +127,7 @@ class TaskEvent(BaseModel):
     seq: int
     type: str = Field(
         description="task.queued, task.started, llm.called, message.delta, tool.started, tool.finished, "
-        "task.succeeded, task.failed, task.cancelled"
+        "approval.requested, approval.decided, task.resumed, task.succeeded, task.failed, task.cancelled"
     )
     task_id: str
     time: Timestamp
@@ -141,6 +143,15 @@ class TaskEvent(BaseModel):
     latency_ms: int | None = None
     fallback_used: bool | None = None
     text: str | None = Field(default=None, description="message.delta: the next piece of the answer.")
+    call_id: str | None = Field(
+        default=None, description="approval.requested, approval.decided: the call to name in the approvals route."
+    )
+    arguments: JsonValue | None = Field(
+        default=None, description="approval.requested: the call's arguments (header values left out)."
+    )
+    approved: bool | None = Field(default=None, description="approval.decided: whether the call was approved.")
+    decided_by: str | None = Field(default=None, description="approval.decided: who decided.")
+    comment: str | None = Field(default=None, description="approval.decided: the decider's comment.")
 
 
 class ToolCallOut(BaseModel):
@@ -172,6 +183,17 @@ class Thread(BaseModel):
     next_page_token: str | None = Field(
         None, description="Present when there are more messages: pass it as page_token."
     )
+
+
+class ApprovalDecision(ApiModel):
+    """An admin's answer to a call that waits for approval."""
+
+    approve: bool = Field(description="true runs the call; false rejects it.")
+    comment: str = Field(default="", max_length=2000, description="Why; the LLM reads it with a rejection.")
+
+
+def parse_decision(body: Any) -> ApprovalDecision:
+    return validate(ApprovalDecision, body, "approval")
 
 
 def parse_submission(body: Any) -> TaskSubmission:
@@ -301,6 +323,13 @@ def event_to_proto(seq: int, event: dict[str, Any]) -> agent_pb2.TaskEvent:
         out.latency_ms = data.get("latency_ms", 0)
         out.fallback_used = data.get("fallback_used", False)
     out.text = data.get("text", "")
+    out.call_id = data.get("call_id", "")
+    if "arguments" in data:
+        out.arguments_json = json_bytes(data["arguments"])
+    if "approved" in data:
+        out.approved = bool(data["approved"])
+        out.decided_by = data.get("decided_by", "")
+        out.comment = data.get("comment", "")
     return out
 
 
@@ -371,4 +400,10 @@ def event_json(msg: agent_pb2.TaskEvent) -> dict[str, Any]:
         )
     if msg.text:
         body["text"] = msg.text
+    if msg.call_id:
+        body["call_id"] = msg.call_id
+    if msg.arguments_json:
+        body["arguments"] = _load(msg.arguments_json)
+    if msg.HasField("approved"):
+        body.update(approved=msg.approved, decided_by=msg.decided_by, comment=msg.comment)
     return body

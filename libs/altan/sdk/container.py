@@ -96,7 +96,8 @@ async def serve_tools(
     )
     await serve_until_stopped(
         [service],
-        verifier=TokenVerifier(settings),
+        # A task's calls come with its delegation (ALTAN_INTERNAL_KEY): a container is reached only by the install.
+        verifier=TokenVerifier(settings, accept_delegation=True),
         address=address,
         grace_seconds=settings.shutdown_grace_seconds,
         stop=stop,

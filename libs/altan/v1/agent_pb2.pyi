@@ -866,10 +866,17 @@ class TaskEvent(_message.Message):
     LATENCY_MS_FIELD_NUMBER: _builtins.int
     FALLBACK_USED_FIELD_NUMBER: _builtins.int
     TEXT_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
+    APPROVED_FIELD_NUMBER: _builtins.int
+    DECIDED_BY_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
     seq: _builtins.int
     """Position of the event in the task's stream, from 1."""
     type: _builtins.str
-    """task.queued, task.started, tool.started, tool.finished, task.succeeded, task.failed, task.cancelled, ..."""
+    """task.queued, task.started, task.resumed, tool.started, tool.finished, approval.requested, approval.decided,
+    task.succeeded, task.failed, task.cancelled, ...
+    """
     task_id: _builtins.str
     """The task it belongs to."""
     step_id: _builtins.str
@@ -896,6 +903,16 @@ class TaskEvent(_message.Message):
     """llm.called: whether a fallback LLM answered because the primary failed."""
     text: _builtins.str
     """message.delta: the next piece of the answer's text."""
+    call_id: _builtins.str
+    """approval.requested, approval.decided: the call that waits (the step's id), to name in DecideApproval."""
+    arguments_json: _builtins.bytes
+    """approval.requested: the call's arguments, JSON (header values and credential names left out)."""
+    approved: _builtins.bool
+    """approval.decided: whether the call was approved."""
+    decided_by: _builtins.str
+    """approval.decided: who decided (the token's sub)."""
+    comment: _builtins.str
+    """approval.decided: the decider's comment."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it happened."""
@@ -919,15 +936,24 @@ class TaskEvent(_message.Message):
         latency_ms: _builtins.int | None = ...,
         fallback_used: _builtins.bool = ...,
         text: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        arguments_json: _builtins.bytes = ...,
+        approved: _builtins.bool | None = ...,
+        decided_by: _builtins.str = ...,
+        comment: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "_latency_ms", b"_latency_ms", "duration_ms", b"duration_ms", "latency_ms", b"latency_ms", "time", b"time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_approved", b"_approved", "_duration_ms", b"_duration_ms", "_latency_ms", b"_latency_ms", "approved", b"approved", "duration_ms", b"duration_ms", "latency_ms", b"latency_ms", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms", "_latency_ms", b"_latency_ms", "duration_ms", b"duration_ms", "error", b"error", "fallback_used", b"fallback_used", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "model", b"model", "output_tokens", b"output_tokens", "provider", b"provider", "seq", b"seq", "status", b"status", "step_id", b"step_id", "task_id", b"task_id", "text", b"text", "time", b"time", "tool", b"tool", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_approved", b"_approved", "_duration_ms", b"_duration_ms", "_latency_ms", b"_latency_ms", "approved", b"approved", "arguments_json", b"arguments_json", "call_id", b"call_id", "comment", b"comment", "decided_by", b"decided_by", "duration_ms", b"duration_ms", "error", b"error", "fallback_used", b"fallback_used", "input_tokens", b"input_tokens", "latency_ms", b"latency_ms", "model", b"model", "output_tokens", b"output_tokens", "provider", b"provider", "seq", b"seq", "status", b"status", "step_id", b"step_id", "task_id", b"task_id", "text", b"text", "time", b"time", "tool", b"tool", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__approved: _TypeAlias = _typing.Literal["approved"]  # noqa: Y015
+    _WhichOneofArgType__approved: _TypeAlias = _typing.Literal["_approved", b"_approved"]  # noqa: Y015
     _WhichOneofReturnType__duration_ms: _TypeAlias = _typing.Literal["duration_ms"]  # noqa: Y015
     _WhichOneofArgType__duration_ms: _TypeAlias = _typing.Literal["_duration_ms", b"_duration_ms"]  # noqa: Y015
     _WhichOneofReturnType__latency_ms: _TypeAlias = _typing.Literal["latency_ms"]  # noqa: Y015
     _WhichOneofArgType__latency_ms: _TypeAlias = _typing.Literal["_latency_ms", b"_latency_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__approved) -> _WhichOneofReturnType__approved | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__duration_ms) -> _WhichOneofReturnType__duration_ms | None: ...
     @_typing.overload
@@ -1004,6 +1030,64 @@ class CancelTaskResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelTaskResponse: _TypeAlias = CancelTaskResponse  # noqa: Y015
+
+@_typing.final
+class DecideApprovalRequest(_message.Message):
+    """Request of DecideApproval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task that waits."""
+    call_id: _builtins.str
+    """The call it waits for: the `call_id` of its approval.requested event (the step's id)."""
+    approve: _builtins.bool
+    """True runs the call; false rejects it (the LLM reads the rejection as the call's result, a plan step fails)."""
+    comment: _builtins.str
+    """Why, for the audit trail and the LLM (at most 2,000 characters)."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approve", b"approve", "call_id", b"call_id", "comment", b"comment", "task_id", b"task_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideApprovalRequest: _TypeAlias = DecideApprovalRequest  # noqa: Y015
+
+@_typing.final
+class DecideApprovalResponse(_message.Message):
+    """Response of DecideApproval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def task(self) -> Global___Task:
+        """The task after the decision."""
+
+    def __init__(
+        self,
+        *,
+        task: Global___Task | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["task", b"task"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DecideApprovalResponse: _TypeAlias = DecideApprovalResponse  # noqa: Y015
 
 @_typing.final
 class ToolCall(_message.Message):

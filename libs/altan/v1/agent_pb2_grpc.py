@@ -82,6 +82,11 @@ class AgentServiceStub:
                 request_serializer=altan_dot_v1_dot_agent__pb2.CancelTaskRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_agent__pb2.CancelTaskResponse.FromString,
                 _registered_method=True)
+        self.DecideApproval = channel.unary_unary(
+                '/altan.v1.AgentService/DecideApproval',
+                request_serializer=altan_dot_v1_dot_agent__pb2.DecideApprovalRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_agent__pb2.DecideApprovalResponse.FromString,
+                _registered_method=True)
         self.GetThread = channel.unary_unary(
                 '/altan.v1.AgentService/GetThread',
                 request_serializer=altan_dot_v1_dot_agent__pb2.GetThreadRequest.SerializeToString,
@@ -158,6 +163,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DecideApproval(self, request, context):
+        """Approves or rejects a call of a tool that requires approval, which its task waits for (admin only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetThread(self, request, context):
         """Reads a conversation: the messages its tasks added, oldest first.
         """
@@ -212,6 +224,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.CancelTask,
                     request_deserializer=altan_dot_v1_dot_agent__pb2.CancelTaskRequest.FromString,
                     response_serializer=altan_dot_v1_dot_agent__pb2.CancelTaskResponse.SerializeToString,
+            ),
+            'DecideApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.DecideApproval,
+                    request_deserializer=altan_dot_v1_dot_agent__pb2.DecideApprovalRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_agent__pb2.DecideApprovalResponse.SerializeToString,
             ),
             'GetThread': grpc.unary_unary_rpc_method_handler(
                     servicer.GetThread,
@@ -465,6 +482,33 @@ class AgentService:
             '/altan.v1.AgentService/CancelTask',
             altan_dot_v1_dot_agent__pb2.CancelTaskRequest.SerializeToString,
             altan_dot_v1_dot_agent__pb2.CancelTaskResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DecideApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.AgentService/DecideApproval',
+            altan_dot_v1_dot_agent__pb2.DecideApprovalRequest.SerializeToString,
+            altan_dot_v1_dot_agent__pb2.DecideApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -54,6 +54,8 @@ class AgentServiceStub:
     """Streams a task's events from a position, ending after the terminal event."""
     CancelTask: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.CancelTaskResponse]
     """Cancels a queued or running task."""
+    DecideApproval: _grpc.UnaryUnaryMultiCallable[_agent_pb2.DecideApprovalRequest, _agent_pb2.DecideApprovalResponse]
+    """Approves or rejects a call of a tool that requires approval, which its task waits for (admin only)."""
     GetThread: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetThreadRequest, _agent_pb2.GetThreadResponse]
     """Reads a conversation: the messages its tasks added, oldest first."""
 
@@ -83,6 +85,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Streams a task's events from a position, ending after the terminal event."""
     CancelTask: _aio.UnaryUnaryMultiCallable[_agent_pb2.CancelTaskRequest, _agent_pb2.CancelTaskResponse]  # type: ignore[assignment]
     """Cancels a queued or running task."""
+    DecideApproval: _aio.UnaryUnaryMultiCallable[_agent_pb2.DecideApprovalRequest, _agent_pb2.DecideApprovalResponse]  # type: ignore[assignment]
+    """Approves or rejects a call of a tool that requires approval, which its task waits for (admin only)."""
     GetThread: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetThreadRequest, _agent_pb2.GetThreadResponse]  # type: ignore[assignment]
     """Reads a conversation: the messages its tasks added, oldest first."""
 
@@ -163,6 +167,14 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.CancelTaskResponse, _abc.Awaitable[_agent_pb2.CancelTaskResponse]]:
         """Cancels a queued or running task."""
+
+    @_abc_1.abstractmethod
+    def DecideApproval(
+        self,
+        request: _agent_pb2.DecideApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.DecideApprovalResponse, _abc.Awaitable[_agent_pb2.DecideApprovalResponse]]:
+        """Approves or rejects a call of a tool that requires approval, which its task waits for (admin only)."""
 
     @_abc_1.abstractmethod
     def GetThread(

@@ -77,12 +77,17 @@ class ExecuteToolRequest(_message.Message):
     ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     tool_id: _builtins.str
     """The tool to run."""
     arguments_json: _builtins.bytes
     """The arguments, a JSON object (UTF-8)."""
     timeout_seconds: _builtins.float
     """Time budget for the call in seconds (0: the service default)."""
+    idempotency_key: _builtins.str
+    """Sent as the Idempotency-Key header of the call's outbound HTTP request: `<task_id>:<step_id>` for a task's
+    step, the same on every retry, fallback and resumption; empty for a direct invoke (no header).
+    """
     @_builtins.property
     def credential(self) -> Global___InjectedCredential:
         """The credential to authenticate with, when the tool needs one."""
@@ -94,10 +99,11 @@ class ExecuteToolRequest(_message.Message):
         arguments_json: _builtins.bytes = ...,
         credential: Global___InjectedCredential | None = ...,
         timeout_seconds: _builtins.float = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "credential", b"credential", "timeout_seconds", b"timeout_seconds", "tool_id", b"tool_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "credential", b"credential", "idempotency_key", b"idempotency_key", "timeout_seconds", b"timeout_seconds", "tool_id", b"tool_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -260,6 +266,61 @@ class DescribeToolsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DescribeToolsResponse: _TypeAlias = DescribeToolsResponse  # noqa: Y015
+
+@_typing.final
+class RecordApprovalRequest(_message.Message):
+    """Request of RecordApproval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TASK_ID_FIELD_NUMBER: _builtins.int
+    CALL_ID_FIELD_NUMBER: _builtins.int
+    TOOL_ID_FIELD_NUMBER: _builtins.int
+    APPROVED_FIELD_NUMBER: _builtins.int
+    COMMENT_FIELD_NUMBER: _builtins.int
+    task_id: _builtins.str
+    """The task whose call was decided."""
+    call_id: _builtins.str
+    """The call (the step's id)."""
+    tool_id: _builtins.str
+    """The tool the call would run."""
+    approved: _builtins.bool
+    """Whether it was approved."""
+    comment: _builtins.str
+    """The decider's comment."""
+    def __init__(
+        self,
+        *,
+        task_id: _builtins.str = ...,
+        call_id: _builtins.str = ...,
+        tool_id: _builtins.str = ...,
+        approved: _builtins.bool = ...,
+        comment: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approved", b"approved", "call_id", b"call_id", "comment", b"comment", "task_id", b"task_id", "tool_id", b"tool_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordApprovalRequest: _TypeAlias = RecordApprovalRequest  # noqa: Y015
+
+@_typing.final
+class RecordApprovalResponse(_message.Message):
+    """Response of RecordApproval."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordApprovalResponse: _TypeAlias = RecordApprovalResponse  # noqa: Y015
 
 @_typing.final
 class ModelTool(_message.Message):

@@ -170,6 +170,11 @@ class IntegratorRuntimeServiceStub:
                 request_serializer=altan_dot_v1_dot_runtime__pb2.CompleteRequest.SerializeToString,
                 response_deserializer=altan_dot_v1_dot_runtime__pb2.CompleteResponse.FromString,
                 _registered_method=True)
+        self.RecordApproval = channel.unary_unary(
+                '/altan.v1.IntegratorRuntimeService/RecordApproval',
+                request_serializer=altan_dot_v1_dot_runtime__pb2.RecordApprovalRequest.SerializeToString,
+                response_deserializer=altan_dot_v1_dot_runtime__pb2.RecordApprovalResponse.FromString,
+                _registered_method=True)
 
 
 class IntegratorRuntimeServiceServicer:
@@ -199,6 +204,13 @@ class IntegratorRuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordApproval(self, request, context):
+        """Records in the audit trail an admin's decision on a call that waited for approval (the caller is the decider).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IntegratorRuntimeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +228,11 @@ def add_IntegratorRuntimeServiceServicer_to_server(servicer, server):
                     servicer.Complete,
                     request_deserializer=altan_dot_v1_dot_runtime__pb2.CompleteRequest.FromString,
                     response_serializer=altan_dot_v1_dot_runtime__pb2.CompleteResponse.SerializeToString,
+            ),
+            'RecordApproval': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordApproval,
+                    request_deserializer=altan_dot_v1_dot_runtime__pb2.RecordApprovalRequest.FromString,
+                    response_serializer=altan_dot_v1_dot_runtime__pb2.RecordApprovalResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -300,6 +317,33 @@ class IntegratorRuntimeService:
             '/altan.v1.IntegratorRuntimeService/Complete',
             altan_dot_v1_dot_runtime__pb2.CompleteRequest.SerializeToString,
             altan_dot_v1_dot_runtime__pb2.CompleteResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordApproval(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/altan.v1.IntegratorRuntimeService/RecordApproval',
+            altan_dot_v1_dot_runtime__pb2.RecordApprovalRequest.SerializeToString,
+            altan_dot_v1_dot_runtime__pb2.RecordApprovalResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,8 @@ class IntegratorRuntimeServiceStub:
     fallbacks after it, in order) with the key the Integrator holds. Streams the answer's text as it comes when
     asked to, then the whole answer.
     """
+    RecordApproval: _grpc.UnaryUnaryMultiCallable[_runtime_pb2.RecordApprovalRequest, _runtime_pb2.RecordApprovalResponse]
+    """Records in the audit trail an admin's decision on a call that waited for approval (the caller is the decider)."""
 
 @_typing.type_check_only
 class IntegratorRuntimeServiceAsyncStub(IntegratorRuntimeServiceStub):
@@ -105,6 +107,8 @@ class IntegratorRuntimeServiceAsyncStub(IntegratorRuntimeServiceStub):
     fallbacks after it, in order) with the key the Integrator holds. Streams the answer's text as it comes when
     asked to, then the whole answer.
     """
+    RecordApproval: _aio.UnaryUnaryMultiCallable[_runtime_pb2.RecordApprovalRequest, _runtime_pb2.RecordApprovalResponse]  # type: ignore[assignment]
+    """Records in the audit trail an admin's decision on a call that waited for approval (the caller is the decider)."""
 
 class IntegratorRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the Integrator Engine; called by the Agent Service only."""
@@ -135,5 +139,13 @@ class IntegratorRuntimeServiceServicer(metaclass=_abc_1.ABCMeta):
         fallbacks after it, in order) with the key the Integrator holds. Streams the answer's text as it comes when
         asked to, then the whole answer.
         """
+
+    @_abc_1.abstractmethod
+    def RecordApproval(
+        self,
+        request: _runtime_pb2.RecordApprovalRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_runtime_pb2.RecordApprovalResponse, _abc.Awaitable[_runtime_pb2.RecordApprovalResponse]]:
+        """Records in the audit trail an admin's decision on a call that waited for approval (the caller is the decider)."""
 
 def add_IntegratorRuntimeServiceServicer_to_server(servicer: IntegratorRuntimeServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,243 @@
+"""Durable tasks through the real processes: an agent killed mid-task (SIGKILL) is restarted by ``altan up`` and the
+task goes on from where it was, its step in flight retried with the same Idempotency-Key (so a third party honouring
+it performs it once); tasks run as an internal delegation that only the internal services accept, for its task and
+tenant only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import jwt
+import pytest
+import redis
+
+from altan.v1 import agent_pb2, agent_pb2_grpc
+from tests.e2e.fake_llms import INSTALL_KEY, Llms
+from tests.e2e.fake_third_party import FakeThirdParty
+from tests.e2e.stack import Stack, new_tenant, start_stack
+from tests.e2e.test_supervision import wait_until
+from tests.e2e.test_tasks import _events, _finished
+from tests.fakes.llm import Call, Reply
+
+TENANTS: list[str] = []  # this module's, whose keys it removes at its end (other modules' stacks still run)
+
+
+def _tenant() -> str:
+    TENANTS.append(new_tenant())
+    return TENANTS[-1]
+
+
+@pytest.fixture(scope="module")
+def redis_stack(
+    redis_url: str, third_party: FakeThirdParty, llms: Llms, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    # A short lease: a killed agent's tasks are reclaimed 2 s after its last heartbeat.
+    env = {
+        "ALTAN_TASK_LEASE_SECONDS": "2",
+        "ALTAN_OPENAI_API_KEY": INSTALL_KEY,
+        "ALTAN_OPENAI_API_HOSTS": "127.0.0.1",
+    }
+    stack = start_stack(
+        data_dir=tmp_path_factory.mktemp("durable"),
+        egress_allow=f"127.0.0.1:{third_party.port},127.0.0.1:{llms.openai.port}",
+        redis_url=redis_url,
+        extra_env=env,
+    )
+    yield stack
+    try:
+        assert stack.stop() == 0
+    finally:
+        client = redis.Redis.from_url(redis_url)
+        for pattern in (*(f"altan:{t}:*" for t in TENANTS), f"{stack.env['ALTAN_TASK_QUEUE']}*"):
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            if keys:
+                client.delete(*keys)
+        client.close()
+
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+def _terminal(stack: Stack, api: httpx.Client, task_id: str, timeout: float = 60) -> dict[str, Any]:
+    """The task once it ended, asked again while a service is down or restarting (503)."""
+    task: dict[str, Any] = {}
+
+    def ended() -> bool:
+        nonlocal task
+        try:
+            answer = api.get(f"/v1/tasks/{task_id}")
+        except httpx.TransportError:
+            return False
+        assert answer.status_code in (200, 503), answer.text
+        task = answer.json() if answer.status_code == 200 else {}
+        return task.get("status") in TERMINAL
+
+    wait_until(ended, f"task {task_id} ends", stack, timeout)
+    return task
+
+
+def _internal_key(stack: Stack) -> str:
+    return stack.env["ALTAN_INTERNAL_KEY"]
+
+
+def test_an_agent_killed_mid_task_is_resumed_and_the_step_in_flight_is_performed_once(
+    redis_stack: Stack, third_party: FakeThirdParty
+) -> None:
+    tenant = _tenant()
+    first, second = f"/idempotent/first-{tenant}", f"/idempotent/second-{tenant}"
+    plan = {
+        "plan": [
+            {"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}{first}"}},
+            # Performed at once, answered 3 s later: the agent dies in between.
+            {
+                "id": "s2",
+                "tool": "http_request",
+                "depends_on": ["s1"],
+                "arguments": {"url": f"{third_party.base_url}{second}?sleep=3"},
+            },
+        ]
+    }
+    with redis_stack.client(tenant) as api:
+        agent_id = api.post("/v1/agents", json={"name": "payer", "tools": ["http_request"]}).json()["id"]
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
+        wait_until(lambda: len(third_party.requests_to(second)) == 1, "step s2 reaches the third party", redis_stack)
+        os.kill(redis_stack.service_pids()["agent"], signal.SIGKILL)
+        task = _terminal(redis_stack, api, task_id)
+        events = [e["type"] for e in _events(api, task_id)]
+    assert task["status"] == "succeeded", task
+    assert "task.resumed" in events
+    # s1 finished before the kill: not called again. s2 was in flight: called again, with the same key.
+    assert [r.headers["Idempotency-Key"] for r in third_party.requests_to(first)] == [f"{task_id}:s1"]
+    keys = [r.headers["Idempotency-Key"] for r in third_party.requests_to(second)]
+    assert len(keys) >= 2 and set(keys) == {f"{task_id}:s2"}
+    assert third_party.performed[f"{task_id}:s2"] == 1
+    assert task["result"]["s2"]["performed"] == 1
+
+
+def test_an_llm_task_killed_during_a_tool_call_goes_on_after_its_recorded_turns(
+    redis_stack: Stack, third_party: FakeThirdParty, llms: Llms
+) -> None:
+    tenant = _tenant()
+    path = f"/idempotent/llm-{tenant}"
+    model = llms.model(
+        Reply(calls=(Call("http_request", {"url": f"{third_party.base_url}{path}?sleep=3"}),)),
+        Reply(text="Paid once."),
+    )
+    with redis_stack.client(tenant) as api:
+        body = {"name": "payer", "llm": llms.config(model), "tools": ["http_request"]}
+        agent_id = api.post("/v1/agents", json=body).json()["id"]
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": "Pay, please."}).json()["task_id"]
+        wait_until(
+            lambda: len(third_party.requests_to(path)) == 1, "the tool call reaches the third party", redis_stack
+        )
+        os.kill(redis_stack.service_pids()["agent"], signal.SIGKILL)
+        task = _terminal(redis_stack, api, task_id)
+        events = [e["type"] for e in _events(api, task_id)]
+        thread = api.get(f"/v1/threads/{task['thread_id']}").json()["messages"]
+    assert task["status"] == "succeeded", task
+    assert task["result"] == {"answer": "Paid once."} and "task.resumed" in events
+    # The model was asked twice in all: its first answer was not asked for again after the restart.
+    assert len(llms.requests(model)) == 2
+    keys = {r.headers["Idempotency-Key"] for r in third_party.requests_to(path)}
+    assert keys == {f"{task_id}:t1c1"} and third_party.performed[f"{task_id}:t1c1"] == 1
+    assert [m["role"] for m in thread] == ["user", "assistant", "tool", "assistant"]
+    assert [s["id"] for s in task["steps"]] == ["t1c1"]
+
+
+def test_a_delegation_is_accepted_only_internally_and_only_for_its_task_and_tenant(redis_stack: Stack) -> None:
+    tenant, other = _tenant(), _tenant()
+    plan = {"plan": [{"id": "s1", "tool": "json_extract", "arguments": {"data": {"a": 1}, "path": "a"}}]}
+    with redis_stack.client(tenant) as api:
+        agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["json_extract"]}).json()["id"]
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
+        assert _finished(api, task_id)["status"] == "succeeded"
+
+    def delegation(key: str, tenant_id: str, for_task: str) -> str:
+        now = int(time.time())
+        claims = {
+            "tenant_id": tenant_id,
+            "sub": "alice",
+            "role": "member",
+            "task_id": for_task,
+            "aud": "altan-internal",
+            "iss": "altan-internal",
+            "iat": now,
+            "exp": now + 60,
+        }
+        return jwt.encode(claims, key, algorithm="HS256")
+
+    key = _internal_key(redis_stack)
+    genuine = delegation(key, tenant, task_id)
+    # The public gateway refuses a delegation, even a genuine one.
+    public = redis_stack.client(tenant)
+    public.headers["Authorization"] = f"Bearer {genuine}"
+    with public:
+        refused = public.get(f"/v1/tasks/{task_id}")
+    assert refused.status_code == 401, refused.text
+
+    def get_task(token: str, wanted: str) -> grpc.StatusCode:
+        with grpc.insecure_channel(f"127.0.0.1:{redis_stack.internal_ports['agent']}") as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            try:
+                stub.GetTask(
+                    agent_pb2.GetTaskRequest(task_id=wanted),
+                    metadata=[("authorization", f"Bearer {token}")],
+                    timeout=10,
+                )
+            except grpc.RpcError as exc:
+                return exc.code()  # type: ignore[no-any-return]
+            return grpc.StatusCode.OK
+
+    # The internal agent port accepts the genuine delegation for its own task...
+    assert get_task(genuine, task_id) == grpc.StatusCode.OK
+    # ...refuses one signed with another key (forged), or with the tenants' JWT secret...
+    assert get_task(delegation("x" * 40, tenant, task_id), task_id) == grpc.StatusCode.UNAUTHENTICATED
+    assert get_task(delegation(redis_stack.env["ALTAN_JWT_SECRET"], tenant, task_id), task_id) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    # ...and another tenant's delegation, even for this task's id, sees nothing of this tenant.
+    assert get_task(delegation(key, other, task_id), task_id) == grpc.StatusCode.NOT_FOUND
+
+
+def test_slow_tools_and_unanswered_approvals_end_with_the_tasks_deadline(
+    tmp_path: Path, third_party: FakeThirdParty
+) -> None:
+    stack = start_stack(
+        data_dir=tmp_path / "data",
+        egress_allow=f"127.0.0.1:{third_party.port}",
+        redis_url=None,
+        extra_env={"ALTAN_TASK_DEADLINE_SECONDS": "2"},
+    )
+    try:
+        with stack.client(new_tenant()) as api:
+            tool = {
+                "tool_id": "pay",
+                "name": "Pay",
+                "endpoint": f"{third_party.base_url}/idempotent/deadline",
+                "method": "POST",
+                "auth": "none",
+                "parameters": [],
+                "requires_approval": True,
+            }
+            assert api.post("/v1/tools", json=tool).status_code == 201
+            agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["http_request", "pay"]}).json()["id"]
+            slow = {
+                "plan": [{"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}/sleep/5"}}]
+            }
+            waiting = {"plan": [{"id": "s1", "tool": "pay"}]}
+            ids = [
+                api.post(f"/v1/agents/{agent_id}/tasks", json={"input": p}).json()["task_id"] for p in (slow, waiting)
+            ]
+            for task_id in ids:
+                task = _finished(api, task_id)
+                assert task["status"] == "failed", task
+                assert task["error"].startswith("deadline exceeded: the task did not end within 2s"), task
+    finally:
+        assert stack.stop() == 0
