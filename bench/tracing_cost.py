@@ -2,14 +2,17 @@
 
 Three stacks run at once on free ports, each with its own fake API:
 
-- ``before``: the code before tracing existed (``--before``, default the merge-base with ``main``), exported with
-  ``git archive`` into a temporary directory and run from there with this environment;
+- ``before``: the code before tracing existed (``--before``, default the parent of the commit that added
+  ``libs/altan/telemetry.py``), exported with ``git archive`` into a temporary directory and run from there with this
+  environment;
 - ``off``: this code, tracing off (the default: trace ids are drawn and passed on, no span is built);
 - ``on``: this code with every span sampled (``OTEL_TRACES_SAMPLER=always_on``) and exported over OTLP/HTTP to a
-  local sink (``bench/otlp_sink.py``, a stand-in collector in a process of its own whose CPU is counted apart).
+  local sink (``bench/otlp_sink.py``, a stand-in collector in a process of its own whose CPU is counted apart);
+- with ``--also-on REV``, ``on@REV``: that revision's code with tracing on as ``on``, exported as ``before`` is (a
+  change to tracing measured against the code it changes, in the same run).
 
-Each path is measured in rounds at many in flight, the three stacks taking turns in a rotating order, so that the
-drift of a shared machine spreads over all three; stack CPU per operation is summed over the rounds. Prints a
+Each path is measured in rounds at many in flight, the stacks taking turns in a rotating order, so that the
+drift of a shared machine spreads over all of them; stack CPU per operation is summed over the rounds. Prints a
 markdown table and writes it into docs/benchmarks.md between its own markers.
 """
 
@@ -36,20 +39,22 @@ from bench.scenarios import Worker, prepare
 
 DOC = REPO / "docs" / "benchmarks.md"
 START, END = "<!-- bench:tracing:start -->", "<!-- bench:tracing:end -->"
-VARIANTS = ("before", "off", "on")
 SINK = "otlp sink"
 
 
-def _export_before(rev: str) -> Path:
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(REPO), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _untraced() -> str:
+    """The parent of the commit that added altan.telemetry: the last code without tracing."""
+    added = _git("log", "--diff-filter=A", "--format=%H", "--", "libs/altan/telemetry.py").splitlines()[-1]
+    return _git("rev-parse", f"{added}^")
+
+
+def _export(rev: str) -> Path:
     """The tree of ``rev`` in a temporary directory (read from git's objects; no worktree is touched)."""
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "merge-base", "HEAD", rev]
-        if rev == "main"
-        else ["git", "-C", str(REPO), "rev-parse", rev],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
+    commit = _git("rev-parse", rev)
     target = Path(tempfile.mkdtemp(prefix="altan-before-"))
     archive = subprocess.Popen(["git", "-C", str(REPO), "archive", commit], stdout=subprocess.PIPE)
     subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
@@ -69,27 +74,38 @@ async def measure(
     busy = max(BOUNDS[p].busy for p in paths)
     workers = {name: [Worker(target) for _ in range(busy)] for name, target in targets.items()}
     meters = {
-        name: CpuMeter(processes, extra={SINK: sink_pid} if name == "on" else None)
+        name: CpuMeter(processes, extra={SINK: sink_pid} if name.startswith("on") else None)
         for name, processes in stacks.items()
     }
-    phases: dict[str, dict[str, list[Phase]]] = {p: {v: [] for v in VARIANTS} for p in paths}
-    spans_per_op: dict[str, float] = {}
+    variants = list(stacks)
+    phases: dict[str, dict[str, list[Phase]]] = {p: {v: [] for v in variants} for p in paths}
+    spans_per_op: dict[str, float] = {}  # "<path>/<variant>" -> spans exported per operation
+    spans: dict[str, int] = {}
     try:
         for path in paths:
             b = BOUNDS[path]
             ops = {name: [w.operation(path) for w in workers[name][: b.busy]] for name in stacks}
             print(f"  {path}: warm-up, then {rounds} rounds of {b.busy} in flight", file=sys.stderr, flush=True)
-            for name in VARIANTS:
+            for name in variants:
                 await closed_loop(ops[name], max_ops=b.warmup, max_seconds=10)
-            await asyncio.sleep(1.5)  # the warm-up's spans exported (OTEL_BSP_SCHEDULE_DELAY below)
-            before = _spans(sink_port)
+            await asyncio.sleep(1.5)  # the warm-up's spans exported
             for round_ in range(rounds):
-                for name in VARIANTS[round_ % 3 :] + VARIANTS[: round_ % 3]:
+                for name in variants[round_ % len(variants) :] + variants[: round_ % len(variants)]:
+                    # Each traced stack's spans counted apart: the sink's count before and after its own phase.
+                    counted = _spans(sink_port) if name.startswith("on") else 0
                     phase = await closed_loop(ops[name], max_ops=b.busy_ops, max_seconds=seconds, meter=meters[name])
+                    # The phase's last spans are exported after it (OTEL_BSP_SCHEDULE_DELAY below): that CPU is the
+                    # phase's too. Every stack gets the same quiet tail, so what it costs at rest is counted alike.
+                    meters[name].start()
+                    await asyncio.sleep(1.5)
+                    tail = meters[name].stop()
+                    phase.cpu = {n: phase.cpu.get(n, 0.0) + tail.get(n, 0.0) for n in phase.cpu.keys() | tail.keys()}
                     phases[path][name].append(phase)
-            await asyncio.sleep(1.5)  # the last spans exported
-            done = sum(p.count for p in phases[path]["on"])
-            spans_per_op[path] = (_spans(sink_port) - before) / max(1, done)
+                    if name.startswith("on"):
+                        spans[name] = spans.get(name, 0) + _spans(sink_port) - counted
+            for name in spans:
+                spans_per_op[f"{path}/{name}"] = spans[name] / max(1, sum(p.count for p in phases[path][name]))
+                spans[name] = 0
     finally:
         await asyncio.gather(*(w.aclose() for group in workers.values() for w in group))
     return phases, spans_per_op
@@ -105,7 +121,7 @@ def report(
     now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         f"Run of {now} on {_machine('embedded state')}; CPU stolen by the hypervisor during the run: {steal:.1%}. "
-        f"`before` is {revision[:12]}.",
+        f"`before` is {revision}.",
         "",
         "| path | stack | ops | throughput (/s) | p50 (ms) | stack CPU per op (ms) | per round (ms) "
         "| vs before: pooled (median of rounds) "
@@ -114,7 +130,7 @@ def report(
     ]
     for path, by_variant in phases.items():
         base = _per_op(by_variant["before"], *SERVICES)
-        for name in VARIANTS:
+        for name in by_variant:
             runs = by_variant[name]
             count = sum(p.count for p in runs)
             elapsed = sum(p.elapsed for p in runs)
@@ -128,8 +144,9 @@ def report(
                 for p, b in zip(runs, by_variant["before"], strict=True)
             )
             change = "-" if name == "before" else f"{(cpu / base - 1) * 100:+.1f} % ({(median - 1) * 100:+.1f} %)"
-            spans = f"{spans_per_op[path]:.1f}" if name == "on" else "-"
-            sink = f"{_per_op(runs, SINK):.2f}" if name == "on" else "-"
+            traced = name.startswith("on")
+            spans = f"{spans_per_op[f'{path}/{name}']:.1f}" if traced else "-"
+            sink = f"{_per_op(runs, SINK):.2f}" if traced else "-"
             lines.append(
                 f"| {LABELS[path]} | {name} | {count} | {count / elapsed:,.0f} | {p50 * 1000:.2f} | {cpu:.2f} "
                 f"| {rounds} | {change} | {spans} | {sink} |"
@@ -142,7 +159,7 @@ def report(
         "| --- | --- | " + " | ".join("---:" for _ in SERVICES) + " | ---: |",
     ]
     for path, by_variant in phases.items():
-        for name in VARIANTS:
+        for name in by_variant:
             per = [f"{_per_op(by_variant[name], service):.2f}" for service in (*SERVICES, "load generator")]
             lines.append(f"| {path} | {name} | " + " | ".join(per) + " |")
     return "\n".join(lines)
@@ -162,12 +179,14 @@ def write_doc(table: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="*", default=["builtin", "custom", "task"], help="paths (bench/run.py's)")
-    parser.add_argument("--before", default="main", help="the revision without tracing (default: merge-base with main)")
+    parser.add_argument("--before", help="the revision without tracing (default: the parent of altan.telemetry's)")
+    parser.add_argument("--also-on", metavar="REV", help="also run REV's code with tracing on, as on@REV")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of each path on each stack")
     parser.add_argument("--seconds", type=float, default=4.0, help="at most this long per phase")
     parser.add_argument("--no-write", action="store_true", help="do not update docs/benchmarks.md")
     args = parser.parse_args()
-    before = _export_before(args.before)
+    before = _export(args.before or _untraced())
+    also = _export(args.also_on) if args.also_on else None
     sink_port = free_port()
     sink = subprocess.Popen([sys.executable, str(REPO / "bench" / "otlp_sink.py"), str(sink_port)])
     tracing = {
@@ -183,6 +202,8 @@ def main() -> int:
         stacks["before"] = start_processes(code=before)
         stacks["off"] = start_processes()
         stacks["on"] = start_processes(extra_env=tracing)
+        if also is not None:
+            stacks[f"on@{args.also_on}"] = start_processes(code=also, extra_env=tracing)
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -205,8 +226,12 @@ def main() -> int:
             shutil.rmtree(processes.workdir, ignore_errors=True)
         sink.terminate()
         sink.wait(10)
-        revision = (before / ".revision").read_text()
-        shutil.rmtree(before, ignore_errors=True)
+        revision = (before / ".revision").read_text()[:12]
+        if also is not None:
+            revision += f"; `on@{args.also_on}` is {(also / '.revision').read_text()[:12]}"
+        for tree in (before, also):
+            if tree is not None:
+                shutil.rmtree(tree, ignore_errors=True)
     steal = (steal_after - steal_before) / max(1, total_after - total_before)
     table = report(phases, spans_per_op, revision, steal)
     print(table)
