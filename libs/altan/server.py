@@ -32,6 +32,7 @@ from altan.tls import PeerAllowList, TlsFiles, server_credentials
 
 __all__ = [
     "TOKENLESS_METHODS",
+    "UNTRACED_METHODS",
     "AuthInterceptor",
     "Context",
     "GrpcService",
@@ -55,6 +56,18 @@ _UNAUTHENTICATED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 # all: the Tool Service lists containers outside any request, and it describes code, not a tenant's data
 # (docs/decisions.md, "Tool containers").
 TOKENLESS_METHODS = frozenset({"/altan.v1.IntegratorService/FinishOAuth2", "/altan.v1.ToolContainerService/ListTools"})
+# Read-only lookups a service makes on the way to its own work (a tool's definition before its call, the tool list
+# before a task): no span of their own. A span costs about 50 µs to build and export, and these would be a third of
+# a task's spans (docs/benchmarks.md, "Tracing"); their time is in the caller's span and in
+# altan_grpc_server_handling_seconds, and the trace context passes through them, so what they call and log stays in
+# the trace.
+UNTRACED_METHODS = frozenset(
+    {
+        "/altan.v1.ToolService/GetTool",
+        "/altan.v1.ToolService/ListTools",
+        "/altan.v1.IntegratorRuntimeService/DescribeTools",
+    }
+)
 _UNDECODABLE = object()
 
 
@@ -132,6 +145,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         tokenless = method in TOKENLESS_METHODS
         timer = self._timer(method, "server_stream" if handler.unary_stream else "unary")
         edge = self._edge
+        record = method not in UNTRACED_METHODS
         span_name = method[1:]
         # rpc.service and rpc.method are in the span's name already: each attribute costs its encoding on export.
         span_attributes = {"rpc.system": "grpc"}
@@ -177,6 +191,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     metadata.get("traceparent"),
                     edge=edge,
                     attributes=span_attributes,
+                    record=record,
                 ) as current:
                     try:
                         authenticate(metadata, current, ctx)
@@ -203,6 +218,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     metadata.get("traceparent"),
                     edge=edge,
                     attributes=span_attributes,
+                    record=record,
                 ) as current:
                     try:
                         authenticate(metadata, current, ctx)

@@ -186,17 +186,19 @@ def server_span(
     edge: bool = False,
     kind: SpanKind = SpanKind.SERVER,
     attributes: Mapping[str, AttributeValue] | None = None,
+    record: bool = True,
 ) -> Iterator[Span]:
     """The span of one served request, current for its duration.
 
     An internal hop continues the caller's trace (``traceparent``). The ``edge`` (the gateway's public ports) starts
     a new trace whatever the client sent: a tenant must not choose the trace its requests join, nor make the install
     sample them; what it sent is kept as a span link. Off, no span is built: the caller's context (or a random one)
-    is only made current, for the hops, the logs and the task.
+    is only made current, for the hops, the logs and the task. ``record=False`` does the same with tracing on, for a
+    request that gets no span of its own: what it calls and logs stays in the caller's trace, under the caller's span.
     """
     remote = _parse_traceparent(traceparent) if traceparent else None
     tracer = _state.tracer
-    if tracer is None:
+    if tracer is None or not (record or edge):
         off = NonRecordingSpan(remote if remote is not None and not edge else _random_context())
         token = otel_context.attach(trace.set_span_in_context(off, _EMPTY))
         try:

@@ -104,6 +104,42 @@ GUARDS = {
         _with(BASE, **{"integrator.metrics.port": 50063}),
         "integrator.metrics.port (50063) must differ from integrator.port",
     ),
+    "agent-metrics-port-is-grpc-port": (
+        _with(BASE, **{"agent.metrics.port": 50061}),
+        "agent.metrics.port (50061) must differ from agent.port",
+    ),
+    "tool-metrics-port-is-grpc-port": (
+        _with(BASE, **{"tool.metrics.port": 50062}),
+        "tool.metrics.port (50062) must differ from tool.port",
+    ),
+    "otlp-endpoint-without-egress": (
+        _with(BASE, **{"telemetry.otlp.endpoint": "http://otel-collector.observability:4317"}),
+        "telemetry.otlp.endpoint (http://otel-collector.observability:4317) needs telemetry.otlp.egress",
+    ),
+    "otlp-egress-without-destination": (
+        _with(
+            BASE,
+            **{
+                "telemetry.otlp.endpoint": "http://otel-collector.observability:4317",
+                "telemetry.otlp.egress": [{"ports": [4317]}],
+            },
+        ),
+        "telemetry.otlp.egress[0] needs either cidr or to",
+    ),
+    "otlp-egress-without-ports": (
+        _with(
+            BASE,
+            **{
+                "telemetry.otlp.endpoint": "http://otel-collector.observability:4317",
+                "telemetry.otlp.egress": [{"to": [_PEER]}],
+            },
+        ),
+        "telemetry.otlp.egress[0] needs ports",
+    ),
+    "otlp-egress-to-every-namespace": (
+        _with(BASE, **{"telemetry.otlp.egress": [{"to": [{"namespaceSelector": {}}], "ports": [4317]}]}),
+        "telemetry.otlp.egress[0].to[0] admits every pod of every namespace",
+    ),
     "metrics-from-every-namespace": (
         _with(BASE, **{"networkPolicy.metrics.from": [{"namespaceSelector": {}}]}),
         "networkPolicy.metrics.from[0] admits every pod of every namespace",
@@ -195,6 +231,15 @@ SCHEMA_REFUSES = {
     "llm-deadline-zero": (_with(BASE, **{"config.llm.deadlineSeconds": 0}), "/config/llm/deadlineSeconds"),
     "llm-unknown-key": (_with(BASE, **{"config.llm.maxTurn": 5}), "/config/llm"),
     "metrics-port-as-string": (_with(BASE, **{"integrator.metrics.port": "9464"}), "/integrator/metrics/port"),
+    "agent-metrics-port-as-string": (_with(BASE, **{"agent.metrics.port": "9464"}), "/agent/metrics/port"),
+    "tool-metrics-unknown-key": (_with(BASE, **{"tool.metrics.models": ["gpt-4o"]}), "/tool/metrics"),
+    "otlp-protocol-unknown": (_with(BASE, **{"telemetry.otlp.protocol": "http/json"}), "/telemetry/otlp/protocol"),
+    "otlp-endpoint-without-scheme": (
+        _with(BASE, **{"telemetry.otlp.endpoint": "otel-collector:4317"}),
+        "/telemetry/otlp/endpoint",
+    ),
+    "sampler-not-parent-based": (_with(BASE, **{"telemetry.sampler": "traceidratio"}), "/telemetry/sampler"),
+    "sampler-arg-above-one": (_with(BASE, **{"telemetry.samplerArg": 2}), "/telemetry/samplerArg"),
     "metrics-model-with-comma": (
         _with(BASE, **{"integrator.metrics.models": ["gpt-4o,o3"]}),
         "/integrator/metrics/models/0",

@@ -23,6 +23,7 @@ NEVER_REACHABLE = {
     "169.254.169.254/32",
 }
 CALLS = {"gateway": ("agent", "tool", "integrator"), "agent": ("integrator",), "integrator": ("tool",)}
+METERED = ("agent", "tool", "integrator")  # the services with a metrics.port of their own
 
 
 def _tcp(port: int) -> str:
@@ -84,11 +85,19 @@ def expected_edges(render: Render) -> set[Edge]:
         edges |= {("integrator", cidr_peer("169.254.169.252/32"), _tcp(988))}
 
     scrapers = [_peer_name(peer) for peer in net["metrics"]["from"]]
-    metrics_port = v["integrator"]["metrics"].get("port")
-    if metrics_port:
-        edges |= {(s, "integrator", _tcp(metrics_port)) for s in scrapers}
+    for component in METERED:
+        metrics_port = v[component]["metrics"].get("port")
+        if metrics_port:
+            edges |= {(s, component, _tcp(metrics_port)) for s in scrapers}
     # The gateway's /metrics is on its REST port.
     edges |= {(s, "gateway", _tcp(v["gateway"]["httpPort"])) for s in scrapers}
+
+    otlp = v["telemetry"]["otlp"]
+    if otlp["endpoint"]:
+        # Every service exports its spans to the collector (the tool containers do not trace).
+        for rule in otlp["egress"]:
+            peers = [cidr_peer(rule["cidr"])] if "cidr" in rule else [_peer_name(p) for p in rule["to"]]
+            edges |= {(c, p, _tcp(port)) for c in SERVICES for p in peers for port in rule["ports"]}
 
     if v["mesh"]["istio"]["enabled"]:
         # Every sidecar (the tool containers' too) reaches istiod for its certificates and configuration.
@@ -161,29 +170,65 @@ def test_every_configured_address_is_reachable(rendered: Render) -> None:
     assert needed == 5
 
 
-def test_the_metrics_port_is_reachable_only_from_the_named_peers(rendered: Render) -> None:
-    port = rendered.values["integrator"]["metrics"].get("port")
-    (container,) = pod_spec(rendered.workload("integrator"))["containers"]
+@pytest.mark.parametrize("component", METERED)
+def test_the_metrics_port_is_reachable_only_from_the_named_peers(rendered: Render, component: str) -> None:
+    port = rendered.values[component]["metrics"].get("port")
+    (container,) = pod_spec(rendered.workload(component))["containers"]
     declared = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert declared.get("metrics") == port
+    env = env_of(container)
+    assert env.get(f"ALTAN_{component.upper()}_METRICS_PORT", {}).get("value") == (str(port) if port else None)
     if not port:
         return
-    scrapers = {e[0] for e in allowed_edges(rendered.docs, rendered.namespace) if e[1:] == ("integrator", _tcp(port))}
+    edges = allowed_edges(rendered.docs, rendered.namespace)
+    scrapers = {e[0] for e in edges if e[1:] == (component, _tcp(port))}
     assert scrapers == {_peer_name(p) for p in rendered.values["networkPolicy"]["metrics"]["from"]}
     assert not {s for s in scrapers if s == "*" or s.startswith(("ns(*)/pods(*)", "cidr(0.0.0.0/0"))}
-    # no rule of the integrator's policy leaves the port open (a rule without "from", or without ports)
-    policy = _policy(rendered.docs, "-integrator")
+    # no rule of the component's policy leaves the port open (a rule without "from", or without ports)
+    policy = _policy(rendered.docs, f"-{component}")
     for rule in policy["spec"]["ingress"]:
         assert rule.get("from") and rule.get("ports"), rule
 
 
-def test_some_scenarios_serve_metrics_with_and_without_scrapers(renders: RenderCache) -> None:
-    """So that the check above sees a port that some peers may reach, and one that nothing may."""
+@pytest.mark.parametrize("component", METERED)
+def test_some_scenarios_serve_metrics_with_and_without_scrapers(renders: RenderCache, component: str) -> None:
+    """So that the check above sees, for each service, a port that some peers may reach, and one that nothing may."""
     seen = set()
     for each in renders.all():
-        if each.values["integrator"]["metrics"].get("port"):
+        if each.values[component]["metrics"].get("port"):
             seen.add(bool(each.values["networkPolicy"]["metrics"]["from"]))
     assert seen == {True, False}
+
+
+def test_the_otlp_egress_is_every_services_and_only_to_the_collector(
+    rendered: Render, chart: helm_python.Chart
+) -> None:
+    """telemetry.otlp.egress adds edges from the four services only, to the named collector and ports (vs. without)."""
+    otlp = rendered.values["telemetry"]["otlp"]
+    if not (otlp["endpoint"] and otlp["egress"]):
+        return
+    values = scenario_values(rendered.scenario)
+    values["telemetry"]["otlp"]["endpoint"] = ""
+    without = render_chart(chart, values, release=rendered.release, namespace=rendered.namespace)
+    added = allowed_edges(rendered.docs, rendered.namespace) - allowed_edges(without.docs, without.namespace)
+    assert {e[0] for e in added} == set(SERVICES)
+    assert {e[2] for e in added} == {_tcp(p) for rule in otlp["egress"] for p in rule["ports"]}
+    assert not {e for e in added if e[1] == "*" or e[1].startswith(("ns(*)/pods(*)", "cidr(0.0.0.0/0"))}
+    for component in SERVICES:
+        env = env_of(pod_spec(rendered.workload(component))["containers"][0])
+        assert env["OTEL_EXPORTER_OTLP_ENDPOINT"]["value"] == otlp["endpoint"], component
+        no_env = env_of(pod_spec(without.workload(component))["containers"][0])
+        assert not {k for k in no_env if k.startswith("OTEL_")}, component
+
+
+def test_some_scenarios_export_traces_by_selector_by_cidr_and_to_a_sidecar(renders: RenderCache) -> None:
+    """So that the checks above see each shape of telemetry.otlp.egress, and an endpoint that needs none."""
+    seen = set()
+    for each in renders.all():
+        otlp = each.values["telemetry"]["otlp"]
+        if otlp["endpoint"]:
+            seen |= {"cidr" if "cidr" in rule else "to" for rule in otlp["egress"]} or {"sidecar"}
+    assert seen == {"cidr", "to", "sidecar"}
 
 
 def test_llm_egress_adds_only_the_integrators_rules(rendered: Render, chart: helm_python.Chart) -> None:
@@ -261,14 +306,28 @@ def test_checker_flags_a_widened_internet_rule(baseline: Render) -> None:
     assert len(diff["missing"]) == 1 and diff["missing"][0][0] == "integrator"
 
 
-def test_checker_flags_a_metrics_port_open_to_all(renders: RenderCache) -> None:
-    render = renders.get("tenant-a", *TENANTS[0])
-    port = render.values["integrator"]["metrics"]["port"]
+@pytest.mark.parametrize(
+    ("scenario", "component"), [("tenant-a", "integrator"), ("monitoring-tls", "agent"), ("monitoring-tls", "tool")]
+)
+def test_checker_flags_a_metrics_port_open_to_all(renders: RenderCache, scenario: str, component: str) -> None:
+    render = renders.get(scenario, *TENANTS[0])
+    port = render.values[component]["metrics"]["port"]
     docs = copy.deepcopy(render.docs)
-    (rule,) = [r for r in _policy(docs, "-integrator")["spec"]["ingress"] if r["ports"][0]["port"] == port]
+    (rule,) = [r for r in _policy(docs, f"-{component}")["spec"]["ingress"] if r["ports"][0]["port"] == port]
     del rule["from"]
     diff = _diff(allowed_edges(docs, render.namespace), expected_edges(render))
-    assert ("*", "integrator", f"TCP/{port}") in diff["unexpected"]
+    assert (("*", component, f"TCP/{port}")) in diff["unexpected"]
+
+
+def test_checker_flags_a_missing_metrics_rule(renders: RenderCache) -> None:
+    """The expected graph wants the agent's metrics port reachable by the scrapers: dropping the rule is seen."""
+    render = renders.get("monitoring-tls", *TENANTS[0])
+    port = render.values["agent"]["metrics"]["port"]
+    docs = copy.deepcopy(render.docs)
+    policy = _policy(docs, "-agent")
+    policy["spec"]["ingress"] = [r for r in policy["spec"]["ingress"] if r["ports"][0]["port"] != port]
+    diff = _diff(allowed_edges(docs, render.namespace), expected_edges(render))
+    assert diff["unexpected"] == [] and {e[1:] for e in diff["missing"]} == {("agent", f"TCP/{port}")}
 
 
 def test_checker_flags_llm_egress_to_every_port(renders: RenderCache) -> None:

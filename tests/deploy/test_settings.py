@@ -3,7 +3,12 @@ rendered scenario, with the ConfigMap and the Secret resolved as the kubelet wou
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+
+from altan import telemetry
 
 from .environment import service_settings
 from .manifests import SERVICES, Render
@@ -20,6 +25,9 @@ def test_settings_accept_the_rendered_environment(rendered: Render, monkeypatch:
             assert settings.max_body_bytes == rendered.values["gateway"]["maxBodyBytes"]
         else:
             assert getattr(settings, f"{component}_port") == rendered.values[component]["port"]
+            metrics_port = rendered.values[component]["metrics"].get("port")
+            assert getattr(settings, f"{component}_metrics_port") == metrics_port, component
+        assert settings.trace_propagate_outbound == rendered.values["telemetry"]["propagateOutbound"]
         if component == "integrator":
             assert len(settings.master_key_bytes()) == 32
             assert str(settings.data_dir) == "/var/lib/altan"
@@ -38,3 +46,33 @@ def test_settings_accept_the_rendered_environment(rendered: Render, monkeypatch:
             assert settings.state == ("sqlite" if redis else "memory"), component
         if rendered.values["redis"]["caCert"] and redis and uses_redis:
             assert "ssl_ca_certs=/etc/altan/redis-ca/ca.crt" in str(settings.redis_url), component
+
+
+def test_tracing_starts_from_the_rendered_environment(rendered: Render, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The OTEL_* variables the chart renders are ones altan.telemetry and the OpenTelemetry SDK accept, as meant."""
+    values = rendered.values["telemetry"]
+    for component in SERVICES:
+        environment, _ = service_settings(rendered, component, monkeypatch)
+        with monkeypatch.context() as patch:
+            for name in [n for n in os.environ if n.startswith("OTEL_")]:
+                patch.delenv(name)
+            for name, value in environment.items():
+                patch.setenv(name, value)
+            setup = telemetry.configure_tracing(component)
+            try:
+                assert setup.enabled == bool(values["otlp"]["endpoint"]), component
+                if not setup.enabled:
+                    continue
+                provider: TracerProvider = setup._provider  # type: ignore[assignment]
+                sampler = provider.sampler.get_description()
+                if values["sampler"] == "parentbased_traceidratio":
+                    assert f"TraceIdRatioBased{{{values['samplerArg']}}}" in sampler
+                else:
+                    assert values["sampler"].removeprefix("parentbased_").replace("_", "").lower() in sampler.lower()
+                assert sampler.startswith("ParentBased"), sampler
+                resource = provider.resource.attributes
+                assert resource["service.name"] == f"altan-{component}"
+                assert resource["k8s.namespace.name"] == rendered.namespace
+            finally:
+                setup.shutdown()
+                telemetry.configure_tracing(component, environ={})

@@ -11,7 +11,7 @@ import contextvars
 import functools
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +20,11 @@ import jwt
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from altan import context
+from altan import context, telemetry
 from altan.auth import TokenVerifier, issue_development_token
 from altan.clients import AgentClient, ServiceChannel, ToolClient
 from altan.config import Settings
@@ -36,7 +39,7 @@ from altan.errors import (
     Unavailable,
 )
 from altan.listen import CannotListen
-from altan.server import GrpcService, serve_until_stopped
+from altan.server import UNTRACED_METHODS, GrpcService, serve_until_stopped
 from altan.v1 import agent_pb2, agent_pb2_grpc, tool_pb2, tool_pb2_grpc
 
 SECRET = "unit-test-hs256-secret-that-is-long-enough-for-sha256-and-then-some"
@@ -457,3 +460,31 @@ async def test_client_streaming_rpcs_are_not_served_unauthenticated() -> None:
         stop.set()
         await asyncio.wait_for(task, 10)
         await client.aclose()
+
+
+# --- tracing ------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def exported() -> Iterator[InMemorySpanExporter]:
+    """Tracing on in this process, every span kept in memory; off again afterwards."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    telemetry._state.tracer = provider.get_tracer("test")
+    yield exporter
+    telemetry._state.tracer = None
+
+
+async def test_a_lookup_gets_no_span_and_other_rpcs_do(server: Running, exported: InMemorySpanExporter) -> None:
+    """GetTool is in UNTRACED_METHODS: served in the caller's trace without a span; StreamTaskEvents has its own."""
+    assert "/altan.v1.ToolService/GetTool" in UNTRACED_METHODS
+    parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    metadata = (("authorization", f"Bearer {token()}"), ("traceparent", parent))
+    await raw_get_tool(server, "who", metadata)
+    stub = agent_pb2_grpc.AgentServiceStub(server.channel)
+    events = stub.StreamTaskEvents(agent_pb2.StreamTaskEventsRequest(task_id="t"), metadata=metadata, timeout=5)
+    assert len([e async for e in events]) == 3
+    (span,) = exported.get_finished_spans()
+    assert span.name == "altan.v1.AgentService/StreamTaskEvents"
+    assert span.parent is not None and format(span.parent.span_id, "016x") == "00f067aa0ba902b7"

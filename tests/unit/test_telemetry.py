@@ -138,6 +138,32 @@ def test_tracing_on_a_hop_is_a_child_of_its_callers_span(exported: InMemorySpanE
     assert not outbound.events  # no exception recorded: its message may quote a third party
 
 
+def test_tracing_on_a_hop_without_a_span_of_its_own_passes_the_trace_through(exported: InMemorySpanExporter) -> None:
+    """record=False (a lookup, altan.server.UNTRACED_METHODS): no span, and what it calls hangs off the caller's."""
+
+    def run() -> str | None:
+        with telemetry.server_span("altan.v1.ToolService/GetTool", CLIENT_PARENT, record=False) as served:
+            assert not served.is_recording()
+            with telemetry.span("GET", SpanKind.CLIENT):
+                return telemetry.current_trace_id()
+
+    assert fresh(run) == CLIENT_TRACE
+    (outbound,) = exported.get_finished_spans()
+    assert format(outbound.context.trace_id, "032x") == CLIENT_TRACE
+    assert outbound.parent is not None and format(outbound.parent.span_id, "016x") == "00f067aa0ba902b7"
+
+
+def test_the_edge_always_has_its_span(exported: InMemorySpanExporter) -> None:
+    """A public call of a lookup (the gateway's gRPC proxy) starts its trace: that takes a span."""
+
+    def run() -> None:
+        with telemetry.server_span("altan.v1.ToolService/GetTool", CLIENT_PARENT, edge=True, record=False) as root:
+            assert root.is_recording()
+
+    fresh(run)
+    assert len(exported.get_finished_spans()) == 1
+
+
 def test_tracing_on_the_edge_starts_a_new_trace_and_links_what_the_client_sent(
     exported: InMemorySpanExporter,
 ) -> None:

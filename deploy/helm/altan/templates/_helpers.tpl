@@ -171,16 +171,20 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- if and $v.tool.discovery.enabled (not $v.networkPolicy.kubeApiServer.cidrs) -}}
 {{- fail "tool.discovery.enabled needs networkPolicy.kubeApiServer.cidrs (the addresses from `kubectl get endpoints kubernetes -n default`), or set tool.discovery.enabled=false" -}}
 {{- end -}}
-{{- if and $v.integrator.metrics.port (eq (int $v.integrator.metrics.port) (int $v.integrator.port)) -}}
-{{- fail (printf "integrator.metrics.port (%v) must differ from integrator.port, the gRPC port" $v.integrator.metrics.port) -}}
+{{- range $component := list "agent" "tool" "integrator" -}}
+{{- $c := index $v $component -}}
+{{- if and $c.metrics.port (eq (int $c.metrics.port) (int $c.port)) -}}
+{{- fail (printf "%s.metrics.port (%v) must differ from %s.port, the gRPC port" $component $c.metrics.port $component) -}}
+{{- end -}}
 {{- end -}}
 {{- range $i, $peer := $v.networkPolicy.metrics.from -}}
 {{- with include "altan.peerProblem" $peer -}}
 {{- fail (printf "networkPolicy.metrics.from[%d] %s" $i .) -}}
 {{- end -}}
 {{- end -}}
-{{- range $i, $rule := $v.integrator.llmEgress -}}
-{{- $where := printf "integrator.llmEgress[%d]" $i -}}
+{{- range $extra := list (list "integrator.llmEgress" $v.integrator.llmEgress) (list "telemetry.otlp.egress" $v.telemetry.otlp.egress) -}}
+{{- range $i, $rule := index $extra 1 -}}
+{{- $where := printf "%s[%d]" (index $extra 0) $i -}}
 {{- if not (kindIs "map" $rule) -}}
 {{- fail (printf "%s must be {cidr, ports} or {to, ports}" $where) -}}
 {{- end -}}
@@ -199,6 +203,13 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- with include "altan.peerProblem" $peer -}}
 {{- fail (printf "%s.to[%d] %s" $where $j .) -}}
 {{- end -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- with $v.telemetry.otlp.endpoint -}}
+{{- $host := (urlParse .).hostname -}}
+{{- if and (not $v.telemetry.otlp.egress) (not (has $host (list "localhost" "127.0.0.1" "::1"))) -}}
+{{- fail (printf "telemetry.otlp.endpoint (%s) needs telemetry.otlp.egress (the collector's pods or addresses, and port): the NetworkPolicies would drop every span" .) -}}
 {{- end -}}
 {{- end -}}
 {{- if and $v.tls.enabled $v.mesh.istio.enabled -}}
@@ -554,6 +565,93 @@ integrator: [gateway, agent]
 - name: health
   containerPort: {{ .ctx.Values.tls.healthPort }}
   protocol: TCP
+{{- end }}
+{{- end -}}
+
+{{/* The container port "metrics" of a component with a metrics.port: (dict "ctx" $ "component" "agent"). */}}
+{{- define "altan.metricsContainerPort" -}}
+{{- with (index .ctx.Values .component).metrics.port }}
+- name: metrics
+  containerPort: {{ . }}
+  protocol: TCP
+{{- end }}
+{{- end -}}
+
+{{/* ALTAN_<COMPONENT>_METRICS_PORT of a component with a metrics.port: (dict "ctx" $ "component" "agent"). */}}
+{{- define "altan.metricsEnv" -}}
+{{- with (index .ctx.Values .component).metrics.port }}
+- name: ALTAN_{{ upper $.component }}_METRICS_PORT
+  value: {{ . | quote }}
+{{- end }}
+{{- end -}}
+
+{{/*
+NetworkPolicy ingress rule of a component's metrics port: only the peers networkPolicy.metrics.from names (never
+everyone: the guards refuse such a peer); nothing when the port is not served or nobody is named.
+*/}}
+{{- define "altan.metricsIngressRule" -}}
+{{- $port := (index .ctx.Values .component).metrics.port -}}
+{{- if and $port .ctx.Values.networkPolicy.metrics.from }}
+# The metrics port, only from the scrapers networkPolicy.metrics.from names.
+- from:
+    {{- toYaml .ctx.Values.networkPolicy.metrics.from | nindent 4 }}
+  ports:
+    - protocol: TCP
+      port: {{ $port }}
+{{- end }}
+{{- end -}}
+
+{{/*
+The OTEL_* variables of a service (telemetry.*), read by altan.telemetry at start-up; nothing without an endpoint, so
+tracing stays off. service.name is set by each service itself (altan-<service>).
+*/}}
+{{- define "altan.telemetryEnv" -}}
+{{- $t := .Values.telemetry -}}
+{{- if $t.otlp.endpoint }}
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $t.otlp.endpoint | quote }}
+- name: OTEL_EXPORTER_OTLP_PROTOCOL
+  value: {{ $t.otlp.protocol | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $t.sampler | quote }}
+{{- if eq $t.sampler "parentbased_traceidratio" }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $t.samplerArg | toString | quote }}
+{{- end }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "k8s.namespace.name=%s" .Release.Namespace | quote }}
+{{- end }}
+{{- if $t.propagateOutbound }}
+- name: ALTAN_TRACE_PROPAGATE_OUTBOUND
+  value: "true"
+{{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy egress rules from a list of {cidr, ports} or {to, ports}: integrator.llmEgress, telemetry.otlp.egress. */}}
+{{- define "altan.extraEgressRules" -}}
+{{- range . }}
+- to:
+    {{- if .cidr }}
+    - ipBlock:
+        cidr: {{ .cidr }}
+    {{- else }}
+    {{- toYaml .to | nindent 4 }}
+    {{- end }}
+  ports:
+    {{- range .ports }}
+    - protocol: TCP
+      port: {{ . }}
+    {{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* NetworkPolicy egress rules of every service to the OTLP collector (telemetry.otlp.egress), when tracing is on. */}}
+{{- define "altan.telemetryEgressRules" -}}
+{{- if .Values.telemetry.otlp.endpoint }}
+{{- with .Values.telemetry.otlp.egress }}
+# Spans, to the OTLP collector (telemetry.otlp.egress).
+{{- include "altan.extraEgressRules" . }}
+{{- end }}
 {{- end }}
 {{- end -}}
 
