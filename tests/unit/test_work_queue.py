@@ -11,7 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import redis.asyncio as aioredis
 import redis.exceptions
+from prometheus_client import generate_latest
 
+from altan import metrics
 from altan.errors import Unavailable
 from altan.store import MemoryBackend
 from services.agent.work_queue import ImmediateQueue, LocalWorkQueue, RedisWorkQueue, WorkItem, report_depth
@@ -275,3 +277,18 @@ async def test_the_depth_is_sampled_until_cancelled_and_a_failed_sample_keeps_th
     await asyncio.gather(sampling, return_exceptions=True)
     assert sampling.cancelled()
     assert reported[:2] == [4, 2]
+
+
+async def test_the_sampled_depth_is_what_the_metrics_endpoint_serves() -> None:
+    queue = LocalWorkQueue(MemoryBackend(), key=KEY, concurrency=1)
+    for n in range(2):
+        await queue.put(WorkItem("acme", f"tsk_m{n}"))  # not served: both wait
+    sampling = asyncio.create_task(report_depth(queue, metrics.set_task_queue_depth, every_seconds=0.01))
+    try:
+        async with asyncio.timeout(WAIT):
+            while b"altan_task_queue_depth 2.0" not in generate_latest(metrics.REGISTRY):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+        metrics.set_task_queue_depth(0)
