@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -10,7 +11,7 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from altan import context
+from altan import context, metrics
 from altan.api.convert import now_ms, struct_to_dict
 from altan.auth import issue_delegation
 from altan.bootstrap import run_service
@@ -27,7 +28,7 @@ from services.agent.conversation import LoopLimits
 from services.agent.plan import Step
 from services.agent.servicer import AgentServicer
 from services.agent.tasks import Delegate, LlmBackend, TaskLimits, TaskRunner, ToolAnswer
-from services.agent.work_queue import ImmediateQueue, WorkQueue, open_work_queue
+from services.agent.work_queue import ImmediateQueue, WorkQueue, open_work_queue, report_depth
 
 log = logging.getLogger("services.agent")
 
@@ -181,6 +182,14 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     tasks.start()  # resumes what a process that died left in the queue
     stack.push_async_callback(tasks.aclose)  # before the store and channel close (the stack unwinds in reverse)
+    # altan_task_queue_depth, sampled in the background (the alert AltanTaskQueueBacklog reads it).
+    sampling = asyncio.create_task(report_depth(queue, metrics.set_task_queue_depth), name="task-queue-depth")
+
+    async def stop_sampling() -> None:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+
+    stack.push_async_callback(stop_sampling)  # before the queue closes
     servicer = AgentServicer(agents, tasks)
     return [
         GrpcService(

@@ -15,6 +15,9 @@ One interface, :class:`WorkQueue`, chosen by settings in :func:`open_work_queue`
   caller without a queue gets).
 
 The handler decides what a delivery means: a task already ended is acknowledged at once, so a redelivery is cheap.
+
+Each queue also answers its depth, the tasks accepted and waiting for a worker; :func:`report_depth` samples it into
+the ``altan_task_queue_depth`` gauge every few seconds, off the path of any request.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ __all__ = [
     "WorkItem",
     "WorkQueue",
     "open_work_queue",
+    "report_depth",
 ]
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,8 @@ log = logging.getLogger(__name__)
 _GROUP = "agents"
 # A delivery that failed (a service it needed was down) is made again this long after, by the queues without leases.
 _REDELIVER_SECONDS = 1.0
+# How often the agent samples the queue's depth into the altan_task_queue_depth gauge.
+DEPTH_SAMPLE_SECONDS = 5.0
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,10 @@ class WorkQueue(Protocol):
         """Accept an item: once this returns, some replica will run it (again after a crash)."""
         ...
 
+    async def depth(self) -> int:
+        """Tasks accepted and waiting for a worker (not those running); cheap enough to sample every few seconds."""
+        ...
+
     async def serve(self, handler: Handler) -> None:
         """Deliver items to ``handler`` until cancelled; several at once."""
         ...
@@ -105,6 +115,7 @@ class _Runs:
         self._redeliver_after = redeliver_after
         self.running: dict[str, asyncio.Task[None]] = {}
         self.capacity = asyncio.Semaphore(limit)
+        self.active = 0  # of ``running``, those a worker runs now (the others wait for capacity)
         self._stopping = False
 
     def start(self, entry: str, item: WorkItem) -> None:
@@ -116,7 +127,11 @@ class _Runs:
         try:
             try:
                 async with self.capacity:
-                    await self._handler(item)
+                    self.active += 1
+                    try:
+                        await self._handler(item)
+                    finally:
+                        self.active -= 1
             except asyncio.CancelledError:
                 if self._stopping:
                     raise  # this process stops: the item stays pending, and is delivered again
@@ -158,6 +173,9 @@ class ImmediateQueue:
         else:
             self._runs.start(item.task_id, item)
 
+    async def depth(self) -> int:
+        return len(self._early)  # a served queue runs each item as it comes
+
     async def serve(self, handler: Handler) -> None:
         self._runs = _Runs(handler, 1_000_000, _nothing, redeliver_after=_REDELIVER_SECONDS)
         for item in self._early:
@@ -186,14 +204,20 @@ class LocalWorkQueue:
         self._backend = backend
         self._stream, self._pending = key, f"{key}-pending"
         self._concurrency = concurrency
+        self._runs: _Runs | None = None
 
     async def put(self, item: WorkItem) -> None:
         raw = item.encode()
         await self._backend.hset(self._pending, item.task_id, raw)  # first: the item is accepted once this is written
         await self._backend.append(self._stream, raw, 10_000)
 
+    async def depth(self) -> int:
+        # The pending items are every task accepted and not ended; those a worker runs here are not waiting.
+        pending = len(await self._backend.hgetall(self._pending))
+        return max(0, pending - (self._runs.active if self._runs is not None else 0))
+
     async def serve(self, handler: Handler) -> None:
-        runs = _Runs(handler, self._concurrency, self._done, redeliver_after=_REDELIVER_SECONDS)
+        runs = self._runs = _Runs(handler, self._concurrency, self._done, redeliver_after=_REDELIVER_SECONDS)
         try:
             last = await self._backend.tail(self._stream, 1)
             cursor = last[0][0] if last else 0
@@ -213,6 +237,7 @@ class LocalWorkQueue:
                     runs.start(item.task_id, item)
         finally:
             await runs.stop()
+            self._runs = None
 
     async def _done(self, entry: str, item: WorkItem) -> None:
         await self._backend.hdel(self._pending, item.task_id)
@@ -238,6 +263,23 @@ class RedisWorkQueue:
             await self._redis.xadd(self._stream, {"d": item.encode()})
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
             raise Unavailable("the work queue is unreachable; try again shortly", retry_after=1.0) from None
+
+    async def depth(self) -> int:
+        """The entries no consumer holds: an entry is deleted once its task ended, so the stream's length less the
+        group's pending entries (delivered, running under a lease; a dead replica's wait for XAUTOCLAIM). Two O(1)
+        commands in one round trip, the same answer from every replica; a Redis error is raised to the sampler."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xlen(self._stream)
+            pipe.xinfo_groups(self._stream)
+            length, groups = await pipe.execute(raise_on_error=False)
+        if isinstance(length, Exception):
+            raise length
+        if isinstance(groups, redis.exceptions.ResponseError) and not length:
+            return 0  # no stream yet (XINFO answers "no such key")
+        if isinstance(groups, Exception):
+            raise groups
+        pending = sum(int(g["pending"]) for g in groups if g["name"] == _GROUP)
+        return max(0, int(length) - pending)
 
     async def serve(self, handler: Handler) -> None:
         runs = _Runs(handler, self._concurrency, self._done)
@@ -331,6 +373,21 @@ class RedisWorkQueue:
                 await asyncio.sleep(1.0)
             if once:
                 return None
+
+
+async def report_depth(
+    queue: WorkQueue, report: Callable[[int], None], *, every_seconds: float = DEPTH_SAMPLE_SECONDS
+) -> None:
+    """Sample the queue's depth into ``report`` (``altan.metrics.set_task_queue_depth``) every ``every_seconds``,
+    until cancelled. A sample that fails (Redis restarting) leaves the last value; the next one tries again."""
+    while True:
+        try:
+            report(await queue.depth())
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.debug("work queue: sampling its depth failed", extra={"error": type(exc).__name__})
+        await asyncio.sleep(every_seconds)
 
 
 def open_work_queue(

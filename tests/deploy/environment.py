@@ -16,6 +16,7 @@ EXISTING_SECRET = {
     "ALTAN_JWT_SECRET": "existing-hs256-secret-of-at-least-32-bytes",
     "ALTAN_MASTER_KEY": base64.b64encode(bytes(range(32))).decode(),
     "REDIS_URL": "redis://10.30.0.2:6379/0",
+    "ALTAN_INTERNAL_KEY": "existing-internal-key-of-at-least-32-bytes",
 }
 
 
@@ -29,6 +30,9 @@ def container_environment(render: Render, container: Doc) -> dict[str, str]:
     existing = render.values["secrets"]["existingSecret"]
     if existing:
         secrets[existing] = EXISTING_SECRET | {k: f"value-of-{k}" for k in render.values["secrets"]["bootstrapKeys"]}
+    existing_internal = render.values["internalKey"]["existingSecret"]
+    if existing_internal:
+        secrets.setdefault(existing_internal, {})["ALTAN_INTERNAL_KEY"] = EXISTING_SECRET["ALTAN_INTERNAL_KEY"]
     environment: dict[str, str] = {}
     for source in container.get("envFrom", []):
         environment |= configmaps[source["configMapRef"]["name"]]

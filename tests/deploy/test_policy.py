@@ -212,9 +212,14 @@ def _secret_refs(container: Doc) -> list[tuple[str, str | None, bool]]:
 def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
     values = rendered.values
     existing = values["secrets"]["existingSecret"]
+    existing_internal = values["internalKey"]["existingSecret"]
     documented = {"ALTAN_JWT_SECRET", "ALTAN_MASTER_KEY", "REDIS_URL", *values["secrets"]["bootstrapKeys"]}
     rendered_secrets = {s["metadata"]["name"]: s for s in rendered.of_kind("Secret")}
-    assert bool(rendered_secrets) != bool(existing), "either the chart renders the Secret or an existing one is named"
+    internal = {name for name in rendered_secrets if name.endswith("-internal-key")}
+    assert len(internal) != bool(existing_internal), "the internal key: rendered once, or an existing Secret"
+    assert bool(set(rendered_secrets) - internal) != bool(existing), (
+        "either the chart renders the Secret or an existing one is named"
+    )
 
     jwt = bool(values["secrets"]["jwtSecret"] or existing)
     expected_keys = {
@@ -222,6 +227,7 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
         | ({"REDIS_URL"} if _uses_redis(rendered, "gateway") else set()),
         "agent": ({"ALTAN_JWT_SECRET"} if jwt else set()) | ({"REDIS_URL"} if _redis_enabled(rendered) else set()),
     }
+    expected_keys["agent"] |= {"ALTAN_INTERNAL_KEY"}  # never the gateway's
     expected_keys["tool"] = expected_keys["agent"]
     expected_keys["integrator"] = (
         expected_keys["agent"]
@@ -247,6 +253,9 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
                 if name in rendered_secrets:
                     data = rendered_secrets[name].get("data", {}) | rendered_secrets[name].get("stringData", {})
                     assert optional or key in data, f"{component} reads {name}/{key}, which is not rendered"
+                elif key == "ALTAN_INTERNAL_KEY":
+                    assert name == existing_internal, f"{component} reads the internal key from {name}"
+                    assert not optional, component
                 else:
                     assert name == existing, (
                         f"{component} reads Secret {name}, neither rendered nor secrets.existingSecret"
@@ -254,9 +263,11 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
                     assert key in documented, f"{component} reads {key}, not a documented key of the existing Secret"
     for component in SERVICES:
         assert read_by.get(component, set()) == expected_keys[component], component
-    # Tool containers verify their callers' tokens: the HS256 key, where there is one, and nothing else.
+    # Tool containers verify their callers' tokens: the HS256 key, where there is one, the internal key (tasks'
+    # delegations), and nothing else.
     for tc in values["toolContainers"]:
-        assert read_by.get(f"tool-{tc['name']}", set()) == ({"ALTAN_JWT_SECRET"} if jwt else set()), tc["name"]
+        wanted = {"ALTAN_INTERNAL_KEY"} | ({"ALTAN_JWT_SECRET"} if jwt else set())
+        assert read_by.get(f"tool-{tc['name']}", set()) == wanted, tc["name"]
     assert set(read_by) <= {*SERVICES, *(f"tool-{tc['name']}" for tc in values["toolContainers"])}
 
 

@@ -10,10 +10,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 import redis.asyncio as aioredis
+import redis.exceptions
+from prometheus_client import generate_latest
 
+from altan import metrics
 from altan.errors import Unavailable
 from altan.store import MemoryBackend
-from services.agent.work_queue import LocalWorkQueue, RedisWorkQueue, WorkItem
+from services.agent.work_queue import ImmediateQueue, LocalWorkQueue, RedisWorkQueue, WorkItem, report_depth
 from tests.redis_server import RedisServer
 
 KEY = "altan::agent:work"
@@ -24,8 +27,15 @@ WAIT = 15.0
 class Consumer:
     """One replica's queue, serving until stopped; what its handler was given."""
 
-    def __init__(self, url: str, name: str, handler: Callable[[WorkItem], Awaitable[None]] | None = None) -> None:
-        self.queue = RedisWorkQueue(url, key=KEY, concurrency=10, lease_seconds=LEASE, consumer=name)
+    def __init__(
+        self,
+        url: str,
+        name: str,
+        handler: Callable[[WorkItem], Awaitable[None]] | None = None,
+        *,
+        concurrency: int = 10,
+    ) -> None:
+        self.queue = RedisWorkQueue(url, key=KEY, concurrency=concurrency, lease_seconds=LEASE, consumer=name)
         self.got: asyncio.Queue[WorkItem] = asyncio.Queue()
         self._handler = handler
         self._serving: asyncio.Task[None] | None = None
@@ -69,6 +79,15 @@ async def until_acknowledged(url: str) -> None:
             if not await pending(url):
                 return
             await asyncio.sleep(0.05)
+
+
+async def until_empty(queue: RedisWorkQueue | LocalWorkQueue) -> None:
+    """Until no item waits for a worker."""
+    async with asyncio.timeout(WAIT):
+        for _ in itertools.count():
+            if not await queue.depth():
+                return
+            await asyncio.sleep(0.02)
 
 
 async def hang(item: WorkItem) -> None:
@@ -175,3 +194,101 @@ async def test_the_embedded_queue_delivers_a_failed_item_again() -> None:
     finally:
         serving.cancel()
         await asyncio.gather(serving, return_exceptions=True)
+
+
+async def test_the_redis_queue_answers_how_many_items_wait_for_a_worker(
+    redis_server: RedisServer, consumers: list[Consumer]
+) -> None:
+    release = asyncio.Event()
+
+    async def held(item: WorkItem) -> None:
+        await release.wait()
+
+    producer = RedisWorkQueue(redis_server.url, key=KEY, concurrency=1, lease_seconds=LEASE, consumer="p")
+    try:
+        assert await producer.depth() == 0  # no stream yet
+        for n in range(3):
+            await producer.put(WorkItem("acme", f"tsk_d{n}"))
+        assert await producer.depth() == 3  # no group yet: nothing delivered
+        worker = Consumer(redis_server.url, "a", held, concurrency=1)
+        consumers.append(worker)
+        worker.start()
+        await asyncio.wait_for(worker.got.get(), WAIT)
+        assert await producer.depth() == 2  # the one it runs is not waiting
+        release.set()
+        await until_acknowledged(redis_server.url)
+        await until_empty(producer)
+        assert await worker.queue.depth() == 0
+    finally:
+        await producer.aclose()
+
+
+async def test_the_redis_queue_depth_fails_while_redis_is_down(redis_server: RedisServer) -> None:
+    queue = RedisWorkQueue(redis_server.url, key=KEY, concurrency=1, lease_seconds=LEASE)
+    redis_server.stop()
+    try:
+        with pytest.raises(redis.exceptions.ConnectionError):  # report_depth keeps the last value then
+            await queue.depth()
+    finally:
+        redis_server.start()
+        await queue.aclose()
+
+
+async def test_the_embedded_queue_answers_how_many_items_wait_for_a_worker() -> None:
+    queue = LocalWorkQueue(MemoryBackend(), key=KEY, concurrency=1)
+    release = asyncio.Event()
+    started = asyncio.Event()
+
+    async def held(item: WorkItem) -> None:
+        started.set()
+        await release.wait()
+
+    for n in range(3):
+        await queue.put(WorkItem("acme", f"tsk_l{n}"))
+    assert await queue.depth() == 3  # not served yet
+    serving = asyncio.create_task(queue.serve(held))
+    try:
+        await asyncio.wait_for(started.wait(), WAIT)
+        assert await queue.depth() == 2  # one runs (concurrency 1), two wait for it
+        release.set()
+        await until_empty(queue)
+    finally:
+        serving.cancel()
+        await asyncio.gather(serving, return_exceptions=True)
+
+
+async def test_the_depth_is_sampled_until_cancelled_and_a_failed_sample_keeps_the_last_value() -> None:
+    answers: list[int | Exception] = [4, RuntimeError("redis is restarting"), 2]
+    reported: list[int] = []
+    done = asyncio.Event()
+
+    class Queue(ImmediateQueue):
+        async def depth(self) -> int:
+            answer = answers.pop(0) if answers else 0
+            if not answers:
+                done.set()
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    sampling = asyncio.create_task(report_depth(Queue(), reported.append, every_seconds=0.01))
+    await asyncio.wait_for(done.wait(), WAIT)
+    sampling.cancel()
+    await asyncio.gather(sampling, return_exceptions=True)
+    assert sampling.cancelled()
+    assert reported[:2] == [4, 2]
+
+
+async def test_the_sampled_depth_is_what_the_metrics_endpoint_serves() -> None:
+    queue = LocalWorkQueue(MemoryBackend(), key=KEY, concurrency=1)
+    for n in range(2):
+        await queue.put(WorkItem("acme", f"tsk_m{n}"))  # not served: both wait
+    sampling = asyncio.create_task(report_depth(queue, metrics.set_task_queue_depth, every_seconds=0.01))
+    try:
+        async with asyncio.timeout(WAIT):
+            while b"altan_task_queue_depth 2.0" not in generate_latest(metrics.REGISTRY):  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+    finally:
+        sampling.cancel()
+        await asyncio.gather(sampling, return_exceptions=True)
+        metrics.set_task_queue_depth(0)

@@ -345,7 +345,8 @@ envFrom:
 {{/*
 Environment from the Secret that a component needs, by secretKeyRef (never envFrom, so that each service sees only
 its own keys): ALTAN_JWT_SECRET for every service unless a JWKS verifies tokens, REDIS_URL where altan.usesRedis says,
-ALTAN_MASTER_KEY and the bootstrap secrets for the integrator. Takes (dict "ctx" $ "component" "agent").
+ALTAN_MASTER_KEY and the bootstrap secrets for the integrator, and ALTAN_INTERNAL_KEY (_internal-key.tpl, its own
+Secret) for all but the gateway. Takes (dict "ctx" $ "component" "agent").
 */}}
 {{- define "altan.secretEnv" -}}
 {{- $ctx := .ctx -}}
@@ -373,6 +374,9 @@ ALTAN_MASTER_KEY and the bootstrap secrets for the integrator. Takes (dict "ctx"
       name: {{ $secret }}
       key: {{ .name }}
       optional: {{ .optional }}
+{{- end -}}
+{{- if ne .component "gateway" }}
+{{ include "altan.internalKeyEnv" $ctx }}
 {{- end -}}
 {{- end -}}
 
