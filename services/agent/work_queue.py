@@ -259,10 +259,16 @@ class RedisWorkQueue:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     async def put(self, item: WorkItem) -> None:
-        try:
-            await self._redis.xadd(self._stream, {"d": item.encode()})
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
-            raise Unavailable("the work queue is unreachable; try again shortly", retry_after=1.0) from None
+        # A connection the pool kept from before a Redis restart fails once, then is replaced: try a few times
+        # within about a second before answering 503 (a submission that fails here is refused, never half-accepted).
+        for wait in (0.05, 0.25, 0.5, None):
+            try:
+                await self._redis.xadd(self._stream, {"d": item.encode()})
+                return
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+                if wait is None:
+                    raise Unavailable("the work queue is unreachable; try again shortly", retry_after=1.0) from None
+                await asyncio.sleep(wait)
 
     async def depth(self) -> int:
         """The entries no consumer holds: an entry is deleted once its task ended, so the stream's length less the
