@@ -23,6 +23,8 @@ from typing import Any, Protocol
 
 import redis.asyncio as aioredis
 import redis.exceptions
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 
 from altan import _token_bucket as token_bucket
 from altan import context
@@ -40,6 +42,7 @@ __all__ = [
     "TenantStore",
     "open_backend",
     "open_state",
+    "redis_client",
 ]
 
 log = logging.getLogger(__name__)
@@ -246,6 +249,23 @@ def _unreachable_is_unavailable() -> Iterator[None]:
         raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
 
 
+def redis_client(url: str, *, socket_timeout: float) -> Any:
+    """A Redis client as every part of the install opens one.
+
+    ``from_url`` alone retries nothing, so a pooled connection left from before a Redis restart failed the first
+    command that took it (a task submitted just after Redis came back was refused). Two quick retries on a
+    connection error replace such a connection; a Redis that is really down still fails within a fraction of a
+    second. Typed loosely: redis-py's sync/async union types do not narrow.
+    """
+    return aioredis.from_url(
+        url,
+        decode_responses=True,
+        socket_timeout=socket_timeout,
+        socket_connect_timeout=5,
+        retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
+    )
+
+
 class RedisBackend:
     """Shared state in Redis or Memorystore (``REDIS_URL`` set), for several replicas of a service.
 
@@ -256,10 +276,8 @@ class RedisBackend:
         # A socket timeout bounds every command: a Redis that hangs (or fails over) is UNAVAILABLE well within a
         # call's deadline. Blocking reads wait up to 20 s, so they have a client (and pool) of their own.
         # Typed loosely: redis-py's sync/async union types do not narrow.
-        self._redis: Any = aioredis.from_url(
-            url, decode_responses=True, socket_timeout=command_timeout, socket_connect_timeout=5
-        )
-        self._blocking: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=30, socket_connect_timeout=5)
+        self._redis: Any = redis_client(url, socket_timeout=command_timeout)
+        self._blocking: Any = redis_client(url, socket_timeout=30)
         self._append = self._redis.register_script(_APPEND)
         self._take_token = self._redis.register_script(_BUCKET)
 

@@ -34,11 +34,10 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Protocol
 
-import redis.asyncio as aioredis
 import redis.exceptions
 
 from altan.errors import Unavailable
-from altan.store import StateBackend
+from altan.store import StateBackend, redis_client
 
 __all__ = [
     "Handler",
@@ -251,7 +250,7 @@ class RedisWorkQueue:
 
     def __init__(self, url: str, *, key: str, concurrency: int, lease_seconds: float, consumer: str = "") -> None:
         # Blocking reads wait up to 2 s: the client's socket timeout is well above that.
-        self._redis: Any = aioredis.from_url(url, decode_responses=True, socket_timeout=10, socket_connect_timeout=5)
+        self._redis: Any = redis_client(url, socket_timeout=10)
         self._stream = key
         self._concurrency = concurrency
         self._lease_ms = int(lease_seconds * 1000)
@@ -259,16 +258,10 @@ class RedisWorkQueue:
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
     async def put(self, item: WorkItem) -> None:
-        # A connection the pool kept from before a Redis restart fails once, then is replaced: try a few times
-        # within about a second before answering 503 (a submission that fails here is refused, never half-accepted).
-        for wait in (0.05, 0.25, 0.5, None):
-            try:
-                await self._redis.xadd(self._stream, {"d": item.encode()})
-                return
-            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
-                if wait is None:
-                    raise Unavailable("the work queue is unreachable; try again shortly", retry_after=1.0) from None
-                await asyncio.sleep(wait)
+        try:
+            await self._redis.xadd(self._stream, {"d": item.encode()})
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+            raise Unavailable("the work queue is unreachable; try again shortly", retry_after=1.0) from None
 
     async def depth(self) -> int:
         """The entries no consumer holds: an entry is deleted once its task ended, so the stream's length less the
