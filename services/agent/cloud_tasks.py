@@ -128,7 +128,7 @@ class PushApp:
         if scope["type"] != "http":
             return
         path, method = scope["path"], scope["method"]
-        if path == "/healthz" and method in ("GET", "HEAD"):
+        if path in ("/", "/healthz") and method in ("GET", "HEAD"):  # "/": what a Google load balancer checks
             await _answer(send, 503 if self.stopping else 200, "stopping" if self.stopping else "ok")
         elif path != PUSH_PATH:
             await _answer(send, 404, "not found")
