@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -56,6 +57,8 @@ _MAX_BODY = 16 * 1024  # a pushed body is a WorkItem: a few hundred bytes
 _RETRY_AFTER = "5"
 # A run waiting for approval parks after this long (a decision made at once is acted on without a round trip).
 _PARK_AFTER_SECONDS = 2.0
+# How long a signing key of Google's is used without fetching the JWKS again (Google rotates keys over days).
+_KEY_SECONDS = 900.0
 # After an outage a channel waits its reconnect backoff before it tries again (up to 120 s by default): capped.
 _CHANNEL_OPTIONS = [("grpc.max_reconnect_backoff_ms", 1000)]
 _TRANSIENT = (google_errors.ServiceUnavailable, google_errors.DeadlineExceeded, google_errors.InternalServerError)
@@ -76,7 +79,8 @@ class PushAuth:
     (pyjwt's cooldown), so forged tokens cannot make us hammer Google."""
 
     def __init__(self, jwks_url: str, audience: str, service_account: str, leeway_seconds: int = 30) -> None:
-        self._jwks = jwt.PyJWKClient(jwks_url, cache_jwk_set=True, lifespan=3600, timeout=5)
+        self._jwks = jwt.PyJWKClient(jwks_url, cache_jwk_set=True, lifespan=_KEY_SECONDS, timeout=5)
+        self._keys: dict[str, tuple[jwt.PyJWK, float]] = {}  # kid -> key, until (a retired key goes within that)
         self._audience = audience
         self._email = service_account
         self._leeway = leeway_seconds
@@ -92,16 +96,22 @@ class PushAuth:
             return 401, "a malformed token"
         if header.get("alg") != "RS256" or not isinstance(header.get("kid"), str):
             return 401, f"a token signed with {header.get('alg')!r} (only RS256 with a kid)"
-        try:
-            key = await asyncio.to_thread(self._jwks.get_signing_key, header["kid"])
-        except jwt.PyJWKClientConnectionError:
-            return 503, "Google's signing keys are unreachable"
-        except jwt.PyJWKClientError:
-            return 401, "a token signed by an unknown key"
+        key = self._keys.get(header["kid"])
+        if key is None or key[1] < time.monotonic():
+            try:
+                # pyjwt fetches with urllib (blocking): in a thread, and only for a key not seen lately.
+                found = await asyncio.to_thread(self._jwks.get_signing_key, header["kid"])
+            except jwt.PyJWKClientConnectionError:
+                return 503, "Google's signing keys are unreachable"
+            except jwt.PyJWKClientError:
+                return 401, "a token signed by an unknown key"
+            if len(self._keys) > 64:
+                self._keys.clear()
+            key = self._keys[header["kid"]] = (found, time.monotonic() + _KEY_SECONDS)
         try:
             claims = jwt.decode(
                 token,
-                key.key,
+                key[0].key,
                 algorithms=["RS256"],
                 audience=self._audience,
                 issuer=GOOGLE_ISSUER,
