@@ -24,7 +24,7 @@ from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import Stack, new_tenant, start_stack
 from tests.e2e.test_supervision import wait_until
 from tests.e2e.test_tasks import _events, _finished
-from tests.fakes.llm import Call, Reply
+from tests.fakes.llm import Call, Delay, Reply
 
 TENANTS: list[str] = []  # this module's, whose keys it removes at its end (other modules' stacks still run)
 
@@ -149,6 +149,28 @@ def test_an_llm_task_killed_during_a_tool_call_goes_on_after_its_recorded_turns(
     assert keys == {f"{task_id}:t1c1"} and third_party.performed[f"{task_id}:t1c1"] == 1
     assert [m["role"] for m in thread] == ["user", "assistant", "tool", "assistant"]
     assert [s["id"] for s in task["steps"]] == ["t1c1"]
+
+
+def test_an_llm_turn_whose_integrator_died_is_asked_again_and_the_task_succeeds(
+    redis_stack: Stack, llms: Llms
+) -> None:
+    tenant = _tenant()
+    # The first request of the turn is answered 5 s late: the integrator is killed meanwhile, with the turn in flight.
+    model = llms.model(Delay(5, Reply(text="Too late.")), Reply(text="Done after the restart."))
+    with redis_stack.client(tenant) as api:
+        agent_id = api.post("/v1/agents", json={"name": "writer", "llm": llms.config(model)}).json()["id"]
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": "Write, please."}).json()["task_id"]
+        wait_until(lambda: len(llms.requests(model)) == 1, "the turn reaches the provider", redis_stack)
+        integrator = redis_stack.service_pids()["integrator"]
+        os.kill(integrator, signal.SIGKILL)
+        task = _terminal(redis_stack, api, task_id)
+        events = [e["type"] for e in _events(api, task_id)]
+    assert task["status"] == "succeeded", task
+    assert task["result"] == {"answer": "Done after the restart."}
+    # Asked once more for that turn, by the restarted integrator: twice in all, and one turn recorded.
+    assert len(llms.requests(model)) == 2
+    assert task["usage"]["llm_calls"] == 1 and events.count("llm.called") == 1
+    assert redis_stack.service_pids()["integrator"] != integrator
 
 
 def test_a_delegation_is_accepted_only_internally_and_only_for_its_task_and_tenant(redis_stack: Stack) -> None:
