@@ -151,9 +151,7 @@ def test_an_llm_task_killed_during_a_tool_call_goes_on_after_its_recorded_turns(
     assert [s["id"] for s in task["steps"]] == ["t1c1"]
 
 
-def test_an_llm_turn_whose_integrator_died_is_asked_again_and_the_task_succeeds(
-    redis_stack: Stack, llms: Llms
-) -> None:
+def test_an_llm_turn_whose_integrator_died_is_asked_again_and_the_task_succeeds(redis_stack: Stack, llms: Llms) -> None:
     tenant = _tenant()
     # The first request of the turn is answered 5 s late: the integrator is killed meanwhile, with the turn in flight.
     model = llms.model(Delay(5, Reply(text="Too late.")), Reply(text="Done after the restart."))
