@@ -249,21 +249,31 @@ def _unreachable_is_unavailable() -> Iterator[None]:
         raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
 
 
-def redis_client(url: str, *, socket_timeout: float) -> Any:
+# Connections of one client (one process's pool). A command finding them all busy waits for one (up to the command
+# timeout) instead of failing: redis-py's default pool answers MaxConnectionsError past 100 at once, which a burst of
+# a few hundred submissions reached, and which surfaced as 503s under load with Redis up and idle.
+REDIS_POOL_SIZE = 128
+
+
+def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDIS_POOL_SIZE) -> Any:
     """A Redis client as every part of the install opens one.
 
     ``from_url`` alone retries nothing, so a pooled connection left from before a Redis restart failed the first
     command that took it (a task submitted just after Redis came back was refused). Two quick retries on a
     connection error replace such a connection; a Redis that is really down still fails within a fraction of a
-    second. Typed loosely: redis-py's sync/async union types do not narrow.
+    second. The pool is a blocking one: past ``max_connections`` commands in flight, the next waits for a connection
+    (at most ``socket_timeout``) rather than failing. Typed loosely: redis-py's sync/async union types do not narrow.
     """
-    return aioredis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=socket_timeout,
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisBackend:
@@ -277,7 +287,8 @@ class RedisBackend:
         # call's deadline. Blocking reads wait up to 20 s, so they have a client (and pool) of their own.
         # Typed loosely: redis-py's sync/async union types do not narrow.
         self._redis: Any = redis_client(url, socket_timeout=command_timeout)
-        self._blocking: Any = redis_client(url, socket_timeout=30)
+        # Each follower of a stream holds one of these for its whole blocking read: many more than commands in flight.
+        self._blocking: Any = redis_client(url, socket_timeout=30, max_connections=4096)
         self._append = self._redis.register_script(_APPEND)
         self._take_token = self._redis.register_script(_BUCKET)
 

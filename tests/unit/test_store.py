@@ -23,6 +23,7 @@ from altan import context
 from altan.context import RequestContext
 from altan.errors import Unauthenticated, Unavailable
 from altan.store import (
+    REDIS_POOL_SIZE,
     RETRY_AFTER_SECONDS,
     MemoryBackend,
     RedisBackend,
@@ -137,6 +138,14 @@ async def test_put_new_is_atomic_under_concurrency(harness: Harness, tenant: str
     won = await asyncio.gather(*(store.put_new("idem", "key", {"writer": i}) for i in range(20)))
     assert won.count(True) == 1
     assert await store.get("idem", "key") == {"writer": won.index(True)}
+
+
+async def test_a_burst_wider_than_the_connection_pool_waits_instead_of_failing(harness: Harness, tenant: str) -> None:
+    # More commands at once than one client has connections (redis-py's default pool refused the 101st with
+    # MaxConnectionsError, answered as 503 to a burst of submissions).
+    store = harness.store()
+    await asyncio.gather(*(store.put("burst", f"d{i}", {"i": i}) for i in range(3 * REDIS_POOL_SIZE)))
+    assert len(await store.all("burst")) == 3 * REDIS_POOL_SIZE
 
 
 async def test_collections_and_namespaces_are_separate(harness: Harness, tenant: str) -> None:
