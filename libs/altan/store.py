@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +40,7 @@ __all__ = [
     "SqliteBackend",
     "StateBackend",
     "TenantStore",
+    "Write",
     "open_backend",
     "open_state",
     "redis_client",
@@ -75,6 +76,11 @@ return tostring(wait)
 """
 
 
+# One write of a batch (:meth:`StateBackend.write`): ``("hset", key, field, value)`` or
+# ``("append", key, value, maxlen)``.
+Write = tuple[str, str, str, Any]
+
+
 class StateBackend(Protocol):
     """Raw key-addressed storage; only :class:`TenantStore` builds the keys."""
 
@@ -85,6 +91,7 @@ class StateBackend(Protocol):
     async def hgetall(self, key: str) -> dict[str, str]: ...
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]: ...
     async def append(self, key: str, value: str, maxlen: int) -> int: ...
+    async def write(self, ops: Sequence[Write]) -> None: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def get_expiring(self, key: str) -> str | None: ...
@@ -152,6 +159,25 @@ class MemoryBackend:
             async with cond:
                 cond.notify_all()
         return seq
+
+    async def write(self, ops: Sequence[Write]) -> None:
+        """Every write at once: no other coroutine runs in between."""
+        appended = []
+        for op, key, a, b in ops:
+            if op == "hset":
+                self._hashes[key][a] = b
+            else:
+                self._seq[key] += 1
+                stream = self._streams[key]
+                stream.append((self._seq[key], a))
+                if len(stream) > b:
+                    del stream[: len(stream) - b]
+                appended.append(key)
+        for key in appended:
+            cond = self._changed.get(key)
+            if cond is not None:
+                async with cond:
+                    cond.notify_all()
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         found = self._after(key, after, count)
@@ -312,6 +338,17 @@ class RedisBackend:
         with _unreachable_is_unavailable():
             return await self._redis.hgetall(key)
 
+    async def write(self, ops: Sequence[Write]) -> None:
+        """Every write in one MULTI/EXEC, one round trip."""
+        with _unreachable_is_unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for op, key, a, b in ops:
+                    if op == "hset":
+                        pipe.hset(key, a, b)
+                    else:
+                        await self._append(keys=[key, f"{key}:seq"], args=[a, b], client=pipe)
+                await pipe.execute()
+
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]:
         if not fields:
             return []
@@ -439,6 +476,18 @@ class TenantStore:
     async def all(self, collection: str) -> dict[str, Doc]:
         raw = await self._backend.hgetall(self._key(collection))
         return {doc_id: json.loads(value) for doc_id, value in raw.items()}
+
+    def put_op(self, collection: str, doc_id: str, doc: Doc) -> Write:
+        """:meth:`put` as one write of a batch (:meth:`write`)."""
+        return ("hset", self._key(collection), doc_id, json.dumps(doc))
+
+    def append_op(self, stream: str, event: Doc, maxlen: int = 10_000) -> Write:
+        """:meth:`append` as one write of a batch (:meth:`write`)."""
+        return ("append", self._key(stream), json.dumps(event), maxlen)
+
+    async def write(self, ops: Sequence[Write]) -> None:
+        """Several writes (:meth:`put_op`, :meth:`append_op`, or a work queue's) all or none, in one round trip."""
+        await self._backend.write(ops)
 
     async def append(self, stream: str, event: Doc, maxlen: int = 10_000) -> int:
         """Append an event; returns its sequence number (1, 2, ...).

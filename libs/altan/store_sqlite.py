@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -220,6 +220,13 @@ class SqliteBackend:
         seq = await self._run(_append, self._db, key, value, maxlen)
         self._notify(key)
         return seq
+
+    async def write(self, ops: Sequence[tuple[str, str, str, Any]]) -> None:
+        """Every write in one transaction (one commit, one trip to the database thread)."""
+        await self._run(self._write, _write_all, ops)
+        for op, key, _, _ in ops:
+            if op == "append":
+                self._notify(key)
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         sql = "SELECT seq, value FROM streams WHERE key = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -481,6 +488,14 @@ def _append(db: sqlite3.Connection, key: str, value: str, maxlen: int) -> int:
         # Trimmed every few appends, as Redis's MAXLEN ~: a stream keeps up to _TRIM_EVERY - 1 more than maxlen.
         db.execute("DELETE FROM streams WHERE key = ? AND seq <= ?", (key, seq - maxlen))
     return seq
+
+
+def _write_all(db: sqlite3.Connection, ops: Sequence[tuple[str, str, str, Any]]) -> None:
+    for op, key, a, b in ops:
+        if op == "hset":
+            db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", (key, a, b))
+        else:
+            _append(db, key, a, b)
 
 
 def _remove_expiring(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:

@@ -148,6 +148,23 @@ async def test_a_burst_wider_than_the_connection_pool_waits_instead_of_failing(h
     assert len(await store.all("burst")) == 3 * REDIS_POOL_SIZE
 
 
+async def test_a_batch_of_writes_lands_together_and_wakes_readers(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    await store.append("events", {"n": 0})
+    reader = asyncio.create_task(store.read("events", after=1, block_seconds=10))
+    await asyncio.sleep(0)  # the reader waits (a blocked read; it is woken by the batch, not by a timeout)
+    await store.write(
+        [
+            store.put_op("tasks", "t1", {"v": 1}),
+            store.append_op("events", {"n": 1}),
+            store.append_op("events", {"n": 2}),
+        ]
+    )
+    assert await store.get("tasks", "t1") == {"v": 1}
+    assert await asyncio.wait_for(reader, 5) in ([(2, {"n": 1}), (3, {"n": 2})], [(2, {"n": 1})])
+    assert await store.read("events") == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 2})]
+
+
 async def test_collections_and_namespaces_are_separate(harness: Harness, tenant: str) -> None:
     agent, tool = harness.store("agent"), harness.store("tool")
     await agent.put("things", "x", {"from": "agent"})
