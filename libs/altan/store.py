@@ -271,14 +271,17 @@ def _unreachable_is_unavailable() -> Iterator[None]:
     """
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError) as exc:
+        # The operator's detail (no secret in it: redis-py names the host and port, never the URL's password).
+        log.warning("state store unreachable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
         raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
 
 
-# Connections of one client (one process's pool). A command finding them all busy waits for one (up to the command
-# timeout) instead of failing: redis-py's default pool answers MaxConnectionsError past 100 at once, which a burst of
-# a few hundred submissions reached, and which surfaced as 503s under load with Redis up and idle.
-REDIS_POOL_SIZE = 128
+# Connections of one client (one process's pool), opened as needed. A command finding them all busy waits for one
+# (up to the command timeout) instead of failing: redis-py's default pool answers MaxConnectionsError past 100 at
+# once, which a burst of a few hundred submissions reached (503s with Redis up and idle). 128 was still too few for
+# an agent running a thousand tasks on a starved CPU: commands waited past the timeout for a connection.
+REDIS_POOL_SIZE = 1024
 
 
 def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDIS_POOL_SIZE) -> Any:
