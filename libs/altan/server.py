@@ -126,6 +126,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self._service = service or "unknown"
         self._edge = edge
         self._timers: dict[str, GrpcTimer] = {}
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}  # method -> (its handler, wrapped)
 
     def _timer(self, method: str, kind: str) -> GrpcTimer:
         timer = self._timers.get(method)
@@ -142,6 +143,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(_UNAUTHENTICATED_PREFIXES):
             return handler
         method: str = details.method  # type: ignore[attr-defined]
+        # The wrapped handler of a method is made once: a servicer answers the same handler for every call of it.
+        made = self._wrapped.get(method)
+        if made is not None and made[0] is handler:
+            return made[1]
+        wrapped = self._wrap(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler[Any, Any], method: str) -> grpc.RpcMethodHandler[Any, Any]:
         tokenless = method in TOKENLESS_METHODS
         timer = self._timer(method, "server_stream" if handler.unary_stream else "unary")
         edge = self._edge

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,7 @@ __all__ = [
     "SqliteBackend",
     "StateBackend",
     "TenantStore",
+    "Write",
     "open_backend",
     "open_state",
     "redis_client",
@@ -94,6 +95,11 @@ return tostring(wait)
 """
 
 
+# One write of a batch (:meth:`StateBackend.write`): ``("hset", key, field, value)`` or
+# ``("append", key, value, maxlen)``.
+Write = tuple[str, str, str, Any]
+
+
 class StateBackend(Protocol):
     """Raw key-addressed storage; only :class:`TenantStore` builds the keys."""
 
@@ -107,6 +113,8 @@ class StateBackend(Protocol):
     async def hincr(self, key: str, field: str) -> int: ...
     async def hset_if(self, guard: Guard, key: str, field: str, value: str) -> bool: ...
     async def append_if(self, guard: Guard, key: str, value: str, maxlen: int) -> int: ...
+
+    async def write(self, ops: Sequence[Write]) -> None: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def get_expiring(self, key: str) -> str | None: ...
@@ -190,6 +198,25 @@ class MemoryBackend:
         if self._hashes.get(guard[0], {}).get(guard[1]) != guard[2]:
             return 0
         return await self.append(key, value, maxlen)
+
+    async def write(self, ops: Sequence[Write]) -> None:
+        """Every write at once: no other coroutine runs in between."""
+        appended = []
+        for op, key, a, b in ops:
+            if op == "hset":
+                self._hashes[key][a] = b
+            else:
+                self._seq[key] += 1
+                stream = self._streams[key]
+                stream.append((self._seq[key], a))
+                if len(stream) > b:
+                    del stream[: len(stream) - b]
+                appended.append(key)
+        for key in appended:
+            cond = self._changed.get(key)
+            if cond is not None:
+                async with cond:
+                    cond.notify_all()
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         found = self._after(key, after, count)
@@ -283,25 +310,38 @@ def _unreachable_is_unavailable() -> Iterator[None]:
     """
     try:
         yield
-    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError):
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, TimeoutError) as exc:
+        # The operator's detail (no secret in it: redis-py names the host and port, never the URL's password).
+        log.warning("state store unreachable", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
         raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
 
 
-def redis_client(url: str, *, socket_timeout: float) -> Any:
+# Connections of one client (one process's pool), opened as needed. A command finding them all busy waits for one
+# (up to the command timeout) instead of failing: redis-py's default pool answers MaxConnectionsError past 100 at
+# once, which a burst of a few hundred submissions reached (503s with Redis up and idle). 128 was still too few for
+# an agent running a thousand tasks on a starved CPU: commands waited past the timeout for a connection.
+REDIS_POOL_SIZE = 1024
+
+
+def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDIS_POOL_SIZE) -> Any:
     """A Redis client as every part of the install opens one.
 
     ``from_url`` alone retries nothing, so a pooled connection left from before a Redis restart failed the first
     command that took it (a task submitted just after Redis came back was refused). Two quick retries on a
     connection error replace such a connection; a Redis that is really down still fails within a fraction of a
-    second. Typed loosely: redis-py's sync/async union types do not narrow.
+    second. The pool is a blocking one: past ``max_connections`` commands in flight, the next waits for a connection
+    (at most ``socket_timeout``) rather than failing. Typed loosely: redis-py's sync/async union types do not narrow.
     """
-    return aioredis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        timeout=socket_timeout,
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisBackend:
@@ -315,7 +355,8 @@ class RedisBackend:
         # call's deadline. Blocking reads wait up to 20 s, so they have a client (and pool) of their own.
         # Typed loosely: redis-py's sync/async union types do not narrow.
         self._redis: Any = redis_client(url, socket_timeout=command_timeout)
-        self._blocking: Any = redis_client(url, socket_timeout=30)
+        # Each follower of a stream holds one of these for its whole blocking read: many more than commands in flight.
+        self._blocking: Any = redis_client(url, socket_timeout=30, max_connections=4096)
         self._append = self._redis.register_script(_APPEND)
         self._take_token = self._redis.register_script(_BUCKET)
         self._hset_if = self._redis.register_script(_HSET_IF)
@@ -340,6 +381,17 @@ class RedisBackend:
     async def hgetall(self, key: str) -> dict[str, str]:
         with _unreachable_is_unavailable():
             return await self._redis.hgetall(key)
+
+    async def write(self, ops: Sequence[Write]) -> None:
+        """Every write in one MULTI/EXEC, one round trip."""
+        with _unreachable_is_unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for op, key, a, b in ops:
+                    if op == "hset":
+                        pipe.hset(key, a, b)
+                    else:
+                        await self._append(keys=[key, f"{key}:seq"], args=[a, b], client=pipe)
+                await pipe.execute()
 
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]:
         if not fields:
@@ -503,6 +555,18 @@ class TenantStore:
     async def all(self, collection: str) -> dict[str, Doc]:
         raw = await self._backend.hgetall(self._key(collection))
         return {doc_id: json.loads(value) for doc_id, value in raw.items()}
+
+    def put_op(self, collection: str, doc_id: str, doc: Doc) -> Write:
+        """:meth:`put` as one write of a batch (:meth:`write`)."""
+        return ("hset", self._key(collection), doc_id, json.dumps(doc))
+
+    def append_op(self, stream: str, event: Doc, maxlen: int = 10_000) -> Write:
+        """:meth:`append` as one write of a batch (:meth:`write`)."""
+        return ("append", self._key(stream), json.dumps(event), maxlen)
+
+    async def write(self, ops: Sequence[Write]) -> None:
+        """Several writes (:meth:`put_op`, :meth:`append_op`, or a work queue's) all or none, in one round trip."""
+        await self._backend.write(ops)
 
     async def append(self, stream: str, event: Doc, maxlen: int = 10_000) -> int:
         """Append an event; returns its sequence number (1, 2, ...).

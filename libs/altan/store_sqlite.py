@@ -37,7 +37,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -237,6 +237,13 @@ class SqliteBackend:
         if seq:
             self._notify(key)
         return seq
+
+    async def write(self, ops: Sequence[tuple[str, str, str, Any]]) -> None:
+        """Every write in one transaction (one commit, one trip to the database thread)."""
+        await self._run(self._write, _write_all, ops)
+        for op, key, _, _ in ops:
+            if op == "append":
+                self._notify(key)
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         sql = "SELECT seq, value FROM streams WHERE key = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -514,6 +521,14 @@ def _hset_if(db: sqlite3.Connection, guard: tuple[str, str, str], key: str, fiel
 
 def _append_if(db: sqlite3.Connection, guard: tuple[str, str, str], key: str, value: str, maxlen: int) -> int:
     return _append(db, key, value, maxlen) if _holds(db, guard) else 0
+
+
+def _write_all(db: sqlite3.Connection, ops: Sequence[tuple[str, str, str, Any]]) -> None:
+    for op, key, a, b in ops:
+        if op == "hset":
+            db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", (key, a, b))
+        else:
+            _append(db, key, a, b)
 
 
 def _remove_expiring(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:

@@ -333,6 +333,9 @@ class CloudTasksWorkQueue:
         )
         return {"retry": retry, "timeout": self._timeout}
 
+    def put_ops(self, item: WorkItem) -> None:
+        return None  # a task in Google's queue: created after the task's writes (put)
+
     async def put(self, item: WorkItem) -> None:
         await self._create(item, task_id_for(item), None)
 

@@ -205,20 +205,35 @@ class TaskRunner:
             "owner": {"sub": caller.user},
             "deadline_at": now + int(self._limits.deadline_seconds * 1000),
         }
-        await self._store.put(_TASKS, task["task_id"], task)
-        if idempotency_key and not await self._store.put_new(_IDEMPOTENCY, idem_id, {"task_id": task["task_id"]}):
-            # Another request with the same key won the race: theirs is the task.
-            await self._store.delete(_TASKS, task["task_id"])
-            winner = await self._store.get(_IDEMPOTENCY, idem_id)
-            assert winner is not None
-            return await self.get(winner["task_id"]), False
-        await self._emit(task["task_id"], "task.queued", {})
+        item = WorkItem(caller.tenant_id, task["task_id"])
+        queued = self._store.append_op(task_events(task["task_id"]), _event(task["task_id"], "task.queued", {}))
+        queue_ops = self._queue.put_ops(item)  # None: a queue outside the state backend, put after the writes
+        if idempotency_key:
+            await self._store.put(_TASKS, task["task_id"], task)
+            if not await self._store.put_new(_IDEMPOTENCY, idem_id, {"task_id": task["task_id"]}):
+                # Another request with the same key won the race: theirs is the task.
+                await self._store.delete(_TASKS, task["task_id"])
+                winner = await self._store.get(_IDEMPOTENCY, idem_id)
+                assert winner is not None
+                return await self.get(winner["task_id"]), False
+            writes = [queued, *(queue_ops or ())]
+        else:
+            # The task, its first event and (embedded) its queue entry in one transaction, one round trip.
+            writes = [self._store.put_op(_TASKS, task["task_id"], task), queued, *(queue_ops or ())]
         if self._delegate is None:
             self._callers[(caller.tenant_id, task["task_id"])] = caller
         self.start()
+        written = False
         try:
-            await self._queue.put(WorkItem(caller.tenant_id, task["task_id"]))
+            await self._store.write(writes)
+            written = True
+            if queue_ops is None:
+                await self._queue.put(item)
         except Exception:
+            if not written and not idempotency_key:
+                # Nothing of it was written: refused as a whole (503), to be submitted again.
+                self._callers.pop((caller.tenant_id, task["task_id"]), None)
+                raise
             # Not queued, so it would never run: it ends now, saying why, and its idempotency key is freed so that
             # the submission can be made again (best effort: the store may be down too).
             error = "it could not be queued (the work queue was unreachable); submit it again"
@@ -520,7 +535,7 @@ class TaskRunner:
                     return
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
-        event = {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}
+        event = _event(task_id, kind, data)
         fence = _fence.get()
         if fence is None or fence.doc_id != task_id:
             await self._store.append(task_events(task_id), event)
@@ -728,3 +743,7 @@ def _step(state: StepState) -> dict[str, Any]:
     doc = state.to_dict()
     doc["id"] = doc.pop("step_id")
     return doc
+
+
+def _event(task_id: str, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}

@@ -37,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import redis.exceptions
 
 from altan.errors import Unavailable
-from altan.store import StateBackend, redis_client
+from altan.store import StateBackend, Write, redis_client
 
 __all__ = [
     "Handler",
@@ -94,6 +94,11 @@ class WorkQueue(Protocol):
 
     async def put(self, item: WorkItem) -> None:
         """Accept an item: once this returns, some replica will run it (again after a crash)."""
+        ...
+
+    def put_ops(self, item: WorkItem) -> list[Write] | None:
+        """:meth:`put` as writes to the state backend, for the caller to commit with its own (one transaction), or
+        None when this queue does not live in the state backend (the caller then calls :meth:`put`)."""
         ...
 
     async def depth(self) -> int:
@@ -194,6 +199,9 @@ class ImmediateQueue:
         else:
             self._runs.start(item.task_id, item)
 
+    def put_ops(self, item: WorkItem) -> None:
+        return None
+
     async def depth(self) -> int:
         return len(self._early)  # a served queue runs each item as it comes
 
@@ -228,9 +236,12 @@ class LocalWorkQueue:
         self._runs: _Runs | None = None
 
     async def put(self, item: WorkItem) -> None:
+        await self._backend.write(self.put_ops(item))
+
+    def put_ops(self, item: WorkItem) -> list[Write]:
         raw = item.encode()
-        await self._backend.hset(self._pending, item.task_id, raw)  # first: the item is accepted once this is written
-        await self._backend.append(self._stream, raw, 10_000)
+        # The item is accepted once it is pending; the stream's entry wakes the consumer.
+        return [("hset", self._pending, item.task_id, raw), ("append", self._stream, raw, 10_000)]
 
     async def depth(self) -> int:
         # The pending items are every task accepted and not ended; those a worker runs here are not waiting.
@@ -278,6 +289,9 @@ class RedisWorkQueue:
         self._lease_ms = int(lease_seconds * 1000)
         # Unique per process: a restarted replica is a new consumer, and its predecessor's entries are reclaimed.
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def put_ops(self, item: WorkItem) -> None:
+        return None  # a stream of its own client: XADD after the task's writes (put)
 
     async def put(self, item: WorkItem) -> None:
         try:

@@ -104,12 +104,18 @@ class PublicProxy(grpc.GenericRpcHandler):
         self._channels = {name: client.channel for name, client in backends.items()}
         self._streaming = _streaming()
         self._limiter = limiter
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
         path: str = details.method  # type: ignore[attr-defined]
-        streaming = self._streaming.get(path)
-        if streaming is None:
-            return None
+        handler = self._handlers.get(path)
+        if handler is None and path in self._streaming:
+            # Made once per method: gRPC asks for the handler on every call.
+            handler = self._handlers[path] = self._handler(path)
+        return handler
+
+    def _handler(self, path: str) -> grpc.RpcMethodHandler:
+        streaming = self._streaming[path]
         channel = self._channels[path.split("/")[1]]
         # A tokenless RPC has no tenant yet to count it against (its state names one only in the integrator).
         limiter = None if path in TOKENLESS_METHODS else self._limiter

@@ -247,6 +247,9 @@ async def test_a_task_that_could_not_be_queued_fails_and_frees_its_key(replicas:
     agent_id = await agent_of(replicas, runner)
 
     class Down(LocalWorkQueue):
+        def put_ops(self, item: WorkItem) -> None:
+            return None  # a queue of its own (as Redis's is), put after the task's writes
+
         async def put(self, item: WorkItem) -> None:
             raise Unavailable("the work queue is unreachable; try again shortly")
 
@@ -309,3 +312,59 @@ async def test_a_replica_that_stalled_past_its_lease_writes_nothing_once_another
     all_events = kinds(await follow(second, task["task_id"]))
     assert all_events == kinds(events)
     assert [k for k in all_events if k.startswith("task.") and k != "task.resumed"].count("task.succeeded") == 1
+
+
+class CountingBackend(MemoryBackend):
+    """Counts the writes of the state backend, and may refuse the batched ones (a store that went away)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.refuse = False
+
+    async def hset(self, key: str, field: str, value: str) -> None:
+        self.writes.append("hset")
+        await super().hset(key, field, value)
+
+    async def hsetnx(self, key: str, field: str, value: str) -> bool:
+        self.writes.append("hsetnx")
+        return await super().hsetnx(key, field, value)
+
+    async def append(self, key: str, value: str, maxlen: int) -> int:
+        self.writes.append("append")
+        return await super().append(key, value, maxlen)
+
+    async def write(self, ops: Any) -> None:
+        self.writes.append("write")
+        if self.refuse:
+            raise Unavailable("state store unreachable; try again shortly")
+        await super().write(ops)
+
+
+async def test_a_submission_is_one_transaction_with_its_event_and_queue_entry_or_nothing() -> None:
+    as_caller()
+    tools = FakeTools()
+    replicas = Replicas(tools)
+    backend = replicas.backend = CountingBackend()
+    runner = replicas.start()
+    try:
+        agent_id = await agent_of(replicas, runner)
+        backend.writes.clear()
+        task, created = await submit(runner, agent_id, step("s1"))
+        # One round trip: the task, its task.queued event and its queue entry together.
+        assert created and backend.writes[0] == "write"
+        events = await follow(runner, task["task_id"])
+        assert kinds(events)[0] == "task.queued" and kinds(events)[-1] == "task.succeeded"
+
+        # A store that refuses the transaction: a clear 503, and nothing of the task left behind (no task, no
+        # queue entry that would run a task nobody was told about).
+        backend.refuse = True
+        store = TenantStore(backend, "agent")
+        before = await store.all("tasks")
+        pending = set(await backend.hgetall(f"{QUEUE}-pending"))
+        with pytest.raises(Unavailable):
+            await submit(runner, agent_id, step("s1"))
+        assert await store.all("tasks") == before
+        assert set(await backend.hgetall(f"{QUEUE}-pending")) <= pending
+    finally:
+        await runner.aclose()

@@ -23,6 +23,7 @@ from altan import context
 from altan.context import RequestContext
 from altan.errors import Unauthenticated, Unavailable
 from altan.store import (
+    REDIS_POOL_SIZE,
     RETRY_AFTER_SECONDS,
     MemoryBackend,
     RedisBackend,
@@ -137,6 +138,31 @@ async def test_put_new_is_atomic_under_concurrency(harness: Harness, tenant: str
     won = await asyncio.gather(*(store.put_new("idem", "key", {"writer": i}) for i in range(20)))
     assert won.count(True) == 1
     assert await store.get("idem", "key") == {"writer": won.index(True)}
+
+
+async def test_a_burst_wider_than_the_connection_pool_waits_instead_of_failing(harness: Harness, tenant: str) -> None:
+    # More commands at once than one client has connections (redis-py's default pool refused the 101st with
+    # MaxConnectionsError, answered as 503 to a burst of submissions).
+    store = harness.store()
+    await asyncio.gather(*(store.put("burst", f"d{i}", {"i": i}) for i in range(3 * REDIS_POOL_SIZE)))
+    assert len(await store.all("burst")) == 3 * REDIS_POOL_SIZE
+
+
+async def test_a_batch_of_writes_lands_together_and_wakes_readers(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    await store.append("events", {"n": 0})
+    reader = asyncio.create_task(store.read("events", after=1, block_seconds=10))
+    await asyncio.sleep(0)  # the reader waits (a blocked read; it is woken by the batch, not by a timeout)
+    await store.write(
+        [
+            store.put_op("tasks", "t1", {"v": 1}),
+            store.append_op("events", {"n": 1}),
+            store.append_op("events", {"n": 2}),
+        ]
+    )
+    assert await store.get("tasks", "t1") == {"v": 1}
+    assert await asyncio.wait_for(reader, 5) in ([(2, {"n": 1}), (3, {"n": 2})], [(2, {"n": 1})])
+    assert await store.read("events") == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 2})]
 
 
 async def test_collections_and_namespaces_are_separate(harness: Harness, tenant: str) -> None:
