@@ -204,10 +204,17 @@ class Settings(BaseSettings):
     task_queue: str = Field(default="altan::agent:work", pattern=r"^altan:[A-Za-z0-9_:.-]{1,200}$")
     # Tasks one agent replica runs at once; more wait in the queue (for this replica or another).
     task_concurrency: int = Field(default=2000, ge=1, le=100_000)
-    # The install's internal key (at least 32 bytes): the agent signs with it the short-lived delegation token a task
-    # runs with (tenant, user, role, task id), which only the internal services accept. `altan up` generates one
-    # in the data directory. Unset: a task runs only in the replica that accepted it, with its caller's token.
-    internal_key: SecretStr | None = None
+    # Task delegations (altan.delegation): the agent signs, with this ES256 (P-256) private key in PEM, the
+    # short-lived delegation token a task runs with (tenant, user, role, task id), which only the internal services
+    # accept. The agent only: any other process given it refuses to start. Unset: a task runs only in the replica
+    # that accepted it, with its caller's token. `altan up` generates a pair in the data directory.
+    delegation_signing_key_file: Path | None = None
+    # The PEM public keys (or certificates) delegations are verified with, by the agent, tool and integrator
+    # services and the tool containers; several during a rotation (each token names its key by `kid`). Unset:
+    # delegations are refused.
+    delegation_public_keys_file: Path | None = None
+    # The symmetric key of earlier versions: no longer read; set, it is refused (see _internal_key_is_gone).
+    internal_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     # Connections one process keeps open to third parties and LLM endpoints, all of them together; a call past it
     # waits for one to be free. An LLM turn holds its connection for as long as the model thinks.
     outbound_max_connections: int = Field(default=512, ge=1, le=10_000)
@@ -278,9 +285,12 @@ class Settings(BaseSettings):
 
     @field_validator("internal_key")
     @classmethod
-    def _internal_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
-            raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -base64 32`)")
+    def _internal_key_is_gone(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raise ValueError(
+                "no longer read: delegations are signed with ALTAN_DELEGATION_SIGNING_KEY_FILE (the agent's ES256 "
+                "private key) and verified with ALTAN_DELEGATION_PUBLIC_KEYS_FILE; remove it (docs/operations.md)"
+            )
         return value
 
     @field_validator("master_key")

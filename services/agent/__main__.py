@@ -17,6 +17,7 @@ from altan.auth import issue_delegation
 from altan.bootstrap import run_service
 from altan.clients import IntegratorClient
 from altan.config import Settings
+from altan.delegation import agent_signing_key
 from altan.errors import Unavailable
 from altan.server import GrpcService
 from altan.store import TenantStore, open_state
@@ -46,11 +47,11 @@ def _platform_unavailable(exc: BaseException) -> bool:
 
 
 def delegation(settings: Settings) -> Delegate | None:
-    """Who a queued task runs as: its submitter, by a delegation signed with the install's internal key, narrowed
+    """Who a queued task runs as: its submitter, by a delegation signed with the agent's private key, narrowed
     to that task and to the member role (running a task needs no more), valid until the task's deadline."""
-    if settings.internal_key is None:
+    key = agent_signing_key(settings)
+    if key is None:
         return None
-    key = settings.internal_key.get_secret_value()
 
     def delegate(task: dict[str, Any], tenant: str) -> context.RequestContext:
         sub = str(task.get("owner", {}).get("sub", ""))
@@ -157,7 +158,8 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         deadline_seconds=settings.task_deadline_seconds,
     )
     queue: WorkQueue = ImmediateQueue()
-    if settings.internal_key is not None:
+    delegate = delegation(settings)
+    if delegate is not None:
         queue = open_work_queue(
             backend,
             settings.redis_url,
@@ -167,7 +169,9 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         )
     else:
         # No replica but the accepting one may act for a task's submitter: tasks run there, and are not durable.
-        log.warning("ALTAN_INTERNAL_KEY is not set: tasks run in the replica that accepted them, and die with it")
+        log.warning(
+            "ALTAN_DELEGATION_SIGNING_KEY_FILE is not set: tasks run in the replica that accepted them, and die with it"
+        )
     tasks = TaskRunner(
         store,
         agents,
@@ -176,7 +180,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         limits,
         llm,
         queue=queue,
-        delegate=delegation(settings),
+        delegate=delegate,
         needs_approval=needs_approval,
         audit_decision=audit_decision,
     )
