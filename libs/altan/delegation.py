@@ -116,13 +116,17 @@ def load_public_keys(path: Path) -> dict[str, ec.EllipticCurvePublicKey]:
 
 
 def agent_signing_key(settings: Settings) -> SigningKey | None:
-    """The agent's private key, checked against the public keys it is given: a key the services do not hold would
-    have every delegation refused (a rotation done in the wrong order)."""
+    """The agent's private key, checked against the public keys it is given (required with it): a key the services
+    do not hold would have every delegation refused (a rotation done in the wrong order)."""
     if settings.delegation_signing_key_file is None:
         return None
     key = load_signing_key(settings.delegation_signing_key_file)
     public = settings.delegation_public_keys_file
-    if public is not None and key.kid not in load_public_keys(public):
+    if public is None:
+        raise ConfigurationError(
+            f"{SIGNING_KEY_SETTING} needs {PUBLIC_KEYS_SETTING}: the public keys the services verify delegations with"
+        )
+    if key.kid not in load_public_keys(public):
         raise ConfigurationError(
             f"{SIGNING_KEY_SETTING}: its public key (kid {key.kid}) is not in {PUBLIC_KEYS_SETTING}: the services "
             "would refuse its delegations (add the new public key everywhere first)"

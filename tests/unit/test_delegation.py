@@ -220,6 +220,9 @@ def test_the_agent_refuses_a_key_the_verifiers_do_not_hold(tmp_path: Path) -> No
     settings = Settings(jwt_secret="s" * 32, delegation_signing_key_file=private, delegation_public_keys_file=other)
     with pytest.raises(ConfigurationError, match=r"its public key \(kid .*\) is not in ALTAN_DELEGATION_PUBLIC"):
         agent_signing_key(settings)
+    alone = Settings(jwt_secret="s" * 32, delegation_signing_key_file=private)
+    with pytest.raises(ConfigurationError, match="needs ALTAN_DELEGATION_PUBLIC_KEYS_FILE"):
+        agent_signing_key(alone)
 
 
 def test_only_the_agent_may_hold_the_private_key(tmp_path: Path) -> None:
