@@ -16,7 +16,7 @@ from altan.api.convert import now_ms, struct_to_dict
 from altan.auth import issue_delegation
 from altan.bootstrap import run_service
 from altan.clients import IntegratorClient
-from altan.config import Settings
+from altan.config import ConfigurationError, Settings
 from altan.delegation import agent_signing_key
 from altan.errors import Unavailable
 from altan.server import GrpcService
@@ -159,7 +159,20 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     )
     queue: WorkQueue = ImmediateQueue()
     delegate = delegation(settings)
-    if delegate is not None:
+    if settings.work_queue == "cloud-tasks":
+        # Pushed by Cloud Tasks to the push port (services/agent/cloud_tasks.py); settings checked at start.
+        from services.agent.cloud_tasks import CloudTasksWorkQueue
+
+        if delegate is None:
+            raise ConfigurationError(
+                "ALTAN_WORK_QUEUE=cloud-tasks needs ALTAN_DELEGATION_SIGNING_KEY_FILE (a pushed task runs as a "
+                "delegation)"
+            )
+
+        cloud_tasks = CloudTasksWorkQueue.from_settings(settings)
+        cloud_tasks.open()
+        queue = cloud_tasks
+    elif delegate is not None:
         queue = open_work_queue(
             backend,
             settings.redis_url,
