@@ -21,6 +21,7 @@ from typing import Any
 from altan.store import MemoryBackend, SqliteBackend, StateBackend
 
 VALUE = "x" * 512  # about a small task document or event
+FENCE = ("fences", "task", "1")  # a task's fence, held: every fenced write goes through
 
 
 def _cpu() -> float:
@@ -47,7 +48,9 @@ def _operations(backend: StateBackend) -> dict[str, Callable[[int], Awaitable[An
         "hget": lambda i: backend.hget("h", "f"),
         "hset": lambda i: backend.hset("h", f"f{i % 100}", VALUE),
         "hsetnx": lambda i: backend.hsetnx("n", f"f{i}", VALUE),
+        "hset_if (fenced hset; issue 9)": lambda i: backend.hset_if(FENCE, "h", f"f{i % 100}", VALUE),
         "append": lambda i: backend.append(f"s{i % 16}", VALUE, 10_000),
+        "append_if (fenced append)": lambda i: backend.append_if(FENCE, f"s{i % 16}", VALUE, 10_000),
         "read (after the last 10)": lambda i: backend.read("s0", 0, 10),
         "set_expiring": lambda i: backend.set_expiring(f"e{i % 100}", VALUE, 60),
         "take_token": lambda i: backend.take_token("b", 1_000_000_000, 1),
@@ -92,6 +95,7 @@ async def main(count: int) -> None:
         for make in (MemoryBackend, lambda: SqliteBackend(path)):
             backend: StateBackend = make()
             await backend.hset("h", "f", VALUE)
+            await backend.hincr("fences", "task")
             for name, op in _operations(backend).items():
                 for in_flight in (1, 16):
                     rows.setdefault(name, []).append(await _measure(op, count, in_flight))

@@ -18,6 +18,7 @@ import time
 from collections import OrderedDict, defaultdict
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ from altan.store_sqlite import SqliteBackend, StateFileError
 
 __all__ = [
     "RETRY_AFTER_SECONDS",
+    "Fence",
     "MemoryBackend",
     "RedisBackend",
     "SharedStore",
@@ -55,6 +57,23 @@ local n = redis.call('INCR', KEYS[2])
 redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'd', ARGV[1])
 return n
 """
+
+# Fenced writes: the write happens only while the fence (a hash field holding a counter) still says the writer's
+# number; 0 when it says another (a later holder took it). One round trip, as the unfenced write.
+_HSET_IF = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+return 1
+"""
+_APPEND_IF = """
+if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return 0 end
+local n = redis.call('INCR', KEYS[2])
+redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'd', ARGV[1])
+return n
+"""
+
+# The state of a fence, as the backends take it: (hash key, field, the holder's number as text).
+Guard = tuple[str, str, str]
 
 # A token bucket, atomically: ``capacity`` tokens that refill in ``per_seconds``; take one, or answer how long until one
 # is there. Redis's own clock, so every replica sees one time. The answer is text: Lua numbers reach the client as
@@ -85,6 +104,9 @@ class StateBackend(Protocol):
     async def hgetall(self, key: str) -> dict[str, str]: ...
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]: ...
     async def append(self, key: str, value: str, maxlen: int) -> int: ...
+    async def hincr(self, key: str, field: str) -> int: ...
+    async def hset_if(self, guard: Guard, key: str, field: str, value: str) -> bool: ...
+    async def append_if(self, guard: Guard, key: str, value: str, maxlen: int) -> int: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def get_expiring(self, key: str) -> str | None: ...
@@ -152,6 +174,22 @@ class MemoryBackend:
             async with cond:
                 cond.notify_all()
         return seq
+
+    async def hincr(self, key: str, field: str) -> int:
+        value = int(self._hashes[key].get(field, "0")) + 1
+        self._hashes[key][field] = str(value)
+        return value
+
+    async def hset_if(self, guard: Guard, key: str, field: str, value: str) -> bool:
+        if self._hashes.get(guard[0], {}).get(guard[1]) != guard[2]:
+            return False
+        self._hashes[key][field] = value
+        return True
+
+    async def append_if(self, guard: Guard, key: str, value: str, maxlen: int) -> int:
+        if self._hashes.get(guard[0], {}).get(guard[1]) != guard[2]:
+            return 0
+        return await self.append(key, value, maxlen)
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         found = self._after(key, after, count)
@@ -280,6 +318,8 @@ class RedisBackend:
         self._blocking: Any = redis_client(url, socket_timeout=30)
         self._append = self._redis.register_script(_APPEND)
         self._take_token = self._redis.register_script(_BUCKET)
+        self._hset_if = self._redis.register_script(_HSET_IF)
+        self._append_if = self._redis.register_script(_APPEND_IF)
 
     async def hget(self, key: str, field: str) -> str | None:
         with _unreachable_is_unavailable():
@@ -310,6 +350,19 @@ class RedisBackend:
     async def append(self, key: str, value: str, maxlen: int) -> int:
         with _unreachable_is_unavailable():
             return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
+
+    async def hincr(self, key: str, field: str) -> int:
+        with _unreachable_is_unavailable():
+            return int(await self._redis.hincrby(key, field, 1))
+
+    async def hset_if(self, guard: Guard, key: str, field: str, value: str) -> bool:
+        with _unreachable_is_unavailable():
+            return bool(await self._hset_if(keys=[guard[0], key], args=[guard[1], guard[2], field, value]))
+
+    async def append_if(self, guard: Guard, key: str, value: str, maxlen: int) -> int:
+        with _unreachable_is_unavailable():
+            keys = [key, key + ":seq", guard[0]]
+            return int(await self._append_if(keys=keys, args=[value, maxlen, guard[1], guard[2]]))
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         with _unreachable_is_unavailable():
@@ -392,6 +445,16 @@ def open_state(settings: Settings) -> StateBackend:
         raise ConfigurationError(f"ALTAN_DATA_DIR: {exc}") from None
 
 
+@dataclass(frozen=True)
+class Fence:
+    """A holder's number on a fence (:meth:`TenantStore.take_fence`): its writes made with it happen only while no
+    later holder took the fence."""
+
+    collection: str
+    doc_id: str
+    number: int
+
+
 class TenantStore:
     """A service's view of the state, always inside the current caller's tenant.
 
@@ -412,6 +475,18 @@ class TenantStore:
 
     async def put(self, collection: str, doc_id: str, doc: Doc) -> None:
         await self._backend.hset(self._key(collection), doc_id, json.dumps(doc))
+
+    async def take_fence(self, collection: str, doc_id: str) -> Fence:
+        """Become the holder of fence ``doc_id`` (a counter in ``collection``), which stops the writes of every
+        earlier holder made with :meth:`put_fenced` and :meth:`append_fenced` (one atomic increment)."""
+        return Fence(collection, doc_id, await self._backend.hincr(self._key(collection), doc_id))
+
+    def _guard(self, fence: Fence) -> Guard:
+        return (self._key(fence.collection), fence.doc_id, str(fence.number))
+
+    async def put_fenced(self, collection: str, doc_id: str, doc: Doc, fence: Fence) -> bool:
+        """:meth:`put`, only while ``fence`` is the latest holder's (checked and written atomically); else False."""
+        return await self._backend.hset_if(self._guard(fence), self._key(collection), doc_id, json.dumps(doc))
 
     async def put_new(self, collection: str, doc_id: str, doc: Doc) -> bool:
         """Store only if absent; False when the id is taken (duplicates, idempotency keys)."""
@@ -435,6 +510,10 @@ class TenantStore:
         Redis trims approximately (``MAXLEN ~``, cheap): it may keep somewhat more than ``maxlen`` events.
         """
         return await self._backend.append(self._key(stream), json.dumps(event), maxlen)
+
+    async def append_fenced(self, stream: str, event: Doc, fence: Fence, maxlen: int = 10_000) -> int:
+        """:meth:`append`, only while ``fence`` is the latest holder's; else 0 (nothing appended)."""
+        return await self._backend.append_if(self._guard(fence), self._key(stream), json.dumps(event), maxlen)
 
     async def read(
         self, stream: str, after: int = 0, count: int = 1000, block_seconds: float = 0

@@ -221,6 +221,23 @@ class SqliteBackend:
         self._notify(key)
         return seq
 
+    async def hincr(self, key: str, field: str) -> int:
+        # One statement: the write lock is taken before the read, so two processes never get one number.
+        sql = (
+            "INSERT INTO hashes VALUES (?, ?, '1') ON CONFLICT (key, field) "
+            "DO UPDATE SET value = CAST(value AS INTEGER) + 1 RETURNING value"
+        )
+        return int(await self._run(_one, self._db, sql, (key, field)))
+
+    async def hset_if(self, guard: tuple[str, str, str], key: str, field: str, value: str) -> bool:
+        return await self._run(self._write, _hset_if, guard, key, field, value)
+
+    async def append_if(self, guard: tuple[str, str, str], key: str, value: str, maxlen: int) -> int:
+        seq = await self._run(self._write, _append_if, guard, key, value, maxlen)
+        if seq:
+            self._notify(key)
+        return seq
+
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         sql = "SELECT seq, value FROM streams WHERE key = ? AND seq > ? ORDER BY seq LIMIT ?"
         found: list[tuple[int, str]] = await self._run(_all, self._db, sql, (key, after, count))
@@ -481,6 +498,22 @@ def _append(db: sqlite3.Connection, key: str, value: str, maxlen: int) -> int:
         # Trimmed every few appends, as Redis's MAXLEN ~: a stream keeps up to _TRIM_EVERY - 1 more than maxlen.
         db.execute("DELETE FROM streams WHERE key = ? AND seq <= ?", (key, seq - maxlen))
     return seq
+
+
+def _holds(db: sqlite3.Connection, guard: tuple[str, str, str]) -> bool:
+    sql = "SELECT value FROM hashes WHERE key = ? AND field = ?"
+    return bool(_one(db, sql, (guard[0], guard[1])) == guard[2])
+
+
+def _hset_if(db: sqlite3.Connection, guard: tuple[str, str, str], key: str, field: str, value: str) -> bool:
+    if not _holds(db, guard):
+        return False
+    db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", (key, field, value))
+    return True
+
+
+def _append_if(db: sqlite3.Connection, guard: tuple[str, str, str], key: str, value: str, maxlen: int) -> int:
+    return _append(db, key, value, maxlen) if _holds(db, guard) else 0
 
 
 def _remove_expiring(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:

@@ -18,7 +18,7 @@ from altan.bootstrap import run_service
 from altan.clients import IntegratorClient
 from altan.config import ConfigurationError, Settings
 from altan.delegation import agent_signing_key
-from altan.errors import Unavailable
+from altan.errors import DeadlineExceeded, Unavailable
 from altan.server import GrpcService
 from altan.store import TenantStore, open_state
 from altan.tls import tls_files
@@ -44,6 +44,24 @@ def _platform_unavailable(exc: BaseException) -> bool:
     raised itself (a third party, Secret Manager or the state store out of reach) fails the step as before: the
     integrator has retried it already."""
     return isinstance(exc, Unavailable) and exc.hop_failed
+
+
+def _hop_failed(exc: BaseException) -> bool:
+    """A model turn's hop that failed: the integrator unreachable or gone during the turn, or the hop's own deadline
+    passed. The provider's errors (5xx, 429, its timeouts) were handled by the integrator (retries, fallbacks) and
+    come back raised by it: they end the turn as before."""
+    return isinstance(exc, Unavailable | DeadlineExceeded) and exc.hop_failed
+
+
+def _hop_retrying(retry_on: Callable[[BaseException], bool]) -> AsyncRetrying:
+    """Try a call to the integrator again while the hop fails, with backoff, for up to _HOP_RETRY_SECONDS (the
+    task's deadline cancels the run sooner, when it comes first)."""
+    return AsyncRetrying(
+        retry=retry_if_exception(retry_on),
+        wait=wait_exponential_jitter(initial=0.2, max=2.0),
+        stop=stop_after_delay(_HOP_RETRY_SECONDS),
+        reraise=True,
+    )
 
 
 def delegation(settings: Settings) -> Delegate | None:
@@ -86,12 +104,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         # The integrator retries within its own deadline; allow it that long plus the hop. When the platform itself
         # was unavailable (see _platform_unavailable) the step is tried again: its Idempotency-Key makes the third
         # party perform it once whatever the first attempt got to do.
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception(_platform_unavailable),
-            wait=wait_exponential_jitter(initial=0.2, max=2.0),
-            stop=stop_after_delay(_HOP_RETRY_SECONDS),
-            reraise=True,
-        ):
+        async for attempt in _hop_retrying(_platform_unavailable):
             with attempt:
                 answer = await integrator.call(
                     integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5
@@ -103,13 +116,20 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
     async def model_turn(
         request: runtime_pb2.CompleteRequest, on_delta: Callable[[str], Awaitable[None]]
     ) -> runtime_pb2.ModelAnswer:
-        stream = integrator.stream(integrator.runtime.Complete, request, timeout=settings.llm_deadline_seconds + 10)
-        async for item in stream:
-            if item.WhichOneof("kind") == "delta":
-                await on_delta(item.delta)
-            else:
-                return item.answer
-        raise Unavailable("the integrator ended a model turn without its answer")
+        # A turn whose hop failed (the integrator restarting, or dying mid-turn) is asked again, as a tool step's call
+        # is: the task goes on instead of failing. The provider is asked again only by an attempt that reached the
+        # integrator; what was streamed before the failure may be streamed again (message.delta events).
+        async for attempt in _hop_retrying(_hop_failed):
+            with attempt:
+                timeout = settings.llm_deadline_seconds + 10
+                stream = integrator.stream(integrator.runtime.Complete, request, timeout=timeout)
+                async for item in stream:
+                    if item.WhichOneof("kind") == "delta":
+                        await on_delta(item.delta)
+                    else:
+                        return item.answer
+                raise Unavailable("the integrator ended a model turn without its answer")
+        raise AssertionError("unreachable: the retrying above returns or raises")
 
     async def describe(tool_ids: list[str]) -> list[runtime_pb2.ModelTool]:
         """The bound tools as the model sees them: name, description, JSON Schema."""

@@ -45,7 +45,7 @@ from google.protobuf import duration_pb2, field_mask_pb2, timestamp_pb2
 from altan.config import ConfigurationError, Settings
 from altan.errors import Unavailable
 from altan.listen import CannotListen, listen_socket
-from services.agent.work_queue import Handler, WorkItem
+from services.agent.work_queue import Handler, Superseded, WorkItem
 
 __all__ = ["GOOGLE_ISSUER", "CloudTasksWorkQueue", "PushApp", "PushAuth", "task_id_for"]
 
@@ -190,7 +190,9 @@ class PushApp:
             # and its ending is recorded: done.
             return 503 if self.stopping else 200
         error = run.exception()
-        if error is None:
+        if error is None or isinstance(error, Superseded):
+            # Superseded: a later push of this task took it over (this one outlived its dispatch deadline); Cloud
+            # Tasks no longer waits for this answer.
             return 200
         if not isinstance(error, Unavailable):
             log.error("running a pushed task failed; Cloud Tasks retries it", exc_info=error)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import json
 import logging
 import time
@@ -23,7 +24,7 @@ from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
 from altan.errors import AlreadyExists, AltanError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
-from altan.store import TenantStore
+from altan.store import Fence, TenantStore
 from altan.v1 import runtime_pb2
 from altan.wire import json_bytes, new_id
 from services.agent.agents import AgentCatalog
@@ -39,7 +40,7 @@ from services.agent.plan import (
     parse_plan,
 )
 from services.agent.threads import ThreadStore, coherent, fit_to_budget
-from services.agent.work_queue import ImmediateQueue, ParkingQueue, WorkItem, WorkQueue
+from services.agent.work_queue import ImmediateQueue, ParkingQueue, Superseded, WorkItem, WorkQueue
 
 __all__ = [
     "TERMINAL",
@@ -57,12 +58,16 @@ log = logging.getLogger(__name__)
 _TASKS = "tasks"
 _IDEMPOTENCY = "idempotency"
 _CANCELLATIONS = "cancellations"  # task id -> when another replica was asked to cancel it
+_FENCES = "fences"  # task id -> the number of its latest delivery: only that run writes the task
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 # A run close to its deadline waits for an approval in place rather than park (its deadline wake-up may come early).
 _PARK_MARGIN_MS = 30_000
 _DEADLINE_WAKE_DELAY_MS = 5_000
+# The fence of the run this code belongs to (set by each delivery, inherited by the run's own asyncio tasks): its
+# writes of the task happen only while no later delivery took the task over. Requests (a cancel, a decision) have none.
+_fence: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("altan_task_fence", default=None)
 
 # Runs one tool for an agent's task: (agent, step, arguments, task_id) -> its answer.
 ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable["ToolAnswer"]]
@@ -248,6 +253,9 @@ class TaskRunner:
         caller = self._callers.pop(key, None)
         # Enough to read the tenant's state; the run itself acts as the task's caller.
         context.bind(context.RequestContext(tenant_id=item.tenant_id, user="", role="member", token=""))
+        # This delivery takes the task over before reading it: a run of an earlier delivery (a replica that hung past
+        # its lease) can write nothing of the task from now on, and what it wrote before is read here.
+        _fence.set(await self._store.take_fence(_FENCES, item.task_id))
         task = await self._store.get(_TASKS, item.task_id)
         if task is None or task["status"] in TERMINAL:
             return
@@ -480,7 +488,7 @@ class TaskRunner:
             if step["status"] in ("pending", "running", "waiting_approval"):
                 step["status"] = "cancelled" if step["status"] != "pending" else "skipped"
         task.update(status="cancelled", error="cancelled", updated_at=now_ms())
-        await self._store.put(_TASKS, task_id, task)
+        await self._put(task)
         await self._emit(task_id, "task.cancelled", {"error": "cancelled"})
         return task
 
@@ -512,9 +520,20 @@ class TaskRunner:
                     return
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
-        await self._store.append(
-            task_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}
-        )
+        event = {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}
+        fence = _fence.get()
+        if fence is None or fence.doc_id != task_id:
+            await self._store.append(task_events(task_id), event)
+        elif not await self._store.append_fenced(task_events(task_id), event, fence):
+            raise Superseded(task_id)
+
+    async def _put(self, task: dict[str, Any]) -> None:
+        """Store the task document: from its run, only while that run holds the task (checked in the same write)."""
+        fence = _fence.get()
+        if fence is None or fence.doc_id != task["task_id"]:
+            await self._store.put(_TASKS, task["task_id"], task)
+        elif not await self._store.put_fenced(_TASKS, task["task_id"], task, fence):
+            raise Superseded(task["task_id"])
 
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
         task_id = task["task_id"]
@@ -563,6 +582,8 @@ class TaskRunner:
             else:
                 await self._emit(task_id, "task.started", {})
             outputs = await run.run()
+        except Superseded:
+            raise  # another delivery runs the task now: this run stops, writing nothing more
         except PlanFailed as exc:
             await self._finish(
                 task, run, status="failed", error=f"step {exc.step_id} failed: {error_message(exc.error)}"
@@ -622,7 +643,8 @@ class TaskRunner:
             await self._emit(task_id, kind, data)
 
         async def record(message: dict[str, Any]) -> None:
-            await self._threads.add(thread_id, message)
+            if not await self._threads.add(thread_id, message, _fence.get()):
+                raise Superseded(task_id)
 
         resumed = task["status"] != "queued"
         try:
@@ -653,6 +675,8 @@ class TaskRunner:
                 changed=changed,
             )
             answer = await conversation.run(_text(task["input"]), mine)
+        except Superseded:
+            raise  # another delivery runs the task now: this run stops, writing nothing more
         except AltanError as exc:
             await self._finish(task, None, status="failed", error=exc.message)
         except asyncio.CancelledError:
@@ -668,7 +692,7 @@ class TaskRunner:
         if run is not None:
             changes["steps"] = [_step(s) for s in run.steps.values()]
         task.update(changes, updated_at=now_ms())
-        await self._store.put(_TASKS, task["task_id"], task)
+        await self._put(task)
 
     async def _finish(self, task: dict[str, Any], run: PlanRun | None, *, status: str, **changes: Any) -> None:
         await self._save(task, run, status=status, **changes)

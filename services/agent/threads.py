@@ -13,7 +13,7 @@ from typing import Any
 
 from altan.api.convert import now_ms
 from altan.errors import FailedPrecondition, InvalidArgument, NotFound
-from altan.store import TenantStore
+from altan.store import Fence, TenantStore
 from altan.wire import new_id
 
 __all__ = ["ThreadStore", "coherent", "fit_to_budget"]
@@ -72,8 +72,12 @@ class ThreadStore:
         """The newest messages that may fit in ``budget_tokens`` (each message costs a few tokens at least)."""
         return await self._store.tail(_messages(thread_id), min(MAX_MESSAGES, budget_tokens // 4 + 1))
 
-    async def add(self, thread_id: str, message: dict[str, Any]) -> None:
-        await self._store.append(_messages(thread_id), message, maxlen=MAX_MESSAGES)
+    async def add(self, thread_id: str, message: dict[str, Any], fence: Fence | None = None) -> bool:
+        """Record a message; with ``fence``, only while it holds (False when a later holder took it)."""
+        if fence is None:
+            await self._store.append(_messages(thread_id), message, maxlen=MAX_MESSAGES)
+            return True
+        return bool(await self._store.append_fenced(_messages(thread_id), message, fence, maxlen=MAX_MESSAGES))
 
 
 def _encode(after: int) -> str:

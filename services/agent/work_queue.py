@@ -45,6 +45,7 @@ __all__ = [
     "LocalWorkQueue",
     "ParkingQueue",
     "RedisWorkQueue",
+    "Superseded",
     "WorkItem",
     "WorkQueue",
     "open_work_queue",
@@ -74,6 +75,11 @@ class WorkItem:
     def decode(cls, raw: str) -> WorkItem:
         doc = json.loads(raw)
         return cls(str(doc["t"]), str(doc["k"]))
+
+
+class Superseded(Exception):
+    """Raised by a handler whose run was taken over by a later delivery of its item (this replica stalled past its
+    lease, and another one runs the task now): the item is neither acknowledged nor delivered again from here."""
 
 
 # Runs one item to its end (or until this process stops); raising leaves the item to be delivered again.
@@ -151,6 +157,9 @@ class _Runs:
             await self._on_done(entry, item)
         except asyncio.CancelledError:
             raise
+        except Superseded:
+            # Acknowledging would end the delivery the other replica runs (XACK does not ask whose it is).
+            log.warning("a later delivery took this task over; this run stopped", extra={"task": item.task_id})
         except Exception:
             # Not acknowledged: delivered again (after the lease, or here after a pause).
             log.exception("running a queued task failed; it will be delivered again", extra={"task": item.task_id})

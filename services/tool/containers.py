@@ -233,13 +233,19 @@ class ContainerTools:
     # --- calls --------------------------------------------------------------------------------------------------
 
     async def invoke(
-        self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float, credential: Credential | None = None
+        self,
+        tool: dict[str, Any],
+        arguments: dict[str, Any],
+        timeout: float,
+        credential: Credential | None = None,
+        idempotency_key: str = "",
     ) -> Any:
         """Run a container tool as the current caller (whose token goes along), with the credential the integrator
-        injected for this call when the tool declares one; its output, parsed, the secret redacted from it."""
+        injected for this call when the tool declares one, and a task step's idempotency key; its output, parsed,
+        the secret redacted from it."""
         secret = credential.value if credential is not None else ""
         try:
-            output = await self._invoke(tool, arguments, timeout, credential)
+            output = await self._invoke(tool, arguments, timeout, credential, idempotency_key)
         except AltanError as exc:
             if secret and secret in exc.message:  # a failure that quotes the secret does not carry it further
                 exc.message = exc.message.replace(secret, REDACTED)
@@ -248,14 +254,22 @@ class ContainerTools:
         return redact(output, secret) if secret else output
 
     async def _invoke(
-        self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float, credential: Credential | None
+        self,
+        tool: dict[str, Any],
+        arguments: dict[str, Any],
+        timeout: float,
+        credential: Credential | None,
+        idempotency_key: str,
     ) -> Any:
         tool_id, address = tool["tool_id"], tool["container"]
         container = self._owner.get(tool_id)
         if container is None or container.address != address:
             raise Unavailable(f"tool '{tool_id}' is no longer served by tool container {address}")
         request = container_pb2.InvokeContainerToolRequest(
-            tool_id=tool_id, arguments_json=json_bytes(arguments), timeout_seconds=timeout
+            tool_id=tool_id,
+            arguments_json=json_bytes(arguments),
+            timeout_seconds=timeout,
+            idempotency_key=idempotency_key,
         )
         if credential is not None:
             request.credential.CopyFrom(

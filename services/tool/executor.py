@@ -106,7 +106,12 @@ class ContainerCalls(Protocol):
     """Runs a tool of a tool container (services.tool.containers.ContainerTools)."""
 
     async def invoke(
-        self, tool: dict[str, Any], arguments: dict[str, Any], timeout: float, credential: Credential | None = None
+        self,
+        tool: dict[str, Any],
+        arguments: dict[str, Any],
+        timeout: float,
+        credential: Credential | None = None,
+        idempotency_key: str = "",
     ) -> Any: ...
 
 
@@ -114,7 +119,12 @@ class McpCalls(Protocol):
     """Runs a tool of a tenant's MCP server (services.tool.mcp.McpServers)."""
 
     async def invoke(
-        self, tool: dict[str, Any], arguments: dict[str, Any], credential: Credential | None, timeout: float | None
+        self,
+        tool: dict[str, Any],
+        arguments: dict[str, Any],
+        credential: Credential | None,
+        timeout: float | None,
+        idempotency_key: str = "",
     ) -> Any: ...
 
 
@@ -150,7 +160,9 @@ class ToolExecutor:
     ) -> Execution:
         """Run one call; ``arguments_size`` (bytes of their JSON) says whether checking them is worth a thread.
 
-        ``idempotency_key`` (a task's ``<task_id>:<step_id>``) goes out as the HTTP request's ``Idempotency-Key``.
+        ``idempotency_key`` (a task's ``<task_id>:<step_id>``) goes out as the HTTP request's ``Idempotency-Key``,
+        to a tool container in its request (the SDK's ``ctx.idempotency_key``), to an MCP server in the call's
+        ``_meta`` (``io.altan/idempotency-key``).
         """
         tool = await self._registry.get(tool_id)
         if not isinstance(arguments, dict):
@@ -162,13 +174,17 @@ class ToolExecutor:
             declared = tool.get("credential") or ""
             if credential is not None and credential.name != declared:
                 credential = None  # only the credential the tool declares, never another one sent by mistake
-            output = await self._containers.invoke(tool, arguments, timeout or self._default_timeout, credential)
+            output = await self._containers.invoke(
+                tool, arguments, timeout or self._default_timeout, credential, idempotency_key
+            )
             return Execution(output=output, target=tool["container"])
         offload = arguments_size > OFFLOAD_CHECK_BYTES
         await self._validator.check(tool_id, tool["input_schema"], arguments, offload=offload)
         if tool["type"] == "mcp" and self._mcp is not None:
             # Its arguments were checked above, against a schema bounded as any tenant's: a bad call never leaves.
-            output = await self._mcp.invoke(tool, arguments, credential, timeout or self._default_timeout)
+            output = await self._mcp.invoke(
+                tool, arguments, credential, timeout or self._default_timeout, idempotency_key
+            )
             return Execution(output=output, target=destination(tool["mcp_url"]))
         if tool_id == "http_request":
             return await self._http_request(arguments, credential, timeout, idempotency_key)

@@ -35,6 +35,7 @@ from mcp.types import (
     CallToolRequestParams,
     CallToolResult,
     ClientRequest,
+    RequestParams,
     ServerNotification,
     TextContent,
     ToolListChangedNotification,
@@ -52,12 +53,15 @@ from services.tool.executor import Credential, redact
 from services.tool.mcp_sessions import KeptSession, McpSessions, SessionBroken, SessionUnopened
 from services.tool.schema import check_input_schema
 
-__all__ = ["MCP_SEPARATOR", "McpServers", "mcp_output", "mcp_tool_id"]
+__all__ = ["IDEMPOTENCY_META", "MCP_SEPARATOR", "McpServers", "mcp_output", "mcp_tool_id"]
 
 log = logging.getLogger(__name__)
 
 _SERVERS = "mcp-servers"
 MCP_SEPARATOR = "__"
+# The key of a tools/call request's _meta that carries a task step's idempotency key (a reverse-DNS prefix, as the
+# MCP specification asks of implementation-specific _meta keys).
+IDEMPOTENCY_META = "io.altan/idempotency-key"
 _TOOL_ID = re.compile(TOOL_ID_PATTERN)
 _NOT_ID = re.compile(r"[^a-z0-9_-]")
 _MAX_TOOLS = 200  # per server: a tenant's agent sends every bound tool's schema to its LLM
@@ -254,9 +258,17 @@ class McpServers:
     # --- calls --------------------------------------------------------------------------------------------------
 
     async def invoke(
-        self, tool: dict[str, Any], arguments: dict[str, Any], credential: Credential | None, timeout: float | None
+        self,
+        tool: dict[str, Any],
+        arguments: dict[str, Any],
+        credential: Credential | None,
+        timeout: float | None,
+        idempotency_key: str = "",
     ) -> Any:
-        """Call the MCP tool; its output (:func:`mcp_output`). An error result is FAILED_PRECONDITION with its text."""
+        """Call the MCP tool; its output (:func:`mcp_output`). An error result is FAILED_PRECONDITION with its text.
+
+        A task step's ``idempotency_key`` goes in the request's ``_meta`` as ``io.altan/idempotency-key``: MCP has
+        no per-call headers on every transport, and the session (with its headers) is shared by many calls."""
         if tool.get("credential") and credential is None:
             raise FailedPrecondition(f"tool '{tool['tool_id']}' needs credential '{tool['credential']}'")
         budget = timeout or self._default_timeout
@@ -264,8 +276,9 @@ class McpServers:
             budget = min(budget, tool["timeout_seconds"])  # the tenant's option, within the call's deadline
         tenant = current().tenant_id
         headers = credential.as_headers() if credential is not None else None
+        meta = RequestParams.Meta(**{IDEMPOTENCY_META: idempotency_key}) if idempotency_key else None
         request = ClientRequest(
-            CallToolRequest(params=CallToolRequestParams(name=tool["mcp_tool"], arguments=arguments))
+            CallToolRequest(params=CallToolRequestParams(name=tool["mcp_tool"], arguments=arguments, _meta=meta))
         )
         kept, result = await self._on_session(
             tenant,

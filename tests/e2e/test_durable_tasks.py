@@ -11,6 +11,9 @@ import hmac
 import json
 import os
 import signal
+import subprocess
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,17 +25,19 @@ import jwt
 import pytest
 import redis
 from cryptography.hazmat.primitives.asymmetric import ec
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from altan.auth import issue_delegation
 from altan.delegation import SIGNING_KEY_SETTING, load_public_keys, load_signing_key
 from altan.v1 import agent_pb2, agent_pb2_grpc, tool_pb2, tool_pb2_grpc
 from tests.e2e.fake_llms import INSTALL_KEY, Llms
 from tests.e2e.fake_third_party import FakeThirdParty
-from tests.e2e.stack import DELEGATION_SIGNING_KEY, Stack, new_tenant, start_stack
+from tests.e2e.stack import DELEGATION_SIGNING_KEY, Stack, free_port, new_tenant, start_stack
 from tests.e2e.test_supervision import wait_until
 from tests.e2e.test_tasks import _events, _finished
-from tests.fakes.llm import Call, Reply
+from tests.fakes.llm import Call, Delay, Reply
 
+ROOT = Path(__file__).resolve().parents[2]
 TENANTS: list[str] = []  # this module's, whose keys it removes at its end (other modules' stacks still run)
 
 
@@ -152,6 +157,146 @@ def test_an_llm_task_killed_during_a_tool_call_goes_on_after_its_recorded_turns(
     assert keys == {f"{task_id}:t1c1"} and third_party.performed[f"{task_id}:t1c1"] == 1
     assert [m["role"] for m in thread] == ["user", "assistant", "tool", "assistant"]
     assert [s["id"] for s in task["steps"]] == ["t1c1"]
+
+
+@pytest.fixture
+def second_agent(redis_stack: Stack) -> Iterator[tuple[subprocess.Popen[str], list[str]]]:
+    """Another agent replica on the stack's Redis, work queue and integrator; its process and its output lines."""
+    port = free_port()
+    env = {k: v for k, v in redis_stack.env.items() if k != "ALTAN_AGENT_METRICS_PORT"}
+    env.update(
+        ALTAN_AGENT_PORT=str(port), ALTAN_INTEGRATOR_ADDR=f"127.0.0.1:{redis_stack.internal_ports['integrator']}"
+    )
+    env[SIGNING_KEY_SETTING] = str(DELEGATION_SIGNING_KEY)  # an agent replica signs (stack.env leaves the key out)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "services.agent"],
+        env=env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: list[str] = []
+
+    def read() -> None:
+        assert process.stdout is not None
+        lines.extend(process.stdout)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            answer = health.Check(health_pb2.HealthCheckRequest(), wait_for_ready=True, timeout=60)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        yield process, lines
+    finally:
+        os.kill(process.pid, signal.SIGCONT)
+        process.terminate()
+        process.wait(timeout=30)
+        reader.join(10)
+        if process.stdout is not None:
+            process.stdout.close()
+        assert process.returncode == 0, "".join(lines)[-3000:]
+
+
+def test_a_replica_stopped_past_its_lease_writes_nothing_after_another_finished_its_task(
+    redis_stack: Stack,
+    redis_url: str,
+    third_party: FakeThirdParty,
+    second_agent: tuple[subprocess.Popen[str], list[str]],
+) -> None:
+    tenant = _tenant()
+    first, second = f"/idempotent/fence1-{tenant}", f"/idempotent/fence2-{tenant}"
+    plan = {
+        "plan": [
+            # Performed at once, answered 3 s later: the replica running it is stopped (SIGSTOP) in between.
+            {"id": "s1", "tool": "http_request", "arguments": {"url": f"{third_party.base_url}{first}?sleep=3"}},
+            {
+                "id": "s2",
+                "tool": "http_request",
+                "depends_on": ["s1"],
+                "arguments": {"url": f"{third_party.base_url}{second}"},
+            },
+        ]
+    }
+    replica, replica_lines = second_agent
+    state = redis.Redis.from_url(redis_url, decode_responses=True)
+    queue = redis_stack.env["ALTAN_TASK_QUEUE"]
+
+    def task_doc(task_id: str) -> dict[str, Any]:
+        raw = state.hget(f"altan:{tenant}:agent:tasks", task_id)
+        return json.loads(raw) if raw else {}
+
+    def events(task_id: str) -> list[dict[str, Any]]:
+        return [json.loads(fields["d"]) for _, fields in state.xrange(f"altan:{tenant}:agent:events:{task_id}")]
+
+    stopped = 0
+    try:
+        with redis_stack.client(tenant) as api:
+            agent_id = api.post("/v1/agents", json={"name": "payer", "tools": ["http_request"]}).json()["id"]
+            task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
+            wait_until(lambda: len(third_party.requests_to(first)) == 1, "step s1 reaches the third party", redis_stack)
+            # The replica holding the task's queue entry (consumers are named <host>-<pid>-<nonce>) hangs.
+            (holding,) = state.xpending_range(queue, "agents", min="-", max="+", count=10)
+            stopped = int(holding["consumer"].rsplit("-", 2)[1])
+            assert stopped in (replica.pid, redis_stack.service_pids()["agent"])
+            os.kill(stopped, signal.SIGSTOP)
+            # Past its 2 s lease, the other replica reclaims the entry and runs the task to its end (read from Redis:
+            # the gateway's agent may be the one stopped).
+            wait_until(
+                lambda: task_doc(task_id).get("status") in TERMINAL, "the other replica ends the task", redis_stack
+            )
+            ended, ended_events = task_doc(task_id), events(task_id)
+            os.kill(stopped, signal.SIGCONT)
+            stopped = 0
+            # The stopped replica wakes, gets its s1 answer, and finds the task taken over at its first write.
+            woke = "a later delivery took this task over"
+
+            def woken() -> bool:  # (or wrote something, which the assertions below refuse)
+                said = woke in redis_stack.logs() or woke in "".join(replica_lines)
+                return said or task_doc(task_id) != ended or len(events(task_id)) != len(ended_events)
+
+            wait_until(woken, "the woken run stops", redis_stack)
+            task, after = _terminal(redis_stack, api, task_id), task_doc(task_id)
+            streamed = [e["type"] for e in _events(api, task_id)]
+    finally:
+        if stopped:
+            os.kill(stopped, signal.SIGCONT)
+        state.close()
+    assert ended["status"] == "succeeded", ended
+    # Nothing written after the end: no second terminal write, no status flapping.
+    assert task["status"] == "succeeded" and after == ended
+    kinds = [e["type"] for e in ended_events]
+    assert kinds.count("task.succeeded") == 1 and kinds[-1] == "task.succeeded" and "task.resumed" in kinds
+    assert streamed == kinds and [e["type"] for e in events(task_id)] == kinds
+    assert [e for e in events(task_id) if e["type"] == "tool.finished"] == [
+        e for e in ended_events if e["type"] == "tool.finished"
+    ]
+    # Each third-party effect once per key; s2 was called by the replica that finished only.
+    assert {r.headers["Idempotency-Key"] for r in third_party.requests_to(first)} == {f"{task_id}:s1"}
+    assert third_party.performed[f"{task_id}:s1"] == 1 and third_party.performed[f"{task_id}:s2"] == 1
+    assert [r.headers["Idempotency-Key"] for r in third_party.requests_to(second)] == [f"{task_id}:s2"]
+
+
+def test_an_llm_turn_whose_integrator_died_is_asked_again_and_the_task_succeeds(redis_stack: Stack, llms: Llms) -> None:
+    tenant = _tenant()
+    # The first request of the turn is answered 5 s late: the integrator is killed meanwhile, with the turn in flight.
+    model = llms.model(Delay(5, Reply(text="Too late.")), Reply(text="Done after the restart."))
+    with redis_stack.client(tenant) as api:
+        agent_id = api.post("/v1/agents", json={"name": "writer", "llm": llms.config(model)}).json()["id"]
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": "Write, please."}).json()["task_id"]
+        wait_until(lambda: len(llms.requests(model)) == 1, "the turn reaches the provider", redis_stack)
+        integrator = redis_stack.service_pids()["integrator"]
+        os.kill(integrator, signal.SIGKILL)
+        task = _terminal(redis_stack, api, task_id)
+        events = [e["type"] for e in _events(api, task_id)]
+    assert task["status"] == "succeeded", task
+    assert task["result"] == {"answer": "Done after the restart."}
+    # Asked once more for that turn, by the restarted integrator: twice in all, and one turn recorded.
+    assert len(llms.requests(model)) == 2
+    assert task["usage"]["llm_calls"] == 1 and events.count("llm.called") == 1
+    assert redis_stack.service_pids()["integrator"] != integrator
 
 
 def test_a_delegation_is_accepted_only_internally_and_only_for_its_task_and_tenant(redis_stack: Stack) -> None:

@@ -20,9 +20,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from altan.v1 import container_pb2, container_pb2_grpc
+from tests.e2e.conftest import McpServers
 from tests.e2e.fake_llms import Llms
 from tests.e2e.fake_third_party import FakeThirdParty
 from tests.e2e.stack import DELEGATION_PUBLIC_KEYS, JWT_SECRET, Stack, free_port, new_tenant, start_stack
+from tests.e2e.test_durable_tasks import _terminal
 from tests.e2e.test_tasks import _finished
 from tests.fakes.llm import Call, Reply
 from tests.fakes.slack import FakeSlack, start_fake_slack
@@ -139,6 +141,33 @@ def leaky(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     assert container.stop() == 0
 
 
+# The idempotency keys of its calls, noted per name: a step resumed after a crash must send its first call's key.
+REMEMBER = """
+import asyncio
+
+from altan.sdk import ToolContext, tool
+
+NOTED: dict[str, list[str]] = {}
+
+@tool
+async def remember(ctx: ToolContext, name: str, seconds: float = 0, note: bool = True) -> list[str]:
+    \"\"\"Notes the call's idempotency key under name (unless note is false), waits, answers the keys noted.\"\"\"
+    if note:
+        NOTED.setdefault(name, []).append(ctx.idempotency_key)
+    await asyncio.sleep(seconds)
+    return NOTED.get(name, [])
+"""
+
+
+@pytest.fixture(scope="module")
+def keeper(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
+    module = tmp_path_factory.mktemp("keeper") / "keeper.py"
+    module.write_text(REMEMBER)
+    container = serve_tools(module, free_port())
+    yield container
+    assert container.stop() == 0
+
+
 @pytest.fixture(scope="module")
 def spare_port() -> int:
     """A container the stack is told about, started (and stopped) by a test."""
@@ -150,13 +179,15 @@ def stack(
     weather: Container,
     notifier: Container,
     leaky: Container,
+    keeper: Container,
     spare_port: int,
     third_party: FakeThirdParty,
     llms: Llms,
+    mcp_servers: McpServers,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[Stack]:
-    containers = f"{weather.address},{notifier.address},{leaky.address},127.0.0.1:{spare_port}"
-    allow = f"127.0.0.1:{third_party.port},127.0.0.1:{llms.openai.port}"
+    containers = f"{weather.address},{notifier.address},{leaky.address},{keeper.address},127.0.0.1:{spare_port}"
+    allow = f"127.0.0.1:{third_party.port},127.0.0.1:{llms.openai.port},127.0.0.1:{mcp_servers.port}"
     env = {"ALTAN_TOOL_CONTAINERS": containers, "ALTAN_TOOL_CONTAINERS_REFRESH_SECONDS": "1"}
     running = start_stack(
         data_dir=tmp_path_factory.mktemp("data-containers"), egress_allow=allow, redis_url=None, extra_env=env
@@ -371,3 +402,36 @@ def test_a_container_checks_the_tenants_token_as_every_service_does(weather: Con
         reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
         [answer] = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
         assert "altan.v1.ToolContainerService" in {s.name for s in answer.list_services_response.service}
+
+
+def test_a_resumed_step_sends_its_idempotency_key_again_to_a_container_tool_and_an_mcp_tool(
+    stack: Stack, tenant: str, mcp_servers: McpServers
+) -> None:
+    name = f"keys-{tenant}"
+    plan = {
+        "plan": [
+            # Both in flight (3 s each) when the agent is killed; the restarted agent resumes the task.
+            {"id": "c1", "tool": "remember", "arguments": {"name": name, "seconds": 3}},
+            {"id": "m1", "tool": "ref__remember", "arguments": {"name": name, "seconds": 3}},
+        ]
+    }
+    with stack.client(tenant) as api:
+        server = api.put("/v1/mcp-servers/ref", json={"url": f"http://127.0.0.1:{mcp_servers.port}/mcp"})
+        assert server.status_code == 201, server.text
+        body = {"name": "keeper", "tools": ["remember", "ref__remember"]}
+        agent_id = api.post("/v1/agents", json=body).json()["id"]
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
+
+        def noted(tool_id: str) -> list[str]:
+            answer = api.post(f"/v1/tools/{tool_id}/invoke", json={"arguments": {"name": name, "note": False}})
+            assert answer.status_code == 200, answer.text
+            output = answer.json()["output"]
+            return list(output["result"] if isinstance(output, dict) else output)
+
+        wait_until(lambda: len(noted("remember")) == 1 and len(noted("ref__remember")) == 1)
+        os.kill(stack.service_pids()["agent"], signal.SIGKILL)
+        task = _terminal(stack, api, task_id)
+    assert task["status"] == "succeeded", task
+    # Each step called twice (before and after the crash), with one key: the container's and the MCP server's word.
+    assert task["result"]["c1"] == [f"{task_id}:c1"] * 2
+    assert task["result"]["m1"] == {"result": [f"{task_id}:m1"] * 2}

@@ -2,11 +2,11 @@
 
 Tools: ``add`` (structured output), ``echo`` (plain text), ``fail`` (always an error result), ``whoami`` (the
 request's auth header, as the server saw it: the tests prove a credential arrived, and that it does not come back
-unredacted), ``sessions`` (how many sessions clients have opened: initialize requests, counted by
-:class:`_CountSessions`), ``slow`` (answers after the seconds asked), ``camelCase.Tool`` (a name that is not a tool
-id as it stands), and ``grow`` / ``shrink``, which add or remove a tool of the given name at runtime and then send
-``notifications/tools/list_changed`` to every session that has listed the tools (unless ``notify`` is false, as a
-server that forgets to would).
+unredacted), ``remember`` (the idempotency keys of its calls, from their ``_meta``), ``sessions`` (how many sessions
+clients have opened: initialize requests, counted by :class:`_CountSessions`), ``slow`` (answers after the seconds
+asked), ``camelCase.Tool`` (a name that is not a tool id as it stands), and ``grow`` / ``shrink``, which add or remove
+a tool of the given name at runtime and then send ``notifications/tools/list_changed`` to every session that has
+listed the tools (unless ``notify`` is false, as a server that forgets to would).
 
 With ``--hostile`` it also lists what a hostile server would: 300 more tools (``bulk_<n>``), and ``evil_output``,
 whose ``outputSchema`` holds a pattern that backtracks for minutes on the structured content it answers (a client
@@ -119,6 +119,19 @@ def build_server(opened: list[int] | None = None, *, hostile: bool = False) -> F
         """Answers after that many seconds."""
         await asyncio.sleep(seconds)
         return seconds
+
+    noted: dict[str, list[str]] = {}
+
+    @server.tool()
+    async def remember(name: str, ctx: Context[Any, Any, Any], seconds: float = 0, note: bool = True) -> list[str]:
+        """Notes the call's idempotency key (its _meta's io.altan/idempotency-key) under ``name`` (unless ``note`` is
+        false), waits ``seconds``, and answers every key noted under ``name``."""
+        if note:
+            meta = ctx.request_context.meta
+            extra = (meta.model_extra or {}) if meta is not None else {}
+            noted.setdefault(name, []).append(str(extra.get("io.altan/idempotency-key", "")))
+        await asyncio.sleep(seconds)
+        return noted.get(name, [])
 
     @server.tool(name="camelCase.Tool")
     def camel(x: int = 1) -> int:

@@ -268,3 +268,44 @@ async def test_a_task_that_could_not_be_queued_fails_and_frees_its_key(replicas:
     assert created and task["task_id"] != lost["task_id"]
     await follow(runner, task["task_id"])
     assert (await runner.get(task["task_id"]))["status"] == "succeeded"
+
+
+async def test_a_replica_that_stalled_past_its_lease_writes_nothing_once_another_took_the_task_over(
+    replicas: Replicas, caplog: pytest.LogCaptureFixture
+) -> None:
+    as_caller()
+    first = replicas.start()
+    agent_id = await agent_of(replicas, first)
+    stalled, woken = asyncio.Event(), asyncio.Event()
+
+    async def s1(call: Any) -> Any:
+        if not stalled.is_set():  # the first replica's call: it hangs (a SIGSTOP, a long GC) until woken
+            stalled.set()
+            await woken.wait()
+            return answer("late")
+        return answer("on time")
+
+    replicas.tools.behaviours["s1"] = s1
+    task, _ = await submit(first, agent_id, step("s1"), step("s2", depends_on=["s1"]))
+    await until(stalled)
+    # Its lease lapsed: the item is delivered to another replica, which runs the task to its end.
+    second = replicas.start()
+    events = await follow(second, task["task_id"])
+    assert kinds(events)[-1] == "task.succeeded"
+    done = await second.get(task["task_id"])
+    # The first wakes up: its step's answer comes back, and it must neither record it nor go on to s2.
+    woken.set()
+    superseded = "a later delivery took this task over"
+    for _ in range(500):
+        if any(superseded in r.getMessage() for r in caplog.records):
+            break
+        await asyncio.sleep(0.01)
+    assert any(superseded in r.getMessage() for r in caplog.records)
+    assert replicas.tools.steps_called() == ["s1", "s1", "s2"]
+    assert await second.get(task["task_id"]) == done
+    assert done["result"]["s1"] == "on time"
+    after = await first.get(task["task_id"])
+    assert after == done
+    all_events = kinds(await follow(second, task["task_id"]))
+    assert all_events == kinds(events)
+    assert [k for k in all_events if k.startswith("task.") and k != "task.resumed"].count("task.succeeded") == 1

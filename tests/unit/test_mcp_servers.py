@@ -4,6 +4,7 @@ real socket: listing into the catalogue, calls and their outputs, errors, creden
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 
@@ -91,6 +92,7 @@ async def test_a_servers_tools_join_the_tenants_catalogue_with_their_schemas(rig
         "ref__echo",
         "ref__fail",
         "ref__grow",
+        "ref__remember",
         "ref__sessions",
         "ref__shrink",
         "ref__slow",
@@ -118,6 +120,14 @@ async def test_calls_answer_structured_content_or_text_and_error_results_fail_cl
         await rig.executor.execute("ref__fail", {"reason": "why"}, None, None)
     with pytest.raises(InvalidArgument, match="arguments"):
         await rig.executor.execute("ref__add", {"a": "two"}, None, None)  # the schema, checked before the call
+
+
+async def test_a_task_steps_idempotency_key_goes_in_the_calls_meta(rig: Rig) -> None:
+    await rig.mcp.sync("ref", McpServerSpec(url=rig.url), None, None)
+    tool = await rig.registry.get("ref__remember")
+    name = f"keys-{uuid.uuid4().hex[:8]}"
+    assert await rig.mcp.invoke(tool, {"name": name}, None, None, "tsk_1:s1") == {"result": ["tsk_1:s1"]}
+    assert await rig.mcp.invoke(tool, {"name": name}, None, None) == {"result": ["tsk_1:s1", ""]}  # no task's step
 
 
 async def test_a_credential_reaches_the_server_and_is_redacted_from_outputs(rig: Rig) -> None:

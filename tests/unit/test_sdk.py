@@ -282,6 +282,19 @@ async def test_a_tool_without_its_credential_fails_clearly_and_one_without_a_dec
     assert json.loads(await plain.invoke(b"{}", GRANTED)) == "None"
 
 
+async def test_a_task_steps_idempotency_key_reaches_the_function_with_or_without_a_credential() -> None:
+    @tool
+    def keyed(ctx: ToolContext) -> str:
+        """Answers its call's idempotency key."""
+        return ctx.idempotency_key
+
+    step = ToolContext("acme", "alice", "member", idempotency_key="tsk_1:s1")
+    assert json.loads(await keyed.invoke(b"{}", step)) == "tsk_1:s1"
+    granted = ToolContext("acme", "alice", "admin", GRANTED.credential, "tsk_1:s2")
+    assert json.loads(await keyed.invoke(b"{}", granted)) == "tsk_1:s2"  # its credential dropped, not its key
+    assert json.loads(await keyed.invoke(b"{}", CALLER)) == ""  # a call that is no task's step
+
+
 async def test_a_secret_in_a_failure_is_redacted_from_the_message_and_the_log(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(FailedPrecondition, match=r"^tool 'notify': Slack said no to \[redacted\]$"):
         await notify.invoke(b'{"how": "error"}', GRANTED)

@@ -149,6 +149,31 @@ async def test_collections_and_namespaces_are_separate(harness: Harness, tenant:
     assert await agent.all("other") == {"x": {"from": "agent/other"}}
 
 
+async def test_a_later_fence_holder_stops_the_writes_of_an_earlier_one(harness: Harness, tenant: str) -> None:
+    # Two holders (two replicas, each with its own connection): the later one takes the fence over.
+    store, other = harness.store(), harness.store()
+    first = await store.take_fence("fences", "task-1")
+    assert await store.put_fenced("tasks", "task-1", {"by": "first"}, first) is True
+    assert await store.append_fenced("events", {"by": "first"}, first) == 1
+    second = await other.take_fence("fences", "task-1")
+    assert second.number == first.number + 1
+    # The earlier holder writes nothing more, documents or events; the later one does.
+    assert await store.put_fenced("tasks", "task-1", {"by": "first, late"}, first) is False
+    assert await store.append_fenced("events", {"by": "first, late"}, first) == 0
+    assert await other.put_fenced("tasks", "task-1", {"by": "second"}, second) is True
+    assert await other.append_fenced("events", {"by": "second"}, second) == 2
+    assert await store.get("tasks", "task-1") == {"by": "second"}
+    assert [event for _, event in await store.read("events")] == [{"by": "first"}, {"by": "second"}]
+    # Fences are per document: another task's is its own.
+    assert (await store.take_fence("fences", "task-2")).number == 1
+
+
+async def test_concurrent_fence_takers_get_distinct_numbers(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    taken = await asyncio.gather(*(store.take_fence("fences", "t") for _ in range(20)))
+    assert sorted(f.number for f in taken) == list(range(1, 21))
+
+
 # --- streams -----------------------------------------------------------------------------------------------------
 
 

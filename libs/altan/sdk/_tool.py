@@ -13,7 +13,7 @@ import logging
 import re
 import traceback
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Generic, Literal, ParamSpec, TypeVar, cast, get_type_hints, overload
 
 import pydantic_core
@@ -61,6 +61,10 @@ class ToolContext:
     """Who called the tool, as proven by the bearer token the container verified, and the credential the tool
     declared (``None`` for a tool that declares none).
 
+    ``idempotency_key``: when the call is a step of a task, ``<task_id>:<step_id>``, the same for every attempt of
+    that step (a task resumed after a crash calls its step in flight again, with this key); empty otherwise. Pass it
+    on to a third party that honours one (an ``Idempotency-Key`` header), or deduplicate with it.
+
     A tool receives it by declaring a parameter annotated ``ToolContext`` (any name); that parameter is not part of
     the tool's arguments or schema.
     """
@@ -69,6 +73,7 @@ class ToolContext:
     user: str
     role: Literal["admin", "member"]
     credential: ToolCredential | None = None
+    idempotency_key: str = ""
 
 
 class ToolError(Exception):
@@ -153,7 +158,7 @@ class Tool(Generic[P, R]):
                 f'"tools": ["{self.tool_id}"] on that credential'
             )
         if not self.credential:
-            caller = ToolContext(caller.tenant_id, caller.user, caller.role)  # nothing it did not ask for
+            caller = replace(caller, credential=None)  # nothing it did not ask for
         if self._context_parameter:
             kwargs[self._context_parameter] = caller
         secret = caller.credential.value if caller.credential is not None else ""

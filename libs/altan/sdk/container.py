@@ -55,7 +55,7 @@ class ToolContainerServicer(container_pb2_grpc.ToolContainerServiceServicer):
         if request.HasField("credential"):  # for this call only: it lives in this request's context and no longer
             c = request.credential
             credential = ToolCredential(name=c.name, value=c.value, header=c.header, prefix=c.prefix)
-        caller_context = ToolContext(caller.tenant_id, caller.user, caller.role, credential)
+        caller_context = ToolContext(caller.tenant_id, caller.user, caller.role, credential, request.idempotency_key)
         output = await tool.invoke(request.arguments_json, caller_context, timeout)
         return container_pb2.InvokeContainerToolResponse(output_json=output)
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from altan.v1 import tool_pb2 as altan_dot_v1_dot_tool__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ltan/v1/container.proto\x12\x08\x61ltan.v1\x1a\x13\x61ltan/v1/tool.proto\"\x1b\n\x19ListContainerToolsRequest\";\n\x1aListContainerToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\"\x91\x01\n\x1aInvokeContainerToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x31\n\ncredential\x18\x04 \x01(\x0b\x32\x1d.altan.v1.ContainerCredential\"R\n\x13\x43ontainerCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\"2\n\x1bInvokeContainerToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x32\xc9\x01\n\x14ToolContainerService\x12V\n\tListTools\x12#.altan.v1.ListContainerToolsRequest\x1a$.altan.v1.ListContainerToolsResponse\x12Y\n\nInvokeTool\x12$.altan.v1.InvokeContainerToolRequest\x1a%.altan.v1.InvokeContainerToolResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18\x61ltan/v1/container.proto\x12\x08\x61ltan.v1\x1a\x13\x61ltan/v1/tool.proto\"\x1b\n\x19ListContainerToolsRequest\";\n\x1aListContainerToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\"\xaa\x01\n\x1aInvokeContainerToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x31\n\ncredential\x18\x04 \x01(\x0b\x32\x1d.altan.v1.ContainerCredential\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"R\n\x13\x43ontainerCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\"2\n\x1bInvokeContainerToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x32\xc9\x01\n\x14ToolContainerService\x12V\n\tListTools\x12#.altan.v1.ListContainerToolsRequest\x1a$.altan.v1.ListContainerToolsResponse\x12Y\n\nInvokeTool\x12$.altan.v1.InvokeContainerToolRequest\x1a%.altan.v1.InvokeContainerToolResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,11 +37,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCONTAINERTOOLSRESPONSE']._serialized_start=88
   _globals['_LISTCONTAINERTOOLSRESPONSE']._serialized_end=147
   _globals['_INVOKECONTAINERTOOLREQUEST']._serialized_start=150
-  _globals['_INVOKECONTAINERTOOLREQUEST']._serialized_end=295
-  _globals['_CONTAINERCREDENTIAL']._serialized_start=297
-  _globals['_CONTAINERCREDENTIAL']._serialized_end=379
-  _globals['_INVOKECONTAINERTOOLRESPONSE']._serialized_start=381
-  _globals['_INVOKECONTAINERTOOLRESPONSE']._serialized_end=431
-  _globals['_TOOLCONTAINERSERVICE']._serialized_start=434
-  _globals['_TOOLCONTAINERSERVICE']._serialized_end=635
+  _globals['_INVOKECONTAINERTOOLREQUEST']._serialized_end=320
+  _globals['_CONTAINERCREDENTIAL']._serialized_start=322
+  _globals['_CONTAINERCREDENTIAL']._serialized_end=404
+  _globals['_INVOKECONTAINERTOOLRESPONSE']._serialized_start=406
+  _globals['_INVOKECONTAINERTOOLRESPONSE']._serialized_end=456
+  _globals['_TOOLCONTAINERSERVICE']._serialized_start=459
+  _globals['_TOOLCONTAINERSERVICE']._serialized_end=660
 # @@protoc_insertion_point(module_scope)

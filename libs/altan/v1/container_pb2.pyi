@@ -73,12 +73,18 @@ class InvokeContainerToolRequest(_message.Message):
     ARGUMENTS_JSON_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     CREDENTIAL_FIELD_NUMBER: _builtins.int
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _builtins.int
     tool_id: _builtins.str
     """The tool to run."""
     arguments_json: _builtins.bytes
     """The arguments, a JSON object (UTF-8)."""
     timeout_seconds: _builtins.float
     """Time budget for the call in seconds (0: the call's gRPC deadline alone)."""
+    idempotency_key: _builtins.str
+    """The call's idempotency key when it is a step of a task (`<task_id>:<step_id>`, empty otherwise): the same for
+    every attempt of that step, a resumed task's included. The SDK gives it to the tool as `ctx.idempotency_key`, to
+    pass on to a third party that honours one (an `Idempotency-Key` header) or to deduplicate with.
+    """
     @_builtins.property
     def credential(self) -> Global___ContainerCredential:
         """The tenant's credential for this one call, when the tool declares one (its `credential`) and the tenant's admin
@@ -92,10 +98,11 @@ class InvokeContainerToolRequest(_message.Message):
         arguments_json: _builtins.bytes = ...,
         timeout_seconds: _builtins.float = ...,
         credential: Global___ContainerCredential | None = ...,
+        idempotency_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "credential", b"credential", "timeout_seconds", b"timeout_seconds", "tool_id", b"tool_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arguments_json", b"arguments_json", "credential", b"credential", "idempotency_key", b"idempotency_key", "timeout_seconds", b"timeout_seconds", "tool_id", b"tool_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
