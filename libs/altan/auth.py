@@ -17,6 +17,7 @@ import jwt
 
 from altan.config import Settings
 from altan.context import RequestContext
+from altan.delegation import SigningKey, load_public_keys
 from altan.errors import Unauthenticated
 
 __all__ = ["DELEGATION_ISSUER", "TokenVerifier", "issue_delegation", "issue_development_token"]
@@ -25,7 +26,8 @@ _ROLES = ("admin", "member")
 # Issuer and audience of the internal delegation tokens the agent signs for its tasks (issue_delegation): no tenant
 # identity provider may use them, and the gateway refuses them whoever signed them.
 DELEGATION_ISSUER = "altan-internal"
-_DELEGATION_ALGORITHM = "HS256"
+# Fixed, never taken from the token: the agent signs with its P-256 private key, verifiers hold public keys only.
+_DELEGATION_ALGORITHM = "ES256"
 _CACHE_SIZE = 10_000
 _MAX_TOKEN_CHARS = 8 * 1024
 
@@ -34,9 +36,12 @@ class TokenVerifier:
     """Verifies bearer tokens and turns their claims into a :class:`RequestContext`."""
 
     def __init__(self, settings: Settings, *, accept_delegation: bool = False) -> None:
-        # Only the internal services accept delegations, and only with the install's internal key configured.
-        self._internal_key = (
-            settings.internal_key.get_secret_value() if accept_delegation and settings.internal_key else None
+        # Only the internal services accept delegations, and only with the install's public keys configured
+        # (kid -> key; loaded now, so that a bad file stops the process at start with one line).
+        self._delegation_keys = (
+            load_public_keys(settings.delegation_public_keys_file)
+            if accept_delegation and settings.delegation_public_keys_file is not None
+            else None
         )
         self._algorithms = list(settings.jwt_algorithms)
         self._audience = settings.jwt_audience
@@ -98,13 +103,16 @@ class TokenVerifier:
         return caller
 
     def _delegation(self, token: str) -> RequestContext:
-        """An internal delegation: signed with the internal key, for one task, accepted on internal ports only."""
-        if self._internal_key is None:
+        """An internal delegation: signed by the agent's private key, for one task, accepted on internal ports only."""
+        if self._delegation_keys is None:
             raise Unauthenticated("internal delegation tokens are not accepted here")
         try:
+            key = self._delegation_keys.get(str(jwt.get_unverified_header(token).get("kid")))
+            if key is None:
+                raise jwt.InvalidKeyError("no delegation key matches the token's kid")
             claims = jwt.decode(
                 token,
-                key=self._internal_key,
+                key=key,
                 algorithms=[_DELEGATION_ALGORITHM],
                 audience=DELEGATION_ISSUER,
                 issuer=DELEGATION_ISSUER,
@@ -165,9 +173,9 @@ def _issuer(token: str) -> object:
         return None  # the ordinary path says what is wrong with it
 
 
-def issue_delegation(key: str, *, tenant: str, sub: str, role: str, task_id: str, ttl: float) -> str:
+def issue_delegation(key: SigningKey, *, tenant: str, sub: str, role: str, task_id: str, ttl: float) -> str:
     """A delegation for one task: the agent runs (and resumes) the task as its submitter with it, after the
-    submitter's own token may have expired. Signed with the install's internal key; ``ttl`` seconds."""
+    submitter's own token may have expired. Signed (ES256) with the agent's private key; ``ttl`` seconds."""
     now = int(time.time())
     claims = {
         "tenant_id": tenant,
@@ -179,7 +187,7 @@ def issue_delegation(key: str, *, tenant: str, sub: str, role: str, task_id: str
         "iat": now,
         "exp": now + max(1, int(ttl)),
     }
-    return jwt.encode(claims, key, algorithm=_DELEGATION_ALGORITHM)
+    return jwt.encode(claims, key.key, algorithm=_DELEGATION_ALGORITHM, headers={"kid": key.kid})
 
 
 def issue_development_token(settings: Settings, *, tenant: str, sub: str, role: str = "admin", ttl: int = 3600) -> str:

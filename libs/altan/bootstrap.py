@@ -11,6 +11,7 @@ from pydantic import ValidationError
 
 from altan.auth import TokenVerifier
 from altan.config import ConfigurationError, Settings, configuration_problems
+from altan.delegation import refuse_signing_key
 from altan.listen import CannotListen
 from altan.logging import configure_logging
 from altan.metrics import serve_metrics
@@ -18,7 +19,7 @@ from altan.server import GrpcService, ServerTls, serve_until_stopped, shutdown_e
 from altan.telemetry import TracingSetup, configure_tracing
 from altan.tls import tls_files
 
-__all__ = ["ConfigurationError", "Wiring", "run_service", "start_tracing"]
+__all__ = ["ConfigurationError", "Wiring", "refuse", "run_service", "start_tracing"]
 
 # Builds a service's servicers from settings; resources that need closing go on the exit stack.
 Wiring = Callable[[Settings, AsyncExitStack], Awaitable[list[GrpcService]]]
@@ -30,6 +31,15 @@ def load_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         sys.stderr.write("".join(f"invalid configuration: {line}\n" for line in configuration_problems(exc)))
+        raise SystemExit(2) from None
+
+
+def refuse(check: Callable[[], None]) -> None:
+    """Run a start-up check; exit with status 2 and its one line if it raises :class:`ConfigurationError`."""
+    try:
+        check()
+    except ConfigurationError as exc:
+        sys.stderr.write(f"invalid configuration: {exc}\n")
         raise SystemExit(2) from None
 
 
@@ -45,6 +55,8 @@ def start_tracing(name: str, settings: Settings) -> TracingSetup:
 def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> None:
     """Run one gRPC service in the foreground until SIGTERM/SIGINT."""
     settings = load_settings()
+    if name != "agent":
+        refuse(lambda: refuse_signing_key(settings, f"{name} service"))
     configure_logging(name, settings.log_level)
     tracing = start_tracing(name, settings)
     metrics_port: int | None = getattr(settings, f"{name}_metrics_port", None)

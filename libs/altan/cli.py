@@ -31,6 +31,7 @@ from altan.config import (
     development_secret,
     setting_name,
 )
+from altan.delegation import PUBLIC_KEYS_SETTING, SIGNING_KEY_SETTING, generate_key_pair
 from altan.listen import CannotListen, bind_problem, join_address
 from altan.supervisor import Backoff, ServiceProcess, describe_exit
 
@@ -72,12 +73,14 @@ def _development_settings(overrides: Mapping[str, Any]) -> tuple[Settings, bool]
         data_dir = Path(os.environ.get("ALTAN_DATA_DIR") or default_data_dir())
         if generated:
             values.update(data_dir=data_dir, jwt_secret=development_secret(data_dir, "jwt.secret"))
-        if not os.environ.get("ALTAN_INTERNAL_KEY"):
-            # The key task delegations are signed with (the agent) and verified with (the services, and the tool
-            # containers `altan serve-tools` runs next to a local stack), kept with the data like the JWT secret.
-            # Without a writable data directory there is none: tasks then run where they were accepted.
+        if not (os.environ.get(SIGNING_KEY_SETTING) or os.environ.get(PUBLIC_KEYS_SETTING)):
+            # The key pair of task delegations: the agent signs with the private key, the services (and the tool
+            # containers `altan serve-tools` runs next to a local stack) verify with the public one; kept with the
+            # data like the JWT secret. Without a writable data directory there is none: tasks then run where they
+            # were accepted.
             with contextlib.suppress(ConfigurationError):
-                values.update(internal_key=development_secret(data_dir, "internal.key"))
+                private, public = generate_key_pair(data_dir)
+                values.update(delegation_signing_key_file=private, delegation_public_keys_file=public)
         return Settings(**values), generated
     except ConfigurationError as exc:
         raise _Refused(f"invalid configuration: {exc}") from None
@@ -131,8 +134,9 @@ def _stack_env(settings: Settings, generated_secret: bool) -> dict[str, str]:
     env["ALTAN_DATA_DIR"] = str(settings.data_dir)
     if generated_secret and settings.jwt_secret:
         env["ALTAN_JWT_SECRET"] = settings.jwt_secret
-    if settings.internal_key is not None:
-        env["ALTAN_INTERNAL_KEY"] = settings.internal_key.get_secret_value()
+    # The delegation keys: set per service by _service_env (the private key reaches the agent only).
+    env.pop(SIGNING_KEY_SETTING, None)
+    env.pop(PUBLIC_KEYS_SETTING, None)
     env["ALTAN_HTTP_PORT"] = str(settings.http_port)
     env["ALTAN_GRPC_PORT"] = str(settings.grpc_port)
     for name in ("agent", "tool", "integrator"):
@@ -140,6 +144,17 @@ def _stack_env(settings: Settings, generated_secret: bool) -> dict[str, str]:
         env[f"ALTAN_{name.upper()}_PORT"] = str(port)
         env[f"ALTAN_{name.upper()}_ADDR"] = f"127.0.0.1:{port}"
     env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def _service_env(settings: Settings, name: str) -> dict[str, str]:
+    """What one service gets of the delegation keys: the agent signs and verifies, the tool and integrator
+    services verify, the gateway (which never accepts a delegation) gets neither."""
+    env = {}
+    if name != "gateway" and settings.delegation_public_keys_file is not None:
+        env[PUBLIC_KEYS_SETTING] = str(settings.delegation_public_keys_file)
+    if name == "agent" and settings.delegation_signing_key_file is not None:
+        env[SIGNING_KEY_SETTING] = str(settings.delegation_signing_key_file)
     return env
 
 
@@ -212,7 +227,11 @@ async def _up(args: argparse.Namespace) -> int:
     color = sys.stdout.isatty()
     services = [
         ServiceProcess(
-            name, (sys.executable, "-m", f"services.{name}"), env | tls.get(name, {}), color=color, backoff=Backoff()
+            name,
+            (sys.executable, "-m", f"services.{name}"),
+            env | _service_env(settings, name) | tls.get(name, {}),
+            color=color,
+            backoff=Backoff(),
         )
         for name in SERVICES
     ]
@@ -315,6 +334,9 @@ def _serve_tools(args: argparse.Namespace) -> int:
     # As `altan up`: without configured keys, the development secret of the data directory, so that the tokens of a
     # local stack are accepted.
     settings, _ = _development_settings({})
+    # A tool container verifies delegations with the public key; the agent's private key is not its to hold.
+    if not os.environ.get(SIGNING_KEY_SETTING):
+        settings = settings.model_copy(update={"delegation_signing_key_file": None})
     configure_logging("tool-container", settings.log_level)
     try:
         tools = load_tools(args.module)
@@ -327,6 +349,8 @@ def _serve_tools(args: argparse.Namespace) -> int:
 
     try:
         asyncio.run(serve())
+    except ConfigurationError as exc:
+        raise _Refused(f"invalid configuration: {exc}") from None
     except CannotListen as exc:
         raise _Refused(exc.line("tool container", "--port"), 1) from None
     return 0

@@ -232,10 +232,17 @@ class Settings(BaseSettings):
     cloud_tasks_dispatch_deadline_seconds: float = Field(default=1800.0, ge=15, le=1800)
     # The agent's HTTP port for Cloud Tasks' pushes (and /healthz); required with ALTAN_WORK_QUEUE=cloud-tasks.
     agent_push_port: int | None = Field(default=None, ge=1, le=65535)
-    # The install's internal key (at least 32 bytes): the agent signs with it the short-lived delegation token a task
-    # runs with (tenant, user, role, task id), which only the internal services accept. `altan up` generates one
-    # in the data directory. Unset: a task runs only in the replica that accepted it, with its caller's token.
-    internal_key: SecretStr | None = None
+    # Task delegations (altan.delegation): the agent signs, with this ES256 (P-256) private key in PEM, the
+    # short-lived delegation token a task runs with (tenant, user, role, task id), which only the internal services
+    # accept. The agent only: any other process given it refuses to start. Unset: a task runs only in the replica
+    # that accepted it, with its caller's token. `altan up` generates a pair in the data directory.
+    delegation_signing_key_file: Path | None = None
+    # The PEM public keys (or certificates) delegations are verified with, by the agent, tool and integrator
+    # services and the tool containers; several during a rotation (each token names its key by `kid`). Unset:
+    # delegations are refused.
+    delegation_public_keys_file: Path | None = None
+    # The symmetric key of earlier versions: no longer read; set, it is refused (see _internal_key_is_gone).
+    internal_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     # Connections one process keeps open to third parties and LLM endpoints, all of them together; a call past it
     # waits for one to be free. An LLM turn holds its connection for as long as the model thinks.
     outbound_max_connections: int = Field(default=512, ge=1, le=10_000)
@@ -306,9 +313,12 @@ class Settings(BaseSettings):
 
     @field_validator("internal_key")
     @classmethod
-    def _internal_key_is_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
-        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
-            raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes (e.g. `openssl rand -base64 32`)")
+    def _internal_key_is_gone(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            raise ValueError(
+                "no longer read: delegations are signed with ALTAN_DELEGATION_SIGNING_KEY_FILE (the agent's ES256 "
+                "private key) and verified with ALTAN_DELEGATION_PUBLIC_KEYS_FILE; remove it (docs/operations.md)"
+            )
         return value
 
     @field_validator("master_key")
@@ -379,8 +389,7 @@ def _check_cloud_tasks(settings: Settings) -> None:
     missing = [name for name, value in needed.items() if not value]
     if missing:
         raise ValueError(f"ALTAN_WORK_QUEUE=cloud-tasks needs {', '.join(missing)}")
-    if not settings.internal_key:
-        raise ValueError("ALTAN_WORK_QUEUE=cloud-tasks needs ALTAN_INTERNAL_KEY (a pushed task runs as a delegation)")
+    # (and the agent ALTAN_DELEGATION_SIGNING_KEY_FILE, checked by the agent: no other process may hold it)
     if not settings.redis_url:
         raise ValueError("ALTAN_WORK_QUEUE=cloud-tasks needs REDIS_URL (every agent replica must read every task)")
     for name, url in (

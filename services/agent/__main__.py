@@ -16,7 +16,8 @@ from altan.api.convert import now_ms, struct_to_dict
 from altan.auth import issue_delegation
 from altan.bootstrap import run_service
 from altan.clients import IntegratorClient
-from altan.config import Settings
+from altan.config import ConfigurationError, Settings
+from altan.delegation import agent_signing_key
 from altan.errors import DeadlineExceeded, Unavailable
 from altan.server import GrpcService
 from altan.store import TenantStore, open_state
@@ -64,11 +65,11 @@ def _hop_retrying(retry_on: Callable[[BaseException], bool]) -> AsyncRetrying:
 
 
 def delegation(settings: Settings) -> Delegate | None:
-    """Who a queued task runs as: its submitter, by a delegation signed with the install's internal key, narrowed
+    """Who a queued task runs as: its submitter, by a delegation signed with the agent's private key, narrowed
     to that task and to the member role (running a task needs no more), valid until the task's deadline."""
-    if settings.internal_key is None:
+    key = agent_signing_key(settings)
+    if key is None:
         return None
-    key = settings.internal_key.get_secret_value()
 
     def delegate(task: dict[str, Any], tenant: str) -> context.RequestContext:
         sub = str(task.get("owner", {}).get("sub", ""))
@@ -177,14 +178,21 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         deadline_seconds=settings.task_deadline_seconds,
     )
     queue: WorkQueue = ImmediateQueue()
+    delegate = delegation(settings)
     if settings.work_queue == "cloud-tasks":
         # Pushed by Cloud Tasks to the push port (services/agent/cloud_tasks.py); settings checked at start.
         from services.agent.cloud_tasks import CloudTasksWorkQueue
 
+        if delegate is None:
+            raise ConfigurationError(
+                "ALTAN_WORK_QUEUE=cloud-tasks needs ALTAN_DELEGATION_SIGNING_KEY_FILE (a pushed task runs as a "
+                "delegation)"
+            )
+
         cloud_tasks = CloudTasksWorkQueue.from_settings(settings)
         cloud_tasks.open()
         queue = cloud_tasks
-    elif settings.internal_key is not None:
+    elif delegate is not None:
         queue = open_work_queue(
             backend,
             settings.redis_url,
@@ -194,7 +202,9 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         )
     else:
         # No replica but the accepting one may act for a task's submitter: tasks run there, and are not durable.
-        log.warning("ALTAN_INTERNAL_KEY is not set: tasks run in the replica that accepted them, and die with it")
+        log.warning(
+            "ALTAN_DELEGATION_SIGNING_KEY_FILE is not set: tasks run in the replica that accepted them, and die with it"
+        )
     tasks = TaskRunner(
         store,
         agents,
@@ -203,7 +213,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         limits,
         llm,
         queue=queue,
-        delegate=delegation(settings),
+        delegate=delegate,
         needs_approval=needs_approval,
         audit_decision=audit_decision,
     )

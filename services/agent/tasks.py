@@ -95,7 +95,7 @@ class TaskLimits:
 NeedsApproval = Callable[[list[str]], Awaitable[set[str]]]
 
 # The caller a queued task runs as, from its task document (tenant, submitter, role, task id, deadline), or None when
-# this replica cannot act for it (no internal key to sign a delegation with).
+# this replica cannot act for it (no private key to sign a delegation with).
 Delegate = Callable[[dict[str, Any], str], "context.RequestContext | None"]
 
 
@@ -283,7 +283,7 @@ class TaskRunner:
                 None,
                 status="failed",
                 error="the replica that accepted the task stopped before running it, and no other may act for its "
-                "submitter (ALTAN_INTERNAL_KEY is not set)",
+                "submitter (ALTAN_DELEGATION_SIGNING_KEY_FILE is not set)",
             )
             return
         context.bind(caller)

@@ -11,8 +11,9 @@ from typing import NoReturn
 import uvicorn
 
 from altan.auth import TokenVerifier
-from altan.bootstrap import load_settings, start_tracing
+from altan.bootstrap import load_settings, refuse, start_tracing
 from altan.config import ConfigurationError
+from altan.delegation import refuse_signing_key
 from altan.listen import CannotListen, listen_socket
 from altan.logging import configure_logging
 from altan.server import serve_until_stopped, shutdown_event
@@ -38,6 +39,7 @@ def _cannot_listen(line: str) -> NoReturn:
 
 def main() -> None:
     settings = load_settings()
+    refuse(lambda: refuse_signing_key(settings, "gateway"))
     configure_logging("gateway", settings.log_level)
     tracing = start_tracing("gateway", settings)
     try:

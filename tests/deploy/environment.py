@@ -16,8 +16,15 @@ EXISTING_SECRET = {
     "ALTAN_JWT_SECRET": "existing-hs256-secret-of-at-least-32-bytes",
     "ALTAN_MASTER_KEY": base64.b64encode(bytes(range(32))).decode(),
     "REDIS_URL": "redis://10.30.0.2:6379/0",
-    "ALTAN_INTERNAL_KEY": "existing-internal-key-of-at-least-32-bytes",
 }
+# The private key in an operator's delegationKeys.existingSecret (signing-key.pem) of the scenarios that name one:
+# the pair of the public key ci/tenant-b-values.yaml lists.
+EXISTING_SIGNING_KEY = """-----BEGIN EC PRIVATE KEY-----
+MHcCAQEEIM3u93zAc78gd8kC2D7YYlATW1iUvHWYgkgxkD+EIR5coAoGCCqGSM49
+AwEHoUQDQgAEwHGq9sLLJF7w4E8xj16XYAX6T6+c4auFwGZwFbB0xMKHxDlA3HQH
+E8nzrd3EqbW7Lx4oaSMxUuI+BdEEIGF3vg==
+-----END EC PRIVATE KEY-----
+"""
 
 
 def container_environment(render: Render, container: Doc) -> dict[str, str]:
@@ -30,9 +37,6 @@ def container_environment(render: Render, container: Doc) -> dict[str, str]:
     existing = render.values["secrets"]["existingSecret"]
     if existing:
         secrets[existing] = EXISTING_SECRET | {k: f"value-of-{k}" for k in render.values["secrets"]["bootstrapKeys"]}
-    existing_internal = render.values["internalKey"]["existingSecret"]
-    if existing_internal:
-        secrets.setdefault(existing_internal, {})["ALTAN_INTERNAL_KEY"] = EXISTING_SECRET["ALTAN_INTERNAL_KEY"]
     environment: dict[str, str] = {}
     for source in container.get("envFrom", []):
         environment |= configmaps[source["configMapRef"]["name"]]

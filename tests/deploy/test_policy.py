@@ -212,12 +212,12 @@ def _secret_refs(container: Doc) -> list[tuple[str, str | None, bool]]:
 def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
     values = rendered.values
     existing = values["secrets"]["existingSecret"]
-    existing_internal = values["internalKey"]["existingSecret"]
+    existing_signing = values["delegationKeys"]["existingSecret"]
     documented = {"ALTAN_JWT_SECRET", "ALTAN_MASTER_KEY", "REDIS_URL", *values["secrets"]["bootstrapKeys"]}
     rendered_secrets = {s["metadata"]["name"]: s for s in rendered.of_kind("Secret")}
-    internal = {name for name in rendered_secrets if name.endswith("-internal-key")}
-    assert len(internal) != bool(existing_internal), "the internal key: rendered once, or an existing Secret"
-    assert bool(set(rendered_secrets) - internal) != bool(existing), (
+    signing = {name for name in rendered_secrets if name.endswith("-delegation-signing-key")}
+    assert len(signing) != bool(existing_signing), "the delegation signing key: rendered once, or an existing Secret"
+    assert bool(set(rendered_secrets) - signing) != bool(existing), (
         "either the chart renders the Secret or an existing one is named"
     )
 
@@ -227,7 +227,6 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
         | ({"REDIS_URL"} if _uses_redis(rendered, "gateway") else set()),
         "agent": ({"ALTAN_JWT_SECRET"} if jwt else set()) | ({"REDIS_URL"} if _redis_enabled(rendered) else set()),
     }
-    expected_keys["agent"] |= {"ALTAN_INTERNAL_KEY"}  # never the gateway's
     expected_keys["tool"] = expected_keys["agent"]
     expected_keys["integrator"] = (
         expected_keys["agent"]
@@ -240,7 +239,11 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
         spec = pod_spec(workload)
         component = pod_labels(workload)["app.kubernetes.io/component"]
         for volume in spec.get("volumes", []):
-            if "secret" in volume:  # only the service's own certificate, with mTLS; all else by secretKeyRef
+            if "secret" in volume and volume["name"] == "delegation-signing-key":
+                # The agent's private key, and only that key of its Secret (test_delegation_keys checks the rest).
+                assert component == "agent", f"{component} mounts the delegation signing key"
+                assert volume["secret"]["items"] == [{"key": "signing-key.pem", "path": "signing-key.pem"}]
+            elif "secret" in volume:  # only the service's own certificate, with mTLS; all else by secretKeyRef
                 assert values["tls"]["enabled"] and component in SERVICES, f"{component} mounts a Secret"
                 certificate = rendered.get("Certificate", workload["metadata"]["name"])
                 assert certificate is not None and certificate["spec"]["secretName"] == volume["secret"]["secretName"]
@@ -253,9 +256,6 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
                 if name in rendered_secrets:
                     data = rendered_secrets[name].get("data", {}) | rendered_secrets[name].get("stringData", {})
                     assert optional or key in data, f"{component} reads {name}/{key}, which is not rendered"
-                elif key == "ALTAN_INTERNAL_KEY":
-                    assert name == existing_internal, f"{component} reads the internal key from {name}"
-                    assert not optional, component
                 else:
                     assert name == existing, (
                         f"{component} reads Secret {name}, neither rendered nor secrets.existingSecret"
@@ -263,10 +263,10 @@ def test_secret_references_exist_and_are_scoped(rendered: Render) -> None:
                     assert key in documented, f"{component} reads {key}, not a documented key of the existing Secret"
     for component in SERVICES:
         assert read_by.get(component, set()) == expected_keys[component], component
-    # Tool containers verify their callers' tokens: the HS256 key, where there is one, the internal key (tasks'
-    # delegations), and nothing else.
+    # Tool containers verify their callers' tokens: the HS256 key, where there is one, and nothing else of a Secret
+    # (tasks' delegations with the public keys of a ConfigMap).
     for tc in values["toolContainers"]:
-        wanted = {"ALTAN_INTERNAL_KEY"} | ({"ALTAN_JWT_SECRET"} if jwt else set())
+        wanted = {"ALTAN_JWT_SECRET"} if jwt else set()
         assert read_by.get(f"tool-{tc['name']}", set()) == wanted, tc["name"]
     assert set(read_by) <= {*SERVICES, *(f"tool-{tc['name']}" for tc in values["toolContainers"])}
 

@@ -27,9 +27,10 @@ def test_each_tool_container_has_a_discoverable_service(rendered: Render, monkey
         (container,) = pod_spec(workload)["containers"]
         assert container["ports"] == [{"name": "grpc", "containerPort": tc["port"], "protocol": "TCP"}]
         assert container["readinessProbe"]["grpc"]["port"] == tc["port"]
+        # Its own variables, and the public keys of task delegations (test_delegation_keys checks the file).
         assert {k: v["value"] for k, v in env_of(container).items() if "value" in v} == {
             e["name"]: e["value"] for e in tc.get("env", [])
-        }
+        } | {"ALTAN_DELEGATION_PUBLIC_KEYS_FILE": "/etc/altan/delegation-public/public-keys.pem"}
         # What `altan serve-tools` builds from it: listening on every address, verifying the install's tokens.
         environment = container_environment(rendered, container)
         with monkeypatch.context() as patch:

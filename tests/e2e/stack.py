@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -18,9 +19,13 @@ import httpx
 import jwt
 import redis
 
+from altan.delegation import PUBLIC_KEYS_SETTING, SIGNING_KEY_SETTING, generate_key_pair
+
 JWT_SECRET = "e2e-development-secret-that-is-long-enough-for-hs256-hs384-and-hs512!"
-# The install's internal key (task delegations), known to the tool containers the tests start as well.
-INTERNAL_KEY = "e2e-internal-key-that-signs-task-delegations-and-is-long-enough"
+# The key pair of task delegations of this test session: the agent signs with the private key, the services and the
+# tool containers the tests start verify with the public one (removed when the session ends).
+_KEYS = tempfile.TemporaryDirectory(prefix="altan-e2e-delegation-")
+DELEGATION_SIGNING_KEY, DELEGATION_PUBLIC_KEYS = generate_key_pair(Path(_KEYS.name))
 
 # Every tenant of this test session carries this marker, so that at the end the session removes exactly its own
 # keys from a Redis that other sessions (other engineers, CI jobs) share.
@@ -84,7 +89,9 @@ class Stack:
     grpc_port: int
     mode: str
     internal_ports: dict[str, int]
-    env: dict[str, str] = field(default_factory=dict)  # what the services were started with (another replica's)
+    # What the services were started with (another replica's), but the agent's private key (DELEGATION_SIGNING_KEY):
+    # a tool or integrator replica given it would refuse to start.
+    env: dict[str, str] = field(default_factory=dict)
     lines: list[str] = field(default_factory=list)
     ready: threading.Event = field(default_factory=threading.Event)
     reader: threading.Thread = field(init=False)
@@ -151,14 +158,15 @@ def start_stack(
     wait_ready: bool = True,
     extra_env: dict[str, str] | None = None,
     tls: bool = False,
+    delegation_keys: bool = True,
 ) -> Stack:
-    """``altan up`` on free ports; returns once it says it is up (unless ``wait_ready`` is false)."""
+    """``altan up`` on free ports; returns once it says it is up (unless ``wait_ready`` is false). With the session's
+    delegation key pair, or (``delegation_keys`` false) the one ``altan up`` generates in the data directory."""
     http_port, grpc_port = free_port(), free_port()
     internal = {name: free_port() for name in ("agent", "tool", "integrator")}
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_") and k != "REDIS_URL"}
     env.update(
         ALTAN_JWT_SECRET=JWT_SECRET,
-        ALTAN_INTERNAL_KEY=INTERNAL_KEY,
         ALTAN_DATA_DIR=str(data_dir),
         ALTAN_EGRESS_ALLOW=egress_allow,
         ALTAN_AGENT_PORT=str(internal["agent"]),
@@ -175,6 +183,8 @@ def start_stack(
         # A task queue of this stack's own (stacks of every session share one Redis), removed with the session's keys.
         ALTAN_TASK_QUEUE=f"altan:{SESSION_MARKER}-q{uuid.uuid4().hex[:8]}:agent:work",
     )
+    if delegation_keys:
+        env.update({SIGNING_KEY_SETTING: str(DELEGATION_SIGNING_KEY), PUBLIC_KEYS_SETTING: str(DELEGATION_PUBLIC_KEYS)})
     env.update(extra_env or {})
     if redis_url:
         env["REDIS_URL"] = redis_url
@@ -190,7 +200,8 @@ def start_stack(
         stderr=subprocess.STDOUT,
         text=True,
     )
-    stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal, env)
+    replica_env = {k: v for k, v in env.items() if k != SIGNING_KEY_SETTING}
+    stack = Stack(process, http_port, grpc_port, "redis" if redis_url else "embedded", internal, replica_env)
     stack.reader = threading.Thread(target=stack._read, daemon=True)
     stack.reader.start()
     if not wait_ready:

@@ -14,7 +14,16 @@ from pathlib import Path
 import jwt
 import pytest
 
+from altan.delegation import (
+    PUBLIC_KEYS_SETTING,
+    SIGNING_KEY_SETTING,
+    generate_key_pair,
+    load_public_keys,
+    load_signing_key,
+)
 from tests.e2e.stack import JWT_SECRET, free_port, start_stack
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_token_prints_a_verifiable_development_token(tmp_path: Path) -> None:
@@ -195,3 +204,59 @@ def test_version_is_the_package_version(tmp_path: Path) -> None:
     result = _altan("--version", env=_clean_env(tmp_path))
     assert result.returncode == 0
     assert result.stdout.strip() == f"altan {version('altan')}"
+
+
+def _environ(pid: int) -> dict[str, str]:
+    entries = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    return dict(e.decode().partition("=")[::2] for e in entries if e)
+
+
+def test_up_generates_the_delegation_key_pair_and_gives_the_private_key_to_the_agent_only(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    stack = start_stack(data_dir=data, egress_allow="", redis_url=None, delegation_keys=False)
+    try:
+        private, public = data / "delegation-signing-key.pem", data / "delegation-public-keys.pem"
+        assert oct(private.stat().st_mode & 0o777) == "0o600"
+        assert list(load_public_keys(public)) == [load_signing_key(private).kid]
+        seen = {name: _environ(pid) for name, pid in stack.service_pids().items()}
+        assert seen["agent"][SIGNING_KEY_SETTING] == str(private)
+        for name in ("agent", "tool", "integrator"):
+            assert seen[name][PUBLIC_KEYS_SETTING] == str(public), name
+        for name in ("tool", "integrator", "gateway"):
+            assert SIGNING_KEY_SETTING not in seen[name], name
+        assert PUBLIC_KEYS_SETTING not in seen["gateway"]
+        assert "-----BEGIN" not in stack.logs()
+    finally:
+        assert stack.stop() == 0, stack.logs()[-3000:]
+    # The next start keeps the pair (tasks queued before it keep being resumed with delegations the services accept).
+    kid = load_signing_key(private).kid
+    again = start_stack(data_dir=data, egress_allow="", redis_url=None, delegation_keys=False)
+    try:
+        assert load_signing_key(private).kid == kid
+    finally:
+        assert again.stop() == 0, again.logs()[-3000:]
+
+
+@pytest.mark.parametrize(
+    ("command", "who"),
+    [
+        (("-m", "services.tool"), "tool service"),
+        (("-m", "services.integrator"), "integrator service"),
+        (("-m", "services.gateway"), "gateway"),
+        (("-m", "altan.cli", "serve-tools", "examples/weather.py"), "tool container"),
+    ],
+)
+def test_a_verifier_given_the_private_key_refuses_to_start(tmp_path: Path, command: tuple[str, ...], who: str) -> None:
+    private, public = generate_key_pair(tmp_path / "keys")
+    env = _clean_env(tmp_path, **{SIGNING_KEY_SETTING: str(private), PUBLIC_KEYS_SETTING: str(public)})
+    for name in ("AGENT", "TOOL", "INTEGRATOR", "HTTP", "GRPC"):
+        env[f"ALTAN_{name}_PORT"] = str(free_port())
+    if "serve-tools" in command:
+        command = (*command, "--port", str(free_port()))
+    result = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 2, result.stdout + result.stderr
+    prefix = "altan: " if "altan.cli" in command else ""
+    assert result.stderr.splitlines() == [
+        f"{prefix}invalid configuration: {SIGNING_KEY_SETTING}: only the agent signs delegations; the {who} must not "
+        f"hold the private key (it verifies with {PUBLIC_KEYS_SETTING})"
+    ]

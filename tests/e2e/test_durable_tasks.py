@@ -5,6 +5,9 @@ tenant only."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import os
 import signal
@@ -12,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +24,15 @@ import httpx
 import jwt
 import pytest
 import redis
+from cryptography.hazmat.primitives.asymmetric import ec
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from altan.v1 import agent_pb2, agent_pb2_grpc
+from altan.auth import issue_delegation
+from altan.delegation import SIGNING_KEY_SETTING, load_public_keys, load_signing_key
+from altan.v1 import agent_pb2, agent_pb2_grpc, tool_pb2, tool_pb2_grpc
 from tests.e2e.fake_llms import INSTALL_KEY, Llms
 from tests.e2e.fake_third_party import FakeThirdParty
-from tests.e2e.stack import Stack, free_port, new_tenant, start_stack
+from tests.e2e.stack import DELEGATION_SIGNING_KEY, Stack, free_port, new_tenant, start_stack
 from tests.e2e.test_supervision import wait_until
 from tests.e2e.test_tasks import _events, _finished
 from tests.fakes.llm import Call, Delay, Reply
@@ -87,10 +93,6 @@ def _terminal(stack: Stack, api: httpx.Client, task_id: str, timeout: float = 60
 
     wait_until(ended, f"task {task_id} ends", stack, timeout)
     return task
-
-
-def _internal_key(stack: Stack) -> str:
-    return stack.env["ALTAN_INTERNAL_KEY"]
 
 
 def test_an_agent_killed_mid_task_is_resumed_and_the_step_in_flight_is_performed_once(
@@ -165,6 +167,7 @@ def second_agent(redis_stack: Stack) -> Iterator[tuple[subprocess.Popen[str], li
     env.update(
         ALTAN_AGENT_PORT=str(port), ALTAN_INTEGRATOR_ADDR=f"127.0.0.1:{redis_stack.internal_ports['integrator']}"
     )
+    env[SIGNING_KEY_SETTING] = str(DELEGATION_SIGNING_KEY)  # an agent replica signs (stack.env leaves the key out)
     process = subprocess.Popen(
         [sys.executable, "-m", "services.agent"],
         env=env,
@@ -304,9 +307,9 @@ def test_a_delegation_is_accepted_only_internally_and_only_for_its_task_and_tena
         task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
         assert _finished(api, task_id)["status"] == "succeeded"
 
-    def delegation(key: str, tenant_id: str, for_task: str) -> str:
+    def claims(tenant_id: str, for_task: str) -> dict[str, Any]:
         now = int(time.time())
-        claims = {
+        return {
             "tenant_id": tenant_id,
             "sub": "alice",
             "role": "member",
@@ -316,10 +319,9 @@ def test_a_delegation_is_accepted_only_internally_and_only_for_its_task_and_tena
             "iat": now,
             "exp": now + 60,
         }
-        return jwt.encode(claims, key, algorithm="HS256")
 
-    key = _internal_key(redis_stack)
-    genuine = delegation(key, tenant, task_id)
+    agent_key = load_signing_key(DELEGATION_SIGNING_KEY)  # what only the agent holds
+    genuine = issue_delegation(agent_key, tenant=tenant, sub="alice", role="member", task_id=task_id, ttl=60)
     # The public gateway refuses a delegation, even a genuine one.
     public = redis_stack.client(tenant)
     public.headers["Authorization"] = f"Bearer {genuine}"
@@ -342,13 +344,77 @@ def test_a_delegation_is_accepted_only_internally_and_only_for_its_task_and_tena
 
     # The internal agent port accepts the genuine delegation for its own task...
     assert get_task(genuine, task_id) == grpc.StatusCode.OK
-    # ...refuses one signed with another key (forged), or with the tenants' JWT secret...
-    assert get_task(delegation("x" * 40, tenant, task_id), task_id) == grpc.StatusCode.UNAUTHENTICATED
-    assert get_task(delegation(redis_stack.env["ALTAN_JWT_SECRET"], tenant, task_id), task_id) == (
-        grpc.StatusCode.UNAUTHENTICATED
-    )
+    # ...refuses one signed with the tenants' JWT secret or the old kind of symmetric key...
+    for secret in (redis_stack.env["ALTAN_JWT_SECRET"], "x" * 40):
+        assert get_task(jwt.encode(claims(tenant, task_id), secret), task_id) == grpc.StatusCode.UNAUTHENTICATED
     # ...and another tenant's delegation, even for this task's id, sees nothing of this tenant.
-    assert get_task(delegation(key, other, task_id), task_id) == grpc.StatusCode.NOT_FOUND
+    other_tenants = issue_delegation(agent_key, tenant=other, sub="alice", role="member", task_id=task_id, ttl=60)
+    assert get_task(other_tenants, task_id) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_process_holding_only_the_public_key_cannot_mint_a_delegation(redis_stack: Stack) -> None:
+    """What a tool container holds (the verifiers' public key file) signs nothing any internal service accepts."""
+    tenant = _tenant()
+    plan = {"plan": [{"id": "s1", "tool": "json_extract", "arguments": {"data": {"a": 1}, "path": "a"}}]}
+    with redis_stack.client(tenant) as api:
+        agent_id = api.post("/v1/agents", json={"name": "a", "tools": ["json_extract"]}).json()["id"]
+        task_id = api.post(f"/v1/agents/{agent_id}/tasks", json={"input": plan}).json()["task_id"]
+        assert _finished(api, task_id)["status"] == "succeeded"
+    public_file = Path(redis_stack.env["ALTAN_DELEGATION_PUBLIC_KEYS_FILE"])
+    assert SIGNING_KEY_SETTING not in redis_stack.env
+    public_pem = public_file.read_bytes()
+    (kid,) = load_public_keys(public_file)
+    now = int(time.time())
+    claims = {
+        "tenant_id": tenant,
+        "sub": "mallory",
+        "role": "member",
+        "task_id": task_id,
+        "aud": "altan-internal",
+        "iss": "altan-internal",
+        "iat": now,
+        "exp": now + 60,
+    }
+    body = _b64(json.dumps(claims).encode())
+
+    def hand_signed(alg: str, sign: Callable[[bytes], bytes]) -> str:
+        head = _b64(json.dumps({"alg": alg, "kid": kid, "typ": "JWT"}).encode())
+        return f"{head}.{body}.{_b64(sign(f'{head}.{body}'.encode()))}"
+
+    own_key = ec.generate_private_key(ec.SECP256R1())
+    forgeries = {
+        # A key of its own, under the install's kid.
+        "own key": jwt.encode(claims, own_key, algorithm="ES256", headers={"kid": kid}),
+        # The public key as an HMAC secret (algorithm confusion).
+        "HS256 with the public key": hand_signed("HS256", lambda m: hmac.new(public_pem, m, hashlib.sha256).digest()),
+        "alg none": hand_signed("none", lambda m: b""),
+        # A kid no verifier holds (a key rotated away, say).
+        "unknown kid": jwt.encode(claims, own_key, algorithm="ES256", headers={"kid": "rotated-away"}),
+    }
+    request = agent_pb2.GetTaskRequest(task_id=task_id)
+    with grpc.insecure_channel(f"127.0.0.1:{redis_stack.internal_ports['agent']}") as channel:
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        for what, token in forgeries.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.GetTask(request, metadata=[("authorization", f"Bearer {token}")], timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, what
+    # The tool service too; the agent's own delegation (the control) it accepts.
+    genuine = issue_delegation(
+        load_signing_key(DELEGATION_SIGNING_KEY), tenant=tenant, sub="alice", role="member", task_id=task_id, ttl=60
+    )
+    with grpc.insecure_channel(f"127.0.0.1:{redis_stack.internal_ports['tool']}") as channel:
+        tools = tool_pb2_grpc.ToolServiceStub(channel)
+        tools.ListTools(tool_pb2.ListToolsRequest(), metadata=[("authorization", f"Bearer {genuine}")], timeout=10)
+        for what, token in forgeries.items():
+            with pytest.raises(grpc.RpcError) as refused:
+                tools.ListTools(
+                    tool_pb2.ListToolsRequest(), metadata=[("authorization", f"Bearer {token}")], timeout=10
+                )
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED, what
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def test_slow_tools_and_unanswered_approvals_end_with_the_tasks_deadline(

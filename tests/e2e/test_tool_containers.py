@@ -23,7 +23,7 @@ from altan.v1 import container_pb2, container_pb2_grpc
 from tests.e2e.conftest import McpServers
 from tests.e2e.fake_llms import Llms
 from tests.e2e.fake_third_party import FakeThirdParty
-from tests.e2e.stack import INTERNAL_KEY, JWT_SECRET, Stack, free_port, new_tenant, start_stack
+from tests.e2e.stack import DELEGATION_PUBLIC_KEYS, JWT_SECRET, Stack, free_port, new_tenant, start_stack
 from tests.e2e.test_durable_tasks import _terminal
 from tests.e2e.test_tasks import _finished
 from tests.fakes.llm import Call, Reply
@@ -61,7 +61,12 @@ class Container:
 def serve_tools(module: Path, port: int, **extra_env: str) -> Container:
     """`altan serve-tools module --port port`, returned once its gRPC health check answers SERVING."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ALTAN_")}
-    env.update(ALTAN_JWT_SECRET=JWT_SECRET, ALTAN_INTERNAL_KEY=INTERNAL_KEY, PYTHONUNBUFFERED="1", **extra_env)
+    env.update(
+        ALTAN_JWT_SECRET=JWT_SECRET,
+        ALTAN_DELEGATION_PUBLIC_KEYS_FILE=str(DELEGATION_PUBLIC_KEYS),  # public only: a container never signs
+        PYTHONUNBUFFERED="1",
+        **extra_env,
+    )
     command = [sys.executable, "-m", "altan.cli", "serve-tools", str(module), "--port", str(port)]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     container = Container(process, port)

@@ -25,11 +25,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 from pydantic import ValidationError
 
-from altan import context
-from altan.auth import TokenVerifier, issue_delegation, issue_development_token
+from altan.auth import TokenVerifier, issue_development_token
 from altan.config import Settings
 from altan.context import RequestContext
-from altan.errors import PermissionDenied, Unauthenticated
+from altan.errors import Unauthenticated
 
 SECRET = "unit-test-hs256-secret-that-is-long-enough-for-sha256-and-then-some"  # >= 64 bytes
 assert len(SECRET) >= 64
@@ -407,38 +406,3 @@ def test_asymmetric_algorithms_need_a_jwks() -> None:
 def test_none_and_unknown_algorithms_are_rejected(algorithms: tuple[str, ...]) -> None:
     with pytest.raises(ValidationError, match="unsupported JWT algorithms"):
         Settings(jwt_secret=SECRET, jwt_algorithms=algorithms)
-
-
-# --- internal delegations -------------------------------------------------------------------------------------------
-
-INTERNAL_KEY = "internal-key-of-this-install-at-least-32-bytes"
-
-
-def _delegation_settings() -> Settings:
-    return Settings(jwt_secret="s" * 32, internal_key=INTERNAL_KEY)
-
-
-def test_a_delegation_is_accepted_only_where_asked_and_acts_for_its_task_only() -> None:
-    token = issue_delegation(INTERNAL_KEY, tenant="acme", sub="alice", role="member", task_id="tsk_1", ttl=60)
-    internal = TokenVerifier(_delegation_settings(), accept_delegation=True)
-    caller = internal.verify(f"Bearer {token}")
-    assert (caller.tenant_id, caller.user, caller.role, caller.task_id) == ("acme", "alice", "member", "tsk_1")
-    assert caller.delegated
-    # The gateway's verifier (no accept_delegation) refuses even a genuine one.
-    with pytest.raises(Unauthenticated, match="not accepted here"):
-        TokenVerifier(_delegation_settings()).verify(f"Bearer {token}")
-    # Signed with another key (the tenants' JWT secret included): refused.
-    for key in ("x" * 40, "s" * 32):
-        forged = issue_delegation(key, tenant="acme", sub="alice", role="admin", task_id="tsk_1", ttl=60)
-        with pytest.raises(Unauthenticated, match="invalid delegation"):
-            internal.verify(f"Bearer {forged}")
-    expired = issue_delegation(INTERNAL_KEY, tenant="acme", sub="alice", role="member", task_id="tsk_1", ttl=1)
-    claims = jwt.decode(expired, INTERNAL_KEY, algorithms=["HS256"], audience="altan-internal")
-    claims["exp"] = int(time.time()) - 120
-    with pytest.raises(Unauthenticated, match="delegation expired"):
-        internal.verify(f"Bearer {jwt.encode(claims, INTERNAL_KEY, algorithm='HS256')}")
-    # It acts for its own task only.
-    context.bind(caller)
-    context.with_task("tsk_1")
-    with pytest.raises(PermissionDenied):
-        context.with_task("tsk_2")

@@ -317,7 +317,7 @@ def test_cloud_tasks_settings_are_checked_at_start_with_one_line_naming_what_is_
         "ALTAN_CLOUD_TASKS_PUSH_URL": "https://agents.example.com/v1/work",
         "ALTAN_CLOUD_TASKS_SERVICE_ACCOUNT": SERVICE_ACCOUNT,
         "ALTAN_AGENT_PUSH_PORT": "8081",
-        "ALTAN_INTERNAL_KEY": "k" * 40,
+        "ALTAN_DELEGATION_SIGNING_KEY_FILE": "/etc/altan/delegation-signing/signing-key.pem",
         "REDIS_URL": "redis://127.0.0.1:6379/0",
     }
     assert problems(**complete) == []

@@ -17,6 +17,7 @@ from pathlib import Path
 from altan import context
 from altan.auth import TokenVerifier
 from altan.config import Settings
+from altan.delegation import refuse_signing_key
 from altan.errors import NotFound
 from altan.sdk._tool import Tool, ToolContext, ToolCredential
 from altan.server import Context, GrpcService, serve_until_stopped
@@ -90,13 +91,17 @@ def load_tools(source: str) -> list[Tool[..., object]]:
 async def serve_tools(
     tools: Sequence[Tool[..., object]], settings: Settings, address: str, stop: asyncio.Event
 ) -> None:
-    """Serve ``tools`` on ``address`` until ``stop`` is set, then drain (``altan.server.serve_until_stopped``)."""
+    """Serve ``tools`` on ``address`` until ``stop`` is set, then drain (``altan.server.serve_until_stopped``).
+
+    Raises :class:`altan.config.ConfigurationError` when given the agent's private key: a container only verifies.
+    """
+    refuse_signing_key(settings, "tool container")
     service = GrpcService(
         container_pb2_grpc.add_ToolContainerServiceServicer_to_server, ToolContainerServicer(tools), SERVICE_NAME
     )
     await serve_until_stopped(
         [service],
-        # A task's calls come with its delegation (ALTAN_INTERNAL_KEY): a container is reached only by the install.
+        # A task's calls come with its delegation, verified with ALTAN_DELEGATION_PUBLIC_KEYS_FILE (public keys only).
         verifier=TokenVerifier(settings, accept_delegation=True),
         address=address,
         grace_seconds=settings.shutdown_grace_seconds,

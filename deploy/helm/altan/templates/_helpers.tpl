@@ -342,6 +342,7 @@ checksum/config: {{ include (print .ctx.Template.BasePath "/configmap.yaml") .ct
 {{- if not .ctx.Values.secrets.existingSecret }}
 checksum/secret: {{ include (print .ctx.Template.BasePath "/secret.yaml") .ctx | sha256sum }}
 {{- end }}
+{{- include "altan.delegationChecksum" . }}
 {{- with (index .ctx.Values .component).podAnnotations }}
 {{ toYaml . }}
 {{- end }}
@@ -357,8 +358,8 @@ envFrom:
 {{/*
 Environment from the Secret that a component needs, by secretKeyRef (never envFrom, so that each service sees only
 its own keys): ALTAN_JWT_SECRET for every service unless a JWKS verifies tokens, REDIS_URL where altan.usesRedis says,
-ALTAN_MASTER_KEY and the bootstrap secrets for the integrator, and ALTAN_INTERNAL_KEY (_internal-key.tpl, its own
-Secret) for all but the gateway. Takes (dict "ctx" $ "component" "agent").
+ALTAN_MASTER_KEY and the bootstrap secrets for the integrator; and the paths of the delegation keys
+(_delegation-keys.tpl: mounted files, the private key the agent's only). Takes (dict "ctx" $ "component" "agent").
 */}}
 {{- define "altan.secretEnv" -}}
 {{- $ctx := .ctx -}}
@@ -387,9 +388,7 @@ Secret) for all but the gateway. Takes (dict "ctx" $ "component" "agent").
       key: {{ .name }}
       optional: {{ .optional }}
 {{- end -}}
-{{- if ne .component "gateway" }}
-{{ include "altan.internalKeyEnv" $ctx }}
-{{- end -}}
+{{- include "altan.delegationEnv" . }}
 {{- end -}}
 
 {{/*
@@ -413,7 +412,8 @@ for the services that use Redis. Takes (dict "ctx" $ "component" "agent").
 - name: tls
   mountPath: /etc/altan/tls
   readOnly: true
-{{- end -}}
+{{- end }}
+{{- include "altan.delegationVolumeMounts" . }}
 {{- end -}}
 
 {{/* The volumes behind altan.commonVolumeMounts. */}}
@@ -437,7 +437,8 @@ for the services that use Redis. Takes (dict "ctx" $ "component" "agent").
   secret:
     secretName: {{ include "altan.tlsSecretName" . }}
     defaultMode: 0440
-{{- end -}}
+{{- end }}
+{{- include "altan.delegationVolumes" . }}
 {{- end -}}
 
 {{/* gRPC probes of a service listening on a port. */}}
