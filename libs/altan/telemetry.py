@@ -15,16 +15,19 @@ prompt or a completion: attributes are set here and in the call sites by name, n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 from collections.abc import Iterator, Mapping, MutableMapping
 from contextlib import contextmanager
+from contextvars import Token
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.context import Context
 from opentelemetry.trace import Link, NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 from opentelemetry.util.types import AttributeValue
 
@@ -178,6 +181,14 @@ def _random_context() -> SpanContext:
     )
 
 
+def _detach(token: Token[Context]) -> None:
+    """Make current again what was before ``token``'s attach. A served stream may be closed (its client went away)
+    from another context than the one that iterated it: there nothing of ours is current, so there is nothing to
+    undo, and it is no error (``otel_context.detach`` would log it with a traceback)."""
+    with contextlib.suppress(ValueError):  # "<Token> was created in a different Context"
+        otel_context._RUNTIME_CONTEXT.detach(token)  # detach() minus its logging of this case
+
+
 @contextmanager
 def server_span(
     name: str,
@@ -204,7 +215,7 @@ def server_span(
         try:
             yield off
         finally:
-            otel_context.detach(token)
+            _detach(token)
         return
     links: list[Link] = []
     if edge or remote is None:
@@ -221,7 +232,7 @@ def server_span(
     try:
         yield current
     finally:
-        otel_context.detach(token)
+        _detach(token)
         current.end()
 
 
@@ -268,7 +279,7 @@ def span(
     try:
         yield current
     finally:
-        otel_context.detach(token)
+        _detach(token)
         current.end()
 
 

@@ -247,3 +247,28 @@ def test_a_malformed_trace_id_resumes_in_a_new_trace() -> None:
             return telemetry.current_trace_id()
 
     assert len(fresh(run)) == 32
+
+
+@pytest.mark.parametrize("tracing", ["off", "on"])
+async def test_a_served_stream_closed_from_another_context_ends_quietly(
+    tracing: str, exported: InMemorySpanExporter, caplog: pytest.LogCaptureFixture
+) -> None:
+    """grpc.aio may close a streaming handler (a client that went away) from a context other than the one that
+    iterated it: the span's context cannot be reset there, and that is no error (it once logged a traceback)."""
+    import asyncio
+
+    if tracing == "off":
+        telemetry._state.tracer = None
+
+    async def served() -> Any:
+        with telemetry.server_span("Stream", CLIENT_PARENT):
+            yield 1
+            yield 2
+
+    stream = served()
+    assert await asyncio.create_task(anext(stream)) == 1  # iterated in one task's context
+    with caplog.at_level(logging.DEBUG):
+        await asyncio.create_task(stream.aclose())  # closed in another's
+    assert not [r for r in caplog.records if r.exc_info or "detach" in r.getMessage()]
+    if tracing == "on":
+        assert [s.name for s in exported.get_finished_spans()] == ["Stream"]
