@@ -209,8 +209,10 @@ class Settings(BaseSettings):
     # in the data directory. Unset: a task runs only in the replica that accepted it, with its caller's token.
     internal_key: SecretStr | None = None
     # Connections one process keeps open to third parties and LLM endpoints, all of them together; a call past it
-    # waits for one to be free. An LLM turn holds its connection for as long as the model thinks.
-    outbound_max_connections: int = Field(default=512, ge=1, le=10_000)
+    # waits for one to be free. An LLM turn holds its connection for as long as the model thinks. 1,024: a burst of
+    # 1,000 slow calls (issue 9) runs in one wave; each service raises its open-files limit to fit (up to the hard
+    # limit; altan.bootstrap.open_files_for).
+    outbound_max_connections: int = Field(default=1024, ge=1, le=10_000)
     # Install-level keys, used for an agent whose llm names no credential, and only towards these hosts.
     openai_api_key: SecretStr | None = None
     openai_api_hosts: str = "api.openai.com"

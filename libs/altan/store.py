@@ -16,7 +16,7 @@ import json
 import logging
 import time
 from collections import OrderedDict, defaultdict
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,6 +34,8 @@ from altan.store_sqlite import SqliteBackend, StateFileError
 
 __all__ = [
     "RETRY_AFTER_SECONDS",
+    "Append",
+    "HashSet",
     "MemoryBackend",
     "RedisBackend",
     "SharedStore",
@@ -75,8 +77,18 @@ return tostring(wait)
 """
 
 
+# One field of a hash to set: (key, field, value); one event to append to a stream: (key, value, maxlen).
+HashSet = tuple[str, str, str]
+Append = tuple[str, str, int]
+
+
 class StateBackend(Protocol):
-    """Raw key-addressed storage; only :class:`TenantStore` builds the keys."""
+    """Raw key-addressed storage; only :class:`TenantStore` builds the keys.
+
+    ``write_many`` sets hash fields and appends events all at once (one transaction: a reader sees all or none of
+    them) in one round trip, and answers the appended events' sequence numbers: a task's document and the events of
+    its change are one write.
+    """
 
     async def hget(self, key: str, field: str) -> str | None: ...
     async def hset(self, key: str, field: str, value: str) -> None: ...
@@ -85,6 +97,7 @@ class StateBackend(Protocol):
     async def hgetall(self, key: str) -> dict[str, str]: ...
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]: ...
     async def append(self, key: str, value: str, maxlen: int) -> int: ...
+    async def write_many(self, hsets: Sequence[HashSet], appends: Sequence[Append]) -> list[int]: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def get_expiring(self, key: str) -> str | None: ...
@@ -152,6 +165,11 @@ class MemoryBackend:
             async with cond:
                 cond.notify_all()
         return seq
+
+    async def write_many(self, hsets: Sequence[HashSet], appends: Sequence[Append]) -> list[int]:
+        for key, field, value in hsets:
+            self._hashes[key][field] = value
+        return [await self.append(key, value, maxlen) for key, value, maxlen in appends]
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         found = self._after(key, after, count)
@@ -311,6 +329,17 @@ class RedisBackend:
         with _unreachable_is_unavailable():
             return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
 
+    async def write_many(self, hsets: Sequence[HashSet], appends: Sequence[Append]) -> list[int]:
+        # MULTI/EXEC in one round trip; the append script runs inside it (redis-py loads it first if Redis lacks it).
+        with _unreachable_is_unavailable():
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for key, field, value in hsets:
+                    pipe.hset(key, field, value)
+                for key, value, maxlen in appends:
+                    await self._append(keys=[key, key + ":seq"], args=[value, maxlen], client=pipe)
+                answers = await pipe.execute()
+        return [int(seq) for seq in answers[len(hsets) :]]
+
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         with _unreachable_is_unavailable():
             if block_seconds > 0:
@@ -435,6 +464,16 @@ class TenantStore:
         Redis trims approximately (``MAXLEN ~``, cheap): it may keep somewhat more than ``maxlen`` events.
         """
         return await self._backend.append(self._key(stream), json.dumps(event), maxlen)
+
+    async def write(
+        self, puts: Sequence[tuple[str, str, Doc]] = (), appends: Sequence[tuple[str, Doc, int]] = ()
+    ) -> list[int]:
+        """Store documents ``(collection, id, doc)`` and append events ``(stream, event, maxlen)`` at once: one
+        transaction, one round trip. Returns the events' sequence numbers."""
+        return await self._backend.write_many(
+            [(self._key(collection), doc_id, json.dumps(doc)) for collection, doc_id, doc in puts],
+            [(self._key(stream), json.dumps(event), maxlen) for stream, event, maxlen in appends],
+        )
 
     async def read(
         self, stream: str, after: int = 0, count: int = 1000, block_seconds: float = 0

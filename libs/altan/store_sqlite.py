@@ -10,7 +10,8 @@ one state as replicas share Redis, and stopping and starting the stack forgets n
   ``busy_timeout_seconds`` (SQLite's own busy handler sleeps 1 to 100 ms at a time: measured, it made the 99th
   percentile of a write under contention twice as long, and its worst case ten times).
 - Every operation is one statement or one short ``BEGIN IMMEDIATE`` transaction, so what callers rely on is atomic
-  across processes as it is on Redis: ``hsetnx``, stream numbering, ``take_expiring`` (GETDEL), token buckets, locks.
+  across processes as it is on Redis: ``hsetnx``, stream numbering, ``take_expiring`` (GETDEL), token buckets, locks,
+  ``write_many`` (a task document with the events of its change).
 - SQLite calls never run on the event loop: each backend has one thread of its own holding its one connection
   (statements stay prepared in the connection's cache); coroutines queue calls to it, and it hands back every
   result it has ready in one wake-up of the loop.
@@ -37,7 +38,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -220,6 +221,14 @@ class SqliteBackend:
         seq = await self._run(_append, self._db, key, value, maxlen)
         self._notify(key)
         return seq
+
+    async def write_many(
+        self, hsets: Sequence[tuple[str, str, str]], appends: Sequence[tuple[str, str, int]]
+    ) -> list[int]:
+        seqs = await self._run(self._write, _write_many, hsets, appends)
+        for key, _, _ in appends:
+            self._notify(key)
+        return seqs
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         sql = "SELECT seq, value FROM streams WHERE key = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -481,6 +490,13 @@ def _append(db: sqlite3.Connection, key: str, value: str, maxlen: int) -> int:
         # Trimmed every few appends, as Redis's MAXLEN ~: a stream keeps up to _TRIM_EVERY - 1 more than maxlen.
         db.execute("DELETE FROM streams WHERE key = ? AND seq <= ?", (key, seq - maxlen))
     return seq
+
+
+def _write_many(
+    db: sqlite3.Connection, hsets: Sequence[tuple[str, str, str]], appends: Sequence[tuple[str, str, int]]
+) -> list[int]:
+    db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", hsets)
+    return [_append(db, key, value, maxlen) for key, value, maxlen in appends]
 
 
 def _remove_expiring(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:

@@ -14,7 +14,7 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,7 @@ _CANCELLATIONS = "cancellations"  # task id -> when another replica was asked to
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
+_EVENTS_MAXLEN = 10_000  # events kept per task (TenantStore.append's default)
 
 # Runs one tool for an agent's task: (agent, step, arguments, task_id) -> its answer.
 ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable["ToolAnswer"]]
@@ -428,9 +429,9 @@ class TaskRunner:
         for step in task["steps"]:
             if step["status"] in ("pending", "running", "waiting_approval"):
                 step["status"] = "cancelled" if step["status"] != "pending" else "skipped"
-        task.update(status="cancelled", error="cancelled", updated_at=now_ms())
-        await self._store.put(_TASKS, task_id, task)
-        await self._emit(task_id, "task.cancelled", {"error": "cancelled"})
+        await self._save(
+            task, None, status="cancelled", error="cancelled", events=[("task.cancelled", {"error": "cancelled"})]
+        )
         return task
 
     async def events(self, task_id: str, after: int) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -462,7 +463,7 @@ class TaskRunner:
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
         await self._store.append(
-            task_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}
+            task_events(task_id), {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}, _EVENTS_MAXLEN
         )
 
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
@@ -500,17 +501,13 @@ class TaskRunner:
             size += 2 * answer.size
             return answer.output
 
-        async def on_event(kind: str, data: dict[str, Any]) -> None:
-            await self._save(task, run)
-            await self._emit(task_id, kind, data)
+        async def on_events(events: list[tuple[str, dict[str, Any]]]) -> None:
+            await self._save(task, run, events=events)
 
-        run = PlanRun(plan, execute, on_event, expansion_bytes=self._limits.expansion_bytes, completed=done)
+        run = PlanRun(plan, execute, expansion_bytes=self._limits.expansion_bytes, completed=done, on_events=on_events)
         try:
-            await self._save(task, run, status="running")
-            if resumed:
-                await self._emit(task_id, "task.resumed", {"completed_steps": sorted(done)})
-            else:
-                await self._emit(task_id, "task.started", {})
+            started = ("task.resumed", {"completed_steps": sorted(done)}) if resumed else ("task.started", {})
+            await self._save(task, run, status="running", events=[started])
             outputs = await run.run()
         except PlanFailed as exc:
             await self._finish(
@@ -575,18 +572,18 @@ class TaskRunner:
 
         resumed = task["status"] != "queued"
         try:
-            await self._save(task, None, status="running")
+            if resumed:
+                done = [s["id"] for s in task["steps"] if s["status"] == "succeeded"]
+                started = ("task.resumed", {"completed_steps": done})
+            else:
+                started = ("task.started", {})
+            await self._save(task, None, status="running", events=[started])
             budget = llm.context_budget_tokens
             recent = await self._threads.recent(thread_id, budget)
             # This task's own messages, when an earlier run of it recorded some: the loop goes on after them.
             mine = [m for m in recent if m.get("task_id") == task_id] if resumed else []
             earlier = [m for m in recent if m.get("task_id") != task_id] if resumed else recent
             history = fit_to_budget(coherent(earlier), budget)
-            if resumed:
-                done = [s["id"] for s in task["steps"] if s["status"] == "succeeded"]
-                await self._emit(task_id, "task.resumed", {"completed_steps": done})
-            else:
-                await self._emit(task_id, "task.started", {})
             conversation = Conversation(
                 task=task,
                 agent=agent,
@@ -613,16 +610,31 @@ class TaskRunner:
         else:
             await asyncio.shield(self._finish(task, None, status="succeeded", result={"answer": answer}))
 
-    async def _save(self, task: dict[str, Any], run: PlanRun | None, **changes: Any) -> None:
+    async def _save(
+        self,
+        task: dict[str, Any],
+        run: PlanRun | None,
+        *,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
+        **changes: Any,
+    ) -> None:
+        """The one place a running task's progress is written: its document with ``changes`` (and its plan's steps)
+        and the events of that change, in one write (one transaction, one round trip), so a follower never sees an
+        event before the state it announces."""
         if run is not None:
             changes["steps"] = [_step(s) for s in run.steps.values()]
-        task.update(changes, updated_at=now_ms())
-        await self._store.put(_TASKS, task["task_id"], task)
+        now = now_ms()
+        task.update(changes, updated_at=now)
+        task_id = task["task_id"]
+        appends = [
+            (task_events(task_id), {"type": kind, "task_id": task_id, "time": now, "data": data}, _EVENTS_MAXLEN)
+            for kind, data in events
+        ]
+        await self._store.write([(_TASKS, task_id, task)], appends)
 
     async def _finish(self, task: dict[str, Any], run: PlanRun | None, *, status: str, **changes: Any) -> None:
-        await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
-        await self._emit(task["task_id"], f"task.{status}", data)
+        await self._save(task, run, status=status, events=[(f"task.{status}", data)], **changes)
 
 
 def _replan(task_input: Any) -> Any:

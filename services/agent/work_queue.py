@@ -207,8 +207,8 @@ class LocalWorkQueue:
 
     async def put(self, item: WorkItem) -> None:
         raw = item.encode()
-        await self._backend.hset(self._pending, item.task_id, raw)  # first: the item is accepted once this is written
-        await self._backend.append(self._stream, raw, 10_000)
+        # The pending item (the truth: accepted once written) and its wake-up, in one write.
+        await self._backend.write_many([(self._pending, item.task_id, raw)], [(self._stream, raw, 10_000)])
 
     async def depth(self) -> int:
         # The pending items are every task accepted and not ended; those a worker runs here are not waiting.

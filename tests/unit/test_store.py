@@ -167,6 +167,30 @@ async def test_concurrent_appends_get_distinct_consecutive_numbers(harness: Harn
     assert {event["writer"] for _, event in events} == set(range(50))
 
 
+async def test_write_stores_documents_and_appends_events_at_once(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    await store.append("events:t1", {"n": 0})
+    seqs = await store.write(
+        [("tasks", "t1", {"status": "running"}), ("tasks", "t2", {"status": "queued"})],
+        [("events:t1", {"n": 1}, 100), ("events:t1", {"n": 2}, 100), ("events:t2", {"n": 1}, 100)],
+    )
+    assert seqs == [2, 3, 1]
+    assert await store.get_many("tasks", ["t1", "t2"]) == {"t1": {"status": "running"}, "t2": {"status": "queued"}}
+    assert await store.read("events:t1") == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 2})]
+    assert await store.read("events:t2") == [(1, {"n": 1})]
+    assert await store.write([("tasks", "t1", {"status": "succeeded"})]) == []
+    assert await store.get("tasks", "t1") == {"status": "succeeded"}
+
+
+async def test_a_write_wakes_a_blocked_reader(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    reader = asyncio.create_task(store.read("events:t1", 0, block_seconds=5))
+    done, _ = await asyncio.wait({reader}, timeout=0.1)
+    assert not done
+    await store.write([("tasks", "t1", {"status": "running"})], [("events:t1", {"n": 1}, 100)])
+    assert await asyncio.wait_for(reader, 3) == [(1, {"n": 1})]
+
+
 async def test_read_after_and_count(harness: Harness, tenant: str) -> None:
     store = harness.store()
     assert await store.read("events") == []
