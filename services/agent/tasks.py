@@ -45,7 +45,6 @@ __all__ = [
     "TERMINAL",
     "Delegate",
     "LlmBackend",
-    "NeedsApproval",
     "TaskLimits",
     "TaskRunner",
     "ToolAnswer",
@@ -62,17 +61,20 @@ _TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submiss
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 _EVENTS_MAXLEN = 10_000  # events kept per task (TenantStore.append's default)
 
-# Runs one tool for an agent's task: (agent, step, arguments, task_id) -> its answer.
-ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable["ToolAnswer"]]
+# Runs one tool for an agent's task: (agent, step, arguments, task_id, approved) -> its answer. Not ``approved``, a
+# tool that requires a person's approval of each call is not called: the answer says ``approval_required``.
+ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str, bool], Awaitable["ToolAnswer"]]
 
 
 @dataclass(frozen=True)
 class ToolAnswer:
-    """What a tool call of a task answered: the output, the third party's HTTP status, the output's JSON size."""
+    """What a tool call of a task answered: the output, the third party's HTTP status, the output's JSON size; or
+    that the tool requires approval of each call, and nothing ran."""
 
     output: Any
     http_status: int
     size: int
+    approval_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,6 @@ class TaskLimits:
     task_bytes: int = 4 * 1024 * 1024  # the task document: input, every step's output, and the result
     deadline_seconds: float = 3600.0  # from acceptance to the end, resumptions included (ALTAN_TASK_DEADLINE_SECONDS)
 
-
-# Which of the given tool ids require a person's approval before each call.
-NeedsApproval = Callable[[list[str]], Awaitable[set[str]]]
 
 # The caller a queued task runs as, from its task document (tenant, submitter, role, task id, deadline), or None when
 # this replica cannot act for it (no internal key to sign a delegation with).
@@ -121,7 +120,6 @@ class TaskRunner:
         *,
         queue: WorkQueue | None = None,
         delegate: Delegate | None = None,
-        needs_approval: NeedsApproval | None = None,
         audit_decision: AuditDecision | None = None,
     ) -> None:
         self._limits = limits or TaskLimits()
@@ -134,7 +132,6 @@ class TaskRunner:
         self._invoke = invoke
         self._queue: WorkQueue = queue or ImmediateQueue()
         self._delegate = delegate
-        self._needs_approval = needs_approval
         self._approvals = Approvals(store, self._emit, audit_decision)
         self._serving: asyncio.Task[None] | None = None
         self._stopping = False
@@ -375,8 +372,24 @@ class TaskRunner:
         except Unavailable:
             return False
 
-    async def _approvals_for(self, tool_ids: list[str]) -> set[str]:
-        return await self._needs_approval(tool_ids) if self._needs_approval is not None and tool_ids else set()
+    async def _call(
+        self,
+        task: dict[str, Any],
+        run: PlanRun | None,
+        state: Any,
+        agent: dict[str, Any],
+        step: Step,
+        arguments: dict[str, Any],
+        waiting: list[str],
+    ) -> ToolAnswer:
+        """One tool call of a task; one that requires approval (the integrator says so, from the tool's definition,
+        and runs nothing) waits for a person's decision and is made again, approved."""
+        task_id = task["task_id"]
+        answer = await self._invoke(agent, step, arguments, task_id, False)
+        if answer.approval_required:
+            await self._await_approval(task, run, state, step.id, step.tool, arguments, waiting)
+            answer = await self._invoke(agent, step, arguments, task_id, True)
+        return answer
 
     async def _await_approval(
         self,
@@ -473,7 +486,6 @@ class TaskRunner:
         cancelled_elsewhere = False
         # A resumed task keeps the steps that succeeded before: they are not run again.
         done = {s["id"]: s for s in task["steps"] if s["status"] == "succeeded"}
-        needs = await self._approvals_for(sorted({step.tool for step in plan.steps}))
         waiting: list[str] = []  # the steps waiting for approval now
         resumed = task["status"] != "queued"
 
@@ -487,9 +499,7 @@ class TaskRunner:
                 # Another replica recorded a cancellation: end this run as a local cancel would, calling nothing.
                 this_run.cancel()
                 await asyncio.Event().wait()  # until the run's cancellation cancels this step too
-            if step.tool in needs:
-                await self._await_approval(task, run, run.steps[step.id], step.id, step.tool, arguments, waiting)
-            answer = await self._invoke(agent, step, arguments, task_id)
+            answer = await self._call(task, run, run.steps[step.id], agent, step, arguments, waiting)
             task["usage"]["tool_calls"] += 1
             if answer.http_status >= 400:
                 raise FailedPrecondition(f"tool '{step.tool}' answered HTTP {answer.http_status}")
@@ -539,7 +549,6 @@ class TaskRunner:
         assert this_run is not None
         slots = self._slots.setdefault(context.current().tenant_id, asyncio.Semaphore(llm.tool_concurrency))
         size = len(json_bytes(task["input"]))
-        needs = await self._approvals_for(sorted(agent.get("tools", ())))
         waiting: list[str] = []
 
         async def run_tool(tool: str, arguments: dict[str, Any], step_id: str) -> tuple[Any, int]:
@@ -547,11 +556,13 @@ class TaskRunner:
             if await self._cancelled_elsewhere(task_id):
                 this_run.cancel()
                 await asyncio.Event().wait()
-            if tool in needs:
+            async with slots:
+                answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id, False)
+            if answer.approval_required:  # nothing ran: wait for a person (holding no slot), then call approved
                 state = next(s for s in task["steps"] if s["id"] == step_id)
                 await self._await_approval(task, None, state, step_id, tool, arguments, waiting)
-            async with slots:
-                answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id)
+                async with slots:
+                    answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id, True)
             task["usage"]["tool_calls"] += 1
             if size + 2 * answer.size > self._limits.task_bytes:
                 raise FailedPrecondition(

@@ -35,11 +35,9 @@ def delegate(task: dict[str, Any], tenant: str) -> RequestContext:
 class Replicas:
     def __init__(self, tools: FakeTools) -> None:
         self.tools = tools
+        tools.needs_approval = {"send_email"}
         self.backend = MemoryBackend()
         self.made: list[TaskRunner] = []
-
-    async def needs_approval(self, tool_ids: list[str]) -> set[str]:
-        return {"send_email"} & set(tool_ids)
 
     def start(self, limits: TaskLimits | None = None) -> TaskRunner:
         store = TenantStore(self.backend, "agent")
@@ -52,7 +50,6 @@ class Replicas:
             limits,
             queue=queue,
             delegate=delegate,
-            needs_approval=self.needs_approval,
         )
         runner.start()
         self.made.append(runner)

@@ -68,13 +68,20 @@ class FakeTools:
     calls: list[Call] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)  # steps whose call was cancelled while it ran
     before_lookup: Callable[[], Awaitable[None]] | None = None
+    # Tools whose every call needs a person's approval: called without it, they answer so and run nothing (as the
+    # integrator does).
+    needs_approval: set[str] = field(default_factory=set)
 
     async def missing_tools(self, tool_ids: list[str]) -> list[str]:
         if self.before_lookup is not None:
             await self.before_lookup()
         return [t for t in tool_ids if t not in self.existing]
 
-    async def invoke(self, agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str) -> ToolAnswer:
+    async def invoke(
+        self, agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str, approved: bool = False
+    ) -> ToolAnswer:
+        if step.tool in self.needs_approval and not approved:
+            return ToolAnswer(None, 0, 0, approval_required=True)
         caller = context.current()
         call = Call(step.id, step.tool, arguments, task_id, agent["id"], caller.tenant_id, caller.task_id)
         self.calls.append(call)
