@@ -33,6 +33,7 @@ from altan.errors import Unavailable
 from altan.store_sqlite import SqliteBackend, StateFileError
 
 __all__ = [
+    "REDIS_MAX_CONNECTIONS",
     "RETRY_AFTER_SECONDS",
     "Append",
     "HashSet",
@@ -267,21 +268,33 @@ def _unreachable_is_unavailable() -> Iterator[None]:
         raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
 
 
-def redis_client(url: str, *, socket_timeout: float) -> Any:
+# Connections one Redis client of a process holds at most (ALTAN_REDIS_MAX_CONNECTIONS); past them a command waits.
+REDIS_MAX_CONNECTIONS = 512
+POOL_WAIT_SECONDS = 15.0  # at most this long for a free connection, then UNAVAILABLE (a burst's backlog)
+
+
+def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDIS_MAX_CONNECTIONS) -> Any:
     """A Redis client as every part of the install opens one.
 
     ``from_url`` alone retries nothing, so a pooled connection left from before a Redis restart failed the first
     command that took it (a task submitted just after Redis came back was refused). Two quick retries on a
     connection error replace such a connection; a Redis that is really down still fails within a fraction of a
-    second. Typed loosely: redis-py's sync/async union types do not narrow.
+    second. The pool holds at most ``max_connections``, and a command past them waits for one (up to its socket
+    timeout): redis-py's default pool refuses the 101st command in flight at once (``MaxConnectionsError``), which
+    failed tasks and submissions of a burst of 1,000 with 503. Typed loosely: redis-py's sync/async union types do
+    not narrow.
     """
-    return aioredis.from_url(
+    pool = aioredis.BlockingConnectionPool.from_url(
         url,
+        max_connections=max_connections,
+        # Waiting for a free connection is this process's own backlog, not Redis hanging: allowed longer.
+        timeout=max(socket_timeout, POOL_WAIT_SECONDS),
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
     )
+    return aioredis.Redis.from_pool(pool)
 
 
 class RedisBackend:
@@ -290,12 +303,12 @@ class RedisBackend:
     Every command goes through :func:`_unreachable_is_unavailable`, the one place Redis failures are mapped.
     """
 
-    def __init__(self, url: str, *, command_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, command_timeout: float = 5.0, max_connections: int = REDIS_MAX_CONNECTIONS) -> None:
         # A socket timeout bounds every command: a Redis that hangs (or fails over) is UNAVAILABLE well within a
         # call's deadline. Blocking reads wait up to 20 s, so they have a client (and pool) of their own.
         # Typed loosely: redis-py's sync/async union types do not narrow.
-        self._redis: Any = redis_client(url, socket_timeout=command_timeout)
-        self._blocking: Any = redis_client(url, socket_timeout=30)
+        self._redis: Any = redis_client(url, socket_timeout=command_timeout, max_connections=max_connections)
+        self._blocking: Any = redis_client(url, socket_timeout=30, max_connections=max_connections)
         self._append = self._redis.register_script(_APPEND)
         self._take_token = self._redis.register_script(_BUCKET)
 
@@ -399,14 +412,16 @@ class RedisBackend:
         await self._blocking.aclose()
 
 
-def open_backend(redis_url: str | None, state_file: Path | None = None) -> StateBackend:
+def open_backend(
+    redis_url: str | None, state_file: Path | None = None, *, redis_max_connections: int = REDIS_MAX_CONNECTIONS
+) -> StateBackend:
     """Redis when a URL is configured; else the embedded SQLite file ``state_file`` (shared by the processes of one
     machine, kept across restarts); else (tests, ``ALTAN_STATE=memory``) this process's memory.
 
     Raises :class:`altan.store_sqlite.StateFileError` when the file cannot be opened or written.
     """
     if redis_url:
-        return RedisBackend(redis_url)
+        return RedisBackend(redis_url, max_connections=redis_max_connections)
     if state_file is not None:
         return SqliteBackend(state_file)
     return MemoryBackend()
@@ -416,7 +431,9 @@ def open_state(settings: Settings) -> StateBackend:
     """The state backend a service's settings choose (``REDIS_URL``, ``ALTAN_STATE``, ``ALTAN_DATA_DIR``); a state
     file that cannot be used stops the service at start with one line naming ``ALTAN_DATA_DIR``."""
     try:
-        return open_backend(settings.redis_url, settings.state_file())
+        return open_backend(
+            settings.redis_url, settings.state_file(), redis_max_connections=settings.redis_max_connections
+        )
     except StateFileError as exc:
         raise ConfigurationError(f"ALTAN_DATA_DIR: {exc}") from None
 

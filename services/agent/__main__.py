@@ -163,6 +163,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             key=settings.task_queue,
             concurrency=settings.task_concurrency,
             lease_seconds=settings.task_lease_seconds,
+            redis_max_connections=settings.redis_max_connections,
         )
     else:
         # No replica but the accepting one may act for a task's submitter: tasks run there, and are not durable.

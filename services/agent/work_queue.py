@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import redis.exceptions
 
 from altan.errors import Unavailable
-from altan.store import StateBackend, redis_client
+from altan.store import REDIS_MAX_CONNECTIONS, StateBackend, redis_client
 
 __all__ = [
     "Handler",
@@ -248,9 +248,18 @@ class RedisWorkQueue:
 
     durable = True
 
-    def __init__(self, url: str, *, key: str, concurrency: int, lease_seconds: float, consumer: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str,
+        concurrency: int,
+        lease_seconds: float,
+        consumer: str = "",
+        max_connections: int = REDIS_MAX_CONNECTIONS,
+    ) -> None:
         # Blocking reads wait up to 2 s: the client's socket timeout is well above that.
-        self._redis: Any = redis_client(url, socket_timeout=10)
+        self._redis: Any = redis_client(url, socket_timeout=10, max_connections=max_connections)
         self._stream = key
         self._concurrency = concurrency
         self._lease_ms = int(lease_seconds * 1000)
@@ -390,9 +399,21 @@ async def report_depth(
 
 
 def open_work_queue(
-    backend: StateBackend, redis_url: str | None, *, key: str, concurrency: int, lease_seconds: float
+    backend: StateBackend,
+    redis_url: str | None,
+    *,
+    key: str,
+    concurrency: int,
+    lease_seconds: float,
+    redis_max_connections: int = REDIS_MAX_CONNECTIONS,
 ) -> WorkQueue:
     """Redis Streams with ``REDIS_URL``, else the local queue on the embedded state; ``key`` names it."""
     if redis_url:
-        return RedisWorkQueue(redis_url, key=key, concurrency=concurrency, lease_seconds=lease_seconds)
+        return RedisWorkQueue(
+            redis_url,
+            key=key,
+            concurrency=concurrency,
+            lease_seconds=lease_seconds,
+            max_connections=redis_max_connections,
+        )
     return LocalWorkQueue(backend, key=key, concurrency=concurrency)
