@@ -59,6 +59,25 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'd', ARGV[1])
 return n
 """
 
+# Hash fields set and events appended (numbered as _APPEND does) at once, in one command: ARGV[1] is the number of
+# fields; KEYS are each field's hash, then each event's stream and counter; ARGV the fields' names and values, then
+# each event's value and maxlen. Answers the events' numbers.
+_WRITE_MANY = """
+local fields = tonumber(ARGV[1])
+local numbers = {}
+for i = 1, fields do
+  redis.call('HSET', KEYS[i], ARGV[2 * i], ARGV[2 * i + 1])
+end
+local k, a = fields + 1, 2 * fields + 2
+while k <= #KEYS do
+  local n = redis.call('INCR', KEYS[k + 1])
+  redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[a + 1], '0-' .. n, 'd', ARGV[a])
+  numbers[#numbers + 1] = n
+  k, a = k + 2, a + 2
+end
+return numbers
+"""
+
 # A token bucket, atomically: ``capacity`` tokens that refill in ``per_seconds``; take one, or answer how long until one
 # is there. Redis's own clock, so every replica sees one time. The answer is text: Lua numbers reach the client as
 # integers.
@@ -310,6 +329,7 @@ class RedisBackend:
         self._redis: Any = redis_client(url, socket_timeout=command_timeout, max_connections=max_connections)
         self._blocking: Any = redis_client(url, socket_timeout=30, max_connections=max_connections)
         self._append = self._redis.register_script(_APPEND)
+        self._write_many = self._redis.register_script(_WRITE_MANY)
         self._take_token = self._redis.register_script(_BUCKET)
 
     async def hget(self, key: str, field: str) -> str | None:
@@ -343,15 +363,16 @@ class RedisBackend:
             return int(await self._append(keys=[key, key + ":seq"], args=[value, maxlen]))
 
     async def write_many(self, hsets: Sequence[HashSet], appends: Sequence[Append]) -> list[int]:
-        # MULTI/EXEC in one round trip; the append script runs inside it (redis-py loads it first if Redis lacks it).
+        # One script, so one command and one round trip, atomic as MULTI/EXEC would be (a pipeline with a script
+        # in it costs redis-py a SCRIPT EXISTS round trip on every execute).
+        keys = [key for key, _, _ in hsets] + [k for key, _, _ in appends for k in (key, key + ":seq")]
+        args: list[str | int] = [len(hsets)]
+        for _, field, value in hsets:
+            args += [field, value]
+        for _, value, maxlen in appends:
+            args += [value, maxlen]
         with _unreachable_is_unavailable():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for key, field, value in hsets:
-                    pipe.hset(key, field, value)
-                for key, value, maxlen in appends:
-                    await self._append(keys=[key, key + ":seq"], args=[value, maxlen], client=pipe)
-                answers = await pipe.execute()
-        return [int(seq) for seq in answers[len(hsets) :]]
+            return [int(seq) for seq in await self._write_many(keys=keys, args=args)]
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         with _unreachable_is_unavailable():

@@ -361,8 +361,14 @@ class RedisWorkQueue:
                     break
 
     async def _done(self, entry: str, item: WorkItem) -> None:
-        await self._again(partial(self._redis.xack, self._stream, _GROUP, entry))
-        await self._again(partial(self._redis.xdel, self._stream, entry))
+        await self._again(partial(self._ack, entry))
+
+    async def _ack(self, entry: str) -> None:
+        """Acknowledge and delete an entry in one round trip (a pipeline, not a transaction: each is idempotent)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self._stream, _GROUP, entry)
+            pipe.xdel(self._stream, entry)
+            await pipe.execute()
 
     async def _again(self, command: Callable[[], Awaitable[Any]], *, once: bool = False) -> Any:
         """Run a Redis command, retrying while Redis is unreachable (a restart, a failover); ``once``: give up
