@@ -214,8 +214,8 @@ class Settings(BaseSettings):
     # limit; altan.bootstrap.open_files_for).
     outbound_max_connections: int = Field(default=1024, ge=1, le=10_000)
     # Connections each Redis client of a process holds at most (a service has up to three: commands, blocking reads
-    # such as task event streams, the work queue); a command past them waits for one, up to its timeout.
-    redis_max_connections: int = Field(default=512, ge=4, le=10_000)
+    # such as task event streams, the work queue); a command past them is refused (503 with Retry-After).
+    redis_max_connections: int = Field(default=1024, ge=4, le=10_000)
     # Install-level keys, used for an agent whose llm names no credential, and only towards these hosts.
     openai_api_key: SecretStr | None = None
     openai_api_hosts: str = "api.openai.com"

@@ -287,9 +287,9 @@ def _unreachable_is_unavailable() -> Iterator[None]:
         raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
 
 
-# Connections one Redis client of a process holds at most (ALTAN_REDIS_MAX_CONNECTIONS); past them a command waits.
-REDIS_MAX_CONNECTIONS = 512
-POOL_WAIT_SECONDS = 15.0  # at most this long for a free connection, then UNAVAILABLE (a burst's backlog)
+# Connections one Redis client of a process holds at most (ALTAN_REDIS_MAX_CONNECTIONS); past them a command is
+# refused (UNAVAILABLE, 503 with Retry-After).
+REDIS_MAX_CONNECTIONS = 1024
 
 
 def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDIS_MAX_CONNECTIONS) -> Any:
@@ -298,22 +298,19 @@ def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDI
     ``from_url`` alone retries nothing, so a pooled connection left from before a Redis restart failed the first
     command that took it (a task submitted just after Redis came back was refused). Two quick retries on a
     connection error replace such a connection; a Redis that is really down still fails within a fraction of a
-    second. The pool holds at most ``max_connections``, and a command past them waits for one (up to its socket
-    timeout): redis-py's default pool refuses the 101st command in flight at once (``MaxConnectionsError``), which
-    failed tasks and submissions of a burst of 1,000 with 503. Typed loosely: redis-py's sync/async union types do
-    not narrow.
+    second. The pool holds at most ``max_connections``: redis-py's default of 100 refused the 101st command in flight
+    (``MaxConnectionsError``), which failed submissions and saves of a burst of 1,000 tasks with 503. (redis-py's
+    ``BlockingConnectionPool``, which waits instead, cost a burst half as much CPU again: measured, docs/
+    benchmarks.md.) Typed loosely: redis-py's sync/async union types do not narrow.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
+    return aioredis.from_url(
         url,
         max_connections=max_connections,
-        # Waiting for a free connection is this process's own backlog, not Redis hanging: allowed longer.
-        timeout=max(socket_timeout, POOL_WAIT_SECONDS),
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
     )
-    return aioredis.Redis.from_pool(pool)
 
 
 class RedisBackend:

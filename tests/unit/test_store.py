@@ -435,18 +435,20 @@ async def test_redis_keys_carry_the_tenant_prefix(raw_redis: aioredis.Redis) -> 
             await raw_redis.delete(*keys)
 
 
-async def test_commands_past_the_redis_pool_wait_for_a_connection_instead_of_failing() -> None:
+async def test_a_redis_client_holds_many_commands_in_flight_and_refuses_past_its_bound() -> None:
     """redis-py's default pool refuses the 101st command in flight (MaxConnectionsError, a 503 for a burst of
-    tasks); ours holds at most ``max_connections`` and queues the rest."""
+    tasks); ours holds ``max_connections`` (1024 by default), and past them a command is UNAVAILABLE."""
     as_tenant(f"unit-{uuid.uuid4().hex[:16]}")
-    small = TenantStore(RedisBackend(REDIS_URL, max_connections=4), "svc")
     wide = TenantStore(RedisBackend(REDIS_URL), "svc")
+    small = TenantStore(RedisBackend(REDIS_URL, max_connections=4), "svc")
     try:
         # Blocking reads hold their connection for their whole wait.
-        reads = [small.read(f"nothing:{n}", block_seconds=0.2) for n in range(12)]
-        assert await asyncio.gather(*reads) == [[]] * 12
         reads = [wide.read(f"nothing:{n}", block_seconds=0.5) for n in range(150)]
         assert await asyncio.gather(*reads) == [[]] * 150
+        answers = await asyncio.gather(
+            *(small.read(f"nothing:{n}", block_seconds=0.5) for n in range(6)), return_exceptions=True
+        )
+        assert sum(isinstance(a, Unavailable) for a in answers) == 2 and answers.count([]) == 4
     finally:
         await small._backend.aclose()  # type: ignore[attr-defined]
         await wide._backend.aclose()  # type: ignore[attr-defined]
