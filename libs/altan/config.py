@@ -12,6 +12,7 @@ import secrets
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -204,6 +205,33 @@ class Settings(BaseSettings):
     task_queue: str = Field(default="altan::agent:work", pattern=r"^altan:[A-Za-z0-9_:.-]{1,200}$")
     # Tasks one agent replica runs at once; more wait in the queue (for this replica or another).
     task_concurrency: int = Field(default=2000, ge=1, le=100_000)
+    # Which work queue holds accepted tasks (docs/operations.md, "Running on Cloud Tasks"): "" (the default) Redis
+    # Streams with REDIS_URL, else the embedded queue; "cloud-tasks" a Google Cloud Tasks queue that pushes each task
+    # to an agent's push port over HTTPS with an OIDC token of `cloud_tasks_service_account`.
+    work_queue: Literal["", "cloud-tasks"] = ""
+    # The queue, projects/P/locations/L/queues/Q (created beforehand, e.g. by Terraform: its retry and rate settings
+    # are the operator's).
+    cloud_tasks_queue: str | None = Field(
+        default=None,
+        pattern=r"^projects/[a-z][a-z0-9-]{4,28}[a-z0-9]/locations/[a-z0-9-]{1,63}/queues/[A-Za-z0-9-]{1,100}$",
+    )
+    # Where Cloud Tasks pushes a task: the agents' push endpoint as Google reaches it (an Ingress or Gateway in front of
+    # ALTAN_AGENT_PUSH_PORT), https://.../v1/work; plain http only to a loopback address (tests).
+    cloud_tasks_push_url: str | None = None
+    # The service account whose OIDC token Cloud Tasks sends (the agent's own Google identity needs
+    # roles/iam.serviceAccountUser on it); the push endpoint accepts no token of another.
+    cloud_tasks_service_account: str | None = Field(
+        default=None, pattern=r"^[a-z0-9][a-z0-9._-]{0,99}@[a-z0-9][a-z0-9.-]{0,200}$"
+    )
+    # The `aud` of those tokens; default: the push URL (what Cloud Tasks itself defaults to).
+    cloud_tasks_audience: str | None = None
+    # Where the push endpoint finds the keys that sign the tokens: Google's by default; plain http only on loopback.
+    cloud_tasks_jwks_url: str = "https://www.googleapis.com/oauth2/v3/certs"
+    # How long Cloud Tasks waits for one push before it counts the attempt failed and retries it (15 s to 30 min): a
+    # task's run must end within it (a wait for approval does not hold the push: docs/decisions.md).
+    cloud_tasks_dispatch_deadline_seconds: float = Field(default=1800.0, ge=15, le=1800)
+    # The agent's HTTP port for Cloud Tasks' pushes (and /healthz); required with ALTAN_WORK_QUEUE=cloud-tasks.
+    agent_push_port: int | None = Field(default=None, ge=1, le=65535)
     # The install's internal key (at least 32 bytes): the agent signs with it the short-lived delegation token a task
     # runs with (tenant, user, role, task id), which only the internal services accept. `altan up` generates one
     # in the data directory. Unset: a task runs only in the replica that accepted it, with its caller's token.
@@ -317,6 +345,8 @@ class Settings(BaseSettings):
             raise ValueError("ALTAN_STATE=memory and REDIS_URL: choose one (state lives in Redis when it is set)")
         if "gcp" in (self.secret_backend, self.audit_sink) and not self.gcp_project:
             raise ValueError("ALTAN_SECRET_BACKEND=gcp and ALTAN_AUDIT_SINK=gcp need ALTAN_GCP_PROJECT")
+        if self.work_queue == "cloud-tasks":
+            _check_cloud_tasks(self)
         return self
 
     def state_file(self) -> Path | None:
@@ -336,6 +366,37 @@ class Settings(BaseSettings):
         if len(key) != 32:
             raise ConfigurationError(f"ALTAN_DATA_DIR: {self.data_dir / 'master.key'} is not base64 of 32 bytes")
         return key
+
+
+def _loopback_url(url: str) -> bool:
+    host = urlsplit(url).hostname or ""
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def _check_cloud_tasks(settings: Settings) -> None:
+    """ALTAN_WORK_QUEUE=cloud-tasks: everything it needs is set, and coherent (one line naming what is wrong)."""
+    needed = {
+        "ALTAN_CLOUD_TASKS_QUEUE": settings.cloud_tasks_queue,
+        "ALTAN_CLOUD_TASKS_PUSH_URL": settings.cloud_tasks_push_url,
+        "ALTAN_CLOUD_TASKS_SERVICE_ACCOUNT": settings.cloud_tasks_service_account,
+        "ALTAN_AGENT_PUSH_PORT": settings.agent_push_port,
+    }
+    missing = [name for name, value in needed.items() if not value]
+    if missing:
+        raise ValueError(f"ALTAN_WORK_QUEUE=cloud-tasks needs {', '.join(missing)}")
+    if not settings.internal_key:
+        raise ValueError("ALTAN_WORK_QUEUE=cloud-tasks needs ALTAN_INTERNAL_KEY (a pushed task runs as a delegation)")
+    if not settings.redis_url:
+        raise ValueError("ALTAN_WORK_QUEUE=cloud-tasks needs REDIS_URL (every agent replica must read every task)")
+    for name, url in (
+        ("ALTAN_CLOUD_TASKS_PUSH_URL", settings.cloud_tasks_push_url or ""),
+        ("ALTAN_CLOUD_TASKS_JWKS_URL", settings.cloud_tasks_jwks_url),
+    ):
+        parts = urlsplit(url)
+        if not parts.hostname or parts.scheme not in ("https", "http"):
+            raise ValueError(f"{name}: must be an https:// URL")
+        if parts.scheme == "http" and not _loopback_url(url):
+            raise ValueError(f"{name}: must be https:// (plain http only to a loopback address)")
 
 
 def setting_name(field: str) -> str:

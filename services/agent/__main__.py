@@ -156,7 +156,14 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         deadline_seconds=settings.task_deadline_seconds,
     )
     queue: WorkQueue = ImmediateQueue()
-    if settings.internal_key is not None:
+    if settings.work_queue == "cloud-tasks":
+        # Pushed by Cloud Tasks to the push port (services/agent/cloud_tasks.py); settings checked at start.
+        from services.agent.cloud_tasks import CloudTasksWorkQueue
+
+        cloud_tasks = CloudTasksWorkQueue.from_settings(settings)
+        cloud_tasks.open()
+        queue = cloud_tasks
+    elif settings.internal_key is not None:
         queue = open_work_queue(
             backend,
             settings.redis_url,

@@ -72,6 +72,10 @@ class Approvals:
             for seq, _ in await self._store.read(task_events(task_id), seen, count=1000, block_seconds=10):
                 seen = seq
 
+    async def decided(self, task_id: str, call_id: str) -> dict[str, Any] | None:
+        """The decision on a call, if there is one yet."""
+        return await self._store.get(_DECISIONS, f"{task_id}:{call_id}")
+
     async def decide(self, task: dict[str, Any], call_id: str, approve: bool, comment: str) -> None:
         """Record the current caller's decision on a call ``task`` (not ended) waits for; audited and announced."""
         task_id = task["task_id"]

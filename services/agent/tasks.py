@@ -22,7 +22,7 @@ from altan import context, telemetry
 from altan.api.agents import llm_to_proto as agent_llm
 from altan.api.convert import now_ms
 from altan.api.tasks import TaskSubmission
-from altan.errors import AltanError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from altan.errors import AlreadyExists, AltanError, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from altan.store import TenantStore
 from altan.v1 import runtime_pb2
 from altan.wire import json_bytes, new_id
@@ -39,7 +39,7 @@ from services.agent.plan import (
     parse_plan,
 )
 from services.agent.threads import ThreadStore, coherent, fit_to_budget
-from services.agent.work_queue import ImmediateQueue, WorkItem, WorkQueue
+from services.agent.work_queue import ImmediateQueue, ParkingQueue, WorkItem, WorkQueue
 
 __all__ = [
     "TERMINAL",
@@ -60,6 +60,9 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
 _EVENTS_MAXLEN = 10_000  # events kept per task (TenantStore.append's default)
+# A run close to its deadline waits for an approval in place rather than park (its deadline wake-up may come early).
+_PARK_MARGIN_MS = 30_000
+_DEADLINE_WAKE_DELAY_MS = 5_000
 
 # Runs one tool for an agent's task: (agent, step, arguments, task_id, approved) -> its answer. Not ``approved``, a
 # tool that requires a person's approval of each call is not called: the answer says ``approval_required``.
@@ -139,6 +142,8 @@ class TaskRunner:
         # Without a delegate: the submitter, kept in memory until this replica runs the task.
         self._callers: dict[tuple[str, str], context.RequestContext] = {}
         self._expired: set[tuple[str, str]] = set()  # runs stopped by their task's deadline
+        # Runs parked while they wait for approval (a ParkingQueue), with the steps that wait.
+        self._parked: dict[tuple[str, str], set[str]] = {}
         self._tools_seen: dict[tuple[str, tuple[str, ...]], float] = {}  # (tenant, tool ids) -> all exist until
 
     def start(self) -> None:
@@ -227,9 +232,15 @@ class TaskRunner:
         self._running[key] = this_run
         try:
             await self._execute_here(item, key)
+        except asyncio.CancelledError:
+            if key not in self._parked or self._stopping:
+                raise
+            # Parked: its progress is saved, and its wake-ups are queued (the decision, the deadline).
+            this_run.uncancel()
         finally:
             self._running.pop(key, None)
             self._expired.discard(key)
+            self._parked.pop(key, None)
 
     async def _execute_here(self, item: WorkItem, key: tuple[str, str]) -> None:
         caller = self._callers.pop(key, None)
@@ -238,6 +249,7 @@ class TaskRunner:
         task = await self._store.get(_TASKS, item.task_id)
         if task is None or task["status"] in TERMINAL:
             return
+        task.pop("parked_at", None)  # a parked task woken up: the next save says it runs
         if caller is None and self._delegate is not None:
             caller = self._delegate(task, item.tenant_id)
         if caller is None:
@@ -290,12 +302,15 @@ class TaskRunner:
             error = _deadline_error(self._limits.deadline_seconds)
             await asyncio.shield(self._finish(task, run, status="failed", error=error))
             return False
-        if self._stopping and self._queue.durable:
+        parked = self._parked.get(key)
+        if (self._stopping or parked is not None) and self._queue.durable:
             # Shutting down: the progress so far is saved, and the queue delivers the task again (here after a
             # restart, or to another replica), which goes on from there; the steps stopped here are to run again.
+            # Parked: the same, the steps waiting for approval still shown waiting.
             for state in run.steps.values() if run is not None else ():
                 if state.status in ("cancelled", "skipped"):
-                    state.status, state.error = "pending", None
+                    waits = parked is not None and state.step_id in parked
+                    state.status, state.error = ("waiting_approval" if waits else "pending"), None
             await asyncio.shield(self._save(task, run))
             return True
         # Cancelled elsewhere, the ending (and its event) is already recorded: only this run's steps are new.
@@ -361,8 +376,19 @@ class TaskRunner:
         if task["status"] in TERMINAL:
             # Nothing of an ended task waits any more: as for a call that never waited.
             raise NotFound(f"task '{task_id}' already {task['status']}: no call of it waits for approval")
-        await self._approvals.decide(task, call_id, approve, comment)
+        try:
+            await self._approvals.decide(task, call_id, approve, comment)
+        except AlreadyExists:
+            await self._wake(task_id, call_id)  # a decision whose wake-up failed: asking again wakes the task
+            raise
+        await self._wake(task_id, call_id)
         return await self.get(task_id)
+
+    async def _wake(self, task_id: str, call_id: str) -> None:
+        """A parked task whose call was decided runs again (a ParkingQueue; once per call). Only a parked one: a
+        run still waiting acts on the decision itself (a wake-up would start a second run on another replica)."""
+        if isinstance(self._queue, ParkingQueue) and (await self.get(task_id)).get("parked_at"):
+            await self._queue.wake(WorkItem(context.current().tenant_id, task_id), f"decided-{call_id}")
 
     async def _cancelled_elsewhere(self, task_id: str) -> bool:
         """Whether another replica recorded a cancellation; a store out of reach for a moment says no (the end of
@@ -413,13 +439,38 @@ class TaskRunner:
         waiting.append(step_id)
         await self._save(task, run, status="waiting_approval")
         try:
-            decided = await self._approvals.wait(task["task_id"], step_id, tool, arguments)
+            decided = await self._decision(task, step_id, tool, arguments)
         finally:
             waiting.remove(step_id)
         mark("running")
         await self._save(task, run, status="waiting_approval" if waiting else "running")
         if not decided["approved"]:
             raise rejection(decided)
+
+    async def _decision(self, task: dict[str, Any], step_id: str, tool: str, arguments: dict[str, Any]) -> Any:
+        """The decision on a call; with a ParkingQueue, a wait longer than its ``park_after_seconds`` parks the run
+        instead: a wake-up is queued at the deadline (the decision queues another), and the run is cancelled."""
+        waited = self._approvals.wait(task["task_id"], step_id, tool, arguments)
+        deadline_at = int(task.get("deadline_at") or 0)
+        if not isinstance(self._queue, ParkingQueue) or deadline_at - now_ms() < _PARK_MARGIN_MS:
+            return await waited
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(waited, self._queue.park_after_seconds)
+        # Marked parked first, then the decision read again: a decision made meanwhile either sees the mark (and
+        # queues a wake-up) or is seen here (and the run goes on).
+        task["parked_at"] = now_ms()
+        await self._store.put(_TASKS, task["task_id"], task)
+        decided = await self._approvals.decided(task["task_id"], step_id)
+        if decided is not None:
+            task["parked_at"] = None
+            return decided
+        key = (context.current().tenant_id, task["task_id"])
+        self._parked.setdefault(key, set()).add(step_id)
+        # Due just after the deadline, so that it ends a task that is still waiting, never runs one early.
+        await self._queue.wake(WorkItem(*key), "deadline", at_ms=deadline_at + _DEADLINE_WAKE_DELAY_MS)
+        log.info("task parked until its call is decided", extra={"task": task["task_id"], "step": step_id})
+        self._running[key].cancel()
+        await asyncio.Event().wait()  # until that cancellation reaches this step
 
     async def cancel(self, task_id: str) -> dict[str, Any]:
         task = await self.get(task_id)

@@ -32,7 +32,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import redis.exceptions
 
@@ -43,6 +43,7 @@ __all__ = [
     "Handler",
     "ImmediateQueue",
     "LocalWorkQueue",
+    "ParkingQueue",
     "RedisWorkQueue",
     "WorkItem",
     "WorkQueue",
@@ -95,6 +96,18 @@ class WorkQueue(Protocol):
 
     async def serve(self, handler: Handler) -> None:
         """Deliver items to ``handler`` until cancelled; several at once."""
+        ...
+
+
+@runtime_checkable
+class ParkingQueue(Protocol):
+    """A queue whose deliveries must not wait long (a push with a dispatch deadline): a run waiting for a person
+    parks after ``park_after_seconds`` (its progress saved, the delivery ended) and is woken by an item of its own."""
+
+    park_after_seconds: float
+
+    async def wake(self, item: WorkItem, reason: str, *, at_ms: int | None = None) -> None:
+        """Deliver ``item`` again, once per ``reason``, at ``at_ms`` (epoch milliseconds; None: now)."""
         ...
 
 

@@ -60,7 +60,9 @@ def expected_edges(render: Render) -> set[Edge]:
         edges |= {(c, r, _tcp(v["redis"]["port"])) for c in users for r in redis}
 
     internet = cidr_peer("0.0.0.0/0", net["internet"]["except"])
+    cloud_tasks = v["agent"]["workQueue"]["type"] == "cloud-tasks"
     callers = {"tool", "integrator"} | ({"gateway", "agent"} if v["config"]["jwt"]["jwksUrl"] else set())
+    callers |= {"agent"} if cloud_tasks else set()  # the Cloud Tasks API and Google's JWKS
     edges |= {(c, internet, _tcp(net["internet"]["port"])) for c in callers}
 
     if v["tool"]["discovery"]["enabled"]:
@@ -83,6 +85,13 @@ def expected_edges(render: Render) -> set[Edge]:
         # Workload Identity's tokens come from the GKE metadata server (Google's APIs are on the internet rule).
         edges |= {("integrator", cidr_peer("169.254.169.254/32"), _tcp(80))}
         edges |= {("integrator", cidr_peer("169.254.169.252/32"), _tcp(988))}
+
+    if cloud_tasks:
+        # The agent creates tasks as its Workload Identity; Cloud Tasks pushes them through the load balancer.
+        edges |= {("agent", cidr_peer("169.254.169.254/32"), _tcp(80))}
+        edges |= {("agent", cidr_peer("169.254.169.252/32"), _tcp(988))}
+        ct = v["agent"]["workQueue"]["cloudTasks"]
+        edges |= {(_peer_name(peer), "agent", _tcp(ct["pushPort"])) for peer in ct["pushFrom"]}
 
     scrapers = [_peer_name(peer) for peer in net["metrics"]["from"]]
     for component in METERED:

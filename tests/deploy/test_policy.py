@@ -382,8 +382,11 @@ def test_services_find_each_other_by_service_dns(rendered: Render) -> None:
             assert env[f"ALTAN_{component.upper()}_PORT"]["value"] == str(ports[component])
             metrics = values[component].get("metrics", {}).get("port")
             health = values["tls"]["healthPort"] if values["tls"]["enabled"] else None  # plaintext probes, with mTLS
+            queue = values[component].get("workQueue", {})
+            push = queue["cloudTasks"]["pushPort"] if queue.get("type") == "cloud-tasks" else None
             assert [p["containerPort"] for p in container["ports"]] == [
                 ports[component],
+                *([push] if push else []),
                 *([health] if health else []),
                 *([metrics] if metrics else []),
             ]

@@ -165,6 +165,18 @@ Guards: values that render but cannot work. Included by the ConfigMap, which eve
 {{- fail (printf "%s.autoscaling.minReplicas (%v) is greater than maxReplicas (%v)" $component $a.minReplicas $a.maxReplicas) -}}
 {{- end -}}
 {{- end -}}
+{{- if eq $v.agent.workQueue.type "cloud-tasks" -}}
+{{- $ct := $v.agent.workQueue.cloudTasks -}}
+{{- if not (and $ct.queue $ct.pushUrl $ct.serviceAccount) -}}
+{{- fail "agent.workQueue.type=cloud-tasks needs agent.workQueue.cloudTasks.queue, .pushUrl and .serviceAccount" -}}
+{{- end -}}
+{{- if not (include "altan.redisEnabled" $) -}}
+{{- fail "agent.workQueue.type=cloud-tasks needs Redis (redis.url): every agent replica must read every task" -}}
+{{- end -}}
+{{- if not $v.agent.serviceAccount.gcpServiceAccount -}}
+{{- fail "agent.workQueue.type=cloud-tasks needs agent.serviceAccount.gcpServiceAccount (Workload Identity: the agent creates the tasks as that Google service account)" -}}
+{{- end -}}
+{{- end -}}
 {{- if and $v.agent.autoscaling.queueLength.enabled (not $v.agent.autoscaling.enabled) -}}
 {{- fail "agent.autoscaling.queueLength needs agent.autoscaling.enabled" -}}
 {{- end -}}
