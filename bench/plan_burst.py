@@ -5,7 +5,8 @@ starts the stack and ``bench/fake_api.py --delay-ms 1000``, binds ``http_request
 ``--tasks`` tasks ``{"plan": [{"id": "s1", "tool": "http_request", "arguments": {"url": <fake API>}}]}`` from
 ``--submitters`` concurrent clients (one keep-alive connection each). "Accepted after" is when the last ``202``
 arrived; "finished after" is the last task's ``updated_at`` (its terminal write, on the stack's clock) after the
-first submission, read once every task is terminal (polled once a second, so as not to load the stack meanwhile).
+first submission, read once every task is terminal (polled once a second in the order they were accepted, stopping at
+the first still running, so as not to load the stack meanwhile).
 
 The submitters are aiohttp (one connector, a connection per submitter): an httpx pool spent more CPU than the stack
 did, so the load generator measured itself. Its CPU is reported apart ("client CPU"), with the stack's.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import resource
 import sys
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -19,7 +21,12 @@ from altan.server import GrpcService, ServerTls, serve_until_stopped, shutdown_e
 from altan.telemetry import TracingSetup, configure_tracing
 from altan.tls import tls_files
 
-__all__ = ["ConfigurationError", "Wiring", "refuse", "run_service", "start_tracing"]
+__all__ = ["ConfigurationError", "Wiring", "open_files_for", "refuse", "run_service", "start_tracing"]
+
+log = logging.getLogger(__name__)
+
+# Descriptors a service needs besides its outbound connections: listeners, gRPC channels, the state store, logs.
+_OTHER_FILES = 256
 
 # Builds a service's servicers from settings; resources that need closing go on the exit stack.
 Wiring = Callable[[Settings, AsyncExitStack], Awaitable[list[GrpcService]]]
@@ -52,12 +59,36 @@ def start_tracing(name: str, settings: Settings) -> TracingSetup:
         raise SystemExit(2) from None
 
 
+def open_files_for(connections: int) -> int:
+    """Raise this process's soft limit of open files towards what ``connections`` outbound connections need (up to
+    the hard limit, as the Go runtime does at start); answer the limit now. A laptop's soft limit is often 1,024
+    (macOS: 256) while its hard limit is far higher; a container's is usually high already."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = connections + _OTHER_FILES
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        log.warning(
+            "open files limit %d is below what ALTAN_OUTBOUND_MAX_CONNECTIONS=%d needs (%d): calls past it fail",
+            soft,
+            connections,
+            wanted,
+        )
+    return soft
+
+
 def run_service(name: str, port: Callable[[Settings], int], wiring: Wiring) -> None:
     """Run one gRPC service in the foreground until SIGTERM/SIGINT."""
     settings = load_settings()
     if name != "agent":
         refuse(lambda: refuse_signing_key(settings, f"{name} service"))
     configure_logging(name, settings.log_level)
+    open_files_for(settings.outbound_max_connections)
     tracing = start_tracing(name, settings)
     metrics_port: int | None = getattr(settings, f"{name}_metrics_port", None)
 

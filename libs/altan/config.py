@@ -244,8 +244,13 @@ class Settings(BaseSettings):
     # The symmetric key of earlier versions: no longer read; set, it is refused (see _internal_key_is_gone).
     internal_key: SecretStr | None = Field(default=None, exclude=True, repr=False)
     # Connections one process keeps open to third parties and LLM endpoints, all of them together; a call past it
-    # waits for one to be free. An LLM turn holds its connection for as long as the model thinks.
-    outbound_max_connections: int = Field(default=512, ge=1, le=10_000)
+    # waits for one to be free. An LLM turn holds its connection for as long as the model thinks. 1,024: a burst of
+    # 1,000 slow calls (issue 9) runs in one wave; each service raises its open-files limit to fit (up to the hard
+    # limit; altan.bootstrap.open_files_for).
+    outbound_max_connections: int = Field(default=1024, ge=1, le=10_000)
+    # Connections each Redis client of a process holds at most (a service has up to three: commands, blocking reads
+    # such as task event streams, the work queue); a command past them is refused (503 with Retry-After).
+    redis_max_connections: int = Field(default=1024, ge=4, le=10_000)
     # Install-level keys, used for an agent whose llm names no credential, and only towards these hosts.
     openai_api_key: SecretStr | None = None
     openai_api_hosts: str = "api.openai.com"

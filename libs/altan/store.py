@@ -34,15 +34,17 @@ from altan.errors import Unavailable
 from altan.store_sqlite import SqliteBackend, StateFileError
 
 __all__ = [
+    "REDIS_MAX_CONNECTIONS",
     "RETRY_AFTER_SECONDS",
+    "Append",
     "Fence",
+    "HashSet",
     "MemoryBackend",
     "RedisBackend",
     "SharedStore",
     "SqliteBackend",
     "StateBackend",
     "TenantStore",
-    "Write",
     "open_backend",
     "open_state",
     "redis_client",
@@ -59,18 +61,26 @@ redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'd', ARGV[1])
 return n
 """
 
-# Fenced writes: the write happens only while the fence (a hash field holding a counter) still says the writer's
-# number; 0 when it says another (a later holder took it). One round trip, as the unfenced write.
-_HSET_IF = """
-if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
-redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
-return 1
-"""
-_APPEND_IF = """
-if redis.call('HGET', KEYS[3], ARGV[3]) ~= ARGV[4] then return 0 end
-local n = redis.call('INCR', KEYS[2])
-redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[2], '0-' .. n, 'd', ARGV[1])
-return n
+# Hash fields set and events appended (numbered as _APPEND does) at once, in one command, atomically; fenced, only
+# while a fence (a hash field holding a counter) still says the writer's number, else nothing and nil.
+# KEYS[1] is the fence's hash (any key when unfenced), then each field's hash, then each event's stream and counter.
+# ARGV: the fence's field ('' when unfenced) and the holder's number, the number of fields, the fields' names and
+# values, then each event's value and maxlen. Answers the events' numbers.
+_WRITE_MANY = """
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return false end
+local fields = tonumber(ARGV[3])
+local numbers = {}
+for i = 1, fields do
+  redis.call('HSET', KEYS[i + 1], ARGV[2 * i + 2], ARGV[2 * i + 3])
+end
+local k, a = fields + 2, 2 * fields + 4
+while k <= #KEYS do
+  local n = redis.call('INCR', KEYS[k + 1])
+  redis.call('XADD', KEYS[k], 'MAXLEN', '~', ARGV[a + 1], '0-' .. n, 'd', ARGV[a])
+  numbers[#numbers + 1] = n
+  k, a = k + 2, a + 2
+end
+return numbers
 """
 
 # The state of a fence, as the backends take it: (hash key, field, the holder's number as text).
@@ -95,13 +105,18 @@ return tostring(wait)
 """
 
 
-# One write of a batch (:meth:`StateBackend.write`): ``("hset", key, field, value)`` or
-# ``("append", key, value, maxlen)``.
-Write = tuple[str, str, str, Any]
+# One field of a hash to set: (key, field, value); one event to append to a stream: (key, value, maxlen).
+HashSet = tuple[str, str, str]
+Append = tuple[str, str, int]
 
 
 class StateBackend(Protocol):
-    """Raw key-addressed storage; only :class:`TenantStore` builds the keys."""
+    """Raw key-addressed storage; only :class:`TenantStore` builds the keys.
+
+    ``write_many`` sets hash fields and appends events all at once (one transaction: a reader sees all or none of
+    them) in one round trip, and answers the appended events' sequence numbers: a task's document and the events of
+    its change are one write.
+    """
 
     async def hget(self, key: str, field: str) -> str | None: ...
     async def hset(self, key: str, field: str, value: str) -> None: ...
@@ -111,10 +126,9 @@ class StateBackend(Protocol):
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]: ...
     async def append(self, key: str, value: str, maxlen: int) -> int: ...
     async def hincr(self, key: str, field: str) -> int: ...
-    async def hset_if(self, guard: Guard, key: str, field: str, value: str) -> bool: ...
-    async def append_if(self, guard: Guard, key: str, value: str, maxlen: int) -> int: ...
-
-    async def write(self, ops: Sequence[Write]) -> None: ...
+    async def write_many(
+        self, hsets: Sequence[HashSet], appends: Sequence[Append], guard: Guard | None = None
+    ) -> list[int] | None: ...
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]: ...
     async def tail(self, key: str, count: int) -> list[tuple[int, str]]: ...
     async def get_expiring(self, key: str) -> str | None: ...
@@ -188,35 +202,14 @@ class MemoryBackend:
         self._hashes[key][field] = str(value)
         return value
 
-    async def hset_if(self, guard: Guard, key: str, field: str, value: str) -> bool:
-        if self._hashes.get(guard[0], {}).get(guard[1]) != guard[2]:
-            return False
-        self._hashes[key][field] = value
-        return True
-
-    async def append_if(self, guard: Guard, key: str, value: str, maxlen: int) -> int:
-        if self._hashes.get(guard[0], {}).get(guard[1]) != guard[2]:
-            return 0
-        return await self.append(key, value, maxlen)
-
-    async def write(self, ops: Sequence[Write]) -> None:
-        """Every write at once: no other coroutine runs in between."""
-        appended = []
-        for op, key, a, b in ops:
-            if op == "hset":
-                self._hashes[key][a] = b
-            else:
-                self._seq[key] += 1
-                stream = self._streams[key]
-                stream.append((self._seq[key], a))
-                if len(stream) > b:
-                    del stream[: len(stream) - b]
-                appended.append(key)
-        for key in appended:
-            cond = self._changed.get(key)
-            if cond is not None:
-                async with cond:
-                    cond.notify_all()
+    async def write_many(
+        self, hsets: Sequence[HashSet], appends: Sequence[Append], guard: Guard | None = None
+    ) -> list[int] | None:
+        if guard is not None and self._hashes.get(guard[0], {}).get(guard[1]) != guard[2]:
+            return None
+        for key, field, value in hsets:
+            self._hashes[key][field] = value
+        return [await self.append(key, value, maxlen) for key, value, maxlen in appends]
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         found = self._after(key, after, count)
@@ -316,32 +309,30 @@ def _unreachable_is_unavailable() -> Iterator[None]:
         raise Unavailable("state store unreachable; try again shortly", retry_after=RETRY_AFTER_SECONDS) from None
 
 
-# Connections of one client (one process's pool), opened as needed. A command finding them all busy waits for one
-# (up to the command timeout) instead of failing: redis-py's default pool answers MaxConnectionsError past 100 at
-# once, which a burst of a few hundred submissions reached (503s with Redis up and idle). 128 was still too few for
-# an agent running a thousand tasks on a starved CPU: commands waited past the timeout for a connection.
-REDIS_POOL_SIZE = 1024
+# Connections one Redis client of a process holds at most (ALTAN_REDIS_MAX_CONNECTIONS); past them a command is
+# refused (UNAVAILABLE, 503 with Retry-After).
+REDIS_MAX_CONNECTIONS = 1024
 
 
-def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDIS_POOL_SIZE) -> Any:
+def redis_client(url: str, *, socket_timeout: float, max_connections: int = REDIS_MAX_CONNECTIONS) -> Any:
     """A Redis client as every part of the install opens one.
 
     ``from_url`` alone retries nothing, so a pooled connection left from before a Redis restart failed the first
     command that took it (a task submitted just after Redis came back was refused). Two quick retries on a
     connection error replace such a connection; a Redis that is really down still fails within a fraction of a
-    second. The pool is a blocking one: past ``max_connections`` commands in flight, the next waits for a connection
-    (at most ``socket_timeout``) rather than failing. Typed loosely: redis-py's sync/async union types do not narrow.
+    second. The pool holds at most ``max_connections``: redis-py's default of 100 refused the 101st command in flight
+    (``MaxConnectionsError``), which failed submissions and saves of a burst of 1,000 tasks with 503. (redis-py's
+    ``BlockingConnectionPool``, which waits instead, cost a burst half as much CPU again: measured, docs/
+    benchmarks.md.) Typed loosely: redis-py's sync/async union types do not narrow.
     """
-    pool = aioredis.BlockingConnectionPool.from_url(
+    return aioredis.from_url(
         url,
         max_connections=max_connections,
-        timeout=socket_timeout,
         decode_responses=True,
         socket_timeout=socket_timeout,
         socket_connect_timeout=5,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), 2),
     )
-    return aioredis.Redis.from_pool(pool)
 
 
 class RedisBackend:
@@ -350,17 +341,15 @@ class RedisBackend:
     Every command goes through :func:`_unreachable_is_unavailable`, the one place Redis failures are mapped.
     """
 
-    def __init__(self, url: str, *, command_timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, command_timeout: float = 5.0, max_connections: int = REDIS_MAX_CONNECTIONS) -> None:
         # A socket timeout bounds every command: a Redis that hangs (or fails over) is UNAVAILABLE well within a
         # call's deadline. Blocking reads wait up to 20 s, so they have a client (and pool) of their own.
         # Typed loosely: redis-py's sync/async union types do not narrow.
-        self._redis: Any = redis_client(url, socket_timeout=command_timeout)
-        # Each follower of a stream holds one of these for its whole blocking read: many more than commands in flight.
-        self._blocking: Any = redis_client(url, socket_timeout=30, max_connections=4096)
+        self._redis: Any = redis_client(url, socket_timeout=command_timeout, max_connections=max_connections)
+        self._blocking: Any = redis_client(url, socket_timeout=30, max_connections=max_connections)
         self._append = self._redis.register_script(_APPEND)
+        self._write_many = self._redis.register_script(_WRITE_MANY)
         self._take_token = self._redis.register_script(_BUCKET)
-        self._hset_if = self._redis.register_script(_HSET_IF)
-        self._append_if = self._redis.register_script(_APPEND_IF)
 
     async def hget(self, key: str, field: str) -> str | None:
         with _unreachable_is_unavailable():
@@ -382,17 +371,6 @@ class RedisBackend:
         with _unreachable_is_unavailable():
             return await self._redis.hgetall(key)
 
-    async def write(self, ops: Sequence[Write]) -> None:
-        """Every write in one MULTI/EXEC, one round trip."""
-        with _unreachable_is_unavailable():
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for op, key, a, b in ops:
-                    if op == "hset":
-                        pipe.hset(key, a, b)
-                    else:
-                        await self._append(keys=[key, f"{key}:seq"], args=[a, b], client=pipe)
-                await pipe.execute()
-
     async def hmget(self, key: str, fields: list[str]) -> list[str | None]:
         if not fields:
             return []
@@ -407,14 +385,22 @@ class RedisBackend:
         with _unreachable_is_unavailable():
             return int(await self._redis.hincrby(key, field, 1))
 
-    async def hset_if(self, guard: Guard, key: str, field: str, value: str) -> bool:
+    async def write_many(
+        self, hsets: Sequence[HashSet], appends: Sequence[Append], guard: Guard | None = None
+    ) -> list[int] | None:
+        # One script, so one command and one round trip, atomic as MULTI/EXEC would be (a pipeline with a script
+        # in it costs redis-py a SCRIPT EXISTS round trip on every execute).
+        first = guard[0] if guard is not None else (hsets[0][0] if hsets else appends[0][0])
+        keys = [first] + [key for key, _, _ in hsets] + [k for key, _, _ in appends for k in (key, key + ":seq")]
+        args: list[str | int] = [guard[1], guard[2]] if guard is not None else ["", ""]
+        args.append(len(hsets))
+        for _, field, value in hsets:
+            args += [field, value]
+        for _, value, maxlen in appends:
+            args += [value, maxlen]
         with _unreachable_is_unavailable():
-            return bool(await self._hset_if(keys=[guard[0], key], args=[guard[1], guard[2], field, value]))
-
-    async def append_if(self, guard: Guard, key: str, value: str, maxlen: int) -> int:
-        with _unreachable_is_unavailable():
-            keys = [key, key + ":seq", guard[0]]
-            return int(await self._append_if(keys=keys, args=[value, maxlen, guard[1], guard[2]]))
+            numbers = await self._write_many(keys=keys, args=args)
+        return None if numbers is None else [int(seq) for seq in numbers]
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         with _unreachable_is_unavailable():
@@ -475,14 +461,16 @@ class RedisBackend:
         await self._blocking.aclose()
 
 
-def open_backend(redis_url: str | None, state_file: Path | None = None) -> StateBackend:
+def open_backend(
+    redis_url: str | None, state_file: Path | None = None, *, redis_max_connections: int = REDIS_MAX_CONNECTIONS
+) -> StateBackend:
     """Redis when a URL is configured; else the embedded SQLite file ``state_file`` (shared by the processes of one
     machine, kept across restarts); else (tests, ``ALTAN_STATE=memory``) this process's memory.
 
     Raises :class:`altan.store_sqlite.StateFileError` when the file cannot be opened or written.
     """
     if redis_url:
-        return RedisBackend(redis_url)
+        return RedisBackend(redis_url, max_connections=redis_max_connections)
     if state_file is not None:
         return SqliteBackend(state_file)
     return MemoryBackend()
@@ -492,7 +480,9 @@ def open_state(settings: Settings) -> StateBackend:
     """The state backend a service's settings choose (``REDIS_URL``, ``ALTAN_STATE``, ``ALTAN_DATA_DIR``); a state
     file that cannot be used stops the service at start with one line naming ``ALTAN_DATA_DIR``."""
     try:
-        return open_backend(settings.redis_url, settings.state_file())
+        return open_backend(
+            settings.redis_url, settings.state_file(), redis_max_connections=settings.redis_max_connections
+        )
     except StateFileError as exc:
         raise ConfigurationError(f"ALTAN_DATA_DIR: {exc}") from None
 
@@ -538,7 +528,7 @@ class TenantStore:
 
     async def put_fenced(self, collection: str, doc_id: str, doc: Doc, fence: Fence) -> bool:
         """:meth:`put`, only while ``fence`` is the latest holder's (checked and written atomically); else False."""
-        return await self._backend.hset_if(self._guard(fence), self._key(collection), doc_id, json.dumps(doc))
+        return await self.write(puts=[(collection, doc_id, doc)], fence=fence) is not None
 
     async def put_new(self, collection: str, doc_id: str, doc: Doc) -> bool:
         """Store only if absent; False when the id is taken (duplicates, idempotency keys)."""
@@ -556,18 +546,6 @@ class TenantStore:
         raw = await self._backend.hgetall(self._key(collection))
         return {doc_id: json.loads(value) for doc_id, value in raw.items()}
 
-    def put_op(self, collection: str, doc_id: str, doc: Doc) -> Write:
-        """:meth:`put` as one write of a batch (:meth:`write`)."""
-        return ("hset", self._key(collection), doc_id, json.dumps(doc))
-
-    def append_op(self, stream: str, event: Doc, maxlen: int = 10_000) -> Write:
-        """:meth:`append` as one write of a batch (:meth:`write`)."""
-        return ("append", self._key(stream), json.dumps(event), maxlen)
-
-    async def write(self, ops: Sequence[Write]) -> None:
-        """Several writes (:meth:`put_op`, :meth:`append_op`, or a work queue's) all or none, in one round trip."""
-        await self._backend.write(ops)
-
     async def append(self, stream: str, event: Doc, maxlen: int = 10_000) -> int:
         """Append an event; returns its sequence number (1, 2, ...).
 
@@ -577,7 +555,26 @@ class TenantStore:
 
     async def append_fenced(self, stream: str, event: Doc, fence: Fence, maxlen: int = 10_000) -> int:
         """:meth:`append`, only while ``fence`` is the latest holder's; else 0 (nothing appended)."""
-        return await self._backend.append_if(self._guard(fence), self._key(stream), json.dumps(event), maxlen)
+        numbers = await self.write(appends=[(stream, event, maxlen)], fence=fence)
+        return numbers[0] if numbers else 0
+
+    async def write(
+        self,
+        puts: Sequence[tuple[str, str, Doc]] = (),
+        appends: Sequence[tuple[str, Doc, int]] = (),
+        *,
+        fence: Fence | None = None,
+        raw: tuple[Sequence[HashSet], Sequence[Append]] = ((), ()),
+    ) -> list[int] | None:
+        """Store documents ``(collection, id, doc)`` and append events ``(stream, event, maxlen)`` at once: one
+        transaction, one round trip. Returns the events' sequence numbers; with ``fence``, only while it is the
+        latest holder's, else None and nothing written. ``raw``: a work queue's own writes (keys of its own, not a
+        tenant's) in the same transaction."""
+        return await self._backend.write_many(
+            [(self._key(collection), doc_id, json.dumps(doc)) for collection, doc_id, doc in puts] + list(raw[0]),
+            [(self._key(stream), json.dumps(event), maxlen) for stream, event, maxlen in appends] + list(raw[1]),
+            self._guard(fence) if fence is not None else None,
+        )
 
     async def read(
         self, stream: str, after: int = 0, count: int = 1000, block_seconds: float = 0

@@ -10,7 +10,8 @@ one state as replicas share Redis, and stopping and starting the stack forgets n
   ``busy_timeout_seconds`` (SQLite's own busy handler sleeps 1 to 100 ms at a time: measured, it made the 99th
   percentile of a write under contention twice as long, and its worst case ten times).
 - Every operation is one statement or one short ``BEGIN IMMEDIATE`` transaction, so what callers rely on is atomic
-  across processes as it is on Redis: ``hsetnx``, stream numbering, ``take_expiring`` (GETDEL), token buckets, locks.
+  across processes as it is on Redis: ``hsetnx``, stream numbering, ``take_expiring`` (GETDEL), token buckets, locks,
+  ``write_many`` (a task document with the events of its change).
 - SQLite calls never run on the event loop: each backend has one thread of its own holding its one connection
   (statements stay prepared in the connection's cache); coroutines queue calls to it, and it hands back every
   result it has ready in one wake-up of the loop.
@@ -229,21 +230,17 @@ class SqliteBackend:
         )
         return int(await self._run(_one, self._db, sql, (key, field)))
 
-    async def hset_if(self, guard: tuple[str, str, str], key: str, field: str, value: str) -> bool:
-        return await self._run(self._write, _hset_if, guard, key, field, value)
-
-    async def append_if(self, guard: tuple[str, str, str], key: str, value: str, maxlen: int) -> int:
-        seq = await self._run(self._write, _append_if, guard, key, value, maxlen)
-        if seq:
-            self._notify(key)
-        return seq
-
-    async def write(self, ops: Sequence[tuple[str, str, str, Any]]) -> None:
-        """Every write in one transaction (one commit, one trip to the database thread)."""
-        await self._run(self._write, _write_all, ops)
-        for op, key, _, _ in ops:
-            if op == "append":
+    async def write_many(
+        self,
+        hsets: Sequence[tuple[str, str, str]],
+        appends: Sequence[tuple[str, str, int]],
+        guard: tuple[str, str, str] | None = None,
+    ) -> list[int] | None:
+        seqs = await self._run(self._write, _write_many, hsets, appends, guard)
+        if seqs is not None:
+            for key, _, _ in appends:
                 self._notify(key)
+        return seqs
 
     async def read(self, key: str, after: int, count: int, block_seconds: float = 0) -> list[tuple[int, str]]:
         sql = "SELECT seq, value FROM streams WHERE key = ? AND seq > ? ORDER BY seq LIMIT ?"
@@ -507,28 +504,17 @@ def _append(db: sqlite3.Connection, key: str, value: str, maxlen: int) -> int:
     return seq
 
 
-def _holds(db: sqlite3.Connection, guard: tuple[str, str, str]) -> bool:
-    sql = "SELECT value FROM hashes WHERE key = ? AND field = ?"
-    return bool(_one(db, sql, (guard[0], guard[1])) == guard[2])
-
-
-def _hset_if(db: sqlite3.Connection, guard: tuple[str, str, str], key: str, field: str, value: str) -> bool:
-    if not _holds(db, guard):
-        return False
-    db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", (key, field, value))
-    return True
-
-
-def _append_if(db: sqlite3.Connection, guard: tuple[str, str, str], key: str, value: str, maxlen: int) -> int:
-    return _append(db, key, value, maxlen) if _holds(db, guard) else 0
-
-
-def _write_all(db: sqlite3.Connection, ops: Sequence[tuple[str, str, str, Any]]) -> None:
-    for op, key, a, b in ops:
-        if op == "hset":
-            db.execute("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", (key, a, b))
-        else:
-            _append(db, key, a, b)
+def _write_many(
+    db: sqlite3.Connection,
+    hsets: Sequence[tuple[str, str, str]],
+    appends: Sequence[tuple[str, str, int]],
+    guard: tuple[str, str, str] | None,
+) -> list[int] | None:
+    # Fenced: in the same transaction as the writes, so no later holder can take the fence in between.
+    if guard is not None and _one(db, "SELECT value FROM hashes WHERE key = ? AND field = ?", guard[:2]) != guard[2]:
+        return None
+    db.executemany("INSERT OR REPLACE INTO hashes VALUES (?, ?, ?)", hsets)
+    return [_append(db, key, value, maxlen) for key, value, maxlen in appends]
 
 
 def _remove_expiring(db: sqlite3.Connection, where: str, args: tuple[Any, ...]) -> int:

@@ -92,7 +92,9 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         request = runtime_pb2.DescribeToolsRequest(tool_ids=tool_ids)
         return list((await integrator.call(integrator.runtime.DescribeTools, request)).missing)
 
-    async def invoke(agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str) -> ToolAnswer:
+    async def invoke(
+        agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str, approved: bool
+    ) -> ToolAnswer:
         request = runtime_pb2.RunToolRequest(
             tool_id=step.tool,
             arguments_json=json_bytes(arguments),
@@ -100,6 +102,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             bound_tool_ids=agent.get("tools", []),
             task_id=task_id,
             step_id=step.id,
+            approved=approved,
         )
         # The integrator retries within its own deadline; allow it that long plus the hop. When the platform itself
         # was unavailable (see _platform_unavailable) the step is tried again: its Idempotency-Key makes the third
@@ -110,6 +113,8 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
                     integrator.runtime.RunTool, request, timeout=settings.call_deadline_seconds + 5
                 )
         # Written by the Tool Service after it checked what the third party sent (altan.wire.parse_json).
+        if answer.approval_required:
+            return ToolAnswer(None, 0, 0, approval_required=True)
         output = json.loads(answer.output_json) if answer.output_json else None
         return ToolAnswer(output, answer.http_status, len(answer.output_json))
 
@@ -146,12 +151,6 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             )
             for tool in answer.tools
         ]
-
-    async def needs_approval(tool_ids: list[str]) -> set[str]:
-        """The tools among ``tool_ids`` whose every call waits for a person's approval."""
-        request = runtime_pb2.DescribeToolsRequest(tool_ids=tool_ids)
-        answer = await integrator.call(integrator.runtime.DescribeTools, request)
-        return {tool.tool_id for tool in answer.tools if tool.requires_approval}
 
     async def audit_decision(task_id: str, call_id: str, tool_id: str, approved: bool, comment: str) -> None:
         request = runtime_pb2.RecordApprovalRequest(
@@ -199,6 +198,7 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
             key=settings.task_queue,
             concurrency=settings.task_concurrency,
             lease_seconds=settings.task_lease_seconds,
+            redis_max_connections=settings.redis_max_connections,
         )
     else:
         # No replica but the accepting one may act for a task's submitter: tasks run there, and are not durable.
@@ -214,7 +214,6 @@ async def wire(settings: Settings, stack: AsyncExitStack) -> list[GrpcService]:
         llm,
         queue=queue,
         delegate=delegate,
-        needs_approval=needs_approval,
         audit_decision=audit_decision,
     )
     tasks.start()  # resumes what a process that died left in the queue

@@ -48,6 +48,8 @@ _INDEX = re.compile(r"-?\d+")
 
 Execute = Callable[["Step", dict[str, Any]], Awaitable[Any]]
 OnEvent = Callable[[str, dict[str, Any]], Awaitable[None]]
+# The events of one turn of the run (steps started together, a batch settled and what it lets start), in order.
+OnEvents = Callable[[list[tuple[str, dict[str, Any]]]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -342,9 +344,12 @@ class PlanRun:
         *,
         expansion_bytes: int = MAX_EXPANSION_BYTES,
         completed: dict[str, dict[str, Any]] | None = None,
+        on_events: OnEvents | None = None,
     ) -> None:
         """``completed``: the steps that succeeded in an earlier run of this plan (their saved state, by id), which
-        this run keeps as they are instead of running them again."""
+        this run keeps as they are instead of running them again. ``on_events`` (instead of ``on_event``): the
+        events of each turn of the run at once, so that a caller saving its progress on every event writes once per
+        turn (a step's call has started, or its result is kept, before its event is handed over)."""
         self.plan = plan
         self._expansion_bytes = expansion_bytes
         self.steps: dict[str, StepState] = {step.id: StepState(step.id, step.tool) for step in plan.steps}
@@ -358,6 +363,8 @@ class PlanRun:
                 self.outputs[step_id] = state.output
         self._execute = execute
         self._on_event = on_event
+        self._on_events = on_events
+        self._pending: list[tuple[str, dict[str, Any]]] = []
         self._running: dict[asyncio.Task[Any], Step] = {}
         self._order = {step.id: index for index, step in enumerate(plan.steps)}
         self._started = False
@@ -379,6 +386,7 @@ class PlanRun:
 
     async def _drive(self) -> tuple[str, BaseException] | None:
         await self._start_ready()
+        await self._flush()
         while self._running:
             done, _ = await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
             # Settle the whole batch, in plan order, before reacting to a failure in it.
@@ -388,8 +396,10 @@ class PlanRun:
                 await self._settle(self._running.pop(task), task)
             if failures:
                 await self._abort("skipped", emit=True)
+                await self._flush()
                 return failures[0]
             await self._start_ready()
+            await self._flush()
         return None
 
     async def _start_ready(self) -> None:
@@ -450,8 +460,16 @@ class PlanRun:
         return event if state.error is None else event | {"error": state.error}
 
     async def _emit(self, event: str, data: dict[str, Any]) -> None:
-        if self._on_event is not None:
+        if self._on_events is not None:
+            self._pending.append((event, data))
+        elif self._on_event is not None:
             await self._on_event(event, data)
+
+    async def _flush(self) -> None:
+        """Hand the turn's events to ``on_events``."""
+        if self._on_events is not None and self._pending:
+            events, self._pending = self._pending, []
+            await self._on_events(events)
 
 
 async def run_plan(plan: Plan, execute: Execute, on_event: OnEvent | None = None) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import contextvars
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,7 +46,6 @@ __all__ = [
     "TERMINAL",
     "Delegate",
     "LlmBackend",
-    "NeedsApproval",
     "TaskLimits",
     "TaskRunner",
     "ToolAnswer",
@@ -62,6 +61,7 @@ _FENCES = "fences"  # task id -> the number of its latest delivery: only that ru
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 _TOOLS_SEEN_SECONDS = 2.0  # how long "these tools exist" stands for new submissions (TaskRunner._missing)
 _TERMINAL_EVENTS = frozenset(f"task.{status}" for status in TERMINAL)
+_EVENTS_MAXLEN = 10_000  # events kept per task (TenantStore.append's default)
 # A run close to its deadline waits for an approval in place rather than park (its deadline wake-up may come early).
 _PARK_MARGIN_MS = 30_000
 _DEADLINE_WAKE_DELAY_MS = 5_000
@@ -69,17 +69,20 @@ _DEADLINE_WAKE_DELAY_MS = 5_000
 # writes of the task happen only while no later delivery took the task over. Requests (a cancel, a decision) have none.
 _fence: contextvars.ContextVar[Fence | None] = contextvars.ContextVar("altan_task_fence", default=None)
 
-# Runs one tool for an agent's task: (agent, step, arguments, task_id) -> its answer.
-ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str], Awaitable["ToolAnswer"]]
+# Runs one tool for an agent's task: (agent, step, arguments, task_id, approved) -> its answer. Not ``approved``, a
+# tool that requires a person's approval of each call is not called: the answer says ``approval_required``.
+ToolInvoker = Callable[[dict[str, Any], Step, dict[str, Any], str, bool], Awaitable["ToolAnswer"]]
 
 
 @dataclass(frozen=True)
 class ToolAnswer:
-    """What a tool call of a task answered: the output, the third party's HTTP status, the output's JSON size."""
+    """What a tool call of a task answered: the output, the third party's HTTP status, the output's JSON size; or
+    that the tool requires approval of each call, and nothing ran."""
 
     output: Any
     http_status: int
     size: int
+    approval_required: bool = False
 
 
 @dataclass(frozen=True)
@@ -90,9 +93,6 @@ class TaskLimits:
     task_bytes: int = 4 * 1024 * 1024  # the task document: input, every step's output, and the result
     deadline_seconds: float = 3600.0  # from acceptance to the end, resumptions included (ALTAN_TASK_DEADLINE_SECONDS)
 
-
-# Which of the given tool ids require a person's approval before each call.
-NeedsApproval = Callable[[list[str]], Awaitable[set[str]]]
 
 # The caller a queued task runs as, from its task document (tenant, submitter, role, task id, deadline), or None when
 # this replica cannot act for it (no private key to sign a delegation with).
@@ -128,7 +128,6 @@ class TaskRunner:
         *,
         queue: WorkQueue | None = None,
         delegate: Delegate | None = None,
-        needs_approval: NeedsApproval | None = None,
         audit_decision: AuditDecision | None = None,
     ) -> None:
         self._limits = limits or TaskLimits()
@@ -141,7 +140,6 @@ class TaskRunner:
         self._invoke = invoke
         self._queue: WorkQueue = queue or ImmediateQueue()
         self._delegate = delegate
-        self._needs_approval = needs_approval
         self._approvals = Approvals(store, self._emit, audit_decision)
         self._serving: asyncio.Task[None] | None = None
         self._stopping = False
@@ -206,8 +204,9 @@ class TaskRunner:
             "deadline_at": now + int(self._limits.deadline_seconds * 1000),
         }
         item = WorkItem(caller.tenant_id, task["task_id"])
-        queued = self._store.append_op(task_events(task["task_id"]), _event(task["task_id"], "task.queued", {}))
+        queued = [(task_events(task["task_id"]), _event(task["task_id"], "task.queued", {}), _EVENTS_MAXLEN)]
         queue_ops = self._queue.put_ops(item)  # None: a queue outside the state backend, put after the writes
+        puts = []
         if idempotency_key:
             await self._store.put(_TASKS, task["task_id"], task)
             if not await self._store.put_new(_IDEMPOTENCY, idem_id, {"task_id": task["task_id"]}):
@@ -216,16 +215,15 @@ class TaskRunner:
                 winner = await self._store.get(_IDEMPOTENCY, idem_id)
                 assert winner is not None
                 return await self.get(winner["task_id"]), False
-            writes = [queued, *(queue_ops or ())]
         else:
             # The task, its first event and (embedded) its queue entry in one transaction, one round trip.
-            writes = [self._store.put_op(_TASKS, task["task_id"], task), queued, *(queue_ops or ())]
+            puts = [(_TASKS, task["task_id"], task)]
         if self._delegate is None:
             self._callers[(caller.tenant_id, task["task_id"])] = caller
         self.start()
         written = False
         try:
-            await self._store.write(writes)
+            await self._store.write(puts, queued, raw=queue_ops or ([], []))
             written = True
             if queue_ops is None:
                 await self._queue.put(item)
@@ -423,8 +421,24 @@ class TaskRunner:
         except Unavailable:
             return False
 
-    async def _approvals_for(self, tool_ids: list[str]) -> set[str]:
-        return await self._needs_approval(tool_ids) if self._needs_approval is not None and tool_ids else set()
+    async def _call(
+        self,
+        task: dict[str, Any],
+        run: PlanRun | None,
+        state: Any,
+        agent: dict[str, Any],
+        step: Step,
+        arguments: dict[str, Any],
+        waiting: list[str],
+    ) -> ToolAnswer:
+        """One tool call of a task; one that requires approval (the integrator says so, from the tool's definition,
+        and runs nothing) waits for a person's decision and is made again, approved."""
+        task_id = task["task_id"]
+        answer = await self._invoke(agent, step, arguments, task_id, False)
+        if answer.approval_required:
+            await self._await_approval(task, run, state, step.id, step.tool, arguments, waiting)
+            answer = await self._invoke(agent, step, arguments, task_id, True)
+        return answer
 
     async def _await_approval(
         self,
@@ -468,7 +482,7 @@ class TaskRunner:
         # Marked parked first, then the decision read again: a decision made meanwhile either sees the mark (and
         # queues a wake-up) or is seen here (and the run goes on).
         task["parked_at"] = now_ms()
-        await self._store.put(_TASKS, task["task_id"], task)
+        await self._save(task, None)  # fenced, as every write of a run
         decided = await self._approvals.decided(task["task_id"], step_id)
         if decided is not None:
             task["parked_at"] = None
@@ -502,9 +516,9 @@ class TaskRunner:
         for step in task["steps"]:
             if step["status"] in ("pending", "running", "waiting_approval"):
                 step["status"] = "cancelled" if step["status"] != "pending" else "skipped"
-        task.update(status="cancelled", error="cancelled", updated_at=now_ms())
-        await self._put(task)
-        await self._emit(task_id, "task.cancelled", {"error": "cancelled"})
+        await self._save(
+            task, None, status="cancelled", error="cancelled", events=[("task.cancelled", {"error": "cancelled"})]
+        )
         return task
 
     async def events(self, task_id: str, after: int) -> AsyncIterator[tuple[int, dict[str, Any]]]:
@@ -535,20 +549,9 @@ class TaskRunner:
                     return
 
     async def _emit(self, task_id: str, kind: str, data: dict[str, Any]) -> None:
-        event = _event(task_id, kind, data)
-        fence = _fence.get()
-        if fence is None or fence.doc_id != task_id:
-            await self._store.append(task_events(task_id), event)
-        elif not await self._store.append_fenced(task_events(task_id), event, fence):
+        appends = [(task_events(task_id), _event(task_id, kind, data), _EVENTS_MAXLEN)]
+        if await self._store.write(appends=appends, fence=_fence_of(task_id)) is None:
             raise Superseded(task_id)
-
-    async def _put(self, task: dict[str, Any]) -> None:
-        """Store the task document: from its run, only while that run holds the task (checked in the same write)."""
-        fence = _fence.get()
-        if fence is None or fence.doc_id != task["task_id"]:
-            await self._store.put(_TASKS, task["task_id"], task)
-        elif not await self._store.put_fenced(_TASKS, task["task_id"], task, fence):
-            raise Superseded(task["task_id"])
 
     async def _run(self, agent: dict[str, Any], plan: Any, task: dict[str, Any]) -> None:
         task_id = task["task_id"]
@@ -557,7 +560,6 @@ class TaskRunner:
         cancelled_elsewhere = False
         # A resumed task keeps the steps that succeeded before: they are not run again.
         done = {s["id"]: s for s in task["steps"] if s["status"] == "succeeded"}
-        needs = await self._approvals_for(sorted({step.tool for step in plan.steps}))
         waiting: list[str] = []  # the steps waiting for approval now
         resumed = task["status"] != "queued"
 
@@ -571,9 +573,7 @@ class TaskRunner:
                 # Another replica recorded a cancellation: end this run as a local cancel would, calling nothing.
                 this_run.cancel()
                 await asyncio.Event().wait()  # until the run's cancellation cancels this step too
-            if step.tool in needs:
-                await self._await_approval(task, run, run.steps[step.id], step.id, step.tool, arguments, waiting)
-            answer = await self._invoke(agent, step, arguments, task_id)
+            answer = await self._call(task, run, run.steps[step.id], agent, step, arguments, waiting)
             task["usage"]["tool_calls"] += 1
             if answer.http_status >= 400:
                 raise FailedPrecondition(f"tool '{step.tool}' answered HTTP {answer.http_status}")
@@ -585,17 +585,13 @@ class TaskRunner:
             size += 2 * answer.size
             return answer.output
 
-        async def on_event(kind: str, data: dict[str, Any]) -> None:
-            await self._save(task, run)
-            await self._emit(task_id, kind, data)
+        async def on_events(events: list[tuple[str, dict[str, Any]]]) -> None:
+            await self._save(task, run, events=events)
 
-        run = PlanRun(plan, execute, on_event, expansion_bytes=self._limits.expansion_bytes, completed=done)
+        run = PlanRun(plan, execute, expansion_bytes=self._limits.expansion_bytes, completed=done, on_events=on_events)
         try:
-            await self._save(task, run, status="running")
-            if resumed:
-                await self._emit(task_id, "task.resumed", {"completed_steps": sorted(done)})
-            else:
-                await self._emit(task_id, "task.started", {})
+            started = ("task.resumed", {"completed_steps": sorted(done)}) if resumed else ("task.started", {})
+            await self._save(task, run, status="running", events=[started])
             outputs = await run.run()
         except Superseded:
             raise  # another delivery runs the task now: this run stops, writing nothing more
@@ -629,7 +625,6 @@ class TaskRunner:
         assert this_run is not None
         slots = self._slots.setdefault(context.current().tenant_id, asyncio.Semaphore(llm.tool_concurrency))
         size = len(json_bytes(task["input"]))
-        needs = await self._approvals_for(sorted(agent.get("tools", ())))
         waiting: list[str] = []
 
         async def run_tool(tool: str, arguments: dict[str, Any], step_id: str) -> tuple[Any, int]:
@@ -637,11 +632,13 @@ class TaskRunner:
             if await self._cancelled_elsewhere(task_id):
                 this_run.cancel()
                 await asyncio.Event().wait()
-            if tool in needs:
+            async with slots:
+                answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id, False)
+            if answer.approval_required:  # nothing ran: wait for a person (holding no slot), then call approved
                 state = next(s for s in task["steps"] if s["id"] == step_id)
                 await self._await_approval(task, None, state, step_id, tool, arguments, waiting)
-            async with slots:
-                answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id)
+                async with slots:
+                    answer = await self._invoke(agent, Step(step_id, tool), arguments, task_id, True)
             task["usage"]["tool_calls"] += 1
             if size + 2 * answer.size > self._limits.task_bytes:
                 raise FailedPrecondition(
@@ -663,18 +660,18 @@ class TaskRunner:
 
         resumed = task["status"] != "queued"
         try:
-            await self._save(task, None, status="running")
+            if resumed:
+                done = [s["id"] for s in task["steps"] if s["status"] == "succeeded"]
+                started = ("task.resumed", {"completed_steps": done})
+            else:
+                started = ("task.started", {})
+            await self._save(task, None, status="running", events=[started])
             budget = llm.context_budget_tokens
             recent = await self._threads.recent(thread_id, budget)
             # This task's own messages, when an earlier run of it recorded some: the loop goes on after them.
             mine = [m for m in recent if m.get("task_id") == task_id] if resumed else []
             earlier = [m for m in recent if m.get("task_id") != task_id] if resumed else recent
             history = fit_to_budget(coherent(earlier), budget)
-            if resumed:
-                done = [s["id"] for s in task["steps"] if s["status"] == "succeeded"]
-                await self._emit(task_id, "task.resumed", {"completed_steps": done})
-            else:
-                await self._emit(task_id, "task.started", {})
             conversation = Conversation(
                 task=task,
                 agent=agent,
@@ -703,16 +700,30 @@ class TaskRunner:
         else:
             await asyncio.shield(self._finish(task, None, status="succeeded", result={"answer": answer}))
 
-    async def _save(self, task: dict[str, Any], run: PlanRun | None, **changes: Any) -> None:
+    async def _save(
+        self,
+        task: dict[str, Any],
+        run: PlanRun | None,
+        *,
+        events: Sequence[tuple[str, dict[str, Any]]] = (),
+        **changes: Any,
+    ) -> None:
+        """The one place a running task's progress is written: its document with ``changes`` (and its plan's steps)
+        and the events of that change, in one write (one transaction, one round trip), so a follower never sees an
+        event before the state it announces."""
         if run is not None:
             changes["steps"] = [_step(s) for s in run.steps.values()]
-        task.update(changes, updated_at=now_ms())
-        await self._put(task)
+        now = now_ms()
+        task.update(changes, updated_at=now)
+        task_id = task["task_id"]
+        appends = [(task_events(task_id), _event(task_id, kind, data, now), _EVENTS_MAXLEN) for kind, data in events]
+        # From its run, only while that run holds the task (checked in the same write).
+        if await self._store.write([(_TASKS, task_id, task)], appends, fence=_fence_of(task_id)) is None:
+            raise Superseded(task_id)
 
     async def _finish(self, task: dict[str, Any], run: PlanRun | None, *, status: str, **changes: Any) -> None:
-        await self._save(task, run, status=status, **changes)
         data = {"error": changes["error"]} if "error" in changes else {}
-        await self._emit(task["task_id"], f"task.{status}", data)
+        await self._save(task, run, status=status, events=[(f"task.{status}", data)], **changes)
 
 
 def _replan(task_input: Any) -> Any:
@@ -745,5 +756,12 @@ def _step(state: StepState) -> dict[str, Any]:
     return doc
 
 
-def _event(task_id: str, kind: str, data: dict[str, Any]) -> dict[str, Any]:
-    return {"type": kind, "task_id": task_id, "time": now_ms(), "data": data}
+def _event(task_id: str, kind: str, data: dict[str, Any], time: int | None = None) -> dict[str, Any]:
+    return {"type": kind, "task_id": task_id, "time": now_ms() if time is None else time, "data": data}
+
+
+def _fence_of(task_id: str) -> Fence | None:
+    """The fence of the run this code belongs to, when it runs ``task_id``: its writes of the task happen only while
+    it holds the task. None for a request (a cancel, a decision) and for another task's writes."""
+    fence = _fence.get()
+    return fence if fence is not None and fence.doc_id == task_id else None

@@ -37,7 +37,7 @@ from typing import Any, Protocol, runtime_checkable
 import redis.exceptions
 
 from altan.errors import Unavailable
-from altan.store import StateBackend, Write, redis_client
+from altan.store import REDIS_MAX_CONNECTIONS, Append, HashSet, StateBackend, redis_client
 
 __all__ = [
     "Handler",
@@ -82,6 +82,9 @@ class Superseded(Exception):
     lease, and another one runs the task now): the item is neither acknowledged nor delivered again from here."""
 
 
+# A queue's writes to the state backend (:meth:`WorkQueue.put_ops`): hash fields set, events appended.
+QueueWrites = tuple[list[HashSet], list[Append]]
+
 # Runs one item to its end (or until this process stops); raising leaves the item to be delivered again.
 Handler = Callable[[WorkItem], Awaitable[None]]
 
@@ -96,7 +99,7 @@ class WorkQueue(Protocol):
         """Accept an item: once this returns, some replica will run it (again after a crash)."""
         ...
 
-    def put_ops(self, item: WorkItem) -> list[Write] | None:
+    def put_ops(self, item: WorkItem) -> QueueWrites | None:
         """:meth:`put` as writes to the state backend, for the caller to commit with its own (one transaction), or
         None when this queue does not live in the state backend (the caller then calls :meth:`put`)."""
         ...
@@ -236,12 +239,12 @@ class LocalWorkQueue:
         self._runs: _Runs | None = None
 
     async def put(self, item: WorkItem) -> None:
-        await self._backend.write(self.put_ops(item))
+        await self._backend.write_many(*self.put_ops(item))
 
-    def put_ops(self, item: WorkItem) -> list[Write]:
+    def put_ops(self, item: WorkItem) -> QueueWrites:
         raw = item.encode()
-        # The item is accepted once it is pending; the stream's entry wakes the consumer.
-        return [("hset", self._pending, item.task_id, raw), ("append", self._stream, raw, 10_000)]
+        # The pending item (the truth: accepted once written) and its wake-up, in one write.
+        return [(self._pending, item.task_id, raw)], [(self._stream, raw, 10_000)]
 
     async def depth(self) -> int:
         # The pending items are every task accepted and not ended; those a worker runs here are not waiting.
@@ -281,9 +284,18 @@ class RedisWorkQueue:
 
     durable = True
 
-    def __init__(self, url: str, *, key: str, concurrency: int, lease_seconds: float, consumer: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str,
+        concurrency: int,
+        lease_seconds: float,
+        consumer: str = "",
+        max_connections: int = REDIS_MAX_CONNECTIONS,
+    ) -> None:
         # Blocking reads wait up to 2 s: the client's socket timeout is well above that.
-        self._redis: Any = redis_client(url, socket_timeout=10)
+        self._redis: Any = redis_client(url, socket_timeout=10, max_connections=max_connections)
         self._stream = key
         self._concurrency = concurrency
         self._lease_ms = int(lease_seconds * 1000)
@@ -388,8 +400,14 @@ class RedisWorkQueue:
                     break
 
     async def _done(self, entry: str, item: WorkItem) -> None:
-        await self._again(partial(self._redis.xack, self._stream, _GROUP, entry))
-        await self._again(partial(self._redis.xdel, self._stream, entry))
+        await self._again(partial(self._ack, entry))
+
+    async def _ack(self, entry: str) -> None:
+        """Acknowledge and delete an entry in one round trip (a pipeline, not a transaction: each is idempotent)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            pipe.xack(self._stream, _GROUP, entry)
+            pipe.xdel(self._stream, entry)
+            await pipe.execute()
 
     async def _again(self, command: Callable[[], Awaitable[Any]], *, once: bool = False) -> Any:
         """Run a Redis command, retrying while Redis is unreachable (a restart, a failover); ``once``: give up
@@ -426,9 +444,21 @@ async def report_depth(
 
 
 def open_work_queue(
-    backend: StateBackend, redis_url: str | None, *, key: str, concurrency: int, lease_seconds: float
+    backend: StateBackend,
+    redis_url: str | None,
+    *,
+    key: str,
+    concurrency: int,
+    lease_seconds: float,
+    redis_max_connections: int = REDIS_MAX_CONNECTIONS,
 ) -> WorkQueue:
     """Redis Streams with ``REDIS_URL``, else the local queue on the embedded state; ``key`` names it."""
     if redis_url:
-        return RedisWorkQueue(redis_url, key=key, concurrency=concurrency, lease_seconds=lease_seconds)
+        return RedisWorkQueue(
+            redis_url,
+            key=key,
+            concurrency=concurrency,
+            lease_seconds=lease_seconds,
+            max_connections=redis_max_connections,
+        )
     return LocalWorkQueue(backend, key=key, concurrency=concurrency)

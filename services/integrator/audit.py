@@ -76,11 +76,12 @@ class AuditLog:
         """Record an outcome: of the call ``intent`` began, or of something that ran no call (a refusal, a cache
         hit, a credential change)."""
         event = _event(action, fields)
-        await self._store.append(_STREAM, event, maxlen=self._max)
+        appends = [(_STREAM, event, self._max)]
         caller = context.current()
         if caller.task_id:
-            # A per-task copy makes "the audit of this task" a tail read instead of a scan.
-            await self._store.append(_task_stream(caller.task_id), event, maxlen=_PER_TASK_MAX)
+            # A per-task copy makes "the audit of this task" a tail read instead of a scan; both in one write.
+            appends.append((_task_stream(caller.task_id), event, _PER_TASK_MAX))
+        await self._store.write((), appends)
         if self._sink is not None:
             call = intent.call_id if intent is not None else uuid.uuid4().hex
             try:

@@ -59,6 +59,11 @@ class CallResult:
     output_json: bytes
     http_status: int
     cached: bool = False
+    approval_required: bool = False  # the tool needs a person's approval of each call: nothing ran
+
+
+class _ApprovalRequired(Exception):
+    """A task's call of a tool with ``requires_approval`` that was not approved: it is not made."""
 
 
 class _TransientStatus(Exception):
@@ -149,8 +154,13 @@ class ToolCaller:
         bound: list[str] | None = None,
         task_id: str = "",
         step_id: str = "",
+        approval_gate: bool = False,
     ) -> CallResult:
         """Run the tool; when it stays unreachable or answers 5xx, run its ``fallback_tool_id`` once instead.
+
+        ``approval_gate`` (a task's call not approved yet): a tool with ``requires_approval`` is not called, and the
+        answer says ``approval_required``; the agent asks a person and calls again approved. Read from the definition
+        the call reads anyway, so a task does not ask which of its tools need approval before it runs.
 
         With ``agent_id``, the tool (and its fallback) must be among ``bound``, the agent's tools. One deadline
         covers the whole call, fallback included: the caller waits that long and no longer. A task's step
@@ -163,7 +173,11 @@ class ToolCaller:
         deadline_at = time.monotonic() + self._deadline
         fallback: list[str] = []
         try:
-            result = await self._call(tool_id, arguments_json, agent_id, bound or [], fallback, deadline_at, key)
+            result = await self._call(
+                tool_id, arguments_json, agent_id, bound or [], fallback, deadline_at, key, approval_gate
+            )
+        except _ApprovalRequired:
+            return CallResult(b"", 0, approval_required=True)
         except (Unavailable, DeadlineExceeded):
             if not fallback or time.monotonic() >= deadline_at:
                 raise
@@ -186,6 +200,7 @@ class ToolCaller:
         fallback: list[str],
         deadline_at: float,
         idempotency_key: str = "",
+        approval_gate: bool = False,
     ) -> CallResult:
         """One tool, counted by kind and outcome (``altan_tool_calls_total``) and described on the RPC's span.
 
@@ -197,7 +212,7 @@ class ToolCaller:
         current = trace.get_current_span()
         try:
             result = await self._call_tool(
-                tool_id, arguments_json, agent_id, bound, fallback, deadline_at, kind, idempotency_key
+                tool_id, arguments_json, agent_id, bound, fallback, deadline_at, kind, idempotency_key, approval_gate
             )
         except AltanError as exc:
             outcome = "rate_limited" if isinstance(exc, ResourceExhausted) else outcome_of(exc)
@@ -217,6 +232,7 @@ class ToolCaller:
         deadline_at: float,
         kind: list[str],
         idempotency_key: str,
+        approval_gate: bool = False,
     ) -> CallResult:
         """One tool, audited; ``fallback`` receives the tool's fallback as soon as its definition is known."""
         started = time.monotonic()
@@ -227,6 +243,8 @@ class ToolCaller:
             if agent_id and tool_id not in bound:
                 raise PermissionDenied(f"tool '{tool_id}' is not bound to agent '{agent_id}'")
             tool = await self._definition(tool_id)
+            if approval_gate and tool is not None and tool.requires_approval:
+                raise _ApprovalRequired  # before anything is counted, audited or called: nothing runs
             if tool is not None:
                 kind[0] = _KINDS.get(tool.type, "builtin")
             if tool is not None and tool.fallback_tool_id:

@@ -144,8 +144,13 @@ class IntegratorRuntimeServicer(runtime_pb2_grpc.IntegratorRuntimeServiceService
             bound=list(request.bound_tool_ids),
             task_id=request.task_id,
             step_id=request.step_id,
+            approval_gate=not request.approved,
         )
-        return runtime_pb2.RunToolResponse(output_json=result.output_json, http_status=result.http_status)
+        return runtime_pb2.RunToolResponse(
+            output_json=result.output_json,
+            http_status=result.http_status,
+            approval_required=result.approval_required,
+        )
 
     async def DescribeTools(
         self, request: runtime_pb2.DescribeToolsRequest, context: Context

@@ -35,11 +35,9 @@ def delegate(task: dict[str, Any], tenant: str) -> RequestContext:
 class Replicas:
     def __init__(self, tools: FakeTools) -> None:
         self.tools = tools
+        tools.needs_approval = {"send_email"}
         self.backend = MemoryBackend()
         self.made: list[TaskRunner] = []
-
-    async def needs_approval(self, tool_ids: list[str]) -> set[str]:
-        return {"send_email"} & set(tool_ids)
 
     def start(self, limits: TaskLimits | None = None) -> TaskRunner:
         store = TenantStore(self.backend, "agent")
@@ -52,7 +50,6 @@ class Replicas:
             limits,
             queue=queue,
             delegate=delegate,
-            needs_approval=self.needs_approval,
         )
         runner.start()
         self.made.append(runner)
@@ -334,11 +331,11 @@ class CountingBackend(MemoryBackend):
         self.writes.append("append")
         return await super().append(key, value, maxlen)
 
-    async def write(self, ops: Any) -> None:
+    async def write_many(self, hsets: Any, appends: Any, guard: Any = None) -> list[int] | None:
         self.writes.append("write")
         if self.refuse:
             raise Unavailable("state store unreachable; try again shortly")
-        await super().write(ops)
+        return await super().write_many(hsets, appends, guard)
 
 
 async def test_a_submission_is_one_transaction_with_its_event_and_queue_entry_or_nothing() -> None:

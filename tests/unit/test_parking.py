@@ -35,11 +35,9 @@ class ParkingLocalQueue(LocalWorkQueue):
 class Parking:
     def __init__(self) -> None:
         self.tools = FakeTools()
+        self.tools.needs_approval = {"send_email"}
         self.backend = MemoryBackend()
         self.runners: list[TaskRunner] = []
-
-    async def needs_approval(self, tool_ids: list[str]) -> set[str]:
-        return {"send_email"} & set(tool_ids)
 
     def start(self, park_after: float, limits: TaskLimits | None = None) -> tuple[TaskRunner, ParkingLocalQueue]:
         store = TenantStore(self.backend, "agent")
@@ -53,7 +51,6 @@ class Parking:
             limits,
             queue=queue,
             delegate=delegate,
-            needs_approval=self.needs_approval,
         )
         runner.start()
         self.runners.append(runner)

@@ -23,7 +23,6 @@ from altan import context
 from altan.context import RequestContext
 from altan.errors import Unauthenticated, Unavailable
 from altan.store import (
-    REDIS_POOL_SIZE,
     RETRY_AFTER_SECONDS,
     MemoryBackend,
     RedisBackend,
@@ -140,26 +139,12 @@ async def test_put_new_is_atomic_under_concurrency(harness: Harness, tenant: str
     assert await store.get("idem", "key") == {"writer": won.index(True)}
 
 
-async def test_a_burst_wider_than_the_connection_pool_waits_instead_of_failing(harness: Harness, tenant: str) -> None:
-    # More commands at once than one client has connections (redis-py's default pool refused the 101st with
-    # MaxConnectionsError, answered as 503 to a burst of submissions).
-    store = harness.store()
-    await asyncio.gather(*(store.put("burst", f"d{i}", {"i": i}) for i in range(3 * REDIS_POOL_SIZE)))
-    assert len(await store.all("burst")) == 3 * REDIS_POOL_SIZE
-
-
 async def test_a_batch_of_writes_lands_together_and_wakes_readers(harness: Harness, tenant: str) -> None:
     store = harness.store()
     await store.append("events", {"n": 0})
     reader = asyncio.create_task(store.read("events", after=1, block_seconds=10))
     await asyncio.sleep(0)  # the reader waits (a blocked read; it is woken by the batch, not by a timeout)
-    await store.write(
-        [
-            store.put_op("tasks", "t1", {"v": 1}),
-            store.append_op("events", {"n": 1}),
-            store.append_op("events", {"n": 2}),
-        ]
-    )
+    await store.write([("tasks", "t1", {"v": 1})], [("events", {"n": 1}, 100), ("events", {"n": 2}, 100)])
     assert await store.get("tasks", "t1") == {"v": 1}
     assert await asyncio.wait_for(reader, 5) in ([(2, {"n": 1}), (3, {"n": 2})], [(2, {"n": 1})])
     assert await store.read("events") == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 2})]
@@ -216,6 +201,30 @@ async def test_concurrent_appends_get_distinct_consecutive_numbers(harness: Harn
     events = await store.read("events")
     assert [seq for seq, _ in events] == list(range(1, 51))
     assert {event["writer"] for _, event in events} == set(range(50))
+
+
+async def test_write_stores_documents_and_appends_events_at_once(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    await store.append("events:t1", {"n": 0})
+    seqs = await store.write(
+        [("tasks", "t1", {"status": "running"}), ("tasks", "t2", {"status": "queued"})],
+        [("events:t1", {"n": 1}, 100), ("events:t1", {"n": 2}, 100), ("events:t2", {"n": 1}, 100)],
+    )
+    assert seqs == [2, 3, 1]
+    assert await store.get_many("tasks", ["t1", "t2"]) == {"t1": {"status": "running"}, "t2": {"status": "queued"}}
+    assert await store.read("events:t1") == [(1, {"n": 0}), (2, {"n": 1}), (3, {"n": 2})]
+    assert await store.read("events:t2") == [(1, {"n": 1})]
+    assert await store.write([("tasks", "t1", {"status": "succeeded"})]) == []
+    assert await store.get("tasks", "t1") == {"status": "succeeded"}
+
+
+async def test_a_write_wakes_a_blocked_reader(harness: Harness, tenant: str) -> None:
+    store = harness.store()
+    reader = asyncio.create_task(store.read("events:t1", 0, block_seconds=5))
+    done, _ = await asyncio.wait({reader}, timeout=0.1)
+    assert not done
+    await store.write([("tasks", "t1", {"status": "running"})], [("events:t1", {"n": 1}, 100)])
+    assert await asyncio.wait_for(reader, 3) == [(1, {"n": 1})]
 
 
 async def test_read_after_and_count(harness: Harness, tenant: str) -> None:
@@ -460,6 +469,25 @@ async def test_redis_keys_carry_the_tenant_prefix(raw_redis: aioredis.Redis) -> 
         keys = [key async for key in raw_redis.scan_iter(match=f"altan:{tenant}:*")]
         if keys:
             await raw_redis.delete(*keys)
+
+
+async def test_a_redis_client_holds_many_commands_in_flight_and_refuses_past_its_bound() -> None:
+    """redis-py's default pool refuses the 101st command in flight (MaxConnectionsError, a 503 for a burst of
+    tasks); ours holds ``max_connections`` (1024 by default), and past them a command is UNAVAILABLE."""
+    as_tenant(f"unit-{uuid.uuid4().hex[:16]}")
+    wide = TenantStore(RedisBackend(REDIS_URL), "svc")
+    small = TenantStore(RedisBackend(REDIS_URL, max_connections=4), "svc")
+    try:
+        # Blocking reads hold their connection for their whole wait.
+        reads = [wide.read(f"nothing:{n}", block_seconds=0.5) for n in range(150)]
+        assert await asyncio.gather(*reads) == [[]] * 150
+        answers = await asyncio.gather(
+            *(small.read(f"nothing:{n}", block_seconds=0.5) for n in range(6)), return_exceptions=True
+        )
+        assert sum(isinstance(a, Unavailable) for a in answers) == 2 and answers.count([]) == 4
+    finally:
+        await small._backend.aclose()  # type: ignore[attr-defined]
+        await wide._backend.aclose()  # type: ignore[attr-defined]
 
 
 async def test_open_backend_chooses_by_url_then_state_file(tmp_path: Path) -> None:

@@ -68,13 +68,20 @@ class FakeTools:
     calls: list[Call] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)  # steps whose call was cancelled while it ran
     before_lookup: Callable[[], Awaitable[None]] | None = None
+    # Tools whose every call needs a person's approval: called without it, they answer so and run nothing (as the
+    # integrator does).
+    needs_approval: set[str] = field(default_factory=set)
 
     async def missing_tools(self, tool_ids: list[str]) -> list[str]:
         if self.before_lookup is not None:
             await self.before_lookup()
         return [t for t in tool_ids if t not in self.existing]
 
-    async def invoke(self, agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str) -> ToolAnswer:
+    async def invoke(
+        self, agent: dict[str, Any], step: Step, arguments: dict[str, Any], task_id: str, approved: bool = False
+    ) -> ToolAnswer:
+        if step.tool in self.needs_approval and not approved:
+            return ToolAnswer(None, 0, 0, approval_required=True)
         caller = context.current()
         call = Call(step.id, step.tool, arguments, task_id, agent["id"], caller.tenant_id, caller.task_id)
         self.calls.append(call)
@@ -583,21 +590,25 @@ async def test_aclose_cancels_the_running_tasks_so_they_end_cancelled(harness: H
 async def test_a_follower_arriving_between_the_terminal_status_and_its_event_still_gets_the_event(
     harness: Harness, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The runner stores the terminal status, then appends the terminal event: a follower that reads the status in
-    between must wait for the event, not end the stream without it."""
+    """The runner writes the terminal status and its event in one write; a store (or a replica of an earlier
+    version) that stored the status first and the event after must not make a follower that reads the status in
+    between end the stream without the event: it waits for it."""
     as_caller()
     agent_id = await new_agent(harness)
     task, gate = await held(harness, agent_id)
-    emit = harness.runner._emit
+    store = harness.runner._store
+    write = store.write
     stored, release = asyncio.Event(), asyncio.Event()
 
-    async def slow_terminal_emit(task_id: str, kind: str, data: dict[str, Any]) -> None:
-        if kind == "task.succeeded":
+    async def status_then_event(puts: Any = (), appends: Any = (), **kwargs: Any) -> list[int] | None:
+        if any(event["type"] == "task.succeeded" for _, event, _ in appends):
+            await write(puts, [], **kwargs)
             stored.set()
             await release.wait()
-        await emit(task_id, kind, data)
+            return await write([], appends, **kwargs)
+        return await write(puts, appends, **kwargs)
 
-    monkeypatch.setattr(harness.runner, "_emit", slow_terminal_emit)
+    monkeypatch.setattr(store, "write", status_then_event)
     gate.opened.set()
     await until(stored)
     assert (await harness.runner.get(task["task_id"]))["status"] == "succeeded"
@@ -608,6 +619,59 @@ async def test_a_follower_arriving_between_the_terminal_status_and_its_event_sti
     # Once sent, a finished task's stream after its last event ends at once.
     last_seq = (await follow(harness.runner, task["task_id"]))[-1][0]
     assert await follow(harness.runner, task["task_id"], last_seq) == []
+
+
+async def test_a_run_writes_its_document_with_the_events_of_each_change_once_per_turn(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each change of a running task is one write: the document and the events announcing it together (never an
+    event ahead of the state it announces), the steps started or settled in one turn of the plan in one write."""
+    as_caller()
+    agent_id = await new_agent(harness)
+    writes: list[tuple[list[Any], list[Any]]] = []
+    backend = harness.backend
+    write_many, hset, append = backend.write_many, backend.hset, backend.append
+
+    inside: list[bool] = []  # the memory backend's write_many appends with its own append
+
+    async def recorded_write_many(hsets: Any, appends: Any, guard: Any = None) -> list[int] | None:
+        writes.append((list(hsets), list(appends)))
+        inside.append(True)
+        try:
+            return await write_many(hsets, appends, guard)
+        finally:
+            inside.pop()
+
+    async def recorded_hset(key: str, field: str, value: str) -> None:
+        writes.append(([(key, field, value)], []))
+        await hset(key, field, value)
+
+    async def recorded_append(key: str, value: str, maxlen: int) -> int:
+        if not inside:
+            writes.append(([], [(key, value, maxlen)]))
+        return await append(key, value, maxlen)
+
+    for name, wrapper in (("write_many", recorded_write_many), ("hset", recorded_hset), ("append", recorded_append)):
+        monkeypatch.setattr(backend, name, wrapper)
+    task, _ = await submit(harness.runner, agent_id, step("s1"), step("s2"), step("s3", depends_on=["s1", "s2"]))
+    events = await follow(harness.runner, task["task_id"])
+    assert kinds(events)[-1] == "task.succeeded"
+    run_writes = [w for w in writes if any('"task.queued"' in value for _, value, _ in w[1])]
+    run_writes = writes[writes.index(run_writes[0]) + 1 :]  # those of the run, after its submission
+    assert len(run_writes) <= 6, [
+        [json.loads(a[1])["type"] for a in w[1]] for w in run_writes
+    ]  # 16 with a document write and one per event
+    announced = 0
+    for hsets, appends in run_writes:
+        assert len(hsets) == 1, "every event is written with the task document"
+        doc = json.loads(hsets[0][2])
+        for _, value, _ in appends:
+            event = json.loads(value)["data"]
+            announced += 1
+            if "step_id" in event:
+                (state,) = [s for s in doc["steps"] if s["id"] == event["step_id"]]
+                assert state["status"] == event.get("status", "running")
+    assert announced == len(events) - 1  # every event but task.queued
 
 
 async def test_a_follower_gets_events_as_they_happen_and_the_stream_ends_at_the_terminal_one(harness: Harness) -> None:

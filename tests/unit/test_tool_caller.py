@@ -219,6 +219,28 @@ async def test_the_fallback_of_a_bound_tool_must_be_bound_too(rig: Rig) -> None:
     assert [(e["tool_id"], e["outcome"]) for e in await rig.events()] == [("crm", "error"), ("backup", "denied")]
 
 
+async def test_a_task_call_of_a_tool_that_requires_approval_runs_nothing_until_approved(rig: Rig) -> None:
+    """The gate reads the definition the call reads anyway: not approved, nothing is called, audited or resolved,
+    and the answer says so; approved, the call runs. A direct call (no gate) runs as before; the fallback of an
+    approved call is not gated (the step's tool was approved)."""
+    caller_as()
+    rig.service.tools.update(
+        send=custom("send", requires_approval=True, fallback_tool_id="backup"),
+        backup=custom("backup", requires_approval=True),
+        crm=custom("crm"),
+    )
+    rig.service.scripts["send"] = [answer(status=503)]
+    gated = await rig.caller().invoke("send", ARGS, task_id="tsk_1", step_id="s1", approval_gate=True)
+    assert gated == CallResult(b"", 0, approval_required=True)
+    assert rig.service.executed() == [] and await rig.events() == []
+    assert await rig.caller().invoke("crm", ARGS, task_id="tsk_1", step_id="s2", approval_gate=True) == CallResult(
+        b'{"ok":true}', 200
+    )
+    approved = await rig.caller(attempts=1).invoke("send", ARGS, task_id="tsk_1", step_id="s1")
+    assert approved == CallResult(b'{"ok":true}', 200)  # the fallback's answer, run without asking again
+    assert rig.service.executed() == ["crm", "send", "backup"]
+
+
 # --- the definition -------------------------------------------------------------------------------------------------
 
 

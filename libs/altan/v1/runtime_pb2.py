@@ -26,7 +26,7 @@ from altan.v1 import agent_pb2 as altan_dot_v1_dot_agent__pb2
 from altan.v1 import tool_pb2 as altan_dot_v1_dot_tool__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ltan/v1/runtime.proto\x12\x08\x61ltan.v1\x1a\x14\x61ltan/v1/agent.proto\x1a\x13\x61ltan/v1/tool.proto\"`\n\x12InjectedCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\r\n\x05hosts\x18\x05 \x03(\t\"\xa1\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\x12\x30\n\ncredential\x18\x03 \x01(\x0b\x32\x1c.altan.v1.InjectedCredential\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"l\n\x13\x45xecuteToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x04 \x01(\x01\"\x85\x01\n\x0eRunToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x16\n\x0e\x62ound_tool_ids\x18\x04 \x03(\t\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12\x0f\n\x07step_id\x18\x06 \x01(\t\";\n\x0fRunToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\"(\n\x14\x44\x65scribeToolsRequest\x12\x10\n\x08tool_ids\x18\x01 \x03(\t\"G\n\x15\x44\x65scribeToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x0f\n\x07missing\x18\x02 \x03(\t\"m\n\x15RecordApprovalRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0f\n\x07tool_id\x18\x03 \x01(\t\x12\x10\n\x08\x61pproved\x18\x04 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\"\x18\n\x16RecordApprovalResponse\"I\n\tModelTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\x0c\"\xdf\x01\n\x0f\x43ompleteRequest\x12 \n\x03llm\x18\x01 \x01(\x0b\x32\x13.altan.v1.LlmConfig\x12*\n\rfallback_llms\x18\x02 \x03(\x0b\x32\x13.altan.v1.LlmConfig\x12\x0e\n\x06system\x18\x03 \x01(\t\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.altan.v1.ThreadMessage\x12\"\n\x05tools\x18\x05 \x03(\x0b\x32\x13.altan.v1.ModelTool\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x12\x0f\n\x07task_id\x18\x07 \x01(\t\"\xc5\x01\n\x0bModelAnswer\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.altan.v1.ThreadMessage\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x15\n\rfallback_used\x18\x07 \x01(\x08\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\"T\n\x10\x43ompleteResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\'\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x15.altan.v1.ModelAnswerH\x00\x42\x06\n\x04kind\"\x86\x01\n\x14SyncMcpServerRequest\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\x12\x30\n\ncredential\x18\x02 \x01(\x0b\x32\x1c.altan.v1.InjectedCredential\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"M\n\x15SyncMcpServerResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x32\xb2\x01\n\x12ToolRuntimeService\x12J\n\x0b\x45xecuteTool\x12\x1c.altan.v1.ExecuteToolRequest\x1a\x1d.altan.v1.ExecuteToolResponse\x12P\n\rSyncMcpServer\x12\x1e.altan.v1.SyncMcpServerRequest\x1a\x1f.altan.v1.SyncMcpServerResponse2\xc6\x02\n\x18IntegratorRuntimeService\x12>\n\x07RunTool\x12\x18.altan.v1.RunToolRequest\x1a\x19.altan.v1.RunToolResponse\x12P\n\rDescribeTools\x12\x1e.altan.v1.DescribeToolsRequest\x1a\x1f.altan.v1.DescribeToolsResponse\x12\x43\n\x08\x43omplete\x12\x19.altan.v1.CompleteRequest\x1a\x1a.altan.v1.CompleteResponse0\x01\x12S\n\x0eRecordApproval\x12\x1f.altan.v1.RecordApprovalRequest\x1a .altan.v1.RecordApprovalResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x61ltan/v1/runtime.proto\x12\x08\x61ltan.v1\x1a\x14\x61ltan/v1/agent.proto\x1a\x13\x61ltan/v1/tool.proto\"`\n\x12InjectedCredential\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06header\x18\x02 \x01(\t\x12\x0e\n\x06prefix\x18\x03 \x01(\t\x12\r\n\x05value\x18\x04 \x01(\t\x12\r\n\x05hosts\x18\x05 \x03(\t\"\xa1\x01\n\x12\x45xecuteToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\x12\x30\n\ncredential\x18\x03 \x01(\x0b\x32\x1c.altan.v1.InjectedCredential\x12\x17\n\x0ftimeout_seconds\x18\x04 \x01(\x01\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"l\n\x13\x45xecuteToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x1b\n\x13retry_after_seconds\x18\x04 \x01(\x01\"\x97\x01\n\x0eRunToolRequest\x12\x0f\n\x07tool_id\x18\x01 \x01(\t\x12\x16\n\x0e\x61rguments_json\x18\x02 \x01(\x0c\x12\x10\n\x08\x61gent_id\x18\x03 \x01(\t\x12\x16\n\x0e\x62ound_tool_ids\x18\x04 \x03(\t\x12\x0f\n\x07task_id\x18\x05 \x01(\t\x12\x0f\n\x07step_id\x18\x06 \x01(\t\x12\x10\n\x08\x61pproved\x18\x07 \x01(\x08\"V\n\x0fRunToolResponse\x12\x13\n\x0boutput_json\x18\x01 \x01(\x0c\x12\x13\n\x0bhttp_status\x18\x02 \x01(\x05\x12\x19\n\x11\x61pproval_required\x18\x03 \x01(\x08\"(\n\x14\x44\x65scribeToolsRequest\x12\x10\n\x08tool_ids\x18\x01 \x03(\t\"G\n\x15\x44\x65scribeToolsResponse\x12\x1d\n\x05tools\x18\x01 \x03(\x0b\x32\x0e.altan.v1.Tool\x12\x0f\n\x07missing\x18\x02 \x03(\t\"m\n\x15RecordApprovalRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63\x61ll_id\x18\x02 \x01(\t\x12\x0f\n\x07tool_id\x18\x03 \x01(\t\x12\x10\n\x08\x61pproved\x18\x04 \x01(\x08\x12\x0f\n\x07\x63omment\x18\x05 \x01(\t\"\x18\n\x16RecordApprovalResponse\"I\n\tModelTool\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x19\n\x11input_schema_json\x18\x03 \x01(\x0c\"\xdf\x01\n\x0f\x43ompleteRequest\x12 \n\x03llm\x18\x01 \x01(\x0b\x32\x13.altan.v1.LlmConfig\x12*\n\rfallback_llms\x18\x02 \x03(\x0b\x32\x13.altan.v1.LlmConfig\x12\x0e\n\x06system\x18\x03 \x01(\t\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.altan.v1.ThreadMessage\x12\"\n\x05tools\x18\x05 \x03(\x0b\x32\x13.altan.v1.ModelTool\x12\x0e\n\x06stream\x18\x06 \x01(\x08\x12\x0f\n\x07task_id\x18\x07 \x01(\t\"\xc5\x01\n\x0bModelAnswer\x12(\n\x07message\x18\x01 \x01(\x0b\x32\x17.altan.v1.ThreadMessage\x12\x14\n\x0cinput_tokens\x18\x02 \x01(\x03\x12\x15\n\routput_tokens\x18\x03 \x01(\x03\x12\x13\n\x0bstop_reason\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\t\x12\x10\n\x08provider\x18\x06 \x01(\t\x12\x15\n\rfallback_used\x18\x07 \x01(\x08\x12\x12\n\nlatency_ms\x18\x08 \x01(\x03\"T\n\x10\x43ompleteResponse\x12\x0f\n\x05\x64\x65lta\x18\x01 \x01(\tH\x00\x12\'\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x15.altan.v1.ModelAnswerH\x00\x42\x06\n\x04kind\"\x86\x01\n\x14SyncMcpServerRequest\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\x12\x30\n\ncredential\x18\x02 \x01(\x0b\x32\x1c.altan.v1.InjectedCredential\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\"M\n\x15SyncMcpServerResponse\x12#\n\x06server\x18\x01 \x01(\x0b\x32\x13.altan.v1.McpServer\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x32\xb2\x01\n\x12ToolRuntimeService\x12J\n\x0b\x45xecuteTool\x12\x1c.altan.v1.ExecuteToolRequest\x1a\x1d.altan.v1.ExecuteToolResponse\x12P\n\rSyncMcpServer\x12\x1e.altan.v1.SyncMcpServerRequest\x1a\x1f.altan.v1.SyncMcpServerResponse2\xc6\x02\n\x18IntegratorRuntimeService\x12>\n\x07RunTool\x12\x18.altan.v1.RunToolRequest\x1a\x19.altan.v1.RunToolResponse\x12P\n\rDescribeTools\x12\x1e.altan.v1.DescribeToolsRequest\x1a\x1f.altan.v1.DescribeToolsResponse\x12\x43\n\x08\x43omplete\x12\x19.altan.v1.CompleteRequest\x1a\x1a.altan.v1.CompleteResponse0\x01\x12S\n\x0eRecordApproval\x12\x1f.altan.v1.RecordApprovalRequest\x1a .altan.v1.RecordApprovalResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,31 +40,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_EXECUTETOOLRESPONSE']._serialized_start=341
   _globals['_EXECUTETOOLRESPONSE']._serialized_end=449
   _globals['_RUNTOOLREQUEST']._serialized_start=452
-  _globals['_RUNTOOLREQUEST']._serialized_end=585
-  _globals['_RUNTOOLRESPONSE']._serialized_start=587
-  _globals['_RUNTOOLRESPONSE']._serialized_end=646
-  _globals['_DESCRIBETOOLSREQUEST']._serialized_start=648
-  _globals['_DESCRIBETOOLSREQUEST']._serialized_end=688
-  _globals['_DESCRIBETOOLSRESPONSE']._serialized_start=690
-  _globals['_DESCRIBETOOLSRESPONSE']._serialized_end=761
-  _globals['_RECORDAPPROVALREQUEST']._serialized_start=763
-  _globals['_RECORDAPPROVALREQUEST']._serialized_end=872
-  _globals['_RECORDAPPROVALRESPONSE']._serialized_start=874
-  _globals['_RECORDAPPROVALRESPONSE']._serialized_end=898
-  _globals['_MODELTOOL']._serialized_start=900
-  _globals['_MODELTOOL']._serialized_end=973
-  _globals['_COMPLETEREQUEST']._serialized_start=976
-  _globals['_COMPLETEREQUEST']._serialized_end=1199
-  _globals['_MODELANSWER']._serialized_start=1202
-  _globals['_MODELANSWER']._serialized_end=1399
-  _globals['_COMPLETERESPONSE']._serialized_start=1401
-  _globals['_COMPLETERESPONSE']._serialized_end=1485
-  _globals['_SYNCMCPSERVERREQUEST']._serialized_start=1488
-  _globals['_SYNCMCPSERVERREQUEST']._serialized_end=1622
-  _globals['_SYNCMCPSERVERRESPONSE']._serialized_start=1624
-  _globals['_SYNCMCPSERVERRESPONSE']._serialized_end=1701
-  _globals['_TOOLRUNTIMESERVICE']._serialized_start=1704
-  _globals['_TOOLRUNTIMESERVICE']._serialized_end=1882
-  _globals['_INTEGRATORRUNTIMESERVICE']._serialized_start=1885
-  _globals['_INTEGRATORRUNTIMESERVICE']._serialized_end=2211
+  _globals['_RUNTOOLREQUEST']._serialized_end=603
+  _globals['_RUNTOOLRESPONSE']._serialized_start=605
+  _globals['_RUNTOOLRESPONSE']._serialized_end=691
+  _globals['_DESCRIBETOOLSREQUEST']._serialized_start=693
+  _globals['_DESCRIBETOOLSREQUEST']._serialized_end=733
+  _globals['_DESCRIBETOOLSRESPONSE']._serialized_start=735
+  _globals['_DESCRIBETOOLSRESPONSE']._serialized_end=806
+  _globals['_RECORDAPPROVALREQUEST']._serialized_start=808
+  _globals['_RECORDAPPROVALREQUEST']._serialized_end=917
+  _globals['_RECORDAPPROVALRESPONSE']._serialized_start=919
+  _globals['_RECORDAPPROVALRESPONSE']._serialized_end=943
+  _globals['_MODELTOOL']._serialized_start=945
+  _globals['_MODELTOOL']._serialized_end=1018
+  _globals['_COMPLETEREQUEST']._serialized_start=1021
+  _globals['_COMPLETEREQUEST']._serialized_end=1244
+  _globals['_MODELANSWER']._serialized_start=1247
+  _globals['_MODELANSWER']._serialized_end=1444
+  _globals['_COMPLETERESPONSE']._serialized_start=1446
+  _globals['_COMPLETERESPONSE']._serialized_end=1530
+  _globals['_SYNCMCPSERVERREQUEST']._serialized_start=1533
+  _globals['_SYNCMCPSERVERREQUEST']._serialized_end=1667
+  _globals['_SYNCMCPSERVERRESPONSE']._serialized_start=1669
+  _globals['_SYNCMCPSERVERRESPONSE']._serialized_end=1746
+  _globals['_TOOLRUNTIMESERVICE']._serialized_start=1749
+  _globals['_TOOLRUNTIMESERVICE']._serialized_end=1927
+  _globals['_INTEGRATORRUNTIMESERVICE']._serialized_start=1930
+  _globals['_INTEGRATORRUNTIMESERVICE']._serialized_end=2256
 # @@protoc_insertion_point(module_scope)

@@ -155,6 +155,7 @@ class RunToolRequest(_message.Message):
     BOUND_TOOL_IDS_FIELD_NUMBER: _builtins.int
     TASK_ID_FIELD_NUMBER: _builtins.int
     STEP_ID_FIELD_NUMBER: _builtins.int
+    APPROVED_FIELD_NUMBER: _builtins.int
     tool_id: _builtins.str
     """The tool to run."""
     arguments_json: _builtins.bytes
@@ -165,6 +166,10 @@ class RunToolRequest(_message.Message):
     """The task the call belongs to, for the audit trail."""
     step_id: _builtins.str
     """The task step the call belongs to."""
+    approved: _builtins.bool
+    """A person approved this call (the agent waited for the decision). Without it, a tool with requires_approval is
+    not called: the answer says approval_required, and nothing ran.
+    """
     @_builtins.property
     def bound_tool_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The tools bound to that agent; the call is refused unless tool_id is among them."""
@@ -178,10 +183,11 @@ class RunToolRequest(_message.Message):
         bound_tool_ids: _abc.Iterable[_builtins.str] | None = ...,
         task_id: _builtins.str = ...,
         step_id: _builtins.str = ...,
+        approved: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "arguments_json", b"arguments_json", "bound_tool_ids", b"bound_tool_ids", "step_id", b"step_id", "task_id", b"task_id", "tool_id", b"tool_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "approved", b"approved", "arguments_json", b"arguments_json", "bound_tool_ids", b"bound_tool_ids", "step_id", b"step_id", "task_id", b"task_id", "tool_id", b"tool_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -195,19 +201,23 @@ class RunToolResponse(_message.Message):
 
     OUTPUT_JSON_FIELD_NUMBER: _builtins.int
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    APPROVAL_REQUIRED_FIELD_NUMBER: _builtins.int
     output_json: _builtins.bytes
     """The tool's output, JSON (UTF-8)."""
     http_status: _builtins.int
     """The third party's HTTP status for HTTP tools; 0 otherwise."""
+    approval_required: _builtins.bool
+    """The tool requires a person's approval of each call and the request was not approved: nothing ran."""
     def __init__(
         self,
         *,
         output_json: _builtins.bytes = ...,
         http_status: _builtins.int = ...,
+        approval_required: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["http_status", b"http_status", "output_json", b"output_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_required", b"approval_required", "http_status", b"http_status", "output_json", b"output_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
