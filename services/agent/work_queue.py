@@ -55,6 +55,19 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _GROUP = "agents"
+# A heartbeat: renew the leases of the entries this consumer still holds, and only those. A plain XCLAIM takes an
+# entry from whoever holds it: a replica that woke from a stall past its lease took back what another replica had
+# reclaimed and was running, which was then reclaimed and run a third time. ARGV: group, consumer, entry ids.
+_RENEW = """
+local renewed = {}
+for i = 3, #ARGV do
+  if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[i], ARGV[i], 1, ARGV[2]) > 0 then
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, ARGV[i], 'JUSTID')
+    renewed[#renewed + 1] = ARGV[i]
+  end
+end
+return renewed
+"""
 # A delivery that failed (a service it needed was down) is made again this long after, by the queues without leases.
 _REDELIVER_SECONDS = 1.0
 # How often the agent samples the queue's depth into the altan_task_queue_depth gauge.
@@ -301,6 +314,7 @@ class RedisWorkQueue:
         self._lease_ms = int(lease_seconds * 1000)
         # Unique per process: a restarted replica is a new consumer, and its predecessor's entries are reclaimed.
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self._renew = self._redis.register_script(_RENEW)
 
     def put_ops(self, item: WorkItem) -> None:
         return None  # a stream of its own client: XADD after the task's writes (put)
@@ -369,9 +383,7 @@ class RedisWorkQueue:
         while True:
             await asyncio.sleep(self._lease_ms / 3000)
             if runs.running:
-                renew = partial(
-                    self._redis.xclaim, self._stream, _GROUP, self.consumer, 0, list(runs.running), justid=True
-                )
+                renew = partial(self._renew, keys=[self._stream], args=[_GROUP, self.consumer, *runs.running])
                 await self._again(renew, once=True)
 
     async def _reclaim(self, runs: _Runs) -> None:

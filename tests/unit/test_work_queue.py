@@ -136,6 +136,37 @@ async def test_a_heartbeat_keeps_a_long_run_from_being_taken_over(
     assert second.got.empty()
 
 
+async def test_a_heartbeat_renews_only_what_its_consumer_still_holds(
+    redis_server: RedisServer, consumers: list[Consumer]
+) -> None:
+    """A replica that woke from a stall past its lease must not take back, with its heartbeat, an entry another
+    replica reclaimed meanwhile (a plain XCLAIM did: the entry was then reclaimed and run once more)."""
+    first = Consumer(redis_server.url, "a", hang)
+    consumers.append(first)
+    first.start()
+    for task_id in ("tsk_3", "tsk_4"):
+        await first.queue.put(WorkItem("acme", task_id))
+    for _ in range(2):
+        await asyncio.wait_for(first.got.get(), WAIT)
+    client = aioredis.from_url(redis_server.url, decode_responses=True)
+    try:
+        stolen, kept = [row["message_id"] for row in await client.xpending_range(KEY, "agents", "-", "+", 10)]
+        # Another replica reclaims one, as its XAUTOCLAIM does once the lease lapsed.
+        await client.xclaim(KEY, "agents", "b", 0, [stolen], justid=True)
+        taken_at = asyncio.get_running_loop().time()
+        async with asyncio.timeout(WAIT):
+            while True:  # until a heartbeat of "a" ran since: the entry it holds was renewed after the reclaim
+                rows = {row["message_id"]: row for row in await client.xpending_range(KEY, "agents", "-", "+", 10)}
+                since_taken_ms = (asyncio.get_running_loop().time() - taken_at) * 1000
+                if rows[kept]["time_since_delivered"] < since_taken_ms - 50:
+                    break
+                await asyncio.sleep(0.05)
+        assert rows[kept]["consumer"] == "a"
+        assert rows[stolen]["consumer"] == "b"
+    finally:
+        await client.aclose()
+
+
 async def test_each_item_goes_to_one_consumer(redis_server: RedisServer, consumers: list[Consumer]) -> None:
     replicas = [Consumer(redis_server.url, name) for name in ("a", "b", "c")]
     consumers.extend(replicas)
