@@ -366,6 +366,7 @@ class PlanRun:
         self._on_events = on_events
         self._pending: list[tuple[str, dict[str, Any]]] = []
         self._running: dict[asyncio.Task[Any], Step] = {}
+        self._ready: list[Step] = []  # marked running, their events not yet handed over: not called yet
         self._order = {step.id: index for index, step in enumerate(plan.steps)}
         self._started = False
 
@@ -387,6 +388,7 @@ class PlanRun:
     async def _drive(self) -> tuple[str, BaseException] | None:
         await self._start_ready()
         await self._flush()
+        self._launch()
         while self._running:
             done, _ = await asyncio.wait(self._running, return_when=asyncio.FIRST_COMPLETED)
             # Settle the whole batch, in plan order, before reacting to a failure in it.
@@ -400,6 +402,7 @@ class PlanRun:
                 return failures[0]
             await self._start_ready()
             await self._flush()
+            self._launch()
         return None
 
     async def _start_ready(self) -> None:
@@ -407,8 +410,16 @@ class PlanRun:
             state = self.steps[step.id]
             if state.status == "pending" and all(self.steps[d].status == "succeeded" for d in step.depends_on):
                 state.status, state.started_at = "running", _now()
-                self._running[asyncio.create_task(self._call(step, state), name=f"plan-step-{step.id}")] = step
+                self._ready.append(step)
                 await self._emit("tool.started", {"step_id": step.id, "tool": step.tool})
+
+    def _launch(self) -> None:
+        """Call the steps started this turn, once their start is written (:meth:`_flush`): a run whose write was
+        refused (another delivery took the task over, or the store is down) calls nothing more."""
+        ready, self._ready = self._ready, []
+        for step in ready:
+            call = asyncio.create_task(self._call(step, self.steps[step.id]), name=f"plan-step-{step.id}")
+            self._running[call] = step
 
     async def _call(self, step: Step, state: StepState) -> Any:
         started = time.monotonic()
@@ -433,6 +444,9 @@ class PlanRun:
     async def _abort(self, not_started: str, *, emit: bool) -> None:
         """Cancel the running steps and wait for them; mark the pending ones ``not_started``."""
         running, self._running = self._running, {}
+        for step in self._ready:  # started, never called
+            self.steps[step.id].status, self.steps[step.id].error = "cancelled", "cancelled"
+        self._ready = []
         for task in running:
             task.cancel()
         if running:

@@ -455,3 +455,25 @@ async def test_many_independent_steps_all_run_at_once() -> None:
     outputs = await run_plan(plan, recorder.execute)
     assert time.monotonic() - started < 1
     assert len(outputs) == MAX_STEPS
+
+
+async def test_a_step_is_called_only_once_its_start_was_written() -> None:
+    """A run whose write of a turn is refused (another delivery took the task over, or the store went away) calls
+    none of the steps that turn started: the write goes first, the calls after (a stale replica once called s2)."""
+    plan = plan_of(step("s1"), step("s2", depends_on=["s1"]))
+    called: list[str] = []
+
+    async def execute(one: Step, arguments: dict[str, Any]) -> Any:
+        called.append(one.id)
+        return "ok"
+
+    async def on_events(events: list[tuple[str, dict[str, Any]]]) -> None:
+        await asyncio.sleep(0)  # a write's round trip: other tasks run meanwhile
+        if ("tool.started", {"step_id": "s2", "tool": "echo"}) in events:
+            raise Unavailable("this run no longer holds the task")
+
+    run = PlanRun(plan, execute, on_events=on_events)
+    with pytest.raises(Unavailable):
+        await run.run()
+    assert called == ["s1"]
+    assert run.steps["s2"].status == "cancelled"
