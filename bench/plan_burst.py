@@ -29,7 +29,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -41,6 +40,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python bench/plan_burst.py` from anywhere
 
 from bench.harness import REPO, CpuMeter, Processes, percentile, start_processes
+from bench.tracing_cost import _export
 
 SERVICES = ("gateway", "agent", "integrator", "tool")
 
@@ -112,18 +112,6 @@ async def burst(
 
 def _ms(timestamp: str) -> float:
     return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp() * 1000
-
-
-def _export(rev: str) -> Path:
-    """The tree of ``rev`` in a temporary directory (read from git's objects; no worktree is touched)."""
-    commit = subprocess.run(
-        ["git", "-C", str(REPO), "rev-parse", rev], check=True, capture_output=True, text=True
-    ).stdout.strip()
-    target = Path(tempfile.mkdtemp(prefix="altan-before-"))
-    archive = subprocess.Popen(["git", "-C", str(REPO), "archive", commit], stdout=subprocess.PIPE)
-    subprocess.run(["tar", "-x", "-C", str(target)], stdin=archive.stdout, check=True)
-    archive.wait()
-    return target
 
 
 def _profile(processes: Processes, directory: Path, label: str, seconds: int) -> list[subprocess.Popen[bytes]]:
